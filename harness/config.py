@@ -1,0 +1,313 @@
+"""The one configuration object, built once from defaults < model/config.yaml < environment < command line.
+
+Every source goes through the same per-field parser, so a bad value gets the same message wherever it came from,
+and the message names the source. Nothing else in the package reads the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+LABEL_MAPS = ("auto", "none", "objectnet", "objectnet-legacy")
+CONFIG_FILE = "config.yaml"
+
+# Environment variables (the Docker build args) and the field each one sets.
+ENV_FIELDS = {
+    "MODEL_CLASS_NAME": "class_name",
+    "MODEL_CHECKPOINT": "checkpoint",
+    "WORKERS": "workers",
+    "BATCH_SIZE": "batch_size",
+    "GPUS": "gpus",
+}
+
+
+# ---- value parsers: each takes a YAML value or a string and returns the typed value or raises ValueError ----
+
+
+def _int(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError("expected an integer")
+        number = int(value) if isinstance(value, int) else int(str(value).strip())
+        if number < minimum:
+            raise ValueError(f"must be >= {minimum}")
+        return number
+
+    return parse
+
+
+def _float(low: float, high: float | None = None) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        number = float(value)
+        if number < low or (high is not None and number > high):
+            raise ValueError(f"must be in [{low}, {high}]" if high is not None else f"must be >= {low}")
+        return number
+
+    return parse
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip()
+        if text.lower() in choices:
+            return text.lower()
+        raise ValueError(f"expected one of {', '.join(choices)}")
+
+    return parse
+
+
+def _text(value: Any) -> str:
+    text = str(value).strip()
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _path(value: Any) -> Path:
+    return Path(_text(value))
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse_optional(value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            return None
+        return parse(value)
+
+    return parse_optional
+
+
+def _triple(value: Any) -> tuple[float, float, float] | None:
+    """Per-channel mean or std: three numbers, one number for all channels, or none to skip normalisation."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+    numbers = [float(item) for item in items]
+    if len(numbers) == 1:
+        numbers *= 3
+    if len(numbers) != 3:
+        raise ValueError("expected one or three numbers")
+    return (numbers[0], numbers[1], numbers[2])
+
+
+def _border(value: Any) -> int | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _int(0)(value)
+    except ValueError:
+        raise ValueError("expected a number of pixels (>= 0) or auto") from None
+
+
+def _value_scale(value: Any) -> float:
+    number = float(value)
+    if number not in (1.0, 255.0):
+        raise ValueError("expected 1 (values 0..1) or 255 (values 0..255)")
+    return number
+
+
+def _amp(value: Any) -> str | None:
+    parsed = _choice("off", "none", "bf16", "fp16", "bfloat16", "float16")(value if value is not None else "off")
+    return {"off": None, "none": None, "bfloat16": "bf16", "float16": "fp16"}.get(parsed, parsed)
+
+
+def _max_failures(value: Any) -> float | None:
+    """A count (>= 1, or 0 for none allowed) or a fraction of the images (0 < f < 1)."""
+    if value is None or str(value).strip().lower() in ("", "none", "null"):
+        return None
+    number = float(value)
+    if number < 0 or (number >= 1 and number != int(number)):
+        raise ValueError("expected a count (0, 1, 2, ...) or a fraction between 0 and 1")
+    return number
+
+
+def _setting(default: Any, parse: Callable[[Any], Any], help: str) -> Any:
+    """A dataclass field that carries its parser and help text, so sources and --help cannot drift apart."""
+    return field(default=default, metadata={"parse": parse, "help": help})
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What the model expects of its input: the worker half (geometry) and the device half (values)."""
+
+    border: int | str = _setting(2, _border, "pixels stripped from each side before any transform, or auto")
+    input_size: int = _setting(224, _int(1), "side of the square crop the model sees")
+    resize_size: int | None = _setting(
+        None, _optional(_int(1)), "shorter side after resizing, before the centre crop (default: from crop_pct)"
+    )
+    crop_pct: float = _setting(1.0, _float(0.05, 1.0), "input_size / resize_size when resize_size is not set")
+    interpolation: str = _setting("bilinear", _choice(*INTERPOLATIONS), "resampling filter for the resize")
+    channel_order: str = _setting("rgb", _choice("rgb", "bgr"), "channel order the model expects")
+    value_scale: float = _setting(1.0, _value_scale, "pixel values 0..1 (1) or 0..255 (255)")
+    mean: tuple[float, float, float] | None = _setting(
+        IMAGENET_MEAN, _triple, "per-channel mean, in the units of value_scale (none: no normalisation)"
+    )
+    std: tuple[float, float, float] | None = _setting(
+        IMAGENET_STD, _triple, "per-channel std, in the units of value_scale (none: no normalisation)"
+    )
+    exif_transpose: bool = _setting(True, _bool, "rotate images as their EXIF orientation tag says")
+
+    @property
+    def resize_to(self) -> int:
+        if self.resize_size is not None:
+            return self.resize_size
+        return max(self.input_size, round(self.input_size / self.crop_pct))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one run needs; built by `build_config` and passed down, never re-read from the environment."""
+
+    input_dir: Path = _setting(Path("/input"), _path, "folder of images, searched recursively")
+    output_file: Path = _setting(Path("/output/predictions.csv"), _path, "predictions CSV to write")
+    model_dir: Path = _setting(Path("model"), _path, "folder holding the model's code, weights and config.yaml")
+    module: str | None = _setting(
+        None, _optional(_text), "Python file in the model folder (default: model.py, else model_description.py)"
+    )
+    class_name: str | None = _setting(None, _optional(_text), "model class in that file (default: Model)")
+    checkpoint: str | None = _setting(None, _optional(_text), "state_dict file, in the model folder or a path")
+    device: str = _setting("auto", _choice("auto", "cpu", "cuda"), "auto uses CUDA when present, else the CPU")
+    gpus: int | None = _setting(None, _optional(_int(0)), "GPUs to use with DataParallel (default: all)")
+    workers: int | None = _setting(None, _optional(_int(0)), "decoding processes (default: usable CPU cores)")
+    batch_size: int = _setting(64, _int(1), "images per batch per GPU")
+    softmax: bool = _setting(True, _bool, "turn the model's outputs into probabilities")
+    label_map: str = _setting(
+        "auto", _text, "auto, none, objectnet, objectnet-legacy, or a labels file (one class name a line)"
+    )
+    topk: int = _setting(5, _int(1), "predictions per image")
+    amp: str | None = _setting(None, _amp, "mixed precision: off, bf16 or fp16")
+    channels_last: bool = _setting(False, _bool, "run the model in channels-last memory format")
+    max_failures: float | None = _setting(
+        None, _max_failures, "unreadable images allowed before the run fails: a count or a fraction"
+    )
+    progress: bool = _setting(True, _bool, "show a progress bar on stderr")
+    preprocess: Preprocess = field(default_factory=Preprocess)
+
+    @property
+    def run_json(self) -> Path:
+        return self.output_file.with_name("run.json")
+
+    @property
+    def errors_csv(self) -> Path:
+        return self.output_file.with_name("errors.csv")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for run.json."""
+        data = dataclasses.asdict(self)
+        return {key: (str(value) if isinstance(value, Path) else value) for key, value in data.items()}
+
+
+RUN_FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "preprocess"}
+PREPROCESS_FIELDS = {f.name: f for f in dataclasses.fields(Preprocess)}
+
+
+def _parse(fields: Mapping[str, dataclasses.Field], name: str, value: Any, source: str) -> Any:
+    if name not in fields:
+        raise ConfigError(f"{source}: unknown setting '{name}'. Known settings: {', '.join(sorted(fields))}")
+    try:
+        return fields[name].metadata["parse"](value)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{source}: {name}={value!r} is not valid: {error}") from None
+
+
+def read_yaml(model_dir: Path) -> dict[str, Any]:
+    """The model folder's config.yaml as a mapping, or {} when there is none."""
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of setting: value, not {type(data).__name__}")
+    return data
+
+
+def build_config(
+    cli: Mapping[str, Any], environ: Mapping[str, str], yaml_data: Mapping[str, Any] | None = None
+) -> Config:
+    """Merge the sources in order of precedence; `cli` holds only the options the user actually gave.
+
+    `cli` may carry preprocessing settings at its top level; they are routed to `Config.preprocess`. When
+    `yaml_data` is None the model folder's config.yaml is read (the folder itself may come from the CLI).
+    """
+    run: dict[str, Any] = {}
+    pre: dict[str, Any] = {}
+
+    def apply(name: str, value: Any, source: str) -> None:
+        if name in PREPROCESS_FIELDS:
+            pre[name] = _parse(PREPROCESS_FIELDS, name, value, source)
+        else:
+            run[name] = _parse(RUN_FIELDS, name, value, source)
+
+    model_dir = _parse(RUN_FIELDS, "model_dir", cli.get("model_dir") or "model", "command line")
+    if yaml_data is None:
+        yaml_data = read_yaml(model_dir)
+    yaml_source = str(model_dir / CONFIG_FILE)
+    for name, value in yaml_data.items():
+        if name == "preprocess":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{yaml_source}: 'preprocess' must be a mapping of setting: value")
+            for pre_name, pre_value in value.items():
+                pre[pre_name] = _parse(PREPROCESS_FIELDS, pre_name, pre_value, f"{yaml_source} (preprocess)")
+        elif name in PREPROCESS_FIELDS:
+            raise ConfigError(f"{yaml_source}: '{name}' belongs under 'preprocess:'")
+        elif name in ("input_dir", "output_file", "model_dir"):
+            raise ConfigError(f"{yaml_source}: '{name}' is set by the command line, not the model's config")
+        else:
+            apply(name, value, yaml_source)
+    for variable, name in ENV_FIELDS.items():
+        value = environ.get(variable, "")
+        if value.strip():
+            apply(name, value, f"environment variable {variable}")
+    for name, value in cli.items():
+        if value is not None:
+            apply(name, value, "command line")
+
+    config = Config(**run, preprocess=Preprocess(**pre))
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    """Constraints that span several settings."""
+    pre = config.preprocess
+    if pre.resize_to < pre.input_size:
+        raise ConfigError(
+            f"resize_size {pre.resize_to} is smaller than input_size {pre.input_size}: the centre crop would "
+            "need padding. Set resize_size >= input_size."
+        )
+    if (pre.mean is None) != (pre.std is None):
+        raise ConfigError("mean and std must both be set or both be none")
+    if pre.std is not None and any(value == 0 for value in pre.std):
+        raise ConfigError("std must not contain 0")
+    if config.device == "cpu" and config.gpus:
+        raise ConfigError(f"--device cpu with --gpus {config.gpus}: choose one (use --gpus 0 or --device cuda)")
+    if config.amp == "fp16" and config.device == "cpu":
+        raise ConfigError("fp16 AMP needs CUDA; on the CPU use --amp bf16 or leave AMP off")

@@ -1,0 +1,112 @@
+"""Choosing where the model runs and preparing it there once: device, GPUs, precision, memory format."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from harness.config import Config
+from harness.errors import DeviceError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    device: torch.device
+    gpu_ids: list[int] = field(default_factory=list)
+    amp: str | None = None
+    channels_last: bool = False
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the normaliser produces: the AMP dtype on CUDA (autocast would cast the first layer's
+        input anyway), float32 on the CPU where autocast decides per op."""
+        if self.amp and self.device.type == "cuda":
+            return AMP_DTYPES[self.amp]
+        return torch.float32
+
+    def describe(self) -> dict[str, object]:
+        names = [torch.cuda.get_device_name(i) for i in self.gpu_ids] if self.device.type == "cuda" else []
+        return {
+            "device": str(self.device),
+            "gpus": self.gpu_ids,
+            "gpu_names": names,
+            "amp": self.amp,
+            "channels_last": self.channels_last,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda if self.device.type == "cuda" else None,
+            "cpu_threads": torch.get_num_threads(),
+        }
+
+
+def plan_devices(config: Config) -> DevicePlan:
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    wants_cuda = config.device == "cuda" or (config.device == "auto" and available > 0 and config.gpus != 0)
+    if not wants_cuda:
+        if config.gpus:
+            raise DeviceError(f"--gpus {config.gpus} asked for, but no CUDA GPU is visible (found 0)")
+        return DevicePlan(torch.device("cpu"), [], config.amp, config.channels_last)
+    if available == 0:
+        raise DeviceError("--device cuda asked for, but no CUDA GPU is visible: use --device auto or cpu")
+    count = available if config.gpus is None else config.gpus
+    if count == 0:
+        raise DeviceError("--device cuda with --gpus 0: ask for at least one GPU, or use --device cpu")
+    if count > available:
+        raise DeviceError(f"--gpus {count} asked for, but only {available} CUDA GPU(s) are visible")
+    return DevicePlan(torch.device("cuda", 0), list(range(count)), config.amp, config.channels_last)
+
+
+def prepare_model(model: nn.Module, plan: DevicePlan) -> nn.Module:
+    """Move the model once and wrap it in DataParallel once, outside the batch loop."""
+    memory_format = torch.channels_last if plan.channels_last else torch.preserve_format
+    model = model.to(device=plan.device, memory_format=memory_format)
+    if plan.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if len(plan.gpu_ids) > 1:
+        model = nn.DataParallel(model, device_ids=plan.gpu_ids)
+    return model
+
+
+@contextlib.contextmanager
+def inference_context(plan: DevicePlan) -> Iterator[None]:
+    with torch.inference_mode():
+        if plan.amp:
+            with torch.autocast(device_type=plan.device.type, dtype=AMP_DTYPES[plan.amp]):
+                yield
+        else:
+            yield
+
+
+def usable_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota (docker --cpus)."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        count = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, int(quota + 0.999)))
+    return max(1, count)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", encoding="ascii") as f:
+            quota_us = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us", encoding="ascii") as f:
+            period_us = int(f.read())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,142 @@
+"""Finding the images, decoding them to RGB, and stripping the frame around them.
+
+Keys are paths relative to the input folder with '/' separators, so a flat folder gives the basenames the
+ObjectNet scorer matches, and two files of the same name in different subfolders stay two rows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from harness.errors import InputError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+AUTO_BORDER_MAX = 8  # widest frame `auto` will strip, in pixels
+AUTO_BORDER_TOLERANCE = 40  # per-channel distance from the frame colour still counted as frame (JPEG smear)
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: str
+    key: str
+
+
+def discover(root: Path) -> list[ImageFile]:
+    """Every image under `root` (any letter case of the extensions), hidden files and folders skipped, sorted.
+
+    Directory symlinks are followed once each, so a link loop cannot make the walk endless.
+    """
+    if not root.exists():
+        raise InputError(f"input folder {root} does not exist: mount or pass a folder of images")
+    if not root.is_dir():
+        raise InputError(f"input {root} is not a folder: pass the folder that holds the images")
+    found: list[ImageFile] = []
+    seen_dirs: set[str] = set()
+    base = os.fspath(root)
+
+    def walk(folder: str, prefix: str) -> None:
+        real = os.path.realpath(folder)
+        if real in seen_dirs:
+            return
+        seen_dirs.add(real)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as error:
+            if folder == base:
+                raise InputError(f"cannot read input folder {root}: {error.strerror}") from None
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            key = prefix + entry.name
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                walk(entry.path, key + "/")
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(ImageFile(entry.path, key))
+
+    walk(base, "")
+    found.sort(key=lambda image: image.key)
+    return found
+
+
+def load_rgb(path: str, exif_transpose: bool = True) -> Image.Image:
+    """Decode one file to an 8-bit RGB image, whatever its mode.
+
+    Transparent pixels are composited onto white, as an image viewer shows them; 16-bit images are scaled to
+    8 bits rather than clipped; animated and multi-page files give their first frame.
+    """
+    with Image.open(path) as opened:
+        opened.load()
+        image = ImageOps.exif_transpose(opened) if exif_transpose else opened
+        rgb = to_rgb(image)
+        # Leaving the `with` closes `opened`, which would invalidate it if it were also the result.
+        return rgb.copy() if rgb is opened else rgb
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.uint32)
+        return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        top = 1.0 if values.size and float(values.max()) <= 1.0 else 255.0
+        scaled = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, "L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        if alpha.getextrema()[0] == 255:
+            return rgba.convert("RGB")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def strip_border(image: Image.Image, border: int | str) -> Image.Image:
+    """Remove a frame: `border` pixels from each side, or with "auto" exactly the uniform frame found.
+
+    An image too small to lose that many pixels is returned whole: a row for it beats an empty crop.
+    """
+    width = border if isinstance(border, int) else detect_border(image)
+    if width <= 0 or image.width <= 2 * width or image.height <= 2 * width:
+        return image
+    return image.crop((width, width, image.width - width, image.height - width))
+
+
+def detect_border(image: Image.Image, limit: int = AUTO_BORDER_MAX, tolerance: int = AUTO_BORDER_TOLERANCE) -> int:
+    """Width of the solid-colour frame around an RGB image: rings of pixels, outermost first, that all match the
+    colour of the outermost ring. Letterbox bars inside a frame of another colour are not frame."""
+    pixels = np.asarray(image, dtype=np.int16)
+    height, width = pixels.shape[:2]
+    limit = min(limit, (min(height, width) - 1) // 2)
+    colour = None
+    for k in range(limit):
+        ring = np.concatenate(
+            [
+                pixels[k, k : width - k],
+                pixels[height - 1 - k, k : width - k],
+                pixels[k : height - k, k],
+                pixels[k : height - k, width - 1 - k],
+            ]
+        )
+        if colour is None:
+            colour = np.median(ring, axis=0)
+        if np.abs(ring - colour).max() > tolerance:
+            return k
+    return limit

@@ -1,0 +1,186 @@
+"""From model outputs to CSV fields: the model's own ids, ObjectNet ids (two ways), names from a file, or a score.
+
+Each map turns an N x C output batch into N lists of fields (id, confidence, id, confidence, ...), computed on
+the output's device so only the top-k values cross to the host.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from harness.errors import ConfigError
+
+IMAGENET_CLASSES = 1000
+MAPPING_FILE = "imagenet_pytorch_id_to_objectnet_id.json"
+
+
+def imagenet_to_objectnet() -> dict[int, int]:
+    """The challenge's 125 PyTorch ImageNet ids -> 113 ObjectNet ids (shipped; a test re-derives it)."""
+    text = resources.files("harness.data").joinpath(MAPPING_FILE).read_text(encoding="utf-8")
+    return {int(k): int(v) for k, v in json.loads(text).items()}
+
+
+def format_score(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _interleave(ids: list[list[str]], scores: torch.Tensor) -> list[list[str]]:
+    values = scores.tolist()
+    return [
+        [field for pair in zip(row_ids, map(format_score, row_values), strict=True) for field in pair]
+        for row_ids, row_values in zip(ids, values, strict=True)
+    ]
+
+
+class LabelMap:
+    """Base: `topk` (id, confidence) pairs per image; `failure_fields` is the row an unreadable image gets."""
+
+    name = "base"
+
+    def __init__(self, topk: int, softmax: bool) -> None:
+        self.topk = topk
+        self.softmax = softmax
+
+    def scores(self, outputs: torch.Tensor) -> torch.Tensor:
+        outputs = outputs.float()
+        return outputs.softmax(dim=1) if self.softmax else outputs
+
+    def __call__(self, outputs: torch.Tensor) -> list[list[str]]:
+        raise NotImplementedError
+
+    @property
+    def failure_fields(self) -> list[str]:
+        return ["-1", "0"] * self.topk
+
+
+class TopK(LabelMap):
+    """The model's own class ids, or the names from a labels file."""
+
+    name = "none"
+
+    def __init__(self, topk: int, softmax: bool, names: list[str] | None = None) -> None:
+        super().__init__(topk, softmax)
+        self.names = names
+
+    def __call__(self, outputs: torch.Tensor) -> list[list[str]]:
+        values, indices = self.scores(outputs).topk(self.topk, dim=1)
+        rows = indices.cpu().tolist()
+        lookup = self.names
+        ids = [[lookup[i] if lookup else str(i) for i in row] for row in rows]
+        return _interleave(ids, values.cpu())
+
+
+class ObjectNetLegacy(LabelMap):
+    """The ObjectNet template exactly: top-k over 1000 ImageNet classes, each id mapped, unmapped -> -1.
+
+    Rows can hold -1 and the same ObjectNet id twice; the confidences are ImageNet probabilities.
+    """
+
+    name = "objectnet-legacy"
+
+    def __init__(self, topk: int, softmax: bool) -> None:
+        super().__init__(topk, softmax)
+        table = torch.full((IMAGENET_CLASSES,), -1, dtype=torch.long)
+        for imagenet_id, objectnet_id in imagenet_to_objectnet().items():
+            table[imagenet_id] = objectnet_id
+        self.table = table
+
+    def __call__(self, outputs: torch.Tensor) -> list[list[str]]:
+        values, indices = self.scores(outputs).topk(self.topk, dim=1)
+        ids = [[str(i) for i in row] for row in self.table[indices.cpu()].tolist()]
+        return _interleave(ids, values.cpu())
+
+
+class ObjectNetSummed(LabelMap):
+    """Distinct ObjectNet ids ranked by the summed probability of their ImageNet classes.
+
+    Only the 125 ImageNet classes that map to ObjectNet count; a class such as ObjectNet's "Bicycle", which
+    several ImageNet classes share, gets their total. With softmax off there are no probabilities to add, so
+    each ObjectNet class scores the largest logit among its ImageNet classes.
+    """
+
+    name = "objectnet"
+
+    def __init__(self, topk: int, softmax: bool) -> None:
+        mapping = imagenet_to_objectnet()
+        targets = sorted(set(mapping.values()))
+        super().__init__(min(topk, len(targets)), softmax)
+        columns = sorted(mapping)
+        self.columns = torch.tensor(columns)
+        self.groups = torch.tensor([targets.index(mapping[c]) for c in columns])
+        self.targets = torch.tensor(targets)
+
+    def __call__(self, outputs: torch.Tensor) -> list[list[str]]:
+        device = outputs.device
+        chosen = self.scores(outputs)[:, self.columns.to(device)]
+        groups = self.groups.to(device).expand_as(chosen)
+        if self.softmax:
+            summed = torch.zeros(chosen.shape[0], len(self.targets), device=device).scatter_add_(1, groups, chosen)
+        else:
+            empty = torch.full((chosen.shape[0], len(self.targets)), float("-inf"), device=device)
+            summed = empty.scatter_reduce_(1, groups, chosen, reduce="amax")
+        values, indices = summed.topk(self.topk, dim=1)
+        ids = [[str(i) for i in row] for row in self.targets[indices.cpu()].tolist()]
+        return _interleave(ids, values.cpu())
+
+
+class Score(LabelMap):
+    """An N x 1 head (a detector or a regressor): one raw score per image; softmax does not apply."""
+
+    name = "score"
+
+    def __init__(self) -> None:
+        super().__init__(1, softmax=False)
+
+    def __call__(self, outputs: torch.Tensor) -> list[list[str]]:
+        return [[format_score(v)] for v in outputs.float().reshape(-1).cpu().tolist()]
+
+    @property
+    def failure_fields(self) -> list[str]:
+        return ["0"]
+
+
+def read_labels_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read labels file {path}: {error}") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    names = [line.strip() for line in lines]
+    if not names or any(not name for name in names):
+        raise ConfigError(f"labels file {path} must hold one non-empty name per line")
+    return names
+
+
+def make_label_map(label_map: str, num_classes: int, topk: int, softmax: bool) -> tuple[LabelMap, list[str]]:
+    """The label map for a model with `num_classes` outputs, and any warnings worth printing."""
+    warnings: list[str] = []
+    if num_classes == 1 and label_map in ("auto", "none"):
+        return Score(), warnings
+    if label_map in ("objectnet", "objectnet-legacy") or (label_map == "auto" and num_classes == IMAGENET_CLASSES):
+        if num_classes != IMAGENET_CLASSES:
+            raise ConfigError(
+                f"label map {label_map} needs a 1000-class ImageNet head, but the model outputs {num_classes} "
+                "classes: use --label-map none or a labels file"
+            )
+        if label_map == "objectnet-legacy":
+            return ObjectNetLegacy(min(topk, num_classes), softmax), warnings
+        return ObjectNetSummed(topk, softmax), warnings
+    names = None
+    if label_map not in ("auto", "none"):
+        path = Path(label_map)
+        if not path.is_file():
+            raise ConfigError(
+                f"--label-map {label_map}: not one of auto, none, objectnet, objectnet-legacy, nor a labels file"
+            )
+        names = read_labels_file(path)
+        if len(names) != num_classes:
+            raise ConfigError(f"labels file {path} has {len(names)} names but the model outputs {num_classes} classes")
+    if topk > num_classes:
+        warnings.append(f"topk {topk} is more than the model's {num_classes} classes: writing {num_classes}")
+    return TopK(min(topk, num_classes), softmax, names), warnings

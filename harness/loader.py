@@ -1,0 +1,80 @@
+"""The parallel input pipeline: decode, strip the frame, resize and crop in worker processes, in input order.
+
+An image that cannot be decoded does not stop the run: its slot carries a blank tensor and the reason, and the
+runner writes a failure row for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from harness.config import Preprocess
+from harness.images import ImageFile, load_rgb, strip_border
+from harness.transforms import geometry
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+@dataclass
+class Batch:
+    indices: list[int]
+    images: torch.Tensor
+    errors: list[str]  # "" where the image decoded
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader's pinning thread, so the host-to-device copy can run without blocking."""
+        self.images = self.images.pin_memory()
+        return self
+
+
+class ImageDataset(Dataset):
+    def __init__(self, files: list[ImageFile], pre: Preprocess, custom: Transform | None = None) -> None:
+        self.files = files
+        self.pre = pre
+        self.custom = custom
+        self.blank = torch.zeros_like(self._transform(Image.new("RGB", (pre.resize_to, pre.resize_to))))
+
+    def _transform(self, image: Image.Image) -> torch.Tensor:
+        if self.custom is not None:
+            return self.custom(image)
+        return geometry(image, self.pre)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
+        image_file = self.files[index]
+        try:
+            image = strip_border(load_rgb(image_file.path, self.pre.exif_transpose), self.pre.border)
+            return index, self._transform(image), ""
+        except Exception as error:  # one bad file must cost one row, never the run
+            return index, self.blank, describe_failure(error)
+
+
+def describe_failure(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def collate(samples: list[tuple[int, torch.Tensor, str]]) -> Batch:
+    indices, images, errors = zip(*samples, strict=True)
+    return Batch(list(indices), torch.stack(images), list(errors))
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, workers: int, pin_memory: bool) -> DataLoader[Any]:
+    extra: dict[str, Any] = {"prefetch_factor": 4} if workers > 0 else {}
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        **extra,
+    )
