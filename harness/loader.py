@@ -6,6 +6,7 @@ runner writes a failure row for it.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,8 +68,53 @@ def collate(samples: list[tuple[int, torch.Tensor, str]]) -> Batch:
     return Batch(list(indices), torch.stack(images), list(errors))
 
 
-def make_loader(dataset: ImageDataset, batch_size: int, workers: int, pin_memory: bool) -> DataLoader[Any]:
-    extra: dict[str, Any] = {"prefetch_factor": 4} if workers > 0 else {}
+PREFETCH = 4  # batches each worker keeps ready
+SHM_SHARE = 0.5  # of /dev/shm's free space the in-flight batches may take
+
+
+def shm_free_bytes(path: str = "/dev/shm") -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def fit_to_shm(workers: int, batch_bytes: int, shm_free: int | None) -> tuple[int, int, str | None]:
+    """Workers and prefetch depth whose in-flight batches fit in /dev/shm, and a warning when cut.
+
+    Worker batches travel through shared memory; Docker's default /dev/shm is 64 MB, and overflowing it kills
+    the run with a bus error. So the pipeline gets shallower, then narrower, and at worst decodes in-process.
+    """
+    if workers == 0 or shm_free is None:
+        return workers, PREFETCH, None
+    budget = int(shm_free * SHM_SHARE)
+    prefetch = min(PREFETCH, budget // max(1, workers * batch_bytes))
+    if prefetch >= PREFETCH:
+        return workers, PREFETCH, None
+    fitted = workers if prefetch >= 1 else budget // batch_bytes
+    prefetch = max(1, prefetch)
+    shm_mb = shm_free // 2**20
+    if fitted == 0:
+        return (
+            0,
+            PREFETCH,
+            (
+                f"/dev/shm has {shm_mb} MB free, less than two batches of images: decoding in the main process. "
+                "Give the container more (docker run --shm-size=2g) or lower --batch_size"
+            ),
+        )
+    return (
+        fitted,
+        prefetch,
+        (
+            f"/dev/shm has {shm_mb} MB free: using {fitted} workers with {prefetch} batch(es) prefetched each. "
+            "For full speed run the container with --shm-size=2g"
+        ),
+    )
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, workers: int, prefetch: int, pin_memory: bool) -> DataLoader:
+    extra: dict[str, Any] = {"prefetch_factor": prefetch} if workers > 0 else {}
     return DataLoader(
         dataset,
         batch_size=batch_size,

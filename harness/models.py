@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import pickle
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -109,10 +110,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         data: Any = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):
+            raise ModelError(f"{path} is not a PyTorch checkpoint (it does not unpickle)") from None
+        objects = re.findall(r"GLOBAL ([\w.]+)", str(error))
         raise ModelError(
-            f"{path} holds pickled Python objects, not only tensors, so it is not loaded (that would run code "
-            "from the file). Save the weights with torch.save(model.state_dict(), ...). "
-            f"Detail: {str(error).splitlines()[0]}"
+            f"{path} holds pickled Python objects ({', '.join(objects) or 'not only tensors'}), so it is not loaded: "
+            "that would run code from the file. Save the weights with torch.save(model.state_dict(), ...)."
         ) from None
     except Exception as error:
         raise ModelError(f"{path} is not a PyTorch checkpoint: {type(error).__name__}: {error}") from None

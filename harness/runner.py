@@ -17,7 +17,7 @@ from harness.devices import DevicePlan, inference_context, plan_devices, prepare
 from harness.errors import InputError, ModelError, TooManyFailuresError
 from harness.images import IMAGE_EXTENSIONS, discover
 from harness.labels import LabelMap, make_label_map
-from harness.loader import ImageDataset, make_loader
+from harness.loader import ImageDataset, fit_to_shm, make_loader, shm_free_bytes
 from harness.models import load_custom_transform, load_model
 from harness.report import RunReport, progress_bar, say
 from harness.transforms import DeviceNormalizer
@@ -82,8 +82,12 @@ def run(config: Config) -> RunReport:
     label_map, warnings = make_label_map(config.label_map, num_classes, config.topk, config.softmax)
     for warning in warnings:
         say(warning)
-    workers = usable_cpus() if config.workers is None else config.workers
     batch_size = config.batch_size * max(1, len(plan.gpu_ids))
+    workers = usable_cpus() if config.workers is None else config.workers
+    batch_bytes = dataset.blank.numel() * dataset.blank.element_size() * batch_size
+    workers, prefetch, shm_warning = fit_to_shm(workers, batch_bytes, shm_free_bytes())
+    if shm_warning:
+        say(shm_warning)
     clock = report.timed("load_model_s", clock)
     report.details = {
         "model": {
@@ -97,6 +101,7 @@ def run(config: Config) -> RunReport:
         "label_map": label_map.name,
         "devices": plan.describe(),
         "workers": workers,
+        "prefetch_batches": prefetch if workers else 0,
         "batch_size_total": batch_size,
         "output": str(config.output_file),
     }
@@ -106,7 +111,7 @@ def run(config: Config) -> RunReport:
         f"label map {label_map.name}"
     )
 
-    loader = make_loader(dataset, batch_size, workers, pin_memory=plan.device.type == "cuda")
+    loader = make_loader(dataset, batch_size, workers, prefetch, pin_memory=plan.device.type == "cuda")
     try:
         _classify(config, files, loader, model, normalize, label_map, plan, report)
     except BaseException:

@@ -1,0 +1,106 @@
+"""Precedence defaults < model/config.yaml < environment < command line, and clear errors for bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.cli import _merge, build_parser
+from harness.config import IMAGENET_MEAN, build_config
+from harness.errors import ConfigError
+
+
+def _cli(*argv: str) -> dict:
+    return _merge(vars(build_parser().parse_args(list(argv))))
+
+
+def test_defaults_are_the_template_preprocessing() -> None:
+    config = build_config({}, {}, yaml_data={})
+    pre = config.preprocess
+    assert (pre.border, pre.input_size, pre.resize_to, pre.interpolation) == (2, 224, 224, "bilinear")
+    assert (pre.channel_order, pre.value_scale, pre.mean) == ("rgb", 1.0, IMAGENET_MEAN)
+    assert config.input_dir == Path("/input") and config.output_file == Path("/output/predictions.csv")
+    assert config.softmax and config.topk == 5 and config.label_map == "auto" and config.device == "auto"
+
+
+def test_precedence_yaml_then_env_then_cli() -> None:
+    yaml_data = {"batch_size": 8, "class_name": "FromYaml", "workers": 1, "preprocess": {"input_size": 200}}
+    config = build_config({}, {}, yaml_data)
+    assert (config.batch_size, config.class_name, config.workers, config.preprocess.input_size) == (
+        8,
+        "FromYaml",
+        1,
+        200,
+    )
+    env = {"BATCH_SIZE": "16", "MODEL_CLASS_NAME": "FromEnv", "WORKERS": ""}  # empty build arg = unset
+    config = build_config({}, env, yaml_data)
+    assert (config.batch_size, config.class_name, config.workers) == (16, "FromEnv", 1)
+    config = build_config(_cli("--batch_size", "32", "--input-size", "160"), env, yaml_data)
+    assert (config.batch_size, config.class_name, config.preprocess.input_size) == (32, "FromEnv", 160)
+
+
+def test_the_example_model_folder_config_is_read() -> None:
+    config = build_config({}, {})  # model/ relative to the repository root (the fixture's working directory)
+    assert config.class_name == "EfficientNetLite0"
+    assert (config.preprocess.resize_to, config.preprocess.value_scale) == (256, 255.0)
+
+
+def test_positional_and_named_cli_give_the_same_config() -> None:
+    positional = _cli("imgs", "out.csv", "Net", "w.pth", "--batch_size", "4", "--softmax", "false")
+    named = _cli(
+        "--input-dir",
+        "imgs",
+        "--output-file",
+        "out.csv",
+        "--class-name",
+        "Net",
+        "--checkpoint",
+        "w.pth",
+        "--batch-size",
+        "4",
+        "--softmax=false",
+    )
+    assert build_config(positional, {}, {}) == build_config(named, {}, {})
+
+
+def test_softmax_false_really_turns_it_off_and_convert_mode_maps_to_label_map() -> None:
+    assert build_config(_cli("--softmax", "false"), {}, {}).softmax is False
+    assert build_config(_cli("--convert_outputs_mode", "0"), {}, {}).label_map == "none"
+    assert build_config(_cli("--convert_outputs_mode", "1"), {}, {}).label_map == "auto"
+    assert build_config(_cli("--channels-last"), {}, {}).channels_last is True
+
+
+@pytest.mark.parametrize(
+    ("cli", "env", "yaml_data", "message"),
+    [
+        ({}, {}, {"batchsize": 3}, "unknown setting 'batchsize'. Known settings: .*batch_size"),
+        ({}, {}, {"input_size": 3}, "belongs under 'preprocess:'"),
+        ({}, {"BATCH_SIZE": "many"}, {}, "environment variable BATCH_SIZE: batch_size='many'"),
+        ({"batch_size": "0"}, {}, {}, "command line: batch_size='0' is not valid: must be >= 1"),
+        ({}, {}, {"preprocess": {"border": "wide"}}, "number of pixels .* or auto"),
+        ({}, {}, {"preprocess": {"value_scale": 100}}, "expected 1 .* or 255"),
+        ({}, {}, {"preprocess": {"resize_size": 100}}, "smaller than input_size"),
+        ({}, {}, {"preprocess": {"mean": None}}, "both be set or both be none"),
+        ({"device": "cpu", "gpus": "2"}, {}, {}, "choose one"),
+        ({"amp": "fp16", "device": "cpu"}, {}, {}, "fp16 AMP needs CUDA"),
+        ({}, {}, {"input_dir": "/x"}, "set by the command line"),
+    ],
+)
+def test_bad_settings_name_their_source(cli: dict, env: dict, yaml_data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(cli, env, yaml_data)
+
+
+def test_conflicting_positional_and_named_values_are_refused() -> None:
+    with pytest.raises(ConfigError, match="given twice"):
+        _cli("imgs", "--input-dir", "other")
+
+
+def test_bad_yaml_file_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("batch_size: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config({"model_dir": str(tmp_path)}, {})
+    (tmp_path / "config.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        build_config({"model_dir": str(tmp_path)}, {})

@@ -1,0 +1,104 @@
+"""Label maps: the shipped ObjectNet mapping re-derived from the official files, and each map's behaviour."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.errors import ConfigError
+from harness.labels import ObjectNetLegacy, ObjectNetSummed, Score, TopK, imagenet_to_objectnet, make_label_map
+from tests.conftest import shared_file
+
+MAPPING = imagenet_to_objectnet()
+
+
+def test_shipped_mapping_equals_the_official_chain() -> None:
+    """pytorch id -> ImageNet label (official order) -> ObjectNet label -> id (index in sorted labels)."""
+    folder = shared_file("objectnet-mappings")
+    pytorch_to_line = json.loads((folder / "pytorch_to_imagenet_2012_id.json").read_text())
+    imagenet_labels = (folder / "imagenet_to_label_2012_v2").read_text().splitlines()
+    objectnet_to_imagenet = json.loads((folder / "objectnet_to_imagenet_1k.json").read_text())
+    objectnet_labels = sorted(json.loads((folder / "folder_to_objectnet_label.json").read_text()).values())
+    label_to_objectnet_id = {label: index for index, label in enumerate(objectnet_labels)}
+    imagenet_label_to_objectnet_id = {
+        imagenet_label: label_to_objectnet_id[objectnet_label]
+        for objectnet_label, joined in objectnet_to_imagenet.items()
+        for imagenet_label in joined.split("; ")
+    }
+    derived = {}
+    for pytorch_id, line in pytorch_to_line.items():
+        label = imagenet_labels[int(line)]
+        if label in imagenet_label_to_objectnet_id:
+            derived[int(pytorch_id)] = imagenet_label_to_objectnet_id[label]
+    assert derived == MAPPING
+    assert len(MAPPING) == 125 and len(set(MAPPING.values())) == 113
+
+
+def _logits(*hot: tuple[int, float]) -> torch.Tensor:
+    logits = torch.full((1, 1000), -20.0)
+    for index, value in hot:
+        logits[0, index] = value
+    return logits
+
+
+def _ids(row: list[str]) -> list[int]:
+    return [int(x) for x in row[0::2]]
+
+
+def test_legacy_maps_each_imagenet_id_and_writes_minus_one_for_the_rest() -> None:
+    mapped = sorted(MAPPING)
+    unmapped = next(i for i in range(1000) if i not in MAPPING)
+    (row,) = ObjectNetLegacy(5, softmax=True)(_logits((mapped[0], 9), (unmapped, 8), (mapped[1], 7), (mapped[2], 6)))
+    ids = _ids(row)
+    assert ids[:4] == [MAPPING[mapped[0]], -1, MAPPING[mapped[1]], MAPPING[mapped[2]]]
+    assert float(row[1]) > float(row[3]) > float(row[5])
+
+
+def test_summed_map_adds_the_probabilities_of_shared_classes() -> None:
+    groups: dict[int, list[int]] = {}
+    for imagenet_id, objectnet_id in MAPPING.items():
+        groups.setdefault(objectnet_id, []).append(imagenet_id)
+    shared_id, members = next((k, v) for k, v in groups.items() if len(v) >= 2)
+    single = next(i for i in MAPPING if len(groups[MAPPING[i]]) == 1)
+    unmapped = next(i for i in range(1000) if i not in MAPPING)
+    # one single class at 5.0 beats each member (4.5) alone, but not the two members together
+    logits = _logits((single, 5.0), (members[0], 4.5), (members[1], 4.5), (unmapped, 10.0))
+    (row,) = ObjectNetSummed(5, softmax=True)(logits)
+    ids = _ids(row)
+    assert ids[:2] == [shared_id, MAPPING[single]]
+    assert len(set(ids)) == 5 and all(0 <= i <= 312 for i in ids)
+    probabilities = logits.softmax(1)[0]
+    assert float(row[1]) == pytest.approx(float(probabilities[members[0]] + probabilities[members[1]]), rel=1e-5)
+    (row,) = ObjectNetSummed(5, softmax=False)(logits)  # no probabilities: the best logit of each class
+    assert _ids(row)[0] == MAPPING[single] and float(row[1]) == pytest.approx(5.0)
+
+
+def test_topk_with_names_and_score_head(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\nbird\n\n")
+    label_map, _ = make_label_map(str(labels), 3, 2, softmax=False)
+    assert isinstance(label_map, TopK)
+    assert label_map(torch.tensor([[0.1, 2.0, 1.0]])) == [["dog", "2", "bird", "1"]]
+    score, _ = make_label_map("auto", 1, 5, softmax=True)
+    assert isinstance(score, Score)
+    assert score(torch.tensor([[0.25], [-3.0]])) == [["0.25"], ["-3"]]
+    assert score.failure_fields == ["0"]
+
+
+def test_label_map_choice_and_errors(tmp_path: Path) -> None:
+    assert isinstance(make_label_map("auto", 1000, 5, True)[0], ObjectNetSummed)
+    assert isinstance(make_label_map("objectnet-legacy", 1000, 5, True)[0], ObjectNetLegacy)
+    assert isinstance(make_label_map("auto", 10, 5, True)[0], TopK)
+    label_map, warnings = make_label_map("none", 3, 5, True)
+    assert label_map.topk == 3 and "writing 3" in warnings[0]
+    assert label_map.failure_fields == ["-1", "0"] * 3
+    with pytest.raises(ConfigError, match="needs a 1000-class"):
+        make_label_map("objectnet", 10, 5, True)
+    with pytest.raises(ConfigError, match="nor a labels file"):
+        make_label_map("objectnot", 10, 5, True)
+    (tmp_path / "two.txt").write_text("a\nb\n")
+    with pytest.raises(ConfigError, match="has 2 names but the model outputs 10"):
+        make_label_map(str(tmp_path / "two.txt"), 10, 5, True)

@@ -1,0 +1,146 @@
+"""Loading a model folder: module, class, checkpoint forms, and the errors for each mistake."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.config import build_config
+from harness.errors import ModelError
+from harness.models import load_custom_transform, load_model
+
+TINY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.fc(self.pool(x).flatten(1))
+
+    class Other(nn.Module):
+        pass
+    """
+)
+
+
+def _folder(tmp_path: Path, source: str = TINY, name: str = "model.py") -> Path:
+    folder = tmp_path / "m"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(source)
+    return folder
+
+
+def _config(folder: Path, **settings: str):
+    return build_config({"model_dir": str(folder), **settings}, {})
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {"fc.weight": torch.randn(4, 3), "fc.bias": torch.randn(4)}
+
+
+@pytest.mark.parametrize("form", ["plain", "state_dict", "model", "module_prefix", "nested_and_prefixed"])
+def test_checkpoint_forms_load_the_same_weights(tmp_path: Path, form: str) -> None:
+    folder = _folder(tmp_path)
+    weights = _weights(folder)
+    prefixed = {f"module.{k}": v for k, v in weights.items()}
+    data = {
+        "plain": weights,
+        "state_dict": {"state_dict": weights, "epoch": 3},
+        "model": {"model": weights},
+        "module_prefix": prefixed,
+        "nested_and_prefixed": {"state_dict": prefixed},
+    }[form]
+    torch.save(data, folder / "w.pth")
+    loaded = load_model(_config(folder, class_name="Tiny", checkpoint="w.pth"))
+    assert torch.equal(loaded.module.fc.weight, weights["fc.weight"])
+    assert not loaded.module.training
+    assert loaded.parameters == 16
+
+
+def test_checkpoint_path_relative_to_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = _folder(tmp_path)
+    torch.save(_weights(folder), folder / "w.pth")
+    monkeypatch.chdir(tmp_path)  # the template passed "model/w.pth"-style paths
+    assert load_model(_config(Path("m"), class_name="Tiny", checkpoint="m/w.pth")).checkpoint == "m/w.pth"
+
+
+def test_missing_class_lists_the_classes_there(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"no model class 'Net'\. Classes there: Other, Tiny"):
+        load_model(_config(_folder(tmp_path), class_name="Net"))
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path: Path) -> None:
+    folder = _folder(tmp_path)
+    torch.save({"fc.weight": torch.zeros(4, 3), "head.bias": torch.zeros(4)}, folder / "w.pth")
+    with pytest.raises(ModelError, match=r"1 missing: fc\.bias; 1 unexpected: head\.bias"):
+        load_model(_config(folder, class_name="Tiny", checkpoint="w.pth"))
+    torch.save({"fc.weight": torch.zeros(5, 3), "fc.bias": torch.zeros(4)}, folder / "w.pth")
+    with pytest.raises(ModelError, match=r"wrong shape .*fc\.weight \(5, 3\) vs \(4, 3\)"):
+        load_model(_config(folder, class_name="Tiny", checkpoint="w.pth"))
+
+
+def test_pickled_module_is_refused_and_missing_checkpoint_lists_files(tmp_path: Path) -> None:
+    folder = _folder(tmp_path)
+    torch.save(torch.nn.Linear(3, 4), folder / "whole.pth")
+    with pytest.raises(ModelError, match=r"pickled Python objects \(torch\.nn\.modules\.linear\.Linear\)"):
+        load_model(_config(folder, class_name="Tiny", checkpoint="whole.pth"))
+    with pytest.raises(ModelError, match=r"not found .* Files in .*: model\.py, whole\.pth"):
+        load_model(_config(folder, class_name="Tiny", checkpoint="nope.pth"))
+    (folder / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="not a PyTorch checkpoint"):
+        load_model(_config(folder, class_name="Tiny", checkpoint="junk.pth"))
+
+
+def test_weights_built_into_the_class_need_no_checkpoint(tmp_path: Path) -> None:
+    assert load_model(_config(_folder(tmp_path), class_name="Tiny")).checkpoint is None
+
+
+def test_errors_in_user_code_name_file_and_line(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, "import torch\n\nraise ValueError('broken on purpose')\n")
+    with pytest.raises(ModelError, match=r"ValueError: broken on purpose \(model.py:3\)"):
+        load_model(_config(folder))
+    folder = _folder(
+        tmp_path, "from torch import nn\n\nclass Model(nn.Module):\n    def __init__(self, n):\n        pass\n"
+    )
+    with pytest.raises(ModelError, match=r"creating Model\(\) failed: TypeError"):
+        load_model(_config(folder))
+
+
+def test_missing_folder_or_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(_config(tmp_path / "absent"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match=r"neither model\.py nor model_description\.py"):
+        load_model(_config(tmp_path / "empty"))
+
+
+def test_template_model_folder_with_its_own_transform(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, TINY, name="model_description.py")
+    (folder / "data_transform_description.py").write_text(
+        textwrap.dedent(
+            """
+            import torchvision.transforms as transforms
+
+            class data_transform:
+                def getTransform(self):
+                    return transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32),
+                                               transforms.ToTensor()])
+            """
+        )
+    )
+    config = _config(folder, class_name="Tiny")
+    assert load_model(config).source.endswith("model_description.py")
+    transform = load_custom_transform(config)
+    from PIL import Image
+
+    assert transform(Image.new("RGB", (64, 48))).shape == (3, 32, 32)

@@ -1,0 +1,45 @@
+"""The CSV is streamed to a partial file and appears under its name only when complete."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from harness.errors import OutputError
+from harness.writer import AtomicCsvWriter, check_writable
+from tests.conftest import read_rows
+
+AWKWARD = ["plain.png", "comma,name.png", 'quote"name.png', "new\nline.png", "späce ü.png", "bad-\udcff-byte.png"]
+
+
+def test_awkward_names_round_trip(tmp_path: Path) -> None:
+    out = tmp_path / "p.csv"
+    with AtomicCsvWriter(out) as writer:
+        for name in AWKWARD:
+            writer.write([name, "1", "0.5"])
+        writer.commit()
+    assert [row[0] for row in read_rows(out)] == AWKWARD
+
+
+def test_final_file_appears_only_on_commit_and_partial_survives_a_crash(tmp_path: Path) -> None:
+    out = tmp_path / "p.csv"
+    out.write_text("old,complete,file\n")
+    with pytest.raises(RuntimeError), AtomicCsvWriter(out, flush_every=1) as writer:
+        writer.write(["a.png", "1", "0.5"])
+        assert out.read_text() == "old,complete,file\n"
+        raise RuntimeError("crash mid-run")
+    assert out.read_text() == "old,complete,file\n"
+    assert (tmp_path / "p.csv.partial").read_text() == "a.png,1,0.5\n"
+
+
+def test_unwritable_output_is_reported_before_any_work(tmp_path: Path) -> None:
+    check_writable(tmp_path / "new" / "deeper" / "p.csv")  # missing folders are created
+    with pytest.raises(OutputError, match="is a folder"):
+        check_writable(tmp_path)
+    if os.getuid() != 0:  # root can write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(OutputError, match="not writable"):
+            check_writable(locked / "p.csv")
