@@ -203,6 +203,11 @@ class Config:
     max_failures: float | None = _setting(
         None, _max_failures, "unreadable images allowed before the run fails: a count or a fraction"
     )
+    max_pixels: int = _setting(
+        178_956_970, _int(1), "images with more pixels are refused unread (decompression bombs); Pillow's own cap"
+    )
+    decode_timeout: float = _setting(60.0, _float(0.1), "seconds one image may take to decode before it is skipped")
+    resume: bool = _setting(False, _bool, "continue from the .partial file an interrupted run left")
     progress: bool = _setting(True, _bool, "show a progress bar on stderr")
     preprocess: Preprocess = field(default_factory=Preprocess)
 

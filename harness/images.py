@@ -20,6 +20,14 @@ AUTO_BORDER_MAX = 8  # widest frame `auto` will strip, in pixels
 AUTO_BORDER_TOLERANCE = 40  # per-channel distance from the frame colour still counted as frame (JPEG smear)
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
+# The harness enforces its own, configurable pixel cap in `load_rgb` (from the header, before any pixel is
+# decoded); Pillow's process-wide one would warn below it and raise above twice it, whatever the setting says.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageTooLarge(Exception):
+    """More pixels than max_pixels: refused before decoding, as a decompression bomb would be."""
+
 
 @dataclass(frozen=True)
 class ImageFile:
@@ -69,13 +77,15 @@ def discover(root: Path) -> list[ImageFile]:
     return found
 
 
-def load_rgb(path: str, exif_transpose: bool = True) -> Image.Image:
+def load_rgb(path: str, exif_transpose: bool = True, max_pixels: int | None = None) -> Image.Image:
     """Decode one file to an 8-bit RGB image, whatever its mode.
 
     Transparent pixels are composited onto white, as an image viewer shows them; 16-bit images are scaled to
     8 bits rather than clipped; animated and multi-page files give their first frame.
     """
     with Image.open(path) as opened:
+        if max_pixels is not None and opened.width * opened.height > max_pixels:
+            raise ImageTooLarge(f"{opened.width}x{opened.height} pixels is more than max_pixels ({max_pixels})")
         opened.load()
         image = ImageOps.exif_transpose(opened) if exif_transpose else opened
         rgb = to_rgb(image)

@@ -6,14 +6,17 @@ runner writes a failure row for it.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from harness.config import Preprocess
 from harness.images import ImageFile, load_rgb, strip_border
@@ -34,12 +37,59 @@ class Batch:
         return self
 
 
+class DecodeTimeout(Exception):
+    """One image took longer than decode_timeout: skipped so a pathological file cannot stall the run."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise DecodeTimeout in this thread after `seconds` (SIGALRM: only in a process's main thread)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise DecodeTimeout(f"decoding took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_pixels: int | None = None
+    timeout: float | None = None
+
+
 class ImageDataset(Dataset):
-    def __init__(self, files: list[ImageFile], pre: Preprocess, custom: Transform | None = None) -> None:
+    def __init__(
+        self,
+        files: list[ImageFile],
+        pre: Preprocess,
+        custom: Transform | None = None,
+        limits: DecodeLimits = DecodeLimits(),
+    ) -> None:
         self.files = files
         self.pre = pre
         self.custom = custom
+        self.limits = limits
         self.blank = torch.zeros_like(self._transform(Image.new("RGB", (pre.resize_to, pre.resize_to))))
+        self.in_hand: torch.Tensor | None = None
+
+    def watch(self, workers: int) -> None:
+        """Have each worker record the index it is decoding in shared memory: when a worker dies or hangs,
+        its slot still names the file that did it."""
+        self.in_hand = torch.full((max(1, workers),), -1, dtype=torch.int64).share_memory_()
+
+    def decoding_now(self) -> list[str]:
+        if self.in_hand is None:
+            return []
+        return [self.files[i].key for i in self.in_hand.tolist() if i >= 0]
 
     def _transform(self, image: Image.Image) -> torch.Tensor:
         if self.custom is not None:
@@ -51,11 +101,19 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
         image_file = self.files[index]
+        worker = get_worker_info()
+        slot = worker.id if worker is not None else 0
+        if self.in_hand is not None:
+            self.in_hand[slot] = index
         try:
-            image = strip_border(load_rgb(image_file.path, self.pre.exif_transpose), self.pre.border)
-            return index, self._transform(image), ""
+            with time_limit(self.limits.timeout):
+                image = load_rgb(image_file.path, self.pre.exif_transpose, self.limits.max_pixels)
+                sample = index, self._transform(strip_border(image, self.pre.border)), ""
         except Exception as error:  # one bad file must cost one row, never the run
-            return index, self.blank, describe_failure(error)
+            sample = index, self.blank, describe_failure(error)
+        if self.in_hand is not None:
+            self.in_hand[slot] = -1
+        return sample
 
 
 def describe_failure(error: BaseException) -> str:
@@ -113,8 +171,10 @@ def fit_to_shm(workers: int, batch_bytes: int, shm_free: int | None) -> tuple[in
     )
 
 
-def make_loader(dataset: ImageDataset, batch_size: int, workers: int, prefetch: int, pin_memory: bool) -> DataLoader:
-    extra: dict[str, Any] = {"prefetch_factor": prefetch} if workers > 0 else {}
+def make_loader(
+    dataset: Dataset, batch_size: int, workers: int, prefetch: int, pin_memory: bool, timeout: float
+) -> DataLoader:
+    extra: dict[str, Any] = {"prefetch_factor": prefetch, "timeout": timeout} if workers > 0 else {}
     return DataLoader(
         dataset,
         batch_size=batch_size,

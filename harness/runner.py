@@ -7,21 +7,25 @@ is decoded, so a mistake costs seconds, not a run.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from harness.config import Config
 from harness.devices import DevicePlan, inference_context, plan_devices, prepare_model, usable_cpus
-from harness.errors import InputError, ModelError, TooManyFailuresError
-from harness.images import IMAGE_EXTENSIONS, discover
+from harness.errors import InputError, ModelError, PipelineError, TooManyFailuresError
+from harness.images import IMAGE_EXTENSIONS, ImageFile, discover
 from harness.labels import LabelMap, make_label_map
-from harness.loader import ImageDataset, fit_to_shm, make_loader, shm_free_bytes
+from harness.loader import Batch, DecodeLimits, ImageDataset, fit_to_shm, make_loader, shm_free_bytes
 from harness.models import load_custom_transform, load_model
 from harness.report import RunReport, progress_bar, say
+from harness.resume import resume_point
 from harness.transforms import DeviceNormalizer
-from harness.writer import AtomicCsvWriter, check_writable
+from harness.writer import AtomicCsvWriter, check_writable, partial_path
 
 
 def as_logits(output: Any, batch: int) -> torch.Tensor:
@@ -60,6 +64,40 @@ def failure_limit(max_failures: float | None, images: int) -> int | None:
     return int(max_failures) if max_failures >= 1 or max_failures == 0 else int(max_failures * images)
 
 
+def loader_timeout(decode_timeout: float) -> float:
+    """How long to wait for one batch before declaring a worker hung. Each image is already cut off at
+    decode_timeout inside the worker, so only a worker stuck in native code or killed outright gets here."""
+    return max(300.0, 5 * decode_timeout)
+
+
+@dataclass
+class Forward:
+    """Runs batches through the model, halving the piece size for good after a CUDA out-of-memory error."""
+
+    model: nn.Module
+    normalize: DeviceNormalizer
+    plan: DevicePlan
+    piece: int
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        outputs, start = [], 0
+        while start < len(images):
+            piece = images[start : start + self.piece]
+            try:
+                with inference_context(self.plan):
+                    outputs.append(as_logits(self.model(self.normalize(piece)), len(piece)))
+            except torch.OutOfMemoryError:
+                if self.piece == 1:
+                    raise ModelError("the device ran out of memory on a single image") from None
+                self.piece = max(1, self.piece // 2)
+                if self.plan.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                say(f"out of device memory: running batches in pieces of {self.piece} from now on")
+                continue
+            start += len(piece)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
 def run(config: Config) -> RunReport:
     report = RunReport(config=config.to_dict())
     start = clock = time.perf_counter()
@@ -77,7 +115,8 @@ def run(config: Config) -> RunReport:
     plan = plan_devices(config)
     model = prepare_model(loaded.module, plan)
     normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
-    dataset = ImageDataset(files, config.preprocess, custom)
+    limits = DecodeLimits(config.max_pixels, config.decode_timeout)
+    dataset = ImageDataset(files, config.preprocess, custom, limits)
     num_classes = probe_classes(model, normalize, dataset.blank, plan)
     label_map, warnings = make_label_map(config.label_map, num_classes, config.topk, config.softmax)
     for warning in warnings:
@@ -88,6 +127,16 @@ def run(config: Config) -> RunReport:
     workers, prefetch, shm_warning = fit_to_shm(workers, batch_bytes, shm_free_bytes())
     if shm_warning:
         say(shm_warning)
+
+    done = 0
+    if config.resume:
+        keys = [image.key for image in files]
+        row_width = 1 + len(label_map.failure_fields)
+        done, report.failures = resume_point(config.output_file, config.errors_csv, keys, row_width, batch_size)
+        say(f"resuming after {done} of {len(files)} images" if done else "nothing to resume: starting afresh")
+    elif partial_path(config.output_file).exists():
+        say("replacing an earlier run's partial file (--resume would have continued it)")
+    report.images = done
     clock = report.timed("load_model_s", clock)
     report.details = {
         "model": {
@@ -103,6 +152,7 @@ def run(config: Config) -> RunReport:
         "workers": workers,
         "prefetch_batches": prefetch if workers else 0,
         "batch_size_total": batch_size,
+        "resumed_rows": done,
         "output": str(config.output_file),
     }
     say(
@@ -111,9 +161,29 @@ def run(config: Config) -> RunReport:
         f"label map {label_map.name}"
     )
 
-    loader = make_loader(dataset, batch_size, workers, prefetch, pin_memory=plan.device.type == "cuda")
+    remaining = Subset(dataset, range(done, len(files)))  # keeps the global indices the rows are keyed by
+    loader = make_loader(
+        remaining,
+        batch_size,
+        workers,
+        prefetch,
+        pin_memory=plan.device.type == "cuda",
+        timeout=loader_timeout(config.decode_timeout),
+    )
+    dataset.watch(workers)
+    forward = Forward(model, normalize, plan, batch_size)
     try:
-        _classify(config, files, loader, model, normalize, label_map, plan, report)
+        try:
+            _classify(config, files, done, loader, forward, label_map, report)
+        except RuntimeError as error:  # PyTorch raises a worker's death wherever the main process happens to be
+            if "DataLoader" not in str(error):
+                raise
+            in_hand = ", ".join(dataset.decoding_now()) or "unknown"
+            raise PipelineError(
+                f"a decoding worker died or stopped answering ({str(error).splitlines()[0].strip()}) "
+                f"while decoding: {in_hand}. Finished rows are kept in {partial_path(config.output_file)}: "
+                "remove or fix the file and rerun with --resume"
+            ) from None
     except BaseException:
         report.status = "interrupted"
         report.timed("total_s", start)
@@ -134,24 +204,22 @@ def run(config: Config) -> RunReport:
 
 def _classify(
     config: Config,
-    files: list,
-    loader: Any,
-    model: nn.Module,
-    normalize: DeviceNormalizer,
+    files: list[ImageFile],
+    done: int,
+    batches: Iterable[Batch],
+    forward: Forward,
     label_map: LabelMap,
-    plan: DevicePlan,
     report: RunReport,
 ) -> None:
     with (
-        AtomicCsvWriter(config.output_file) as predictions,
-        AtomicCsvWriter(config.errors_csv) as errors,
+        AtomicCsvWriter(config.output_file, append=done > 0) as predictions,
+        AtomicCsvWriter(config.errors_csv, append=done > 0) as errors,
         progress_bar(len(files), config.progress) as bar,
     ):
-        for batch in loader:
-            images = batch.images.to(plan.device, non_blocking=True)
-            with inference_context(plan):
-                outputs = as_logits(model(normalize(images)), len(batch.indices))
-            rows = label_map(outputs)
+        bar.update(done)
+        for batch in batches:
+            images = batch.images.to(forward.plan.device, non_blocking=True)
+            rows = label_map(forward(images))
             for index, error, fields in zip(batch.indices, batch.errors, rows, strict=True):
                 key = files[index].key
                 if error:
@@ -160,6 +228,8 @@ def _classify(
                     report.failures += 1
                 else:
                     predictions.write([key, *fields])
+            predictions.flush()
+            errors.flush()
             report.images += len(batch.indices)
             bar.update(len(batch.indices))
         predictions.commit()

@@ -32,25 +32,31 @@ def check_writable(path: Path) -> None:
 
 
 class AtomicCsvWriter:
-    """Rows to a partial file, flushed every `flush_every` rows; `commit` makes it the real file."""
+    """Rows to a partial file (appended to when resuming); `flush` hands them to the OS, `commit` makes the
+    partial file the real one."""
 
-    def __init__(self, path: Path, flush_every: int = 256) -> None:
+    def __init__(self, path: Path, append: bool = False) -> None:
         self.path = path
         self.partial = partial_path(path)
-        self.flush_every = flush_every
-        self.rows = 0
         try:
             # Held open for the whole run, so no `with`: commit() or abandon() closes it.
-            self._file: TextIO = open(self.partial, "w", newline="", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+            self._file: TextIO = open(  # noqa: SIM115
+                self.partial, "a" if append else "w", newline="", encoding="utf-8", errors="surrogateescape"
+            )
         except OSError as error:
             raise OutputError(f"cannot write {self.partial}: {error.strerror}") from None
         self._csv = csv.writer(self._file, lineterminator="\n")
+        # csv quotes a field with "\n" (the line terminator) but not one with a lone "\r", which readers take as
+        # a line break; such rows (a file name can hold any byte) are written fully quoted.
+        self._quoted = csv.writer(self._file, lineterminator="\n", quoting=csv.QUOTE_ALL)
 
     def write(self, row: list[str]) -> None:
-        self._csv.writerow(row)
-        self.rows += 1
-        if self.rows % self.flush_every == 0:
-            self._file.flush()
+        writer = self._quoted if any("\r" in field for field in row) else self._csv
+        writer.writerow(row)
+
+    def flush(self) -> None:
+        """Once per batch: a killed process (even SIGKILL) then loses at most the batch in flight."""
+        self._file.flush()
 
     def commit(self) -> None:
         """Flush to disk, then rename: readers see the old file or the whole new one, never a mix."""

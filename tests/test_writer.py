@@ -11,7 +11,7 @@ from harness.errors import OutputError
 from harness.writer import AtomicCsvWriter, check_writable
 from tests.conftest import read_rows
 
-AWKWARD = ["plain.png", "comma,name.png", 'quote"name.png', "new\nline.png", "späce ü.png", "bad-\udcff-byte.png"]
+AWKWARD = ["plain.png", "comma,name.png", 'quote"name.png', "new\nline.png", "carriage\rreturn.png", "\r", "späce ü.png", "bad-\udcff-byte.png"]
 
 
 def test_awkward_names_round_trip(tmp_path: Path) -> None:
@@ -26,8 +26,9 @@ def test_awkward_names_round_trip(tmp_path: Path) -> None:
 def test_final_file_appears_only_on_commit_and_partial_survives_a_crash(tmp_path: Path) -> None:
     out = tmp_path / "p.csv"
     out.write_text("old,complete,file\n")
-    with pytest.raises(RuntimeError), AtomicCsvWriter(out, flush_every=1) as writer:
+    with pytest.raises(RuntimeError), AtomicCsvWriter(out) as writer:
         writer.write(["a.png", "1", "0.5"])
+        writer.flush()
         assert out.read_text() == "old,complete,file\n"
         raise RuntimeError("crash mid-run")
     assert out.read_text() == "old,complete,file\n"

@@ -1,0 +1,217 @@
+"""Faults: a run killed part way resumes to a byte-identical CSV; dead, slow or hung workers and device
+out-of-memory give a named error or a smaller batch, never a hang or a lost row."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import harness.runner
+from harness.cli import main
+from harness.config import Preprocess
+from harness.devices import DevicePlan
+from harness.runner import Forward
+from harness.transforms import DeviceNormalizer
+from tests.conftest import REPO, SAMPLES, env_without_build_args, read_rows
+
+
+def _many_images(folder: Path, copies: int) -> Path:
+    folder.mkdir()
+    for n in range(copies):
+        for image in sorted(SAMPLES.glob("*.jp*g")) + sorted(SAMPLES.glob("c*.png")):
+            shutil.copy(image, folder / f"{n:03d}-{image.name}")
+    (folder / "500-broken.png").write_bytes(b"\x89PNG broken")
+    return folder
+
+
+def _start(images: Path, output: Path, *extra: str) -> subprocess.Popen:
+    argv = [
+        sys.executable,
+        "entrypoint.py",
+        str(images),
+        str(output),
+        "--batch_size",
+        "4",
+        "--workers",
+        "1",
+        "--progress",
+        "false",
+        *extra,
+    ]
+    return subprocess.Popen(
+        argv, cwd=REPO, env=env_without_build_args(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for_rows(path: Path, rows: int, process: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        if path.exists() and path.read_bytes().count(b"\n") >= rows:
+            return
+        time.sleep(0.02)
+    pytest.fail(f"{path} never reached {rows} rows (run ended: {process.poll()})")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_resumes_to_a_byte_identical_csv(tmp_path: Path, stop: signal.Signals) -> None:
+    images = _many_images(tmp_path / "in", copies=6)
+    total = len(list(images.iterdir()))
+    reference = tmp_path / "ref" / "p.csv"
+    assert _start(images, reference).wait(timeout=600) == 0
+
+    output = tmp_path / "run" / "p.csv"
+    process = _start(images, output)
+    _wait_for_rows(output.with_name("p.csv.partial"), 10, process)
+    process.send_signal(stop)
+    code = process.wait(timeout=120)
+    assert code == (130 if stop == signal.SIGTERM else -signal.SIGKILL)
+    kept = read_rows(output.with_name("p.csv.partial"))
+    assert 10 <= len(kept) < total and not output.exists()
+    if stop == signal.SIGTERM:
+        assert "rows finished so far are in" in process.stderr.read()
+
+    assert _start(images, output, "--resume").wait(timeout=600) == 0
+    assert output.read_bytes() == reference.read_bytes()
+    assert output.with_name("errors.csv").read_bytes() == reference.with_name("errors.csv").read_bytes()
+    assert not output.with_name("p.csv.partial").exists()
+
+
+def test_resume_refuses_a_partial_file_from_other_images(tmp_path: Path) -> None:
+    output = tmp_path / "p.csv"
+    output.with_name("p.csv.partial").write_text("someone-else.png,1,0.5,2,0.1,3,0.1,4,0.1,5,0.1\n")
+    code = main([str(SAMPLES), str(output), "--resume", "--progress", "false", "--workers", "0"])
+    assert code == 3 and not output.exists()
+
+
+TRANSFORM_HEAD = """import os, signal, time
+import torchvision.transforms as T
+
+
+class data_transform:
+    def getTransform(self):
+        base = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
+
+        def transform(image):
+"""
+TRANSFORM_TAIL = """
+            return base(image)
+
+        return transform
+"""
+
+
+def _model_folder(tmp_path: Path, transform_body: str) -> Path:
+    """The example model with the template's transform hook, which runs inside the decoding workers."""
+    folder = tmp_path / "model"
+    shutil.copytree(REPO / "model", folder)
+    body = textwrap.indent(textwrap.dedent(transform_body), " " * 12)
+    (folder / "data_transform_description.py").write_text(TRANSFORM_HEAD + body + TRANSFORM_TAIL)
+    return folder
+
+
+def test_a_slow_image_times_out_alone(tmp_path: Path) -> None:
+    folder = _model_folder(tmp_path, "if image.size == (447, 296):  # chelsea.png less its border\n    time.sleep(30)")
+    output = tmp_path / "p.csv"
+    argv = [
+        str(SAMPLES),
+        str(output),
+        "--model-dir",
+        str(folder),
+        "--decode-timeout",
+        "1",
+        "--workers",
+        "1",
+        "--progress",
+        "false",
+    ]
+    started = time.monotonic()
+    assert main(argv) == 0
+    assert time.monotonic() - started < 25
+    errors = read_rows(output.with_name("errors.csv"))
+    assert [row[0] for row in errors] == ["chelsea.png"] and "DecodeTimeout" in errors[0][1]
+    assert len(read_rows(output)) == 19
+
+
+def test_a_killed_worker_is_an_error_naming_the_files(tmp_path: Path) -> None:
+    folder = _model_folder(tmp_path, "if image.size == (447, 296):\n    os.kill(os.getpid(), signal.SIGKILL)")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "entrypoint.py",
+            "sample-images",
+            str(tmp_path / "p.csv"),
+            "--model-dir",
+            str(folder),
+            "--workers",
+            "1",
+            "--batch_size",
+            "4",
+            "--progress",
+            "false",
+        ],
+        cwd=REPO,
+        env=env_without_build_args(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 8, result.stderr
+    assert "killed by signal" in result.stderr and "chelsea.png" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "p.csv.partial").exists()
+
+
+def test_a_hung_worker_is_an_error_not_a_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    body = """if image.size == (447, 296):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # stuck where the per-image alarm cannot reach
+    time.sleep(60)"""
+    folder = _model_folder(tmp_path, body)
+    monkeypatch.setattr(harness.runner, "loader_timeout", lambda decode_timeout: 3.0)
+    argv = [
+        str(SAMPLES),
+        str(tmp_path / "p.csv"),
+        "--model-dir",
+        str(folder),
+        "--workers",
+        "1",
+        "--batch_size",
+        "4",
+        "--progress",
+        "false",
+    ]
+    started = time.monotonic()
+    assert main(argv) == 8
+    assert time.monotonic() - started < 40
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_results() -> None:
+    class SmallMemory(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[int] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls.append(len(x))
+            if len(x) > 3:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return x.mean(dim=(2, 3))
+
+    model = SmallMemory()
+    plan = DevicePlan(torch.device("cpu"))
+    normalize = DeviceNormalizer(Preprocess(), plan.device, torch.float32, channels_last=False)
+    forward = Forward(model, normalize, plan, piece=8)
+    images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8)
+    assert torch.allclose(forward(images), normalize(images).mean(dim=(2, 3)))
+    assert forward.piece == 2 and model.calls == [8, 4, 2, 2, 2, 2]
+    forward(images[:3])
+    assert model.calls[-2:] == [2, 1]  # the smaller piece size stays for later batches

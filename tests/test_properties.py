@@ -1,0 +1,66 @@
+"""Property and fuzz tests: any file name survives the CSV; any bytes under an image name cost one row."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from harness.config import Preprocess
+from harness.images import ImageFile
+from harness.loader import DecodeLimits, ImageDataset
+from harness.writer import AtomicCsvWriter
+from tests.conftest import SAMPLES, read_rows
+
+# A Linux file name: any bytes but '/' and NUL, as the harness sees it after os.fsdecode (surrogateescape).
+names = st.binary(min_size=1, max_size=60).filter(lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b".."))
+
+
+@given(st.lists(names, min_size=1, max_size=8))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_file_name_round_trips_through_the_csv(raw_names: list[bytes]) -> None:
+    keys = [os.fsdecode(name) for name in raw_names]
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "p.csv"
+        with AtomicCsvWriter(output) as writer:
+            for key in keys:
+                writer.write([key, "1", "0.5", "-1", "0"])
+            writer.commit()
+        rows = read_rows(output)
+    assert [row[0] for row in rows] == keys
+    assert all(row[1:] == ["1", "0.5", "-1", "0"] for row in rows)
+
+
+SEEDS = [(SAMPLES / name).read_bytes() for name in ("coffee.png", "grace_hopper.jpg")]
+
+
+@st.composite
+def damaged_images(draw: st.DrawFn) -> bytes:
+    """Random bytes, or a real PNG/JPEG with bytes overwritten, cut or spliced: the decoder's hard cases."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=4096))
+    data = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 8))):
+        position = draw(st.integers(0, min(len(data) - 1, 2048)))
+        data[position] = draw(st.integers(0, 255))
+    if draw(st.booleans()):
+        data = data[: draw(st.integers(0, len(data)))]
+    return bytes(data)
+
+
+@given(damaged_images(), st.sampled_from([".png", ".jpg", ".tif", ".webp", ".bmp"]))
+@settings(max_examples=200, deadline=None)
+def test_random_bytes_never_crash_or_hang_the_decoder(data: bytes, extension: str) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"fuzz{extension}"
+        path.write_bytes(data)
+        dataset = ImageDataset([ImageFile(str(path), path.name)], Preprocess(), limits=DecodeLimits(10_000_000, 5.0))
+        started = time.monotonic()
+        index, tensor, error = dataset[0]
+        assert time.monotonic() - started < 6
+    assert index == 0 and tensor.shape == (3, 224, 224)
+    assert error == "" or ":" in error or error.isidentifier()  # decoded, or a one-line reason
