@@ -11,7 +11,16 @@ from harness.errors import OutputError
 from harness.writer import AtomicCsvWriter, check_writable
 from tests.conftest import read_rows
 
-AWKWARD = ["plain.png", "comma,name.png", 'quote"name.png', "new\nline.png", "carriage\rreturn.png", "\r", "späce ü.png", "bad-\udcff-byte.png"]
+AWKWARD = [
+    "plain.png",
+    "comma,name.png",
+    'quote"name.png',
+    "new\nline.png",
+    "carriage\rreturn.png",
+    "\r",
+    "späce ü.png",
+    "bad-\udcff-byte.png",
+]
 
 
 def test_awkward_names_round_trip(tmp_path: Path) -> None:
