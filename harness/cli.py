@@ -19,6 +19,7 @@ from harness import __version__
 from harness.config import ENV_FIELDS, PREPROCESS_FIELDS, RUN_FIELDS, build_config
 from harness.errors import EXIT_CODES, ConfigError, HarnessError
 from harness.runner import run
+from harness.validate import validate_command
 from harness.writer import partial_path
 
 POSITIONALS = (  # the template's order
@@ -118,7 +119,10 @@ def run_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str], dict[str, str]], int]] = {"run": run_command}
+COMMANDS: dict[str, Callable[[Sequence[str], dict[str, str]], int]] = {
+    "run": run_command,
+    "validate": validate_command,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
