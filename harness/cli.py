@@ -19,6 +19,7 @@ from harness import __version__
 from harness.config import ENV_FIELDS, PREPROCESS_FIELDS, RUN_FIELDS, build_config
 from harness.errors import EXIT_CODES, ConfigError, HarnessError
 from harness.runner import run
+from harness.score import score_command
 from harness.validate import validate_command
 from harness.writer import partial_path
 
@@ -122,6 +123,7 @@ def run_command(argv: Sequence[str], environ: dict[str, str]) -> int:
 COMMANDS: dict[str, Callable[[Sequence[str], dict[str, str]], int]] = {
     "run": run_command,
     "validate": validate_command,
+    "score": score_command,
 }
 
 

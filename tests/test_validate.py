@@ -78,6 +78,7 @@ def test_the_cli_exits_8_with_one_line_per_problem(tmp_path: Path, images: Path,
     assert err[-1].startswith("harness: error: ") and "3 problem(s)" in err[-1]
 
 
+@pytest.mark.slow
 def test_the_harness_own_output_validates(harness_run, tmp_path: Path) -> None:
     code, _ = harness_run("--batch-size", "19")
     assert code == 0
