@@ -18,6 +18,7 @@ from typing import Any
 from harness import __version__
 from harness.config import ENV_FIELDS, PREPROCESS_FIELDS, RUN_FIELDS, build_config
 from harness.errors import EXIT_CODES, ConfigError, HarnessError
+from harness.export_onnx import export_onnx_command
 from harness.inspect_model import check_model_command
 from harness.runner import run
 from harness.score import score_command
@@ -126,6 +127,7 @@ COMMANDS: dict[str, Callable[[Sequence[str], dict[str, str]], int]] = {
     "validate": validate_command,
     "score": score_command,
     "check-model": check_model_command,
+    "export-onnx": export_onnx_command,
 }
 
 

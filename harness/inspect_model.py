@@ -19,8 +19,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness.devices import DevicePlan, inference_context, plan_devices, prepare_model
-from harness.errors import CheckFailedError, ModelError
+from harness.errors import CheckFailedError, ConfigError, ModelError
 from harness.models import load_model
+from harness.onnx_model import OnnxModule
 from harness.runner import as_logits
 from harness.tool_args import add_model_options, model_config
 
@@ -114,6 +115,8 @@ def check_model_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     args = parser.parse_args(argv)
     config = model_config(args, environ)
     loaded = load_model(config)
+    if isinstance(loaded.module, OnnxModule):
+        raise ConfigError(f"{loaded.source} is ONNX: check-model measures the PyTorch model folder it came from")
     plan = plan_devices(config)
     size = config.preprocess.input_size
     cost = measure(loaded.module, plan, config.batch_size, size, max(1, args.repeats))
