@@ -22,6 +22,7 @@ from harness.export_onnx import export_onnx_command
 from harness.inspect_model import check_model_command
 from harness.runner import run
 from harness.score import score_command
+from harness.submission import open_submission
 from harness.validate import validate_command
 from harness.writer import partial_path
 
@@ -108,7 +109,7 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 def run_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     args = build_parser().parse_args(argv)
-    config = build_config(_merge(vars(args)), environ)
+    config = build_config(open_submission(_merge(vars(args))), environ)
     try:
         report = run(config)
     except KeyboardInterrupt as stop:

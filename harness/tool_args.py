@@ -10,6 +10,7 @@ import argparse
 from typing import Any
 
 from harness.config import PREPROCESS_FIELDS, RUN_FIELDS, Config, build_config
+from harness.submission import open_submission
 
 MODEL_OPTIONS = ("model_dir", "module", "class_name", "checkpoint", "device", "batch_size", "input_size")
 
@@ -23,4 +24,4 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def model_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     given: dict[str, Any] = {name: getattr(args, name) for name in MODEL_OPTIONS}
-    return build_config(given, environ)
+    return build_config(open_submission(given), environ)

@@ -53,6 +53,7 @@ def test_dynamic_batch_and_parity_with_torch(tiny_onnx: Path) -> None:
     assert parity.top1_agree == 7 and parity.max_prob_diff < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider")  # onnxruntime's own, quieter warning
 def test_a_silent_cpu_fallback_is_warned_about(tiny_onnx: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA_PROVIDER, "CPUExecutionProvider"])
     session = make_session(tiny_onnx / "tiny.onnx", want_cuda=True)
