@@ -17,6 +17,7 @@ from typing import Any
 
 from harness import __version__
 from harness.config import ENV_FIELDS, PREPROCESS_FIELDS, RUN_FIELDS, build_config
+from harness.ensemble import ensemble_command
 from harness.errors import EXIT_CODES, ConfigError, HarnessError
 from harness.export_onnx import export_onnx_command
 from harness.inspect_model import check_model_command
@@ -129,6 +130,7 @@ COMMANDS: dict[str, Callable[[Sequence[str], dict[str, str]], int]] = {
     "score": score_command,
     "check-model": check_model_command,
     "export-onnx": export_onnx_command,
+    "ensemble": ensemble_command,
 }
 
 

@@ -19,6 +19,7 @@ from harness.images import IMAGE_EXTENSIONS, discover
 from harness.labels import LabelMap, make_label_map
 from harness.loader import ImageDataset, fit_to_shm, make_loader, shm_free_bytes
 from harness.models import load_custom_transform, load_model
+from harness.probs import ProbabilityRecorder
 from harness.report import RunReport, progress_bar, say
 from harness.transforms import DeviceNormalizer
 from harness.writer import AtomicCsvWriter, check_writable
@@ -112,8 +113,9 @@ def run(config: Config) -> RunReport:
     )
 
     loader = make_loader(dataset, batch_size, workers, prefetch, pin_memory=plan.device.type == "cuda")
+    recorder = ProbabilityRecorder(label_map.softmax) if config.save_probs else None
     try:
-        _classify(config, files, loader, model, normalize, label_map, plan, report)
+        _classify(config, files, loader, model, normalize, label_map, plan, report, recorder)
     except BaseException:
         report.status = "interrupted"
         report.timed("total_s", start)
@@ -141,6 +143,7 @@ def _classify(
     label_map: LabelMap,
     plan: DevicePlan,
     report: RunReport,
+    recorder: ProbabilityRecorder | None,
 ) -> None:
     with (
         AtomicCsvWriter(config.output_file) as predictions,
@@ -152,6 +155,8 @@ def _classify(
             with inference_context(plan):
                 outputs = as_logits(model(normalize(images)), len(batch.indices))
             rows = label_map(outputs)
+            if recorder is not None:
+                recorder.add([files[i].key for i in batch.indices], label_map.scores(outputs), batch.errors)
             for index, error, fields in zip(batch.indices, batch.errors, rows, strict=True):
                 key = files[index].key
                 if error:
@@ -162,6 +167,8 @@ def _classify(
                     predictions.write([key, *fields])
             report.images += len(batch.indices)
             bar.update(len(batch.indices))
+        if recorder is not None and config.save_probs is not None:
+            recorder.save(config.save_probs)
         predictions.commit()
         errors.commit()
     if report.failures:
