@@ -17,8 +17,14 @@ from typing import Any
 
 from harness import __version__
 from harness.config import ENV_FIELDS, PREPROCESS_FIELDS, RUN_FIELDS, build_config
+from harness.ensemble import ensemble_command
 from harness.errors import EXIT_CODES, ConfigError, HarnessError
+from harness.export_onnx import export_onnx_command
+from harness.inspect_model import check_model_command
 from harness.runner import run
+from harness.score import score_command
+from harness.submission import open_submission
+from harness.validate import validate_command
 from harness.writer import partial_path
 
 POSITIONALS = (  # the template's order
@@ -104,7 +110,7 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 def run_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     args = build_parser().parse_args(argv)
-    config = build_config(_merge(vars(args)), environ)
+    config = build_config(open_submission(_merge(vars(args))), environ)
     try:
         report = run(config)
     except KeyboardInterrupt as stop:
@@ -118,7 +124,14 @@ def run_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str], dict[str, str]], int]] = {"run": run_command}
+COMMANDS: dict[str, Callable[[Sequence[str], dict[str, str]], int]] = {
+    "run": run_command,
+    "validate": validate_command,
+    "score": score_command,
+    "check-model": check_model_command,
+    "export-onnx": export_onnx_command,
+    "ensemble": ensemble_command,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

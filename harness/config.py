@@ -209,6 +209,9 @@ class Config:
     decode_timeout: float = _setting(60.0, _float(0.1), "seconds one image may take to decode before it is skipped")
     resume: bool = _setting(False, _bool, "continue from the .partial file an interrupted run left")
     progress: bool = _setting(True, _bool, "show a progress bar on stderr")
+    save_probs: Path | None = _setting(
+        None, _optional(_path), "also save every image's full probability vector to this .npz (harness ensemble)"
+    )
     preprocess: Preprocess = field(default_factory=Preprocess)
 
     @property
@@ -314,5 +317,7 @@ def _check(config: Config) -> None:
         raise ConfigError("std must not contain 0")
     if config.device == "cpu" and config.gpus:
         raise ConfigError(f"--device cpu with --gpus {config.gpus}: choose one (use --gpus 0 or --device cuda)")
+    if config.resume and config.save_probs:
+        raise ConfigError("--save-probs cannot be resumed: the probabilities of the rows done before were not kept")
     if config.amp == "fp16" and config.device == "cpu":
         raise ConfigError("fp16 AMP needs CUDA; on the CPU use --amp bf16 or leave AMP off")

@@ -55,6 +55,12 @@ class PipelineError(HarnessError):
     exit_code = 8
 
 
+class CheckFailedError(HarnessError):
+    """A tool's check failed: an invalid predictions file, a broken model limit, an ONNX parity mismatch."""
+
+    exit_code = 9
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success: every image has a row",
     1: "internal error (a bug: please report it with the traceback)",
@@ -65,5 +71,6 @@ EXIT_CODES: dict[int, str] = {
     OutputError.exit_code: "output file or folder cannot be written",
     TooManyFailuresError.exit_code: "more images failed than --max-failures allows",
     PipelineError.exit_code: "a decoding worker died or hung; finished rows are kept in the .partial file",
+    CheckFailedError.exit_code: "a tool's check failed (validate, check-model limits, export-onnx parity)",
     130: "interrupted (SIGINT/SIGTERM); finished rows are kept in the .partial file",
 }

@@ -22,6 +22,7 @@ from torch import nn
 
 from harness.config import Config
 from harness.errors import ModelError
+from harness.onnx_model import OnnxModule, make_session
 
 MODULE_FILES = ("model.py", "model_description.py")  # ours / the AISafety contract, then the ObjectNet template's
 TRANSFORM_FILE = "data_transform_description.py"  # the ObjectNet template's preprocessing hook
@@ -35,7 +36,7 @@ class LoadedModel:
     class_name: str
     source: str
     checkpoint: str | None
-    parameters: int
+    parameters: int | None  # None for an ONNX model: onnxruntime does not expose its weights
 
 
 def _import_file(path: Path, name: str) -> ModuleType:
@@ -149,7 +150,37 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) 
     model.load_state_dict(state, strict=True)
 
 
+def find_onnx_file(config: Config) -> Path | None:
+    """An ONNX model: named by `module`, or the folder's only .onnx file when it holds no Python model file."""
+    folder = config.model_dir
+    if config.module:
+        return folder / config.module if config.module.lower().endswith(".onnx") else None
+    if not folder.is_dir() or any((folder / name).is_file() for name in MODULE_FILES):
+        return None
+    found = sorted(folder.glob("*.onnx"))
+    if len(found) > 1:
+        raise ModelError(f"model folder {folder} holds {len(found)} .onnx files: name one with --module")
+    return found[0] if found else None
+
+
+def load_onnx_model(path: Path, config: Config) -> LoadedModel:
+    if not path.is_file():
+        raise ModelError(f"{path} does not exist (set by 'module')")
+    want_cuda = config.device != "cpu" and config.gpus != 0 and torch.cuda.is_available()
+    module = OnnxModule(make_session(path, want_cuda))
+    return LoadedModel(
+        module=module,
+        class_name=f"ONNX ({', '.join(module.providers)})",
+        source=str(path),
+        checkpoint=None,
+        parameters=None,
+    )
+
+
 def load_model(config: Config) -> LoadedModel:
+    onnx_path = find_onnx_file(config)
+    if onnx_path is not None:
+        return load_onnx_model(onnx_path, config)
     path = find_module_file(config)
     module = _import_file(path, "harness_user_model")
     class_name = config.class_name or DEFAULT_CLASS

@@ -22,6 +22,7 @@ from harness.images import IMAGE_EXTENSIONS, ImageFile, discover
 from harness.labels import LabelMap, make_label_map
 from harness.loader import Batch, DecodeLimits, ImageDataset, fit_to_shm, make_loader, shm_free_bytes
 from harness.models import load_custom_transform, load_model
+from harness.probs import ProbabilityRecorder
 from harness.report import RunReport, progress_bar, say
 from harness.resume import resume_point
 from harness.transforms import DeviceNormalizer
@@ -172,9 +173,10 @@ def run(config: Config) -> RunReport:
     )
     dataset.watch(workers)
     forward = Forward(model, normalize, plan, batch_size)
+    recorder = ProbabilityRecorder(label_map.softmax) if config.save_probs else None
     try:
         try:
-            _classify(config, files, done, loader, forward, label_map, report)
+            _classify(config, files, done, loader, forward, label_map, report, recorder)
         except RuntimeError as error:  # PyTorch raises a worker's death wherever the main process happens to be
             if "DataLoader" not in str(error):
                 raise
@@ -210,6 +212,7 @@ def _classify(
     forward: Forward,
     label_map: LabelMap,
     report: RunReport,
+    recorder: ProbabilityRecorder | None,
 ) -> None:
     with (
         AtomicCsvWriter(config.output_file, append=done > 0) as predictions,
@@ -219,7 +222,10 @@ def _classify(
         bar.update(done)
         for batch in batches:
             images = batch.images.to(forward.plan.device, non_blocking=True)
-            rows = label_map(forward(images))
+            outputs = forward(images)
+            rows = label_map(outputs)
+            if recorder is not None:
+                recorder.add([files[i].key for i in batch.indices], label_map.scores(outputs), batch.errors)
             for index, error, fields in zip(batch.indices, batch.errors, rows, strict=True):
                 key = files[index].key
                 if error:
@@ -232,6 +238,8 @@ def _classify(
             errors.flush()
             report.images += len(batch.indices)
             bar.update(len(batch.indices))
+        if recorder is not None and config.save_probs is not None:
+            recorder.save(config.save_probs)
         predictions.commit()
         errors.commit()
     if report.failures:

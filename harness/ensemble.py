@@ -1,0 +1,65 @@
+"""`harness ensemble`: average the saved probabilities of several runs (`--save-probs`) into one predictions CSV.
+
+The average goes through the same label maps as a run. Averaged probabilities are handed over as their logs
+with softmax on, since softmax(log p) = p when p sums to 1: the maps then rank and sum exactly as for one model.
+An image unreadable in any run gets the failure row.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.errors import ConfigError, InputError
+from harness.labels import make_label_map
+from harness.report import say
+from harness.writer import AtomicCsvWriter, check_writable
+
+
+def load_probs(path: Path) -> tuple[list[str], np.ndarray, bool]:
+    try:
+        with np.load(path) as data:
+            return [str(k) for k in data["keys"]], data["probs"].astype(np.float64), bool(data["softmax"])
+    except (OSError, KeyError, ValueError) as error:
+        raise InputError(f"{path} is not a --save-probs file: {error}") from None
+
+
+def average(paths: Sequence[Path]) -> tuple[list[str], np.ndarray, bool]:
+    """(keys, mean of the runs, softmax); every run must cover the same images with the same classes."""
+    keys, total, softmax = load_probs(paths[0])
+    for path in paths[1:]:
+        other_keys, probs, other_softmax = load_probs(path)
+        if other_keys != keys or probs.shape != total.shape or other_softmax != softmax:
+            raise ConfigError(
+                f"{path} does not match {paths[0]}: the runs must cover the same images, in the same order, "
+                f"with the same number of classes and the same softmax setting ({probs.shape} vs {total.shape})"
+            )
+        total = total + probs
+    return keys, total / len(paths), softmax
+
+
+def ensemble_command(argv: Sequence[str], environ: dict[str, str]) -> int:
+    parser = argparse.ArgumentParser(prog="harness ensemble", description=__doc__.splitlines()[0])
+    parser.add_argument("probs", type=Path, nargs="+", help=".npz files written by --save-probs")
+    parser.add_argument("--output", type=Path, required=True, help="predictions CSV to write")
+    parser.add_argument("--label-map", default="auto", help="as for harness run (default auto)")
+    parser.add_argument("--topk", type=int, default=5, help="predictions per image (default 5)")
+    args = parser.parse_args(argv)
+    keys, mean, softmax = average(args.probs)
+    label_map, warnings = make_label_map(args.label_map, mean.shape[1], args.topk, softmax)
+    for warning in warnings:
+        say(warning)
+    check_writable(args.output)
+    failed = np.isnan(mean).any(axis=1)
+    scores = torch.from_numpy(np.nan_to_num(mean, nan=0.0))
+    outputs = scores.log() if softmax else scores
+    with AtomicCsvWriter(args.output) as writer:
+        for key, bad, fields in zip(keys, failed, label_map(outputs), strict=True):
+            writer.write([key, *(label_map.failure_fields if bad else fields)])
+        writer.commit()
+    print(f"harness: {len(args.probs)} runs averaged over {len(keys)} images -> {args.output}")
+    return 0

@@ -1,0 +1,125 @@
+"""`harness export-onnx`: the model folder's model as ONNX, checked against PyTorch before anyone relies on it.
+
+The export uses PyTorch's TorchScript-based exporter (`torch.onnx.export(dynamo=False)`), which needs only the
+`onnx` package; the newer dynamo exporter also needs `onnxscript`. The batch axis is dynamic. Parity: the same
+preprocessed sample images go through PyTorch and onnxruntime (CPU), in batches of --batch-size so the dynamic
+axis is exercised; the export fails unless every image gets the same top-1 class and the probabilities differ
+by less than --tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from harness.config import Config
+from harness.errors import CheckFailedError, ConfigError, InputError, ModelError
+from harness.images import discover
+from harness.loader import ImageDataset
+from harness.models import load_custom_transform, load_model
+from harness.onnx_model import OnnxModule, make_session
+from harness.runner import as_logits
+from harness.tool_args import add_model_options, model_config
+from harness.transforms import DeviceNormalizer
+
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+class _Logits(nn.Module):
+    """The model with its output reduced to the N x C tensor the harness reads (tuple, dict, .logits)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return as_logits(self.model(images), images.shape[0])
+
+
+@dataclass
+class Parity:
+    images: int
+    max_prob_diff: float
+    max_logit_diff: float
+    top1_agree: int
+
+
+def export(model: nn.Module, path: Path, input_size: int, opset: int) -> None:
+    blank = torch.zeros(1, 3, input_size, input_size)
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(
+                _Logits(model).eval(),
+                (blank,),
+                str(path),
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes=axes,
+                opset_version=opset,
+            )
+    except Exception as error:
+        hint = " (pip install onnx)" if "onnx is not installed" in str(error) else ""
+        raise ModelError(f"ONNX export failed{hint}: {type(error).__name__}: {error}") from None
+
+
+def sample_batch(config: Config, images_dir: Path, limit: int) -> torch.Tensor:
+    """Up to `limit` images from `images_dir`, preprocessed exactly as a run would, as float32 on the CPU."""
+    files = discover(images_dir)[:limit]
+    if not files:
+        raise InputError(f"no images in {images_dir} for the parity check")
+    dataset = ImageDataset(files, config.preprocess, load_custom_transform(config))
+    batch = torch.stack([dataset[i][1] for i in range(len(dataset))])
+    return DeviceNormalizer(config.preprocess, torch.device("cpu"), torch.float32, False)(batch)
+
+
+def check_parity(model: nn.Module, onnx_model: OnnxModule, images: torch.Tensor, batch_size: int) -> Parity:
+    with torch.inference_mode():
+        expected = torch.cat([as_logits(model(part), len(part)) for part in images.split(batch_size)]).float()
+        got = torch.cat([onnx_model(part) for part in images.split(batch_size)]).float()
+    return Parity(
+        images=len(images),
+        max_prob_diff=(expected.softmax(1) - got.softmax(1)).abs().max().item(),
+        max_logit_diff=(expected - got).abs().max().item(),
+        top1_agree=int((expected.argmax(1) == got.argmax(1)).sum()),
+    )
+
+
+def export_onnx_command(argv: Sequence[str], environ: dict[str, str]) -> int:
+    parser = argparse.ArgumentParser(prog="harness export-onnx", description=__doc__.splitlines()[0])
+    add_model_options(parser)
+    parser.add_argument("--output", type=Path, default=Path("model.onnx"), help="ONNX file to write (model.onnx)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    parser.add_argument("--images", type=Path, default=Path("sample-images"), help="images for the parity check")
+    parser.add_argument("--parity-images", type=int, default=64, help="at most this many images are compared")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest probability difference allowed")
+    args = parser.parse_args(argv)
+    config = model_config(args, environ)
+    loaded = load_model(config)
+    if isinstance(loaded.module, OnnxModule):
+        raise ConfigError(f"{loaded.source} is already ONNX: export-onnx exports a PyTorch model folder")
+    size = config.preprocess.input_size
+    export(loaded.module, args.output, size, args.opset)
+    images = sample_batch(config, args.images, args.parity_images)
+    parity = check_parity(
+        loaded.module, OnnxModule(make_session(args.output, want_cuda=False)), images, config.batch_size
+    )
+    print(
+        f"harness: exported {loaded.class_name} to {args.output} (opset {args.opset}, dynamic batch, "
+        f"{size} x {size}); onnxruntime vs PyTorch on {parity.images} images: top-1 agrees on "
+        f"{parity.top1_agree}, max |probability difference| {parity.max_prob_diff:.2e}, "
+        f"max |logit difference| {parity.max_logit_diff:.2e}"
+    )
+    if parity.top1_agree != parity.images or parity.max_prob_diff >= args.tolerance:
+        raise CheckFailedError(
+            f"{args.output} does not match the PyTorch model (tolerance {args.tolerance:g}): do not use it"
+        )
+    return 0

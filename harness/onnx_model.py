@@ -1,0 +1,71 @@
+"""ONNX models through onnxruntime, behind the same `nn.Module` call as a PyTorch model.
+
+The runner's preprocessing, label maps and writer then apply unchanged. onnxruntime picks its providers
+silently: a CUDA provider that fails to load (no cuDNN, a CUDA version mismatch) leaves the session on the CPU
+with no error, so after creating the session we compare the providers really active with the ones asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.errors import ModelError
+from harness.report import say
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+def _onnxruntime() -> ModuleType:
+    """Imported late: only ONNX models need it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ModelError("this model is ONNX, and onnxruntime is not installed: pip install onnxruntime") from None
+    return onnxruntime
+
+
+def make_session(path: Path, want_cuda: bool) -> Any:
+    """A session on CUDA when asked for and possible, else the CPU; a silent CPU fallback is warned about."""
+    ort = _onnxruntime()
+    available = ort.get_available_providers()
+    providers = [CUDA_PROVIDER, CPU_PROVIDER] if want_cuda and CUDA_PROVIDER in available else [CPU_PROVIDER]
+    if want_cuda and CUDA_PROVIDER not in available:
+        say(
+            "WARNING: a GPU is visible but this onnxruntime has no CUDA provider: the ONNX model runs on the CPU. "
+            "Install onnxruntime-gpu to use the GPU."
+        )
+    try:
+        session = ort.InferenceSession(str(path), providers=providers)
+    except Exception as error:  # onnxruntime's own exception types differ between versions
+        raise ModelError(f"onnxruntime cannot load {path}: {error}") from None
+    if want_cuda and CUDA_PROVIDER in available and session.get_providers()[0] != CUDA_PROVIDER:
+        say(
+            f"WARNING: onnxruntime could not start its CUDA provider (active: {', '.join(session.get_providers())}): "
+            "the ONNX model runs on the CPU. Check that the CUDA and cuDNN versions match onnxruntime-gpu."
+        )
+    return session
+
+
+class OnnxModule(nn.Module):
+    """One float32 N x 3 x H x W input, the first output returned as a tensor on the input's device."""
+
+    def __init__(self, session: Any) -> None:
+        super().__init__()
+        self.session = session
+        inputs = session.get_inputs()
+        if len(inputs) != 1:
+            names = ", ".join(i.name for i in inputs)
+            raise ModelError(f"the ONNX model takes {len(inputs)} inputs ({names}); the harness feeds one image batch")
+        self.input_name = inputs[0].name
+        self.providers = session.get_providers()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        array = images.detach().float().contiguous().cpu().numpy()
+        output = self.session.run(None, {self.input_name: array})[0]
+        return torch.from_numpy(output).to(images.device)

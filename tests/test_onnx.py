@@ -1,0 +1,89 @@
+"""ONNX models: export with parity, runs through the harness like PyTorch models, and the CPU-fallback warning."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import onnxruntime
+import pytest
+import torch
+from torch import nn
+
+from harness.cli import main
+from harness.config import build_config
+from harness.errors import ModelError
+from harness.export_onnx import check_parity, export
+from harness.models import find_onnx_file, load_model
+from harness.onnx_model import CUDA_PROVIDER, OnnxModule, make_session
+from tests.conftest import REPO, SAMPLES, read_rows
+
+pytest.importorskip("onnx")  # the exporter needs it; onnxruntime alone runs ONNX models
+
+
+def _tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+    )
+
+
+@pytest.fixture
+def tiny_onnx(tmp_path: Path) -> Path:
+    folder = tmp_path / "onnx-model"
+    folder.mkdir()
+    export(_tiny().eval(), folder / "tiny.onnx", 64, 17)
+    (folder / "config.yaml").write_text("preprocess:\n  input_size: 64\n  resize_size: 64\n")
+    return folder
+
+
+def test_an_onnx_folder_runs_like_a_pytorch_model(tiny_onnx: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out" / "predictions.csv"
+    options = ["--model-dir", str(tiny_onnx), "--label-map", "none", "--batch-size", "8", "--progress", "false"]
+    assert main([str(SAMPLES), str(output), *options]) == 0
+    rows = read_rows(output)
+    assert len(rows) == 19 and all(len(row) == 11 for row in rows)
+    assert all(0 <= int(i) < 10 for row in rows for i in row[1::2])
+
+
+def test_dynamic_batch_and_parity_with_torch(tiny_onnx: Path) -> None:
+    session = make_session(tiny_onnx / "tiny.onnx", want_cuda=False)
+    images = torch.randn(7, 3, 64, 64)
+    parity = check_parity(_tiny().eval(), OnnxModule(session), images, batch_size=3)  # batches of 3, 3, 1
+    assert parity.top1_agree == 7 and parity.max_prob_diff < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider")  # onnxruntime's own, quieter warning
+def test_a_silent_cpu_fallback_is_warned_about(tiny_onnx: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA_PROVIDER, "CPUExecutionProvider"])
+    session = make_session(tiny_onnx / "tiny.onnx", want_cuda=True)
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    assert "WARNING: onnxruntime could not start its CUDA provider" in capsys.readouterr().err
+
+
+def test_two_onnx_files_need_a_name_and_model_py_wins(tiny_onnx: Path) -> None:
+    (tiny_onnx / "other.onnx").write_bytes((tiny_onnx / "tiny.onnx").read_bytes())
+    with pytest.raises(ModelError, match=r"2 \.onnx files: name one with --module"):
+        load_model(build_config({"model_dir": str(tiny_onnx)}, {}))
+    loaded = load_model(build_config({"model_dir": str(tiny_onnx), "module": "other.onnx"}, {}))
+    assert isinstance(loaded.module, OnnxModule) and loaded.source.endswith("other.onnx")
+    (tiny_onnx / "model.py").write_text("")
+    assert find_onnx_file(build_config({"model_dir": str(tiny_onnx)}, {})) is None
+
+
+@pytest.mark.slow  # exports and runs the real EfficientNet-Lite0 twice: about 40 s on two CPU cores
+def test_real_model_export_parity_and_same_top1_in_a_run(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "lite0-onnx"
+    folder.mkdir()
+    assert main(["export-onnx", "--output", str(folder / "model.onnx"), "--batch-size", "8"]) == 0
+    line = capsys.readouterr().out
+    assert "on 19 images: top-1 agrees on 19" in line
+    assert float(re.search(r"probability difference\| ([\d.e+-]+)", line).group(1)) < 1e-4
+    config = (REPO / "model" / "config.yaml").read_text()
+    (folder / "config.yaml").write_text(re.sub(r"(?m)^class_name:.*$", "", config))
+    common = ["--label-map", "objectnet-legacy", "--topk", "1", "--progress", "false"]
+    assert main([str(SAMPLES), str(tmp_path / "onnx.csv"), "--model-dir", str(folder), *common]) == 0
+    assert main([str(SAMPLES), str(tmp_path / "torch.csv"), *common]) == 0
+    onnx_rows, torch_rows = read_rows(tmp_path / "onnx.csv"), read_rows(tmp_path / "torch.csv")
+    assert [r[:2] for r in onnx_rows] == [r[:2] for r in torch_rows]
+    assert max(abs(float(a[2]) - float(b[2])) for a, b in zip(onnx_rows, torch_rows, strict=True)) < 1e-4

@@ -1,0 +1,85 @@
+"""`harness validate` catches each kind of CSV the ObjectNet scorer would reject or score wrongly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.validate import validate_predictions
+
+
+def _images(folder: Path, names: list[str]) -> Path:
+    folder.mkdir()
+    for name in names:
+        (folder / f"{name}.png").write_bytes(b"")  # validate only looks at names
+    return folder
+
+
+def _row(key: str, first_id: str = "5") -> str:
+    return f"{key}.png,{first_id},0.5,6,0.2,7,0.1,8,0.1,-1,0.05"
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    return _images(tmp_path / "images", ["a", "b", "c"])
+
+
+def _check(tmp_path: Path, images: Path, lines: list[str]) -> list[str]:
+    path = tmp_path / "predictions.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return validate_predictions(path, images)[1]
+
+
+def test_a_good_file_passes_and_the_cli_exits_0(tmp_path: Path, images: Path, capsys) -> None:
+    assert _check(tmp_path, images, [_row("a"), _row("b"), _row("c", "")]) == []
+    assert main(["validate", str(tmp_path / "predictions.csv"), "--images", str(images)]) == 0
+    assert "valid: 3 rows" in capsys.readouterr().out
+
+
+def test_header_is_caught_on_line_1(tmp_path: Path, images: Path) -> None:
+    header = "key,id1,conf1,id2,conf2,id3,conf3,id4,conf4,id5,conf5"
+    problems = _check(tmp_path, images, [header, _row("a"), _row("b"), _row("c")])
+    assert problems and all(p.startswith("line 1") for p in problems) and "header" in problems[0]
+
+
+def test_duplicates_are_caught_by_basename(tmp_path: Path, images: Path) -> None:
+    problems = _check(tmp_path, images, [_row("a"), _row("b"), _row("c"), _row("sub/a")])
+    assert problems == ["line 4: duplicate key a.png (first on line 1); the scorer rejects the file"]
+
+
+def test_missing_and_unknown_images_are_caught(tmp_path: Path, images: Path) -> None:
+    problems = _check(tmp_path, images, [_row("a"), _row("b"), _row("zzz")])
+    assert problems == ["missing image: c.png has no row", "line 3: key zzz.png is not an image in " + str(images)]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [("313", "line 2, column 2: id 313 is outside -1..312"), ("-2", "outside"), ("3.5", "not an integer")],
+)
+def test_bad_ids_are_caught(tmp_path: Path, images: Path, bad: str, message: str) -> None:
+    problems = _check(tmp_path, images, [_row("a"), _row("b", bad), _row("c")])
+    assert len(problems) == 1 and message in problems[0] and problems[0].startswith("line 2")
+
+
+def test_wrong_column_count_and_bad_confidence(tmp_path: Path, images: Path) -> None:
+    problems = _check(tmp_path, images, [_row("a") + ",9", _row("b").replace("0.2", "nan"), _row("c")])
+    assert problems[0].startswith("line 1: 12 columns, expected 11")
+    assert problems[1] == "line 2, column 5: confidence 'nan' is not a finite number"
+
+
+def test_the_cli_exits_8_with_one_line_per_problem(tmp_path: Path, images: Path, capsys) -> None:
+    path = tmp_path / "predictions.csv"
+    path.write_text(_row("a") + "\n" + _row("a") + "\n")
+    assert main(["validate", str(path), "--images", str(images)]) == 9
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("line 2: duplicate key a.png")
+    assert err[-1].startswith("harness: error: ") and "3 problem(s)" in err[-1]
+
+
+@pytest.mark.slow
+def test_the_harness_own_output_validates(harness_run, tmp_path: Path) -> None:
+    code, _ = harness_run("--batch-size", "19")
+    assert code == 0
+    assert validate_predictions(tmp_path / "predictions.csv", Path("sample-images"))[1] == []
