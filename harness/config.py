@@ -204,6 +204,9 @@ class Config:
         None, _max_failures, "unreadable images allowed before the run fails: a count or a fraction"
     )
     progress: bool = _setting(True, _bool, "show a progress bar on stderr")
+    trust_pickle: bool = _setting(
+        False, _bool, "load a whole pickled model file (this runs code from the file: only for trusted models)"
+    )
     save_probs: Path | None = _setting(
         None, _optional(_path), "also save every image's full probability vector to this .npz (harness ensemble)"
     )
