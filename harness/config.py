@@ -185,7 +185,10 @@ class Config:
     output_file: Path = _setting(Path("/output/predictions.csv"), _path, "predictions CSV to write")
     model_dir: Path = _setting(Path("model"), _path, "folder holding the model's code, weights and config.yaml")
     module: str | None = _setting(
-        None, _optional(_text), "Python file in the model folder (default: model.py, else model_description.py)"
+        None,
+        _optional(_text),
+        "Python file in the model folder (default: model.py, else model_description.py), or a saved "
+        ".onnx/.pt/.ts model",
     )
     class_name: str | None = _setting(None, _optional(_text), "model class in that file (default: Model)")
     checkpoint: str | None = _setting(None, _optional(_text), "state_dict file, in the model folder or a path")
