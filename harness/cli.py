@@ -34,7 +34,8 @@ POSITIONALS = (  # the template's order
     ("checkpoint", "MODEL_CHECKPOINT", "state_dict file (path, or name in the model folder)"),
 )
 METAVARS = {"border": "N|auto", "mean": "M[,M,M]", "std": "S[,S,S]", "amp": "off|bf16|fp16", "label_map": "MAP"}
-BOOL_FIELDS = {"softmax", "channels_last", "progress", "exif_transpose", "resume"}
+TOOLS = ("validate", "score", "check-model", "export-onnx", "ensemble")
+BOOL_FIELDS = {"softmax", "channels_last", "progress", "exif_transpose", "resume", "trust_pickle"}
 
 
 def _epilog() -> str:
@@ -42,7 +43,8 @@ def _epilog() -> str:
     env = ", ".join(ENV_FIELDS)
     return (
         "Settings come from, lowest to highest precedence: defaults < model/config.yaml < environment "
-        f"({env}) < command line.\n\nexit codes:\n{codes}"
+        f"({env}) < command line.\n\nother commands (harness COMMAND --help): {', '.join(TOOLS)}"
+        f"\n\nexit codes:\n{codes}"
     )
 
 

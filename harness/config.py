@@ -185,7 +185,10 @@ class Config:
     output_file: Path = _setting(Path("/output/predictions.csv"), _path, "predictions CSV to write")
     model_dir: Path = _setting(Path("model"), _path, "folder holding the model's code, weights and config.yaml")
     module: str | None = _setting(
-        None, _optional(_text), "Python file in the model folder (default: model.py, else model_description.py)"
+        None,
+        _optional(_text),
+        "Python file in the model folder (default: model.py, else model_description.py), or a saved "
+        ".onnx/.pt/.ts model",
     )
     class_name: str | None = _setting(None, _optional(_text), "model class in that file (default: Model)")
     checkpoint: str | None = _setting(None, _optional(_text), "state_dict file, in the model folder or a path")
@@ -209,6 +212,9 @@ class Config:
     decode_timeout: float = _setting(60.0, _float(0.1), "seconds one image may take to decode before it is skipped")
     resume: bool = _setting(False, _bool, "continue from the .partial file an interrupted run left")
     progress: bool = _setting(True, _bool, "show a progress bar on stderr")
+    trust_pickle: bool = _setting(
+        False, _bool, "load a whole pickled model file (this runs code from the file: only for trusted models)"
+    )
     save_probs: Path | None = _setting(
         None, _optional(_path), "also save every image's full probability vector to this .npz (harness ensemble)"
     )

@@ -23,6 +23,7 @@ from torch import nn
 from harness.config import Config
 from harness.errors import ModelError
 from harness.onnx_model import OnnxModule, make_session
+from harness.saved_models import SAVED_SUFFIXES, load_saved_model
 
 MODULE_FILES = ("model.py", "model_description.py")  # ours / the AISafety contract, then the ObjectNet template's
 TRANSFORM_FILE = "data_transform_description.py"  # the ObjectNet template's preprocessing hook
@@ -150,16 +151,17 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) 
     model.load_state_dict(state, strict=True)
 
 
-def find_onnx_file(config: Config) -> Path | None:
-    """An ONNX model: named by `module`, or the folder's only .onnx file when it holds no Python model file."""
+def find_saved_file(config: Config, suffixes: tuple[str, ...]) -> Path | None:
+    """A saved model (ONNX, TorchScript, pickle): named by `module`, or the folder's only file with one of
+    `suffixes` when the folder holds no Python model file."""
     folder = config.model_dir
     if config.module:
-        return folder / config.module if config.module.lower().endswith(".onnx") else None
+        return folder / config.module if config.module.lower().endswith(suffixes) else None
     if not folder.is_dir() or any((folder / name).is_file() for name in MODULE_FILES):
         return None
-    found = sorted(folder.glob("*.onnx"))
+    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
     if len(found) > 1:
-        raise ModelError(f"model folder {folder} holds {len(found)} .onnx files: name one with --module")
+        raise ModelError(f"model folder {folder} holds {len(found)} {'/'.join(suffixes)} files: name one with --module")
     return found[0] if found else None
 
 
@@ -177,10 +179,27 @@ def load_onnx_model(path: Path, config: Config) -> LoadedModel:
     )
 
 
+def load_whole_model(path: Path, config: Config) -> LoadedModel:
+    if not path.is_file():
+        raise ModelError(f"{path} does not exist (set by 'module')")
+    model, kind = load_saved_model(path, config.trust_pickle)
+    model.eval()
+    return LoadedModel(
+        module=model,
+        class_name=f"{kind} {type(model).__name__}",
+        source=str(path),
+        checkpoint=None,
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
+
+
 def load_model(config: Config) -> LoadedModel:
-    onnx_path = find_onnx_file(config)
+    onnx_path = find_saved_file(config, (".onnx",))
     if onnx_path is not None:
         return load_onnx_model(onnx_path, config)
+    saved_path = find_saved_file(config, SAVED_SUFFIXES)
+    if saved_path is not None:
+        return load_whole_model(saved_path, config)
     path = find_module_file(config)
     module = _import_file(path, "harness_user_model")
     class_name = config.class_name or DEFAULT_CLASS

@@ -14,7 +14,7 @@ from harness.cli import main
 from harness.config import build_config
 from harness.errors import ModelError
 from harness.export_onnx import check_parity, export
-from harness.models import find_onnx_file, load_model
+from harness.models import find_saved_file, load_model
 from harness.onnx_model import CUDA_PROVIDER, OnnxModule, make_session
 from tests.conftest import REPO, SAMPLES, read_rows
 
@@ -68,7 +68,7 @@ def test_two_onnx_files_need_a_name_and_model_py_wins(tiny_onnx: Path) -> None:
     loaded = load_model(build_config({"model_dir": str(tiny_onnx), "module": "other.onnx"}, {}))
     assert isinstance(loaded.module, OnnxModule) and loaded.source.endswith("other.onnx")
     (tiny_onnx / "model.py").write_text("")
-    assert find_onnx_file(build_config({"model_dir": str(tiny_onnx)}, {})) is None
+    assert find_saved_file(build_config({"model_dir": str(tiny_onnx)}, {}), (".onnx",)) is None
 
 
 @pytest.mark.slow  # exports and runs the real EfficientNet-Lite0 twice: about 40 s on two CPU cores
