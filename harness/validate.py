@@ -12,6 +12,7 @@ import csv
 import math
 import posixpath
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,8 +26,8 @@ MAX_REPORTED = 50  # problems listed before the rest are only counted
 
 
 def scorer_key(key: str) -> str:
-    """The scorer keeps only the basename (`os.path.split(row[0])[1]`)."""
-    return posixpath.basename(key.replace("\\", "/"))
+    """The scorer keeps only the basename (`os.path.split(row[0])[1]` on Linux: '/' separates, '\\' does not)."""
+    return posixpath.basename(key)
 
 
 def _is_int(text: str) -> bool:
@@ -62,14 +63,14 @@ def _row_problems(row: list[str], line: int) -> list[str]:
 def validate_predictions(csv_path: Path, images_dir: Path | None = None) -> tuple[int, list[str]]:
     """(rows read, problems); no problems means the scorer will accept the file and score every image."""
     try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
+        with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as f:  # names may be any bytes
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise InputError(f"cannot read {csv_path}: {error}") from None
     problems: list[str] = []
     first_line: dict[str, int] = {}
     for line, row in enumerate(rows, start=1):
-        if not row or not row[0].strip():
+        if not row or not row[0]:
             problems.append(f"line {line}: empty row or empty key")
             continue
         problems += _row_problems(row, line)
@@ -86,12 +87,13 @@ def validate_predictions(csv_path: Path, images_dir: Path | None = None) -> tupl
 
 
 def _coverage_problems(first_line: dict[str, int], images_dir: Path) -> list[str]:
-    images = [scorer_key(image.key) for image in discover(images_dir)]
+    counts = Counter(scorer_key(image.key) for image in discover(images_dir))
     problems = [
         f"image {name} appears more than once in {images_dir}: the scorer matches by basename"
-        for name in sorted({n for n in images if images.count(n) > 1})
+        for name, count in sorted(counts.items())
+        if count > 1
     ]
-    expected = set(images)
+    expected = set(counts)
     problems += [f"missing image: {name} has no row" for name in sorted(expected - set(first_line))]
     problems += [
         f"line {line}: key {key} is not an image in {images_dir}"

@@ -1,4 +1,5 @@
-"""Property and fuzz tests: any file name survives the CSV; any bytes under an image name cost one row."""
+"""Property and fuzz tests: any file name survives the CSV and `harness validate`; any bytes under an image name
+cost one row."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.config import Preprocess
-from harness.images import ImageFile
+from harness.images import ImageFile, discover
 from harness.loader import DecodeLimits, ImageDataset
+from harness.validate import validate_predictions
 from harness.writer import AtomicCsvWriter
 from tests.conftest import SAMPLES, read_rows
 
@@ -33,6 +35,25 @@ def test_any_file_name_round_trips_through_the_csv(raw_names: list[bytes]) -> No
         rows = read_rows(output)
     assert [row[0] for row in rows] == keys
     assert all(row[1:] == ["1", "0.5", "-1", "0"] for row in rows)
+
+
+@given(st.sets(names.filter(lambda b: not b.startswith(b".")), min_size=1, max_size=6))
+@settings(max_examples=60, deadline=None)
+def test_any_file_name_passes_harness_validate_against_its_folder(raw_names: set[bytes]) -> None:
+    """Real files with those names, rows written as a run writes them: the scorer's checks find nothing wrong."""
+    with tempfile.TemporaryDirectory() as folder:
+        images = Path(folder) / "images"
+        images.mkdir()
+        for name in raw_names:
+            with open(os.path.join(os.fsencode(images), name + b".png"), "wb") as f:
+                f.write(b"")
+        output = Path(folder) / "p.csv"
+        with AtomicCsvWriter(output) as writer:
+            for image in discover(images):
+                writer.write([image.key, *["-1", "0"] * 5])
+            writer.commit()
+        rows, problems = validate_predictions(output, images)
+    assert (rows, problems) == (len(raw_names), [])
 
 
 SEEDS = [(SAMPLES / name).read_bytes() for name in ("coffee.png", "grace_hopper.jpg")]
