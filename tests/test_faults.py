@@ -142,46 +142,12 @@ def test_a_slow_image_times_out_alone(tmp_path: Path) -> None:
     assert len(read_rows(output)) == 19
 
 
-def test_a_killed_worker_is_an_error_naming_the_files(tmp_path: Path) -> None:
-    folder = _model_folder(tmp_path, "if image.size == (447, 296):\n    os.kill(os.getpid(), signal.SIGKILL)")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "entrypoint.py",
-            "sample-images",
-            str(tmp_path / "p.csv"),
-            "--model-dir",
-            str(folder),
-            "--workers",
-            "1",
-            "--batch_size",
-            "4",
-            "--progress",
-            "false",
-        ],
-        cwd=REPO,
-        env=env_without_build_args(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 8, result.stderr
-    assert "killed by signal" in result.stderr and "chelsea.png" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert (tmp_path / "p.csv.partial").exists()
-
-
-def test_a_hung_worker_is_an_error_not_a_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    body = """if image.size == (447, 296):
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # stuck where the per-image alarm cannot reach
-    time.sleep(60)"""
-    folder = _model_folder(tmp_path, body)
-    monkeypatch.setattr(harness.runner, "loader_timeout", lambda decode_timeout: 3.0)
-    argv = [
+def _worker_fault_argv(tmp_path: Path, model_folder: Path) -> list[str]:
+    return [
         str(SAMPLES),
         str(tmp_path / "p.csv"),
         "--model-dir",
-        str(folder),
+        str(model_folder),
         "--workers",
         "1",
         "--batch_size",
@@ -189,9 +155,37 @@ def test_a_hung_worker_is_an_error_not_a_hang(tmp_path: Path, monkeypatch: pytes
         "--progress",
         "false",
     ]
+
+
+def test_a_killed_worker_is_an_error_naming_the_files(tmp_path: Path) -> None:
+    folder = _model_folder(tmp_path, "if image.size == (447, 296):\n    os.kill(os.getpid(), signal.SIGKILL)")
+    result = subprocess.run(
+        [sys.executable, "entrypoint.py", *_worker_fault_argv(tmp_path, folder)],
+        cwd=REPO,
+        env=env_without_build_args(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 8, result.stderr
+    assert "killed by signal" in result.stderr and "while decoding: chelsea.png" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "p.csv.partial").exists()
+
+
+def test_a_hung_worker_is_an_error_not_a_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = """if image.size == (447, 296):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # stuck where the per-image alarm cannot reach
+    time.sleep(60)"""
+    folder = _model_folder(tmp_path, body)
+    monkeypatch.setattr(harness.runner, "loader_timeout", lambda decode_timeout: 3.0)
     started = time.monotonic()
-    assert main(argv) == 8
+    assert main(_worker_fault_argv(tmp_path, folder)) == 8
     assert time.monotonic() - started < 40
+    stderr = capsys.readouterr().err
+    assert "timed out" in stderr and "while decoding: chelsea.png" in stderr
 
 
 def test_out_of_memory_halves_the_batch_and_keeps_the_results() -> None:
