@@ -28,7 +28,7 @@ POSITIONALS = (  # the template's order
     ("checkpoint", "MODEL_CHECKPOINT", "state_dict file (path, or name in the model folder)"),
 )
 METAVARS = {"border": "N|auto", "mean": "M[,M,M]", "std": "S[,S,S]", "amp": "off|bf16|fp16", "label_map": "MAP"}
-BOOL_FIELDS = {"softmax", "channels_last", "progress", "exif_transpose"}
+BOOL_FIELDS = {"softmax", "channels_last", "progress", "exif_transpose", "keep_freed_memory"}
 
 
 def _epilog() -> str:

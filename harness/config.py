@@ -204,6 +204,12 @@ class Config:
         None, _max_failures, "unreadable images allowed before the run fails: a count or a fraction"
     )
     progress: bool = _setting(True, _bool, "show a progress bar on stderr")
+    threads: int | None = _setting(
+        None, _optional(_int(1)), "torch threads in the main process (default: torch's, one per core)"
+    )
+    keep_freed_memory: bool = _setting(
+        True, _bool, "keep freed memory in the heap (glibc mallopt): no page faults per batch"
+    )
     preprocess: Preprocess = field(default_factory=Preprocess)
 
     @property

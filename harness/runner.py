@@ -20,6 +20,7 @@ from harness.labels import LabelMap, make_label_map
 from harness.loader import ImageDataset, fit_to_shm, make_loader, shm_free_bytes
 from harness.models import load_custom_transform, load_model
 from harness.report import RunReport, progress_bar, say
+from harness.speed import tune_process
 from harness.transforms import DeviceNormalizer
 from harness.writer import AtomicCsvWriter, check_writable
 
@@ -70,6 +71,7 @@ def run(config: Config) -> RunReport:
             "any letter case)"
         )
     check_writable(config.output_file)
+    tuning = tune_process(config)
     clock = report.timed("discover_s", clock)
 
     loaded = load_model(config)
@@ -103,6 +105,7 @@ def run(config: Config) -> RunReport:
         "workers": workers,
         "prefetch_batches": prefetch if workers else 0,
         "batch_size_total": batch_size,
+        "tuning": tuning,
         "output": str(config.output_file),
     }
     say(
