@@ -17,6 +17,7 @@ from typing import Any
 
 from harness import __version__
 from harness.config import ENV_FIELDS, PREPROCESS_FIELDS, RUN_FIELDS, build_config
+from harness.distributed import run_sharded
 from harness.errors import EXIT_CODES, ConfigError, HarnessError
 from harness.runner import run
 from harness.writer import partial_path
@@ -106,7 +107,7 @@ def run_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     args = build_parser().parse_args(argv)
     config = build_config(_merge(vars(args)), environ)
     try:
-        report = run(config)
+        report = run_sharded(config) if config.world_size > 1 else run(config)
     except KeyboardInterrupt as stop:
         reason = "terminated" if isinstance(stop, _Terminated) else "interrupted"
         print(

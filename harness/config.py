@@ -29,6 +29,11 @@ ENV_FIELDS = {
     "WORKERS": "workers",
     "BATCH_SIZE": "batch_size",
     "GPUS": "gpus",
+    # set by torchrun for each process it starts (harness/distributed.py)
+    "WORLD_SIZE": "world_size",
+    "RANK": "rank",
+    "LOCAL_RANK": "local_rank",
+    "LOCAL_WORLD_SIZE": "local_world_size",
 }
 
 
@@ -210,6 +215,10 @@ class Config:
     keep_freed_memory: bool = _setting(
         True, _bool, "keep freed memory in the heap (glibc mallopt): no page faults per batch"
     )
+    world_size: int = _setting(1, _int(1), "processes sharing the images (set by torchrun)")
+    rank: int = _setting(0, _int(0), "this process's place among them (set by torchrun)")
+    local_rank: int = _setting(0, _int(0), "its place on this machine: the GPU it uses (set by torchrun)")
+    local_world_size: int = _setting(1, _int(1), "processes on this machine, sharing its cores (set by torchrun)")
     preprocess: Preprocess = field(default_factory=Preprocess)
 
     @property
@@ -315,5 +324,7 @@ def _check(config: Config) -> None:
         raise ConfigError("std must not contain 0")
     if config.device == "cpu" and config.gpus:
         raise ConfigError(f"--device cpu with --gpus {config.gpus}: choose one (use --gpus 0 or --device cuda)")
+    if config.rank >= config.world_size:
+        raise ConfigError(f"rank {config.rank} is not below world_size {config.world_size}")
     if config.amp == "fp16" and config.device == "cpu":
         raise ConfigError("fp16 AMP needs CUDA; on the CPU use --amp bf16 or leave AMP off")

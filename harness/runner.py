@@ -14,6 +14,7 @@ from torch import nn
 
 from harness.config import Config
 from harness.devices import DevicePlan, inference_context, plan_devices, prepare_model, usable_cpus
+from harness.distributed import shard
 from harness.errors import InputError, ModelError, TooManyFailuresError
 from harness.images import IMAGE_EXTENSIONS, discover
 from harness.labels import LabelMap, make_label_map
@@ -64,8 +65,8 @@ def failure_limit(max_failures: float | None, images: int) -> int | None:
 def run(config: Config) -> RunReport:
     report = RunReport(config=config.to_dict())
     start = clock = time.perf_counter()
-    files = discover(config.input_dir)
-    if not files:
+    files = shard(discover(config.input_dir), config.rank, config.world_size, config.batch_size)
+    if not files and config.world_size == 1:
         raise InputError(
             f"no images in {config.input_dir} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
             "any letter case)"
