@@ -29,7 +29,7 @@ POSITIONALS = (  # the template's order
     ("checkpoint", "MODEL_CHECKPOINT", "state_dict file (path, or name in the model folder)"),
 )
 METAVARS = {"border": "N|auto", "mean": "M[,M,M]", "std": "S[,S,S]", "amp": "off|bf16|fp16", "label_map": "MAP"}
-BOOL_FIELDS = {"softmax", "channels_last", "progress", "exif_transpose", "keep_freed_memory"}
+BOOL_FIELDS = {"softmax", "channels_last", "progress", "exif_transpose", "keep_freed_memory", "jpeg_draft"}
 
 
 def _epilog() -> str:

@@ -174,6 +174,9 @@ class Preprocess:
         IMAGENET_STD, _triple, "per-channel std, in the units of value_scale (none: no normalisation)"
     )
     exif_transpose: bool = _setting(True, _bool, "rotate images as their EXIF orientation tag says")
+    jpeg_draft: bool = _setting(
+        False, _bool, "decode JPEGs at least twice the resize size at 1/2..1/8 scale (faster; see README Speed)"
+    )
 
     @property
     def resize_to(self) -> int:

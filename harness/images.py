@@ -75,12 +75,22 @@ def load_rgb(path: str, exif_transpose: bool = True) -> Image.Image:
     Transparent pixels are composited onto white, as an image viewer shows them; 16-bit images are scaled to
     8 bits rather than clipped; animated and multi-page files give their first frame.
     """
+    return decode(path, exif_transpose)[0]
+
+
+def decode(path: str, exif_transpose: bool = True, draft_to: int | None = None) -> tuple[Image.Image, float]:
+    """`load_rgb`, and the scale it decoded at: with `draft_to`, a JPEG whose sides both reach twice that decodes
+    at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's draft mode), its sides still >= `draft_to`."""
     with Image.open(path) as opened:
+        full_width = opened.width
+        if draft_to is not None and opened.format == "JPEG" and min(opened.size) >= 2 * draft_to:
+            opened.draft("RGB", (draft_to, draft_to))
+        scale = opened.width / full_width
         opened.load()
         image = ImageOps.exif_transpose(opened) if exif_transpose else opened
         rgb = to_rgb(image)
         # Leaving the `with` closes `opened`, which would invalidate it if it were also the result.
-        return rgb.copy() if rgb is opened else rgb
+        return (rgb.copy() if rgb is opened else rgb), scale
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -6,6 +6,7 @@ runner writes a failure row for it.
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from harness.config import Preprocess
-from harness.images import ImageFile, load_rgb, strip_border
+from harness.images import ImageFile, decode, strip_border
 from harness.transforms import geometry
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -39,6 +40,8 @@ class ImageDataset(Dataset):
         self.files = files
         self.pre = pre
         self.custom = custom
+        # Drafting needs to know the size the image is cut to, which a model folder's own transform hides.
+        self._draft_to = pre.resize_to if pre.jpeg_draft and custom is None else None
         self.blank = torch.zeros_like(self._transform(Image.new("RGB", (pre.resize_to, pre.resize_to))))
 
     def _transform(self, image: Image.Image) -> torch.Tensor:
@@ -52,7 +55,11 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
         image_file = self.files[index]
         try:
-            image = strip_border(load_rgb(image_file.path, self.pre.exif_transpose), self.pre.border)
+            image, scale = decode(image_file.path, self.pre.exif_transpose, self._draft_to)
+            border = self.pre.border
+            if isinstance(border, int) and scale != 1:  # the frame shrank with the image; take all it touches
+                border = math.ceil(border * scale)
+            image = strip_border(image, border)
             return index, self._transform(image), ""
         except Exception as error:  # one bad file must cost one row, never the run
             return index, self.blank, describe_failure(error)

@@ -284,6 +284,7 @@ def main() -> None:
     import torch
 
     harness_args = ["--device", args.device, *args.harness_args]
+    load_before = os.getloadavg()[0]
     data = make_dataset(args.cache, args.images, args.png_share, args.seed)
     with tempfile.TemporaryDirectory(prefix="harness-bench-") as scratch:
         model_dir = model_folder(args.model, Path(scratch))
@@ -311,6 +312,7 @@ def main() -> None:
         "efficiency": round(end_ips / limit, 3),
         "peak_rss_mb": round(peak_mb, 1),
         "peak_rss_main_mb": round(main_mb, 1),
+        "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # other work on the machine skews it
     }
     text = json.dumps(result)
     print(text)
