@@ -188,19 +188,21 @@ def _tree_rss_bytes(root: int) -> int:
     return total
 
 
-def end_to_end(model_dir: Path, data: Path, out: Path, harness_args: list[str]) -> tuple[float, float, float]:
-    """(seconds, peak tree RSS in MB, main process max RSS in MB) for one whole run."""
+def end_to_end(
+    model_dir: Path, data: Path, out: Path, harness_args: list[str]
+) -> tuple[float, float, float, list[float]]:
+    """(seconds, peak tree RSS, main process max RSS, tree RSS peaks in the first and second half) in MB for one
+    whole run: a second half above the first means memory grows with the images."""
     command = [sys.executable, str(REPO / "entrypoint.py"), str(data), str(out), "--model-dir", str(model_dir)]
     command += ["--progress", "false", *harness_args]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL)
-    peak = 0
+    samples: list[tuple[float, int]] = []
     finished = threading.Event()
 
     def watch() -> None:
-        nonlocal peak
         while not finished.is_set():
-            peak = max(peak, _tree_rss_bytes(process.pid))
+            samples.append((time.perf_counter(), _tree_rss_bytes(process.pid)))
             finished.wait(0.1)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -212,7 +214,9 @@ def end_to_end(model_dir: Path, data: Path, out: Path, harness_args: list[str]) 
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"bench: the run failed with exit code {process.returncode}: {' '.join(command)}")
-    return seconds, peak / 2**20, usage.ru_maxrss / 1024
+    middle = start + seconds / 2
+    halves = [max((rss for t, rss in samples if (t < middle) == first), default=0) / 2**20 for first in (True, False)]
+    return seconds, max(halves), usage.ru_maxrss / 1024, halves
 
 
 def child(phase: str, model_dir: Path, data: Path, harness_args: list[str], seconds: float) -> float:
@@ -290,7 +294,9 @@ def main() -> None:
         model_dir = model_folder(args.model, Path(scratch))
         model_ips = child("model", model_dir, data, harness_args, args.seconds)
         decode_ips = child("decode", model_dir, data, harness_args, args.seconds)
-        seconds, peak_mb, main_mb = end_to_end(model_dir, data, Path(scratch) / "out" / "predictions.csv", harness_args)
+        seconds, peak_mb, main_mb, halves = end_to_end(
+            model_dir, data, Path(scratch) / "out" / "predictions.csv", harness_args
+        )
         device = json.loads((Path(scratch) / "out" / "run.json").read_text())["devices"]["device"]
     end_ips = args.images / seconds
     gpu = device.startswith("cuda")
@@ -312,6 +318,7 @@ def main() -> None:
         "efficiency": round(end_ips / limit, 3),
         "peak_rss_mb": round(peak_mb, 1),
         "peak_rss_main_mb": round(main_mb, 1),
+        "peak_rss_halves_mb": [round(mb, 1) for mb in halves],
         "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # other work on the machine skews it
     }
     text = json.dumps(result)
