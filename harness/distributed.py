@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from harness.config import Config
 from harness.devices import usable_cpus
-from harness.errors import HarnessError, TooManyFailuresError
+from harness.errors import HarnessError, InputError, TooManyFailuresError
 from harness.images import discover
 from harness.report import RunReport
 from harness.writer import AtomicCsvWriter
@@ -94,6 +94,8 @@ def merge(config: Config, report: RunReport, outcomes: list[dict]) -> RunReport:
     exactly once and in input order."""
     folder = parts_folder(config)
     expected = [image.key for image in discover(config.input_dir)]
+    if not expected:
+        raise InputError(f"no images in {config.input_dir}")
     keys: list[str] = []
     with AtomicCsvWriter(config.output_file) as predictions, AtomicCsvWriter(config.errors_csv) as errors:
         for rank in range(config.world_size):
