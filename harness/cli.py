@@ -17,6 +17,7 @@ from typing import Any
 
 from harness import __version__
 from harness.config import ENV_FIELDS, PREPROCESS_FIELDS, RUN_FIELDS, build_config
+from harness.distributed import run_sharded
 from harness.ensemble import ensemble_command
 from harness.errors import EXIT_CODES, ConfigError, HarnessError
 from harness.export_onnx import export_onnx_command
@@ -35,7 +36,16 @@ POSITIONALS = (  # the template's order
 )
 METAVARS = {"border": "N|auto", "mean": "M[,M,M]", "std": "S[,S,S]", "amp": "off|bf16|fp16", "label_map": "MAP"}
 TOOLS = ("validate", "score", "check-model", "export-onnx", "ensemble")
-BOOL_FIELDS = {"softmax", "channels_last", "progress", "exif_transpose", "resume", "trust_pickle"}
+BOOL_FIELDS = {
+    "softmax",
+    "channels_last",
+    "progress",
+    "exif_transpose",
+    "resume",
+    "trust_pickle",
+    "keep_freed_memory",
+    "jpeg_draft",
+}
 
 
 def _epilog() -> str:
@@ -114,7 +124,7 @@ def run_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     args = build_parser().parse_args(argv)
     config = build_config(open_submission(_merge(vars(args))), environ)
     try:
-        report = run(config)
+        report = run_sharded(config) if config.world_size > 1 else run(config)
     except KeyboardInterrupt as stop:
         reason = "terminated" if isinstance(stop, _Terminated) else "interrupted"
         print(

@@ -29,6 +29,11 @@ ENV_FIELDS = {
     "WORKERS": "workers",
     "BATCH_SIZE": "batch_size",
     "GPUS": "gpus",
+    # set by torchrun for each process it starts (harness/distributed.py)
+    "WORLD_SIZE": "world_size",
+    "RANK": "rank",
+    "LOCAL_RANK": "local_rank",
+    "LOCAL_WORLD_SIZE": "local_world_size",
 }
 
 
@@ -169,6 +174,9 @@ class Preprocess:
         IMAGENET_STD, _triple, "per-channel std, in the units of value_scale (none: no normalisation)"
     )
     exif_transpose: bool = _setting(True, _bool, "rotate images as their EXIF orientation tag says")
+    jpeg_draft: bool = _setting(
+        False, _bool, "decode JPEGs at least twice the resize size at 1/2..1/8 scale (faster; see README Speed)"
+    )
 
     @property
     def resize_to(self) -> int:
@@ -218,6 +226,16 @@ class Config:
     save_probs: Path | None = _setting(
         None, _optional(_path), "also save every image's full probability vector to this .npz (harness ensemble)"
     )
+    threads: int | None = _setting(
+        None, _optional(_int(1)), "torch threads in the main process (default: torch's, one per core)"
+    )
+    keep_freed_memory: bool = _setting(
+        True, _bool, "keep freed memory in the heap (glibc mallopt): no page faults per batch"
+    )
+    world_size: int = _setting(1, _int(1), "processes sharing the images (set by torchrun)")
+    rank: int = _setting(0, _int(0), "this process's place among them (set by torchrun)")
+    local_rank: int = _setting(0, _int(0), "its place on this machine: the GPU it uses (set by torchrun)")
+    local_world_size: int = _setting(1, _int(1), "processes on this machine, sharing its cores (set by torchrun)")
     preprocess: Preprocess = field(default_factory=Preprocess)
 
     @property
@@ -325,5 +343,7 @@ def _check(config: Config) -> None:
         raise ConfigError(f"--device cpu with --gpus {config.gpus}: choose one (use --gpus 0 or --device cuda)")
     if config.resume and config.save_probs:
         raise ConfigError("--save-probs cannot be resumed: the probabilities of the rows done before were not kept")
+    if config.rank >= config.world_size:
+        raise ConfigError(f"rank {config.rank} is not below world_size {config.world_size}")
     if config.amp == "fp16" and config.device == "cpu":
         raise ConfigError("fp16 AMP needs CUDA; on the CPU use --amp bf16 or leave AMP off")

@@ -54,6 +54,10 @@ def plan_devices(config: Config) -> DevicePlan:
         return DevicePlan(torch.device("cpu"), [], config.amp, config.channels_last)
     if available == 0:
         raise DeviceError("--device cuda asked for, but no CUDA GPU is visible: use --device auto or cpu")
+    if config.world_size > 1:  # torchrun: one process per GPU
+        return DevicePlan(
+            torch.device("cuda", config.local_rank), [config.local_rank], config.amp, config.channels_last
+        )
     count = available if config.gpus is None else config.gpus
     if count == 0:
         raise DeviceError("--device cuda with --gpus 0: ask for at least one GPU, or use --device cpu")

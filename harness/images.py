@@ -83,14 +83,27 @@ def load_rgb(path: str, exif_transpose: bool = True, max_pixels: int | None = No
     Transparent pixels are composited onto white, as an image viewer shows them; 16-bit images are scaled to
     8 bits rather than clipped; animated and multi-page files give their first frame.
     """
+    return decode(path, exif_transpose, max_pixels=max_pixels)[0]
+
+
+def decode(
+    path: str, exif_transpose: bool = True, draft_to: int | None = None, max_pixels: int | None = None
+) -> tuple[Image.Image, float]:
+    """`load_rgb`, and the scale it decoded at: with `draft_to`, a JPEG whose sides both reach twice that decodes
+    at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's draft mode), its sides still >= `draft_to`.
+    `max_pixels` is checked on the file's own size, before any drafting or decoding."""
     with Image.open(path) as opened:
         if max_pixels is not None and opened.width * opened.height > max_pixels:
             raise ImageTooLarge(f"{opened.width}x{opened.height} pixels is more than max_pixels ({max_pixels})")
+        full_width = opened.width
+        if draft_to is not None and opened.format == "JPEG" and min(opened.size) >= 2 * draft_to:
+            opened.draft("RGB", (draft_to, draft_to))
+        scale = opened.width / full_width
         opened.load()
         image = ImageOps.exif_transpose(opened) if exif_transpose else opened
         rgb = to_rgb(image)
         # Leaving the `with` closes `opened`, which would invalidate it if it were also the result.
-        return rgb.copy() if rgb is opened else rgb
+        return (rgb.copy() if rgb is opened else rgb), scale
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -7,6 +7,7 @@ runner writes a failure row for it.
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import signal
 import threading
@@ -19,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from harness.config import Preprocess
-from harness.images import ImageFile, load_rgb, strip_border
+from harness.images import ImageFile, decode, strip_border
 from harness.transforms import geometry
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -78,6 +79,8 @@ class ImageDataset(Dataset):
         self.pre = pre
         self.custom = custom
         self.limits = limits
+        # Drafting needs to know the size the image is cut to, which a model folder's own transform hides.
+        self._draft_to = pre.resize_to if pre.jpeg_draft and custom is None else None
         self.blank = torch.zeros_like(self._transform(Image.new("RGB", (pre.resize_to, pre.resize_to))))
         self.in_hand: torch.Tensor | None = None
 
@@ -107,8 +110,11 @@ class ImageDataset(Dataset):
             self.in_hand[slot] = index
         try:
             with time_limit(self.limits.timeout):
-                image = load_rgb(image_file.path, self.pre.exif_transpose, self.limits.max_pixels)
-                sample = index, self._transform(strip_border(image, self.pre.border)), ""
+                image, scale = decode(image_file.path, self.pre.exif_transpose, self._draft_to, self.limits.max_pixels)
+                border = self.pre.border
+                if isinstance(border, int) and scale != 1:  # the frame shrank with the image; take all it touches
+                    border = math.ceil(border * scale)
+                sample = index, self._transform(strip_border(image, border)), ""
         except Exception as error:  # one bad file must cost one row, never the run
             sample = index, self.blank, describe_failure(error)
         if self.in_hand is not None:

@@ -17,6 +17,7 @@ from torch.utils.data import Subset
 
 from harness.config import Config
 from harness.devices import DevicePlan, inference_context, plan_devices, prepare_model, usable_cpus
+from harness.distributed import shard
 from harness.errors import InputError, ModelError, PipelineError, TooManyFailuresError
 from harness.images import IMAGE_EXTENSIONS, ImageFile, discover
 from harness.labels import LabelMap, make_label_map
@@ -25,6 +26,7 @@ from harness.models import load_custom_transform, load_model
 from harness.probs import ProbabilityRecorder
 from harness.report import RunReport, progress_bar, say
 from harness.resume import resume_point
+from harness.speed import tune_process
 from harness.transforms import DeviceNormalizer
 from harness.writer import AtomicCsvWriter, check_writable, partial_path
 
@@ -102,13 +104,14 @@ class Forward:
 def run(config: Config) -> RunReport:
     report = RunReport(config=config.to_dict())
     start = clock = time.perf_counter()
-    files = discover(config.input_dir)
-    if not files:
+    files = shard(discover(config.input_dir), config.rank, config.world_size, config.batch_size)
+    if not files and config.world_size == 1:
         raise InputError(
             f"no images in {config.input_dir} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
             "any letter case)"
         )
     check_writable(config.output_file)
+    tuning = tune_process(config)
     clock = report.timed("discover_s", clock)
 
     loaded = load_model(config)
@@ -154,6 +157,7 @@ def run(config: Config) -> RunReport:
         "prefetch_batches": prefetch if workers else 0,
         "batch_size_total": batch_size,
         "resumed_rows": done,
+        "tuning": tuning,
         "output": str(config.output_file),
     }
     say(

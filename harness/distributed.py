@@ -1,0 +1,130 @@
+"""One process per GPU (or per node) under torchrun: each rank classifies a contiguous slice of the sorted file
+list into its own part files, then rank 0 merges the parts in rank order and checks one row per image.
+
+    torchrun --nproc_per_node=N entrypoint.py IN OUT ...                 # one machine
+    torchrun --nnodes=M --nproc_per_node=N --rdzv-backend=c10d \\
+        --rdzv-endpoint=HOST:29500 --rdzv-id=RUN entrypoint.py IN OUT ...  # M machines, same IN and OUT folder
+
+Slices are whole batches, never overlap and are not padded (DistributedSampler would repeat images to even them
+out). The ranks only exchange small status objects over gloo, so this works on CPUs and GPUs alike; across
+machines the output folder must be shared (the part files meet there).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import shutil
+from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
+
+import torch.distributed as dist
+
+from harness.config import Config
+from harness.devices import usable_cpus
+from harness.errors import HarnessError, InputError, TooManyFailuresError
+from harness.images import discover
+from harness.report import RunReport
+from harness.writer import AtomicCsvWriter
+
+T = TypeVar("T")
+
+
+def shard(items: list[T], rank: int, world_size: int, unit: int = 1) -> list[T]:
+    """Rank `rank`'s contiguous slice; the slices of all ranks partition `items` in order.
+
+    Slices hold whole batches of `unit` items, so every batch is the one a single process would have run: a
+    model's numbers can depend on what else is in its batch, and the merged CSV must match a single run's.
+    """
+    units = -(-len(items) // unit)
+    return items[units * rank // world_size * unit : units * (rank + 1) // world_size * unit]
+
+
+def parts_folder(config: Config) -> Path:
+    return config.output_file.with_name(f".{config.output_file.name}.parts")
+
+
+def part_config(config: Config) -> Config:
+    """This rank's run: its own output folder, its share of the cores for decoding, and no failure limit (rank 0
+    applies the run's limit to the merged total). Torch threads are left to torchrun (OMP_NUM_THREADS=1 per
+    process unless set) or --threads: on the CPU the thread count changes the last digit of some scores, so the
+    merged CSV equals a single run's with the same --threads."""
+    cores = max(1, usable_cpus() // config.local_world_size)
+    return dataclasses.replace(
+        config,
+        output_file=parts_folder(config) / f"rank{config.rank}" / config.output_file.name,
+        workers=cores if config.workers is None else config.workers,
+        max_failures=None,
+        progress=config.progress and config.rank == 0,
+    )
+
+
+def run_sharded(config: Config) -> RunReport:
+    from harness.runner import run  # here, not at the top: the runner imports `shard` from this module
+
+    dist.init_process_group("gloo", timeout=timedelta(hours=6))
+    try:
+        part = part_config(config)
+        try:
+            report, error = run(part), None
+        except HarnessError as failure:
+            report, error = None, failure
+        outcome = {"rank": config.rank, "error": str(error) if error else None}
+        if report is not None:
+            outcome.update(images=report.images, failures=report.failures)
+        outcomes: list[dict] = [{} for _ in range(config.world_size)]
+        dist.all_gather_object(outcomes, outcome)
+        if error is not None:
+            raise error
+        failed = [o for o in outcomes if o["error"]]
+        if failed:
+            raise HarnessError(f"rank {failed[0]['rank']} failed: {failed[0]['error']}")
+        assert report is not None
+        if config.rank == 0:
+            report = merge(config, report, outcomes)
+        dist.barrier()
+        return report
+    finally:
+        dist.destroy_process_group()
+
+
+def merge(config: Config, report: RunReport, outcomes: list[dict]) -> RunReport:
+    """Concatenate the part files in rank order into the real outputs, after checking that every image came out
+    exactly once and in input order."""
+    folder = parts_folder(config)
+    expected = [image.key for image in discover(config.input_dir)]
+    if not expected:
+        raise InputError(f"no images in {config.input_dir}")
+    keys: list[str] = []
+    with AtomicCsvWriter(config.output_file) as predictions, AtomicCsvWriter(config.errors_csv) as errors:
+        for rank in range(config.world_size):
+            part = folder / f"rank{rank}"
+            for name, writer in ((config.output_file.name, predictions), (config.errors_csv.name, errors)):
+                with open(part / name, newline="", encoding="utf-8", errors="surrogateescape") as f:
+                    for row in csv.reader(f):
+                        writer.write(row)
+                        if writer is predictions:
+                            keys.append(row[0])
+        if keys != expected:
+            raise HarnessError(
+                f"the ranks wrote {len(keys)} rows for {len(expected)} images, not exactly one per image in order; "
+                f"the parts are kept in {folder}"
+            )
+        predictions.commit()
+        errors.commit()
+    shutil.rmtree(folder, ignore_errors=True)
+    report.images = sum(o["images"] for o in outcomes)
+    report.failures = sum(o["failures"] for o in outcomes)
+    report.details["world_size"] = config.world_size
+    report.details["output"] = str(config.output_file)
+    from harness.runner import failure_limit
+
+    limit = failure_limit(config.max_failures, len(expected))
+    report.status = "too many failures" if limit is not None and report.failures > limit else "complete"
+    report.write(config.run_json)
+    if report.status != "complete":
+        raise TooManyFailuresError(
+            f"{report.failures} of {len(expected)} images failed, more than --max-failures allows ({limit})"
+        )
+    return report

@@ -1,0 +1,333 @@
+"""Throughput benchmark (not a test): how close a whole run comes to what the model and the decoder allow.
+
+    python scripts/bench.py --model efficientnet_lite0 --images 512 [--markdown] [--json FILE] [-- HARNESS OPTIONS]
+
+It makes a seeded ObjectNet-like data set from the photos in sample-images/ (PNG and JPEG mixed, long side
+480..1280 px, a 2 px red frame), then measures, each in its own process with the same environment (malloc
+settings only take effect when a process starts):
+
+- model_only_ips: normalise + forward on ready device tensors at the run's batch size and precision;
+- decode_only_ips: the harness's decode + frame strip + resize/crop in its DataLoader, every usable core, no model;
+- end_to_end_ips: `python entrypoint.py DIR OUT ...`, process start to CSV written;
+- limit_ips: min(model, decode) on a GPU; on the CPU both share the cores, so 1 / (1/model + 1/decode);
+- efficiency: end_to_end / limit; peak_rss_mb: the run's whole process tree (main + workers), polled from /proc.
+
+Options after `--` go to the harness in every phase (e.g. `-- --batch-size 32 --workers 1`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "sample-images"
+MODELS = ("efficientnet_lite0", "resnet50")
+FRAME_PX = 2
+FRAME_RGB = (255, 0, 0)
+
+RESNET50_PY = '''"""ResNet-50 from torchvision with seeded random weights: a benchmark stand-in for a heavier model."""
+
+import torch
+from torchvision.models import resnet50
+
+
+class ResNet50(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = resnet50(weights=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+'''
+RESNET50_YAML = """class_name: ResNet50
+preprocess:
+  border: 2
+  input_size: 224
+  resize_size: 256
+  interpolation: bilinear
+"""
+
+
+# ---- data set ----
+
+
+def make_dataset(folder: Path, count: int, png_share: float, seed: int) -> Path:
+    """`count` framed images from the sample photos, sizes and formats drawn from `seed`; reused when present."""
+    from PIL import Image
+
+    target = folder / f"objectnet-like-n{count}-png{png_share:g}-s{seed}"
+    if (target / ".complete").exists():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    sources = [Image.open(p).convert("RGB") for p in sorted(SAMPLES.iterdir()) if p.suffix in (".png", ".jpg")]
+    sources = [s for s in sources if min(s.size) >= 256]  # skip icons
+    rng = random.Random(seed)
+    for i in range(count):
+        source = rng.choice(sources)
+        long_side = rng.randint(480, 1280)
+        scale = long_side / max(source.size)
+        size = (max(1, round(source.width * scale)), max(1, round(source.height * scale)))
+        image = source.resize(size, Image.Resampling.BILINEAR)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        framed = Image.new("RGB", (size[0] + 2 * FRAME_PX, size[1] + 2 * FRAME_PX), FRAME_RGB)
+        framed.paste(image, (FRAME_PX, FRAME_PX))
+        if rng.random() < png_share:
+            framed.save(target / f"{i:06d}.png", compress_level=6)
+        else:
+            framed.save(target / f"{i:06d}.jpg", quality=rng.randint(75, 95))
+    (target / ".complete").write_text("")
+    return target
+
+
+def model_folder(name: str, scratch: Path) -> Path:
+    if name == "efficientnet_lite0":
+        return REPO / "model"
+    folder = scratch / "model-resnet50"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.py").write_text(RESNET50_PY)
+    (folder / "config.yaml").write_text(RESNET50_YAML)
+    return folder
+
+
+# ---- phases, each run in a child process ----
+
+
+def _config(model_dir: str, data: str, harness_args: list[str]):
+    from harness.cli import build_parser
+    from harness.config import build_config
+
+    given = vars(build_parser().parse_args(harness_args))
+    cli = {k: v for k, v in given.items() if v is not None and not k.startswith("positional_")}
+    return build_config({**cli, "model_dir": model_dir, "input_dir": data}, os.environ)
+
+
+def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: float) -> float:
+    import torch
+
+    from harness.devices import inference_context, plan_devices, prepare_model
+    from harness.models import load_model
+    from harness.speed import tune_process
+    from harness.transforms import DeviceNormalizer
+
+    config = _config(model_dir, data, harness_args)
+    plan = plan_devices(config)
+    tune_process(config)
+    model = prepare_model(load_model(config).module, plan)
+    normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
+    size = config.preprocess.input_size
+    batch_size = config.batch_size * max(1, len(plan.gpu_ids))
+    images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8).to(plan.device)
+
+    def step() -> None:
+        with inference_context(plan):
+            model(normalize(images)).float().softmax(1)
+        if plan.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        step()
+    done, start = 0, time.perf_counter()
+    while done < 3 or time.perf_counter() - start < seconds:
+        step()
+        done += 1
+    return done * batch_size / (time.perf_counter() - start)
+
+
+def phase_decode(model_dir: str, data: str, harness_args: list[str]) -> float:
+    from harness.devices import usable_cpus
+    from harness.images import discover
+    from harness.loader import ImageDataset, make_loader
+    from harness.speed import tune_process
+
+    config = _config(model_dir, data, harness_args)
+    tune_process(config)
+    files = discover(config.input_dir)
+    workers = usable_cpus()
+    loader = make_loader(ImageDataset(files, config.preprocess), config.batch_size, workers, 4, pin_memory=False)
+    start, done = time.perf_counter(), 0
+    for batch in loader:
+        done += len(batch.indices)
+    return done / (time.perf_counter() - start)
+
+
+# ---- the parent: runs each phase as a child and watches the end-to-end run's memory ----
+
+
+def _tree_rss_bytes(root: int) -> int:
+    """Resident bytes of `root` and all its descendants (the DataLoader workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            parent, pages = int(fields[1]), int(fields[21])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+        rss[int(entry)] = pages * os.sysconf("SC_PAGE_SIZE")
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def end_to_end(
+    model_dir: Path, data: Path, out: Path, harness_args: list[str]
+) -> tuple[float, float, float, list[float]]:
+    """(seconds, peak tree RSS, main process max RSS, tree RSS peaks in the first and second half) in MB for one
+    whole run: a second half above the first means memory grows with the images."""
+    command = [sys.executable, str(REPO / "entrypoint.py"), str(data), str(out), "--model-dir", str(model_dir)]
+    command += ["--progress", "false", *harness_args]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL)
+    samples: list[tuple[float, int]] = []
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.is_set():
+            samples.append((time.perf_counter(), _tree_rss_bytes(process.pid)))
+            finished.wait(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    finished.set()
+    watcher.join()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"bench: the run failed with exit code {process.returncode}: {' '.join(command)}")
+    middle = start + seconds / 2
+    halves = [max((rss for t, rss in samples if (t < middle) == first), default=0) / 2**20 for first in (True, False)]
+    return seconds, max(halves), usage.ru_maxrss / 1024, halves
+
+
+def child(phase: str, model_dir: Path, data: Path, harness_args: list[str], seconds: float) -> float:
+    command = [sys.executable, __file__, "--phase", phase, "--model-dir", str(model_dir), "--data", str(data)]
+    command += ["--seconds", str(seconds), "--", *harness_args]
+    result = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    from harness.devices import usable_cpus
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {usable_cpus()} usable cores, {memory:.0f} GiB"
+
+
+def markdown_row(result: dict) -> str:
+    path = REPO / "docs" / "benchmarks.md"
+    header = (
+        "# Benchmarks\n\nRows appended by `python scripts/bench.py --markdown`; images/s, RSS of the whole process "
+        "tree.\n\n| date | machine | device | torch | model | images | settings | model_only | decode_only | "
+        "limit | end_to_end | efficiency | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    row = (
+        f"| {time.strftime('%Y-%m-%d')} | {result['machine']} | {result['device']} | {result['torch']} | "
+        f"{result['model']} | {result['images']} | {result['settings'] or 'defaults'} | "
+        f"{result['model_only_ips']:.1f} | {result['decode_only_ips']:.1f} | {result['limit_ips']:.1f} | "
+        f"{result['end_to_end_ips']:.1f} | {result['efficiency']:.2f} | {result['peak_rss_mb']:.0f} |\n"
+    )
+    path.parent.mkdir(exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        if f.tell() == 0:
+            f.write(header)
+        f.write(row)
+    return row
+
+
+def main() -> None:
+    sys.path.insert(0, str(REPO))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="efficientnet_lite0")
+    parser.add_argument("--device", default="auto", help="the harness's --device")
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--png-share", type=float, default=0.5, help="fraction of the images saved as PNG")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "harness-bench")
+    parser.add_argument("--seconds", type=float, default=15.0, help="how long to time model_only")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--markdown", action="store_true", help="append a row to docs/benchmarks.md")
+    parser.add_argument("--phase", choices=("model", "decode"), help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("harness_args", nargs="*", help="options passed to the harness (after --)")
+    args = parser.parse_args()
+    if args.phase:
+        if args.phase == "model":
+            value = phase_model(args.model_dir, args.data, args.harness_args, args.seconds)
+        else:
+            value = phase_decode(args.model_dir, args.data, args.harness_args)
+        print(value)
+        return
+
+    import torch
+
+    harness_args = ["--device", args.device, *args.harness_args]
+    load_before = os.getloadavg()[0]
+    data = make_dataset(args.cache, args.images, args.png_share, args.seed)
+    with tempfile.TemporaryDirectory(prefix="harness-bench-") as scratch:
+        model_dir = model_folder(args.model, Path(scratch))
+        model_ips = child("model", model_dir, data, harness_args, args.seconds)
+        decode_ips = child("decode", model_dir, data, harness_args, args.seconds)
+        seconds, peak_mb, main_mb, halves = end_to_end(
+            model_dir, data, Path(scratch) / "out" / "predictions.csv", harness_args
+        )
+        device = json.loads((Path(scratch) / "out" / "run.json").read_text())["devices"]["device"]
+    end_ips = args.images / seconds
+    gpu = device.startswith("cuda")
+    limit = min(model_ips, decode_ips) if gpu else 1 / (1 / model_ips + 1 / decode_ips)
+    malloc_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+    result = {
+        "model": args.model,
+        "images": args.images,
+        "png_share": args.png_share,
+        "device": device,
+        "machine": machine(),
+        "torch": torch.__version__,
+        "settings": " ".join([*args.harness_args, *(f"{k}={v}" for k, v in malloc_env.items())]),
+        "model_only_ips": round(model_ips, 2),
+        "decode_only_ips": round(decode_ips, 2),
+        "end_to_end_ips": round(end_ips, 2),
+        "end_to_end_s": round(seconds, 2),
+        "limit_ips": round(limit, 2),
+        "efficiency": round(end_ips / limit, 3),
+        "peak_rss_mb": round(peak_mb, 1),
+        "peak_rss_main_mb": round(main_mb, 1),
+        "peak_rss_halves_mb": [round(mb, 1) for mb in halves],
+        "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # other work on the machine skews it
+    }
+    text = json.dumps(result)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    if args.markdown:
+        markdown_row(result)
+
+
+if __name__ == "__main__":
+    main()
