@@ -17,7 +17,6 @@ import dataclasses
 import shutil
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
 
 import torch.distributed as dist
 
@@ -26,19 +25,8 @@ from harness.devices import usable_cpus
 from harness.errors import HarnessError, InputError, TooManyFailuresError
 from harness.images import discover
 from harness.report import RunReport
+from harness.runner import failure_limit, run
 from harness.writer import AtomicCsvWriter
-
-T = TypeVar("T")
-
-
-def shard(items: list[T], rank: int, world_size: int, unit: int = 1) -> list[T]:
-    """Rank `rank`'s contiguous slice; the slices of all ranks partition `items` in order.
-
-    Slices hold whole batches of `unit` items, so every batch is the one a single process would have run: a
-    model's numbers can depend on what else is in its batch, and the merged CSV must match a single run's.
-    """
-    units = -(-len(items) // unit)
-    return items[units * rank // world_size * unit : units * (rank + 1) // world_size * unit]
 
 
 def parts_folder(config: Config) -> Path:
@@ -61,8 +49,6 @@ def part_config(config: Config) -> Config:
 
 
 def run_sharded(config: Config) -> RunReport:
-    from harness.runner import run  # here, not at the top: the runner imports `shard` from this module
-
     dist.init_process_group("gloo", timeout=timedelta(hours=6))
     try:
         part = part_config(config)
@@ -118,8 +104,6 @@ def merge(config: Config, report: RunReport, outcomes: list[dict]) -> RunReport:
     report.failures = sum(o["failures"] for o in outcomes)
     report.details["world_size"] = config.world_size
     report.details["output"] = str(config.output_file)
-    from harness.runner import failure_limit
-
     limit = failure_limit(config.max_failures, len(expected))
     report.status = "too many failures" if limit is not None and report.failures > limit else "complete"
     report.write(config.run_json)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -18,6 +19,7 @@ from harness.errors import InputError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 AUTO_BORDER_MAX = 8  # widest frame `auto` will strip, in pixels
 AUTO_BORDER_TOLERANCE = 40  # per-channel distance from the frame colour still counted as frame (JPEG smear)
+T = TypeVar("T")
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 # The harness enforces its own, configurable pixel cap in `load_rgb` (from the header, before any pixel is
@@ -163,3 +165,13 @@ def detect_border(image: Image.Image, limit: int = AUTO_BORDER_MAX, tolerance: i
         if np.abs(ring - colour).max() > tolerance:
             return k
     return limit
+
+
+def shard(items: list[T], rank: int, world_size: int, unit: int = 1) -> list[T]:
+    """Rank `rank`'s contiguous slice; the slices of all ranks partition `items` in order.
+
+    Slices hold whole batches of `unit` items, so every batch is the one a single process would have run: a
+    model's numbers can depend on what else is in its batch, and the merged CSV must match a single run's.
+    """
+    units = -(-len(items) // unit)
+    return items[units * rank // world_size * unit : units * (rank + 1) // world_size * unit]

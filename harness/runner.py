@@ -17,9 +17,8 @@ from torch.utils.data import Subset
 
 from harness.config import Config
 from harness.devices import DevicePlan, inference_context, plan_devices, prepare_model, usable_cpus
-from harness.distributed import shard
 from harness.errors import InputError, ModelError, PipelineError, TooManyFailuresError
-from harness.images import IMAGE_EXTENSIONS, ImageFile, discover
+from harness.images import IMAGE_EXTENSIONS, ImageFile, discover, shard
 from harness.labels import LabelMap, make_label_map
 from harness.loader import Batch, DecodeLimits, ImageDataset, fit_to_shm, make_loader, shm_free_bytes
 from harness.models import load_custom_transform, load_model

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.distributed import shard
+from harness.images import shard
 from tests.conftest import REPO, SAMPLES, env_without_build_args
 
 
