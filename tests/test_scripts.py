@@ -174,3 +174,72 @@ def test_engine_choice_is_explained(tmp_path: Path) -> None:
     result = script("save.sh", "img", engine=str(tmp_path / "no-such-engine"))
     assert result.returncode == 1
     assert "CONTAINER_ENGINE" in result.stderr and "not a command" in result.stderr
+
+
+def test_run_as_another_user_maps_to_that_user(tmp_path: Path) -> None:
+    """A non-root caller runs the container as itself (rootless podman: keep-id), so its files stay its own."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to act as another user")
+    tmp_path.chmod(0o755)
+    command = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "bash", str(SCRIPTS / "run.sh")]
+    args = ["--dry-run", "img", str(REPO / "sample-images"), str(tmp_path)]
+    for engine, keep_id in (("docker", False), ("podman", True)):
+        result = subprocess.run(
+            [*command, *args], capture_output=True, text=True, env={**os.environ, "CONTAINER_ENGINE": engine}
+        )
+        assert result.returncode == 0, result.stderr
+        words = shlex.split(result.stdout)
+        assert has_pair(words, "--user", "65534:65534")
+        assert has_pair(words, "--userns", "keep-id") == keep_id
+
+
+@pytest.fixture
+def fake_engine(tmp_path: Path) -> Path:
+    """A stand-in `docker` that records its arguments and exits with $FAKE_EXIT, to run run.sh for real."""
+    engine = tmp_path / "bin" / "docker"
+    engine.parent.mkdir()
+    engine.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$FAKE_ARGS"\nexit "${FAKE_EXIT:-0}"\n', encoding="utf-8")
+    engine.chmod(0o755)
+    return engine
+
+
+def run_with_fake(engine: Path, output: Path, code: int = 0) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    args_file = engine.parent / "args"
+    args_file.unlink(missing_ok=True)
+    env = {**os.environ, "CONTAINER_ENGINE": str(engine), "FAKE_ARGS": str(args_file), "FAKE_EXIT": str(code)}
+    result = subprocess.run(
+        ["bash", str(SCRIPTS / "run.sh"), "img", str(REPO / "sample-images"), str(output)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    return result, (args_file.read_text(encoding="utf-8").splitlines() if args_file.exists() else [])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="run.sh's choices for a root caller")
+def test_run_as_root_never_runs_the_container_as_root(fake_engine: Path, tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    result, words = run_with_fake(fake_engine, fresh)
+    assert result.returncode == 0, result.stderr
+    assert "--user" not in words, "the image's own user"
+    assert (fresh.stat().st_uid, fresh.stat().st_gid) == (10001, 10001), "a new folder is made the image user's"
+
+    owned = tmp_path / "owned"
+    owned.mkdir()
+    os.chown(owned, 1234, 4321)
+    result, words = run_with_fake(fake_engine, owned)
+    assert result.returncode == 0 and has_pair(words, "--user", "1234:4321"), "the folder's owner"
+
+    roots = tmp_path / "roots"
+    roots.mkdir(mode=0o755)
+    result, words = run_with_fake(fake_engine, roots)
+    assert result.returncode == 1 and words == []
+    assert "cannot write it" in result.stderr and "--user" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="run.sh's choices for a root caller")
+def test_run_passes_the_harness_exit_code_through(fake_engine: Path, tmp_path: Path) -> None:
+    result, words = run_with_fake(fake_engine, tmp_path / "out", code=7)
+    assert result.returncode == 7
+    assert words[:2] == ["run", "--rm"]
