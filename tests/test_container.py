@@ -1,7 +1,7 @@
 """The images built and run for real: scripts/container-test.sh, with its output shown as it goes.
 
-About 15 minutes on a fresh 2-core machine (it installs podman, makes the base images and a wheelhouse), a few
-minutes after that. Run by CI through `pytest -m "slow or container"`.
+About 11 minutes on a fresh 2-core machine (it installs podman, makes the base images and a wheelhouse), under
+a minute after that. Run by CI through `pytest -m "slow or container"`.
 """
 
 from __future__ import annotations
