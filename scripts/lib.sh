@@ -1,0 +1,61 @@
+# shellcheck shell=bash disable=SC2034  # (the variables set here are for the scripts that source this file)
+# Shared by the scripts beside this file: sourced, never run. Each script sets `set -euo pipefail` itself.
+
+SCRIPT_NAME=${0##*/}
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+IMAGE_UID=10001 # the image's user (see the Dockerfiles)
+
+die() {
+    printf '%s: error: %s\n' "$SCRIPT_NAME" "$*" >&2
+    exit 1
+}
+
+usage_error() {
+    printf '%s: error: %s\nTry: %s --help\n' "$SCRIPT_NAME" "$*" "$0" >&2
+    exit 2
+}
+
+note() {
+    printf '%s: %s\n' "$SCRIPT_NAME" "$*" >&2
+}
+
+# The value of an option that takes one: `--opt VALUE`; fails clearly when VALUE is missing.
+need_value() {
+    [[ $# -ge 2 && -n $2 ]] || usage_error "$1 needs a value"
+}
+
+is_count() {
+    [[ $1 =~ ^[0-9]+$ ]]
+}
+
+# Sets ENGINE (the command) and ENGINE_KIND (docker or podman): $CONTAINER_ENGINE when set, else docker when a
+# Docker engine answers, else podman.
+pick_engine() {
+    if [[ -n ${CONTAINER_ENGINE:-} ]]; then
+        command -v "$CONTAINER_ENGINE" >/dev/null 2>&1 ||
+            die "CONTAINER_ENGINE=$CONTAINER_ENGINE is not a command on PATH"
+        ENGINE=$CONTAINER_ENGINE
+    elif command -v docker >/dev/null 2>&1 && timeout 20 docker info >/dev/null 2>&1; then
+        ENGINE=docker
+    elif command -v podman >/dev/null 2>&1; then
+        ENGINE=podman
+    elif command -v docker >/dev/null 2>&1; then
+        die "docker is installed but no Docker engine answers ('docker info' failed), and podman is not installed." \
+            "Start the Docker engine, install podman, or set CONTAINER_ENGINE."
+    else
+        die "no container engine found: install Docker (docs.docker.com/engine/install) or podman," \
+            "or set CONTAINER_ENGINE to one on PATH."
+    fi
+    case ${ENGINE##*/} in
+    podman*) ENGINE_KIND=podman ;;
+    *) ENGINE_KIND=docker ;;
+    esac
+}
+
+# Prints a command the way a shell would read it back, then runs it.
+run_shown() {
+    local shown
+    shown=$(printf '%q ' "$@")
+    note "+ ${shown% }"
+    "$@"
+}
