@@ -227,7 +227,9 @@ class Config:
         None, _optional(_path), "also save every image's full probability vector to this .npz (harness ensemble)"
     )
     threads: int | None = _setting(
-        None, _optional(_int(1)), "torch threads in the main process (default: torch's, one per core)"
+        None,
+        _optional(_int(1)),
+        "torch threads in the main process (default: one per usable core, as torch counts them)",
     )
     keep_freed_memory: bool = _setting(
         True, _bool, "keep freed memory in the heap (glibc mallopt): no page faults per batch"

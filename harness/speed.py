@@ -13,6 +13,7 @@ import ctypes.util
 import torch
 
 from harness.config import Config
+from harness.devices import usable_cpus
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt() parameter numbers (malloc.h)
 M_MMAP_MAX = -4
@@ -36,6 +37,7 @@ def keep_freed_memory() -> bool:
 def tune_process(config: Config) -> dict[str, object]:
     """Apply the run's speed settings; returns what was applied, for run.json."""
     kept = keep_freed_memory() if config.keep_freed_memory else False
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    # torch counts the host's cores; a container's CPU quota (docker --cpus) or affinity may allow far fewer.
+    # Only ever lowered by default, so torchrun's one thread per process stays.
+    torch.set_num_threads(config.threads if config.threads is not None else min(torch.get_num_threads(), usable_cpus()))
     return {"keep_freed_memory": kept, "torch_threads": torch.get_num_threads()}
