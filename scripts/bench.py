@@ -148,14 +148,17 @@ def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: flo
 def phase_decode(model_dir: str, data: str, harness_args: list[str]) -> float:
     from harness.devices import usable_cpus
     from harness.images import discover
-    from harness.loader import ImageDataset, make_loader
+    from harness.loader import PREFETCH, DecodeLimits, ImageDataset, make_loader
+    from harness.runner import loader_timeout
     from harness.speed import tune_process
 
     config = _config(model_dir, data, harness_args)
     tune_process(config)
     files = discover(config.input_dir)
     workers = usable_cpus()
-    loader = make_loader(ImageDataset(files, config.preprocess), config.batch_size, workers, 4, pin_memory=False)
+    dataset = ImageDataset(files, config.preprocess, limits=DecodeLimits(config.max_pixels, config.decode_timeout))
+    timeout = loader_timeout(config.decode_timeout)
+    loader = make_loader(dataset, config.batch_size, workers, PREFETCH, pin_memory=False, timeout=timeout)
     start, done = time.perf_counter(), 0
     for batch in loader:
         done += len(batch.indices)
