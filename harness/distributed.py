@@ -22,10 +22,10 @@ import torch.distributed as dist
 
 from harness.config import Config
 from harness.devices import usable_cpus
-from harness.errors import HarnessError, InputError, TooManyFailuresError
+from harness.errors import HarnessError, InputError
 from harness.images import discover
 from harness.report import RunReport
-from harness.runner import failure_limit, run
+from harness.runner import finish, run
 from harness.writer import AtomicCsvWriter
 
 
@@ -104,11 +104,4 @@ def merge(config: Config, report: RunReport, outcomes: list[dict]) -> RunReport:
     report.failures = sum(o["failures"] for o in outcomes)
     report.details["world_size"] = config.world_size
     report.details["output"] = str(config.output_file)
-    limit = failure_limit(config.max_failures, len(expected))
-    report.status = "too many failures" if limit is not None and report.failures > limit else "complete"
-    report.write(config.run_json)
-    if report.status != "complete":
-        raise TooManyFailuresError(
-            f"{report.failures} of {len(expected)} images failed, more than --max-failures allows ({limit})"
-        )
-    return report
+    return finish(config, report, len(expected))

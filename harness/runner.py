@@ -196,12 +196,17 @@ def run(config: Config) -> RunReport:
         raise
     clock = report.timed("classify_s", clock)
     report.timed("total_s", start)
-    limit = failure_limit(config.max_failures, len(files))
+    return finish(config, report, len(files))
+
+
+def finish(config: Config, report: RunReport, images: int) -> RunReport:
+    """Judge the failures against --max-failures, write run.json, and fail the run if there were too many."""
+    limit = failure_limit(config.max_failures, images)
     report.status = "too many failures" if limit is not None and report.failures > limit else "complete"
     report.write(config.run_json)
     if report.status != "complete":
         raise TooManyFailuresError(
-            f"{report.failures} of {len(files)} images failed, more than --max-failures allows ({limit}); "
+            f"{report.failures} of {images} images failed, more than --max-failures allows ({limit}); "
             f"the predictions were written, and {config.errors_csv} says why each failed"
         )
     return report

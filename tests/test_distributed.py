@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,44 @@ def test_torchrun_two_cpu_processes_write_the_single_process_csv(tmp_path: Path)
     assert multi.read_bytes() == single.read_bytes()
     assert (multi.parent / "errors.csv").read_text() == ""
     assert sorted(p.name for p in multi.parent.iterdir()) == ["errors.csv", "predictions.csv", "run.json"]
+
+
+@pytest.mark.slow
+def test_torchrun_judges_failures_over_all_ranks(tmp_path: Path) -> None:
+    """One unreadable image on each rank: the merged CSV is complete, and --max-failures sees both."""
+    images = tmp_path / "in"
+    images.mkdir()
+    for name in ("a.png", "z.png"):  # sorted first and last: one lands on each rank
+        (images / name).write_bytes(b"not a png")
+    for name in ("coffee.png", "chelsea.png"):
+        (images / f"m-{name}").write_bytes((SAMPLES / name).read_bytes())
+    output = tmp_path / "out" / "predictions.csv"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node=2",
+        "entrypoint.py",
+        str(images),
+        str(output),
+        "--progress",
+        "false",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+    ]
+    result = subprocess.run(
+        [*command, "--max-failures", "1"],
+        cwd=REPO,
+        env=env_without_build_args(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0 and "2 of 4 images failed" in result.stderr
+    rows = [line.split(",")[0] for line in output.read_text().splitlines()]
+    assert rows == ["a.png", "m-chelsea.png", "m-coffee.png", "z.png"]
+    errors = [line.split(",")[0] for line in (output.parent / "errors.csv").read_text().splitlines()]
+    assert errors == ["a.png", "z.png"]
+    assert json.loads((output.parent / "run.json").read_text())["status"] == "too many failures"
