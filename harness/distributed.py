@@ -26,7 +26,7 @@ from harness.errors import HarnessError, InputError
 from harness.images import discover
 from harness.report import RunReport
 from harness.runner import finish, run
-from harness.writer import AtomicCsvWriter
+from harness.writer import AtomicCsvWriter, open_csv
 
 
 def parts_folder(config: Config) -> Path:
@@ -87,7 +87,7 @@ def merge(config: Config, report: RunReport, outcomes: list[dict]) -> RunReport:
         for rank in range(config.world_size):
             part = folder / f"rank{rank}"
             for name, writer in ((config.output_file.name, predictions), (config.errors_csv.name, errors)):
-                with open(part / name, newline="", encoding="utf-8", errors="surrogateescape") as f:
+                with open_csv(part / name) as f:
                     for row in csv.reader(f):
                         writer.write(row)
                         if writer is predictions:

@@ -12,14 +12,12 @@ import io
 from pathlib import Path
 
 from harness.errors import InputError
-from harness.writer import partial_path
-
-CSV_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
+from harness.writer import open_csv, partial_path, row_writer
 
 
 def _read_rows(path: Path) -> tuple[list[list[str]], bool]:
     """Rows of a CSV that may end mid-row, and whether its last row is whole (the file ends with a newline)."""
-    with open(path, **CSV_ENCODING) as f:
+    with open_csv(path) as f:
         text = f.read()
     rows: list[list[str]] = []
     try:
@@ -30,8 +28,10 @@ def _read_rows(path: Path) -> tuple[list[list[str]], bool]:
 
 
 def _rewrite(path: Path, rows: list[list[str]]) -> None:
-    with open(path, "w", **CSV_ENCODING) as f:
-        csv.writer(f, lineterminator="\n").writerows(rows)
+    with open_csv(path, "w") as f:
+        write = row_writer(f)  # the writer's own dialect, so kept rows stay byte for byte what was written
+        for row in rows:
+            write(row)
 
 
 def resume_point(output: Path, errors: Path, keys: list[str], row_width: int, batch_size: int) -> tuple[int, int]:

@@ -23,6 +23,7 @@ import numpy as np
 from harness.errors import CheckFailedError, ConfigError, InputError
 from harness.labels import imagenet_to_objectnet
 from harness.validate import TOPK, scorer_key, validate_predictions
+from harness.writer import open_csv
 
 PAIR_CHUNK = 2048  # rows of the pairwise sign matrix built at once for Kendall's tau
 
@@ -34,7 +35,7 @@ def overlap_ids() -> set[int]:
 
 def _read_rows(path: Path) -> list[list[str]]:
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open_csv(path) as f:
             return [row for row in csv.reader(f) if row]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise InputError(f"cannot read {path}: {error}") from None

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from harness.errors import CheckFailedError, InputError
 from harness.images import discover
+from harness.writer import open_csv
 
 ID_MIN, ID_MAX = -1, 312
 TOPK = 5
@@ -63,7 +64,7 @@ def _row_problems(row: list[str], line: int) -> list[str]:
 def validate_predictions(csv_path: Path, images_dir: Path | None = None) -> tuple[int, list[str]]:
     """(rows read, problems); no problems means the scorer will accept the file and score every image."""
     try:
-        with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as f:  # names may be any bytes
+        with open_csv(csv_path) as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise InputError(f"cannot read {csv_path}: {error}") from None

@@ -8,10 +8,32 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
 from harness.errors import OutputError
+
+
+def open_csv(path: Path, mode: str = "r") -> TextIO:
+    """A predictions or errors CSV, read or written: UTF-8, file names' undecodable bytes kept as they were, and
+    line endings left to the csv module."""
+    return open(path, mode, newline="", encoding="utf-8", errors="surrogateescape")
+
+
+def row_writer(file: TextIO) -> Callable[[list[str]], None]:
+    """Writes one row in the harness's CSV dialect.
+
+    csv quotes a field with "\n" (the line terminator) but not one with a lone "\r", which readers take as a line
+    break; such rows (a file name can hold any byte) are written fully quoted.
+    """
+    plain = csv.writer(file, lineterminator="\n")
+    quoted = csv.writer(file, lineterminator="\n", quoting=csv.QUOTE_ALL)
+
+    def write(row: list[str]) -> None:
+        (quoted if any("\r" in field for field in row) else plain).writerow(row)
+
+    return write
 
 
 def partial_path(path: Path) -> Path:
@@ -40,19 +62,10 @@ class AtomicCsvWriter:
         self.partial = partial_path(path)
         try:
             # Held open for the whole run, so no `with`: commit() or abandon() closes it.
-            self._file: TextIO = open(  # noqa: SIM115
-                self.partial, "a" if append else "w", newline="", encoding="utf-8", errors="surrogateescape"
-            )
+            self._file = open_csv(self.partial, "a" if append else "w")
         except OSError as error:
             raise OutputError(f"cannot write {self.partial}: {error.strerror}") from None
-        self._csv = csv.writer(self._file, lineterminator="\n")
-        # csv quotes a field with "\n" (the line terminator) but not one with a lone "\r", which readers take as
-        # a line break; such rows (a file name can hold any byte) are written fully quoted.
-        self._quoted = csv.writer(self._file, lineterminator="\n", quoting=csv.QUOTE_ALL)
-
-    def write(self, row: list[str]) -> None:
-        writer = self._quoted if any("\r" in field for field in row) else self._csv
-        writer.writerow(row)
+        self.write = row_writer(self._file)
 
     def flush(self) -> None:
         """Once per batch: a killed process (even SIGKILL) then loses at most the batch in flight."""

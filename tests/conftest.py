@@ -11,6 +11,7 @@ import pytest
 
 from harness.cli import main
 from harness.config import ENV_FIELDS
+from harness.writer import open_csv
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample-images"
@@ -19,7 +20,7 @@ OBJECTNET_SAMPLES = sorted(p.name for p in SAMPLES.glob("*.png") if len(p.stem) 
 
 
 def read_rows(path: Path) -> list[list[str]]:
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    with open_csv(path) as f:
         return list(csv.reader(f))
 
 

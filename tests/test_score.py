@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from harness.cli import main
-from harness.score import best_f1, kendall_tau_b, optimisation_score, overlap_ids, pearson
+from harness.score import best_f1, kendall_tau_b, optimisation_score, overlap_ids, pearson, read_scores
+from harness.writer import AtomicCsvWriter
 from tests.conftest import shared_file
 
 
@@ -78,3 +79,17 @@ def test_kendall_tau_b_with_ties_matches_scipy() -> None:
     x, y = rng.integers(0, 5, 1000).astype(float), rng.integers(0, 5, 1000).astype(float)
     y[:500] = x[:500]
     assert kendall_tau_b(x, y) == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
+
+
+def test_score_files_keyed_by_any_file_name_are_read(tmp_path: Path) -> None:
+    """A run writes file names that are not UTF-8 as their original bytes; the tools read them back."""
+    names = ["a.png", "bad-\udcff.png", "cr\rname.png", "d.png"]
+    paths = []
+    for name, values in (("a.csv", [1, 2, 3, 4]), ("b.csv", [1, 3, 2, 4])):
+        with AtomicCsvWriter(tmp_path / name) as writer:
+            for key, value in zip(names, values, strict=True):
+                writer.write([key, str(value)])
+            writer.commit()
+        paths.append(tmp_path / name)
+    assert read_scores(paths[0]) == dict(zip(names, [1.0, 2.0, 3.0, 4.0], strict=True))
+    assert main(["score", str(paths[0]), "--compare", str(paths[1])]) == 0

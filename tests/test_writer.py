@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import OutputError
+from harness.resume import resume_point
 from harness.writer import AtomicCsvWriter, check_writable
 from tests.conftest import read_rows
 
@@ -53,3 +54,16 @@ def test_unwritable_output_is_reported_before_any_work(tmp_path: Path) -> None:
         locked.mkdir(mode=0o500)
         with pytest.raises(OutputError, match="not writable"):
             check_writable(locked / "p.csv")
+
+
+def test_resume_keeps_awkward_rows_byte_for_byte(tmp_path: Path) -> None:
+    """Resuming rewrites the kept rows in the writer's own dialect, so a name with a lone CR stays one row."""
+    out = tmp_path / "p.csv"
+    with AtomicCsvWriter(out) as writer:
+        for name in AWKWARD:
+            writer.write([name, "1", "0.5"])
+    partial = out.with_name("p.csv.partial")
+    written = partial.read_bytes()
+    assert resume_point(out, tmp_path / "errors.csv", [*AWKWARD, "next.png"], 3, 1) == (len(AWKWARD), 0)
+    assert partial.read_bytes() == written
+    assert resume_point(out, tmp_path / "errors.csv", [*AWKWARD, "next.png"], 3, 1) == (len(AWKWARD), 0)
