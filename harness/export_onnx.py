@@ -21,7 +21,7 @@ from torch import nn
 from harness.config import Config
 from harness.errors import CheckFailedError, ConfigError, InputError, ModelError
 from harness.images import discover
-from harness.loader import ImageDataset
+from harness.loader import DecodeLimits, ImageDataset
 from harness.models import load_custom_transform, load_model
 from harness.onnx_model import OnnxModule, make_session
 from harness.runner import as_logits
@@ -76,7 +76,7 @@ def sample_batch(config: Config, images_dir: Path, limit: int) -> torch.Tensor:
     files = discover(images_dir)[:limit]
     if not files:
         raise InputError(f"no images in {images_dir} for the parity check")
-    dataset = ImageDataset(files, config.preprocess, load_custom_transform(config))
+    dataset = ImageDataset(files, config.preprocess, load_custom_transform(config), DecodeLimits.of(config))
     batch = torch.stack([dataset[i][1] for i in range(len(dataset))])
     return DeviceNormalizer(config.preprocess, torch.device("cpu"), torch.float32, False)(batch)
 

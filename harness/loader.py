@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from harness.config import Preprocess
+from harness.config import Config, Preprocess
 from harness.images import ImageFile, decode, strip_border
 from harness.transforms import geometry
 
@@ -65,6 +65,11 @@ def time_limit(seconds: float | None) -> Iterator[None]:
 class DecodeLimits:
     max_pixels: int | None = None
     timeout: float | None = None
+
+    @classmethod
+    def of(cls, config: Config) -> DecodeLimits:
+        """The run's limits, so every path that decodes (run, benchmark, export parity) refuses the same files."""
+        return cls(config.max_pixels, config.decode_timeout)
 
 
 class ImageDataset(Dataset):

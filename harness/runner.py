@@ -118,8 +118,7 @@ def run(config: Config) -> RunReport:
     plan = plan_devices(config)
     model = prepare_model(loaded.module, plan)
     normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
-    limits = DecodeLimits(config.max_pixels, config.decode_timeout)
-    dataset = ImageDataset(files, config.preprocess, custom, limits)
+    dataset = ImageDataset(files, config.preprocess, custom, DecodeLimits.of(config))
     num_classes = probe_classes(model, normalize, dataset.blank, plan)
     label_map, warnings = make_label_map(config.label_map, num_classes, config.topk, config.softmax)
     for warning in warnings:
@@ -194,7 +193,7 @@ def run(config: Config) -> RunReport:
         report.timed("total_s", start)
         report.write(config.run_json)
         raise
-    clock = report.timed("classify_s", clock)
+    report.timed("classify_s", clock)
     report.timed("total_s", start)
     return finish(config, report, len(files))
 

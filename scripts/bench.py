@@ -156,7 +156,7 @@ def phase_decode(model_dir: str, data: str, harness_args: list[str]) -> float:
     tune_process(config)
     files = discover(config.input_dir)
     workers = usable_cpus()
-    dataset = ImageDataset(files, config.preprocess, limits=DecodeLimits(config.max_pixels, config.decode_timeout))
+    dataset = ImageDataset(files, config.preprocess, limits=DecodeLimits.of(config))
     timeout = loader_timeout(config.decode_timeout)
     loader = make_loader(dataset, config.batch_size, workers, PREFETCH, pin_memory=False, timeout=timeout)
     start, done = time.perf_counter(), 0
