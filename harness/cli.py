@@ -35,7 +35,6 @@ POSITIONALS = (  # the template's order
     ("checkpoint", "MODEL_CHECKPOINT", "state_dict file (path, or name in the model folder)"),
 )
 METAVARS = {"border": "N|auto", "mean": "M[,M,M]", "std": "S[,S,S]", "amp": "off|bf16|fp16", "label_map": "MAP"}
-TOOLS = ("validate", "score", "check-model", "export-onnx", "ensemble")
 BOOL_FIELDS = {
     "softmax",
     "channels_last",
@@ -51,9 +50,10 @@ BOOL_FIELDS = {
 def _epilog() -> str:
     codes = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in sorted(EXIT_CODES.items()))
     env = ", ".join(ENV_FIELDS)
+    tools = [name for name in COMMANDS if name != "run"]
     return (
         "Settings come from, lowest to highest precedence: defaults < model/config.yaml < environment "
-        f"({env}) < command line.\n\nother commands (harness COMMAND --help): {', '.join(TOOLS)}"
+        f"({env}) < command line.\n\nother commands (harness COMMAND --help): {', '.join(tools)}"
         f"\n\nexit codes:\n{codes}"
     )
 
