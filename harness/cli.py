@@ -4,11 +4,15 @@
 
 Every named option is generated from a `Config` field, so --help, model/config.yaml and the environment always
 name the same settings. `entrypoint.py`, `python -m harness` and the `harness` script all land in `main`.
+
+Nothing here imports torch: a run forks its head-start decoders first (harness/headstart.py), and each other
+command imports its own module only when it is the one asked for, so `harness validate` never loads torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -17,15 +21,9 @@ from typing import Any
 
 from harness import __version__
 from harness.config import ENV_FIELDS, PREPROCESS_FIELDS, RUN_FIELDS, build_config
-from harness.distributed import run_sharded
-from harness.ensemble import ensemble_command
 from harness.errors import EXIT_CODES, ConfigError, HarnessError
-from harness.export_onnx import export_onnx_command
-from harness.inspect_model import check_model_command
-from harness.runner import run
-from harness.score import score_command
+from harness.headstart import start_head
 from harness.submission import open_submission
-from harness.validate import validate_command
 from harness.writer import partial_path
 
 POSITIONALS = (  # the template's order
@@ -43,6 +41,7 @@ BOOL_FIELDS = {
     "resume",
     "trust_pickle",
     "keep_freed_memory",
+    "head_start",
     "jpeg_draft",
 }
 
@@ -123,8 +122,17 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 def run_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     args = build_parser().parse_args(argv)
     config = build_config(open_submission(_merge(vars(args))), environ)
+    head = start_head(config)
     try:
-        report = run_sharded(config) if config.world_size > 1 else run(config)
+        # Imported only now: torch takes seconds to load, and the head start decodes meanwhile.
+        if config.world_size > 1:
+            from harness.distributed import run_sharded
+
+            report = run_sharded(config)
+        else:
+            from harness.runner import run
+
+            report = run(config, head)
     except KeyboardInterrupt as stop:
         reason = "terminated" if isinstance(stop, _Terminated) else "interrupted"
         print(
@@ -132,28 +140,36 @@ def run_command(argv: Sequence[str], environ: dict[str, str]) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        if head is not None:
+            head.close()
     print(report.closing_line(config.output_file))
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str], dict[str, str]], int]] = {
-    "run": run_command,
-    "validate": validate_command,
-    "score": score_command,
-    "check-model": check_model_command,
-    "export-onnx": export_onnx_command,
-    "ensemble": ensemble_command,
+Command = Callable[[Sequence[str], dict[str, str]], int]
+COMMANDS: dict[str, str] = {  # name -> "module:function", imported when chosen
+    "run": "harness.cli:run_command",
+    "validate": "harness.validate:validate_command",
+    "score": "harness.score:score_command",
+    "check-model": "harness.inspect_model:check_model_command",
+    "export-onnx": "harness.export_onnx:export_onnx_command",
+    "ensemble": "harness.ensemble:ensemble_command",
 }
+
+
+def load_command(name: str) -> Command:
+    module, function = COMMANDS[name].split(":")
+    command: Command = getattr(importlib.import_module(module), function)
+    return command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = COMMANDS["run"]
-    if argv and argv[0] in COMMANDS:
-        command = COMMANDS[argv.pop(0)]
+    name = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return command(argv, dict(os.environ))
+        return load_command(name)(argv, dict(os.environ))
     except HarnessError as error:
         print(f"harness: error: {error}", file=sys.stderr)
         return error.exit_code

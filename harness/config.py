@@ -21,6 +21,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 LABEL_MAPS = ("auto", "none", "objectnet", "objectnet-legacy")
 CONFIG_FILE = "config.yaml"
+TRANSFORM_FILE = "data_transform_description.py"  # the ObjectNet template's preprocessing hook
 
 # Environment variables (the Docker build args) and the field each one sets.
 ENV_FIELDS = {
@@ -234,6 +235,9 @@ class Config:
     keep_freed_memory: bool = _setting(
         True, _bool, "keep freed memory in the heap (glibc mallopt): no page faults per batch"
     )
+    head_start: bool = _setting(
+        True, _bool, "decode the first batches in forked processes while torch and the model load (README Speed)"
+    )
     world_size: int = _setting(1, _int(1), "processes sharing the images (set by torchrun)")
     rank: int = _setting(0, _int(0), "this process's place among them (set by torchrun)")
     local_rank: int = _setting(0, _int(0), "its place on this machine: the GPU it uses (set by torchrun)")
@@ -247,6 +251,11 @@ class Config:
     @property
     def errors_csv(self) -> Path:
         return self.output_file.with_name("errors.csv")
+
+    @property
+    def transform_file(self) -> Path:
+        """The model folder's own preprocessing (the template's hook); the harness's geometry when absent."""
+        return self.model_dir / TRANSFORM_FILE
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for run.json."""

@@ -1,16 +1,16 @@
-"""Choosing where the model runs and preparing it there once: device, GPUs, precision, memory format."""
+"""Choosing where the model runs and preparing it there once: device, GPUs, precision, memory format, and the
+input values (uint8 batches become the model's floats on the device)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from harness.config import Config
+from harness.config import Config, Preprocess
 from harness.errors import DeviceError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,30 +87,28 @@ def inference_context(plan: DevicePlan) -> Iterator[None]:
             yield
 
 
-def usable_cpus() -> int:
-    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota (docker --cpus)."""
-    try:
-        count = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        count = os.cpu_count() or 1
-    quota = _cgroup_cpu_quota()
-    if quota is not None:
-        count = min(count, max(1, int(quota + 0.999)))
-    return max(1, count)
+class DeviceNormalizer:
+    """uint8 N x 3 x H x W on the device -> the model's input: channel order, scale, mean and std in one affine.
 
+    (x / d - mean) / std == x * (1 / (d * std)) + (-mean / std), with d = 255 for values 0..1 and 1 for 0..255.
+    """
 
-def _cgroup_cpu_quota() -> float | None:
-    try:  # cgroup v2: "max 100000" or "200000 100000"
-        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
-            quota, period = f.read().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:  # cgroup v1
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", encoding="ascii") as f:
-            quota_us = int(f.read())
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us", encoding="ascii") as f:
-            period_us = int(f.read())
-        return None if quota_us <= 0 else quota_us / period_us
-    except (OSError, ValueError):
-        return None
+    def __init__(self, pre: Preprocess, device: torch.device, dtype: torch.dtype, channels_last: bool) -> None:
+        divisor = 255.0 if pre.value_scale == 1.0 else 1.0
+        mean = pre.mean or (0.0, 0.0, 0.0)
+        std = pre.std or (1.0, 1.0, 1.0)
+        scale = [1.0 / (divisor * s) for s in std]
+        shift = [-m / s for m, s in zip(mean, std, strict=True)]
+        self.bgr = pre.channel_order == "bgr"  # mean and std are given in the model's channel order
+        self.scale = torch.tensor(scale, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+        self.shift = torch.tensor(shift, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.dtype != torch.uint8:  # a model folder's own transform has already made the model's floats
+            return batch.to(dtype=self.dtype, memory_format=self.memory_format)
+        if self.bgr:
+            batch = batch.flip(1)
+        out = torch.addcmul(self.shift, batch.float(), self.scale)
+        return out.to(dtype=self.dtype, memory_format=self.memory_format)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from harness.config import Config
-from harness.devices import usable_cpus
 from harness.errors import HarnessError, InputError
+from harness.host import usable_cpus
 from harness.images import discover
 from harness.report import RunReport
 from harness.runner import finish, run

@@ -19,14 +19,14 @@ import torch
 from torch import nn
 
 from harness.config import Config
+from harness.devices import DeviceNormalizer
 from harness.errors import CheckFailedError, ConfigError, InputError, ModelError
-from harness.images import discover
-from harness.loader import DecodeLimits, ImageDataset
+from harness.images import DecodeLimits, discover
+from harness.loader import ImageDataset
 from harness.models import load_custom_transform, load_model
 from harness.onnx_model import OnnxModule, make_session
 from harness.runner import as_logits
 from harness.tool_args import add_model_options, model_config
-from harness.transforms import DeviceNormalizer
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 

@@ -1,4 +1,4 @@
-"""Finding the images, decoding them to RGB, and stripping the frame around them.
+"""Finding the images, decoding them to RGB within the run's limits, and stripping the frame around them.
 
 Keys are paths relative to the input folder with '/' separators, so a flat folder gives the basenames the
 ObjectNet scorer matches, and two files of the same name in different subfolders stay two rows.
@@ -6,15 +6,23 @@ ObjectNet scorer matches, and two files of the same name in different subfolders
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from harness.errors import InputError
+
+if TYPE_CHECKING:
+    from harness.config import Config, Preprocess
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 AUTO_BORDER_MAX = 8  # widest frame `auto` will strip, in pixels
@@ -165,6 +173,60 @@ def detect_border(image: Image.Image, limit: int = AUTO_BORDER_MAX, tolerance: i
         if np.abs(ring - colour).max() > tolerance:
             return k
     return limit
+
+
+class DecodeTimeout(Exception):
+    """One image took longer than decode_timeout: skipped so a pathological file cannot stall the run."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise DecodeTimeout in this thread after `seconds` (SIGALRM: only in a process's main thread)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise DecodeTimeout(f"decoding took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_pixels: int | None = None
+    timeout: float | None = None
+
+    @classmethod
+    def of(cls, config: Config) -> DecodeLimits:
+        """The run's limits, so every path that decodes (run, head start, benchmark, export parity) refuses the
+        same files."""
+        return cls(config.max_pixels, config.decode_timeout)
+
+
+def decode_sample(
+    path: str, pre: Preprocess, limits: DecodeLimits, draft_to: int | None, transform: Callable[[Image.Image], T]
+) -> T:
+    """One file through decode, frame strip and `transform`, within the limits: the work of every decoder (the
+    DataLoader's workers and the head start's), so both give the same pixels. Raises on a bad file."""
+    with time_limit(limits.timeout):
+        image, scale = decode(path, pre.exif_transpose, draft_to, limits.max_pixels)
+        border = pre.border
+        if isinstance(border, int) and scale != 1:  # the frame shrank with the image; take all it touches
+            border = math.ceil(border * scale)
+        return transform(strip_border(image, border))
+
+
+def describe_failure(error: BaseException) -> str:
+    """The reason a file failed, for its errors.csv row."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def shard(items: list[T], rank: int, world_size: int, unit: int = 1) -> list[T]:

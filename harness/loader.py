@@ -6,12 +6,8 @@ runner writes a failure row for it.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import shutil
-import signal
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from harness.config import Config, Preprocess
-from harness.images import ImageFile, decode, strip_border
+from harness.config import Preprocess
+from harness.images import DecodeLimits, ImageFile, decode_sample, describe_failure
 from harness.transforms import geometry
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -38,52 +34,18 @@ class Batch:
         return self
 
 
-class DecodeTimeout(Exception):
-    """One image took longer than decode_timeout: skipped so a pathological file cannot stall the run."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float | None) -> Iterator[None]:
-    """Raise DecodeTimeout in this thread after `seconds` (SIGALRM: only in a process's main thread)."""
-    if not seconds or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(signum: int, frame: object) -> None:
-        raise DecodeTimeout(f"decoding took longer than {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    max_pixels: int | None = None
-    timeout: float | None = None
-
-    @classmethod
-    def of(cls, config: Config) -> DecodeLimits:
-        """The run's limits, so every path that decodes (run, benchmark, export parity) refuses the same files."""
-        return cls(config.max_pixels, config.decode_timeout)
-
-
 class ImageDataset(Dataset):
     def __init__(
         self,
         files: list[ImageFile],
         pre: Preprocess,
         custom: Transform | None = None,
-        limits: DecodeLimits = DecodeLimits(),
+        limits: DecodeLimits | None = None,
     ) -> None:
         self.files = files
         self.pre = pre
         self.custom = custom
-        self.limits = limits
+        self.limits = limits or DecodeLimits()
         # Drafting needs to know the size the image is cut to, which a model folder's own transform hides.
         self._draft_to = pre.resize_to if pre.jpeg_draft and custom is None else None
         self.blank = torch.zeros_like(self._transform(Image.new("RGB", (pre.resize_to, pre.resize_to))))
@@ -102,34 +64,27 @@ class ImageDataset(Dataset):
     def _transform(self, image: Image.Image) -> torch.Tensor:
         if self.custom is not None:
             return self.custom(image)
-        return geometry(image, self.pre)
+        return torch.from_numpy(geometry(image, self.pre))
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
-        image_file = self.files[index]
         worker = get_worker_info()
         slot = worker.id if worker is not None else 0
         if self.in_hand is not None:
             self.in_hand[slot] = index
         try:
-            with time_limit(self.limits.timeout):
-                image, scale = decode(image_file.path, self.pre.exif_transpose, self._draft_to, self.limits.max_pixels)
-                border = self.pre.border
-                if isinstance(border, int) and scale != 1:  # the frame shrank with the image; take all it touches
-                    border = math.ceil(border * scale)
-                sample = index, self._transform(strip_border(image, border)), ""
+            sample = (
+                index,
+                decode_sample(self.files[index].path, self.pre, self.limits, self._draft_to, self._transform),
+                "",
+            )
         except Exception as error:  # one bad file must cost one row, never the run
             sample = index, self.blank, describe_failure(error)
         if self.in_hand is not None:
             self.in_hand[slot] = -1
         return sample
-
-
-def describe_failure(error: BaseException) -> str:
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def collate(samples: list[tuple[int, torch.Tensor, str]]) -> Batch:

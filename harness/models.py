@@ -26,7 +26,6 @@ from harness.onnx_model import OnnxModule, make_session
 from harness.saved_models import SAVED_SUFFIXES, load_saved_model
 
 MODULE_FILES = ("model.py", "model_description.py")  # ours / the AISafety contract, then the ObjectNet template's
-TRANSFORM_FILE = "data_transform_description.py"  # the ObjectNet template's preprocessing hook
 DEFAULT_CLASS = "Model"
 NESTED_KEYS = ("state_dict", "model", "model_state_dict")
 
@@ -229,7 +228,7 @@ def load_model(config: Config) -> LoadedModel:
 
 def load_custom_transform(config: Config) -> Callable[[Any], torch.Tensor] | None:
     """The template's `data_transform().getTransform()` when the model folder has one, else None."""
-    path = config.model_dir / TRANSFORM_FILE
+    path = config.transform_file
     if not path.is_file():
         return None
     module = _import_file(path, "data_transform_description")

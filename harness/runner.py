@@ -6,8 +6,9 @@ is decoded, so a mistake costs seconds, not a run.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,17 +17,18 @@ from torch import nn
 from torch.utils.data import Subset
 
 from harness.config import Config
-from harness.devices import DevicePlan, inference_context, plan_devices, prepare_model, usable_cpus
+from harness.devices import DeviceNormalizer, DevicePlan, inference_context, plan_devices, prepare_model
 from harness.errors import InputError, ModelError, PipelineError, TooManyFailuresError
-from harness.images import IMAGE_EXTENSIONS, ImageFile, discover, shard
+from harness.headstart import HeadStart
+from harness.host import usable_cpus
+from harness.images import IMAGE_EXTENSIONS, DecodeLimits, ImageFile, discover, shard
 from harness.labels import LabelMap, make_label_map
-from harness.loader import Batch, DecodeLimits, ImageDataset, fit_to_shm, make_loader, shm_free_bytes
+from harness.loader import Batch, ImageDataset, fit_to_shm, make_loader, shm_free_bytes
 from harness.models import load_custom_transform, load_model
 from harness.probs import ProbabilityRecorder
 from harness.report import RunReport, progress_bar, say
 from harness.resume import resume_point
 from harness.speed import tune_process
-from harness.transforms import DeviceNormalizer
 from harness.writer import AtomicCsvWriter, check_writable, partial_path
 
 
@@ -100,10 +102,15 @@ class Forward:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
-def run(config: Config) -> RunReport:
+def run(config: Config, head: HeadStart | None = None) -> RunReport:
+    """Classify the images; with a head start (already decoding, see harness/headstart.py) its files are the
+    run's files and its batches come first."""
     report = RunReport(config=config.to_dict())
     start = clock = time.perf_counter()
-    files = shard(discover(config.input_dir), config.rank, config.world_size, config.batch_size)
+    if head is not None:
+        files = head.files
+    else:
+        files = shard(discover(config.input_dir), config.rank, config.world_size, config.batch_size)
     if not files and config.world_size == 1:
         raise InputError(
             f"no images in {config.input_dir} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
@@ -139,6 +146,7 @@ def run(config: Config) -> RunReport:
     elif partial_path(config.output_file).exists():
         say("replacing an earlier run's partial file (--resume would have continued it)")
     report.images = done
+    head_images = head.stop() if head is not None else 0  # zero when resuming: a head start never runs then
     clock = report.timed("load_model_s", clock)
     report.details = {
         "model": {
@@ -155,6 +163,7 @@ def run(config: Config) -> RunReport:
         "prefetch_batches": prefetch if workers else 0,
         "batch_size_total": batch_size,
         "resumed_rows": done,
+        "head_start_images": head_images,
         "tuning": tuning,
         "output": str(config.output_file),
     }
@@ -164,21 +173,18 @@ def run(config: Config) -> RunReport:
         f"label map {label_map.name}"
     )
 
-    remaining = Subset(dataset, range(done, len(files)))  # keeps the global indices the rows are keyed by
-    loader = make_loader(
-        remaining,
-        batch_size,
-        workers,
-        prefetch,
-        pin_memory=plan.device.type == "cuda",
-        timeout=loader_timeout(config.decode_timeout),
-    )
+    remaining = Subset(dataset, range(done + head_images, len(files)))  # keeps the indices rows are keyed by
+    timeout = loader_timeout(config.decode_timeout)
+    loader = make_loader(remaining, batch_size, workers, prefetch, plan.device.type == "cuda", timeout)
     dataset.watch(workers)
+    batches: Iterable[Batch] = iter(loader)  # the workers start now, beside the head start's last batches
+    if head is not None:
+        batches = itertools.chain(head_batches(head, timeout), batches)
     forward = Forward(model, normalize, plan, batch_size)
     recorder = ProbabilityRecorder(label_map.softmax) if config.save_probs else None
     try:
         try:
-            _classify(config, files, done, loader, forward, label_map, report, recorder)
+            _classify(config, files, done, batches, forward, label_map, report, recorder)
         except RuntimeError as error:  # PyTorch raises a worker's death wherever the main process happens to be
             if "DataLoader" not in str(error):
                 raise
@@ -196,6 +202,11 @@ def run(config: Config) -> RunReport:
     report.timed("classify_s", clock)
     report.timed("total_s", start)
     return finish(config, report, len(files))
+
+
+def head_batches(head: HeadStart, timeout: float) -> Iterator[Batch]:
+    for indices, images, errors in head.batches(timeout):
+        yield Batch(indices, torch.from_numpy(images), errors)
 
 
 def finish(config: Config, report: RunReport, images: int) -> RunReport:

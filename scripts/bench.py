@@ -116,10 +116,9 @@ def _config(model_dir: str, data: str, harness_args: list[str]):
 def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: float) -> float:
     import torch
 
-    from harness.devices import inference_context, plan_devices, prepare_model
+    from harness.devices import DeviceNormalizer, inference_context, plan_devices, prepare_model
     from harness.models import load_model
     from harness.speed import tune_process
-    from harness.transforms import DeviceNormalizer
 
     config = _config(model_dir, data, harness_args)
     plan = plan_devices(config)
@@ -146,9 +145,9 @@ def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: flo
 
 
 def phase_decode(model_dir: str, data: str, harness_args: list[str]) -> float:
-    from harness.devices import usable_cpus
-    from harness.images import discover
-    from harness.loader import PREFETCH, DecodeLimits, ImageDataset, make_loader
+    from harness.host import usable_cpus
+    from harness.images import DecodeLimits, discover
+    from harness.loader import PREFETCH, ImageDataset, make_loader
     from harness.runner import loader_timeout
     from harness.speed import tune_process
 
@@ -236,7 +235,7 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    from harness.devices import usable_cpus
+    from harness.host import usable_cpus
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{cpu}, {usable_cpus()} usable cores, {memory:.0f} GiB"

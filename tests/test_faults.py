@@ -18,9 +18,8 @@ from torch import nn
 import harness.runner
 from harness.cli import main
 from harness.config import Preprocess
-from harness.devices import DevicePlan
+from harness.devices import DeviceNormalizer, DevicePlan
 from harness.runner import Forward
-from harness.transforms import DeviceNormalizer
 from tests.conftest import REPO, SAMPLES, env_without_build_args, read_rows
 
 

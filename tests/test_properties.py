@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.config import Preprocess
-from harness.images import ImageFile, discover
-from harness.loader import DecodeLimits, ImageDataset
+from harness.images import DecodeLimits, ImageFile, discover
+from harness.loader import ImageDataset
 from harness.validate import validate_predictions
 from harness.writer import AtomicCsvWriter
 from tests.conftest import SAMPLES, read_rows

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from harness.config import Preprocess
+from harness.host import keep_freed_memory
 from harness.images import ImageFile, decode
 from harness.loader import ImageDataset
-from harness.speed import keep_freed_memory
 from tests.conftest import SAMPLES
 
 

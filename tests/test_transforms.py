@@ -7,8 +7,9 @@ import torch
 from torchvision import transforms as T
 
 from harness.config import Preprocess
+from harness.devices import DeviceNormalizer
 from harness.images import load_rgb
-from harness.transforms import DeviceNormalizer, geometry
+from harness.transforms import geometry
 from tests.conftest import SAMPLES
 
 IMAGES = ["coffee.png", "grace_hopper.jpg", "camera.png", "9419e565a04b4fd.png"]
@@ -22,13 +23,13 @@ def test_geometry_matches_torchvision_resize_and_centre_crop(name: str, interpol
     image = load_rgb(str(SAMPLES / name))
     pre = Preprocess(input_size=224, resize_size=256, interpolation=interpolation)
     expected = T.PILToTensor()(T.CenterCrop(224)(T.Resize(256, interpolation=mode)(image)))
-    assert torch.equal(geometry(image, pre), expected)
+    assert torch.equal(torch.from_numpy(geometry(image, pre)), expected)
 
 
 def test_normaliser_matches_to_tensor_and_normalize() -> None:
     image = load_rgb(str(SAMPLES / "coffee.png"))
     pre = Preprocess()
-    uint8 = geometry(image, pre).unsqueeze(0)
+    uint8 = torch.from_numpy(geometry(image, pre)).unsqueeze(0)
     reference = T.Normalize(pre.mean, pre.std)(T.ToTensor()(T.CenterCrop(224)(T.Resize(224)(image)))).unsqueeze(0)
     ours = DeviceNormalizer(pre, torch.device("cpu"), torch.float32, channels_last=False)(uint8)
     assert ours.dtype == torch.float32

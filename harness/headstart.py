@@ -1,0 +1,173 @@
+"""The head start: the first batches are decoded while torch and the model load.
+
+Importing torch takes seconds on one core (2.6 s on the 2-core benchmark machine) while the other cores idle. So
+the run forks decoders before that import (this module and everything it imports are torch-free) and lets them
+fill the first batches into shared memory; the DataLoader then starts where they stopped. Batches keep their
+usual boundaries (multiples of the batch size) and every image goes through the same `decode_sample` as in the
+DataLoader, so the CSV is byte-identical with or without the head start.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import mmap
+import multiprocessing
+import queue
+import signal
+import sys
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from harness.config import Config
+from harness.errors import PipelineError
+from harness.host import keep_freed_memory, usable_cpus
+from harness.images import DecodeLimits, ImageFile, decode_sample, describe_failure, discover
+from harness.transforms import geometry
+
+BATCHES_PER_PROCESS = 4  # each decoder works this far ahead at most
+MAX_BYTES = 512 * 2**20  # of decoded images held in memory before the model takes them
+POLL_S = 0.5  # how often a wait for a batch checks that the decoders are alive
+
+
+def start_head(config: Config) -> HeadStart | None:
+    """Fork the decoders, or None where a head start cannot pay or does not apply.
+
+    It needs fork (Linux), a spare core beside the one importing torch, and the harness's own geometry (a model
+    folder's transform needs torch). Resumed runs and torchrun ranks start where their partial files say, which
+    is known only after the model loads; `--workers 0` asks for decoding in the main process only.
+    """
+    if (
+        not config.head_start
+        or sys.platform != "linux"
+        or config.resume
+        or config.world_size > 1
+        or config.workers == 0
+        or config.transform_file.is_file()
+    ):
+        return None
+    processes = usable_cpus() - 1
+    files = discover(config.input_dir) if processes >= 1 else []
+    return HeadStart(config, files, processes) if files else None
+
+
+class HeadStart:
+    """Decoders that claim whole batches in order from a shared counter, so the finished ones are always the
+    first N batches, and write them into one anonymous shared mapping the main process reads without a copy."""
+
+    def __init__(self, config: Config, files: list[ImageFile], processes: int) -> None:
+        pre = config.preprocess
+        self.files = files
+        self.batch_size = config.batch_size
+        self.shape = (3, pre.input_size, pre.input_size)
+        self.sample_bytes = math.prod(self.shape)
+        self.batch_bytes = self.sample_bytes * self.batch_size
+        total = math.ceil(len(files) / self.batch_size)
+        self.limit = max(1, min(total, processes * BATCHES_PER_PROCESS, MAX_BYTES // self.batch_bytes))
+        self._buffer: mmap.mmap | None = mmap.mmap(-1, self.limit * self.batch_bytes)  # MAP_SHARED, so children
+        # write where the main process reads
+        self._pre = pre
+        self._limits = DecodeLimits.of(config)
+        self._draft_to = pre.resize_to if pre.jpeg_draft else None
+        self._keep_freed_memory = config.keep_freed_memory
+        context = multiprocessing.get_context("fork")
+        self._state = context.Array("q", 2)  # [next batch to claim, stopped]; its lock orders claims and stop
+        self._in_hand = context.Array("q", [-1] * processes, lock=False)
+        self._done: multiprocessing.Queue[tuple[int, list[str]]] = context.Queue()
+        self._count: int | None = None
+        self._processes = [
+            context.Process(target=self._decode, args=(slot,), name=f"head-start-{slot}", daemon=True)
+            for slot in range(processes)
+        ]
+        for process in self._processes:
+            process.start()
+
+    def _decode(self, slot: int) -> None:
+        """A decoder's life: claim the next batch, fill it, report its errors; until stopped or at the limit."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the main process decides
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if self._keep_freed_memory:
+            keep_freed_memory()
+        transform = functools.partial(geometry, pre=self._pre)
+        while True:
+            with self._state.get_lock():
+                batch = self._state[0]
+                if self._state[1] or batch >= self.limit:
+                    return
+                self._state[0] = batch + 1
+            errors = []
+            for position, index in enumerate(self._indices(batch)):
+                self._in_hand[slot] = index
+                out = self._view(batch, position, 1)[0]
+                try:
+                    out[...] = decode_sample(self.files[index].path, self._pre, self._limits, self._draft_to, transform)
+                    errors.append("")
+                except Exception as error:  # one bad file must cost one row, never the run
+                    out[...] = 0
+                    errors.append(describe_failure(error))
+            self._in_hand[slot] = -1
+            self._done.put((batch, errors))
+
+    def _indices(self, batch: int) -> range:
+        start = batch * self.batch_size
+        return range(start, min(start + self.batch_size, len(self.files)))
+
+    def _view(self, batch: int, position: int, count: int) -> np.ndarray:
+        offset = batch * self.batch_bytes + position * self.sample_bytes
+        flat = np.frombuffer(self._buffer, dtype=np.uint8, count=count * self.sample_bytes, offset=offset)
+        return flat.reshape(count, *self.shape)
+
+    def stop(self) -> int:
+        """No new batches from now on; the ones in hand are finished. Returns how many images they cover, where
+        the DataLoader takes over."""
+        with self._state.get_lock():
+            self._state[1] = 1
+            self._count = min(self._state[0], self.limit)
+        return min(self._count * self.batch_size, len(self.files))
+
+    def batches(self, timeout: float) -> Iterator[tuple[list[int], np.ndarray, list[str]]]:
+        """The stopped head start's batches in order: indices, N x 3 x S x S uint8 (a view of shared memory)
+        and the errors ("" where an image decoded)."""
+        if self._count is None:
+            raise RuntimeError("HeadStart.batches() before stop()")
+        arrived: dict[int, list[str]] = {}
+        for batch in range(self._count):
+            deadline = time.monotonic() + timeout
+            while batch not in arrived:
+                arrived.update([self._receive(deadline)])
+            indices = self._indices(batch)
+            yield list(indices), self._view(batch, 0, len(indices)), arrived.pop(batch)
+        self._buffer = None  # unmapped once the model has let go of the last batch's view
+
+    def _receive(self, deadline: float) -> tuple[int, list[str]]:
+        while True:
+            try:
+                return self._done.get(timeout=POLL_S)
+            except queue.Empty:
+                pass
+            dead = [process.exitcode for process in self._processes if process.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                in_hand = ", ".join(self.files[i].key for i in self._in_hand if i >= 0) or "unknown"
+                if not dead:
+                    what = "stopped answering"
+                elif dead[0] < 0:
+                    what = f"was killed by signal {-dead[0]}"
+                else:
+                    what = f"died with exit code {dead[0]}"
+                raise PipelineError(
+                    f"a head-start decoder {what} while decoding: {in_hand}. Remove or fix that file and run again"
+                )
+
+    def close(self) -> None:
+        """Stop and reap the decoders; safe at any point, also when the run failed before `stop`."""
+        with self._state.get_lock():
+            self._state[1] = 1
+        for process in self._processes:
+            process.join(timeout=0 if self._count is None else POLL_S)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+        self._done.close()
+        self._done.cancel_join_thread()

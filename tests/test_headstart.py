@@ -1,0 +1,146 @@
+"""The head start: decoders forked before torch loads must give exactly the DataLoader's batches, hand over to it
+without a gap or an overlap, and never hang or hide a decoder that died."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import harness.headstart
+from harness.cli import main
+from harness.config import Config, build_config
+from harness.errors import PipelineError
+from harness.headstart import HeadStart, start_head
+from harness.images import DecodeLimits, discover
+from harness.loader import ImageDataset
+from tests.conftest import REPO, SAMPLES, read_rows
+
+BATCH = 4
+
+
+def _folder(tmp_path: Path) -> Path:
+    """The sample images plus two that fail: a truncated PNG in the first batch and a text file in the last."""
+    folder = tmp_path / "images"
+    shutil.copytree(SAMPLES, folder)
+    (folder / "SOURCES.md").unlink()
+    (folder / "000-truncated.png").write_bytes((SAMPLES / "coffee.png").read_bytes()[:2000])
+    (folder / "zz-not-an-image.jpg").write_text("not a JPEG")
+    return folder
+
+
+def _config(folder: Path, **settings: object) -> Config:
+    cli = {"input_dir": str(folder), "batch_size": str(BATCH), **{k: str(v) for k, v in settings.items()}}
+    return build_config(cli, {})
+
+
+def _finished(head: HeadStart) -> HeadStart:
+    """Let every decoder run to the head start's limit, so how many batches it covers does not depend on timing."""
+    for process in head._processes:
+        process.join(timeout=60)
+    return head
+
+
+def test_batches_equal_the_dataloaders_samples_errors_included(tmp_path: Path) -> None:
+    config = _config(_folder(tmp_path))
+    files = discover(config.input_dir)
+    head = _finished(HeadStart(config, files, processes=2))
+    try:
+        covered = head.stop()
+        assert covered == min(len(files), 2 * 4 * BATCH)  # two decoders, four batches each
+        dataset = ImageDataset(files, config.preprocess, limits=DecodeLimits.of(config))
+        seen, failed = [], []
+        for indices, images, errors in head.batches(timeout=30):
+            assert images.shape == (len(indices), 3, 224, 224) and images.dtype == np.uint8
+            for index, image, error in zip(indices, images, errors, strict=True):
+                expected_index, expected, expected_error = dataset[index]
+                assert index == expected_index and error == expected_error
+                assert np.array_equal(image, expected.numpy())
+                failed += [files[index].key] if error else []
+            seen += indices
+        assert seen == list(range(covered))
+        assert failed == ["000-truncated.png", "zz-not-an-image.jpg"]
+    finally:
+        head.close()
+
+
+def test_a_run_with_a_head_start_writes_the_same_files_as_one_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(harness.headstart, "usable_cpus", lambda: 2)  # one decoder: at most four batches ahead
+    folder = _folder(tmp_path)
+    outputs = {}
+    for head_start in ("true", "false"):
+        out = tmp_path / head_start / "predictions.csv"
+        argv = [str(folder), str(out), "--batch-size", str(BATCH), "--progress", "false", "--head-start", head_start]
+        assert main(argv) == 0
+        details = json.loads(out.with_name("run.json").read_text())
+        outputs[head_start] = (read_rows(out), read_rows(out.with_name("errors.csv")), details["head_start_images"])
+    with_head, without = outputs["true"], outputs["false"]
+    assert with_head[:2] == without[:2]
+    assert [row[0] for row in with_head[1]] == ["000-truncated.png", "zz-not-an-image.jpg"]
+    # the head start covered some batches and the DataLoader the rest
+    assert without[2] == 0 and with_head[2] % BATCH == 0 and 0 < with_head[2] < len(with_head[0])
+
+
+def test_a_decoder_that_dies_is_an_error_naming_its_file(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(SAMPLES / "coffee.png", folder / "a.png")
+    os.mkfifo(folder / "b-stuck.png")  # opening it blocks: the decoder is caught holding this file
+    config = _config(folder, decode_timeout=600)
+    head = HeadStart(config, discover(folder), processes=1)
+    try:
+        deadline = time.monotonic() + 30
+        while list(head._in_hand) != [1] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(head._processes[0].pid, signal.SIGKILL)
+        head.stop()
+        with pytest.raises(PipelineError, match=r"killed by signal 9 while decoding: b-stuck\.png"):
+            list(head.batches(timeout=30))
+    finally:
+        head.close()
+
+
+def test_close_before_stop_ends_a_stuck_decoder_at_once(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    os.mkfifo(folder / "stuck.png")
+    head = HeadStart(_config(folder, decode_timeout=600), discover(folder), processes=1)
+    started = time.monotonic()
+    head.close()
+    assert time.monotonic() - started < 10
+    assert all(not process.is_alive() for process in head._processes)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"head_start": "false"}, {"resume": "true"}, {"workers": "0"}, {"world_size": "2", "rank": "1"}],
+)
+def test_no_head_start_where_it_does_not_apply(tmp_path: Path, settings: dict[str, str]) -> None:
+    assert start_head(_config(SAMPLES, **settings)) is None
+
+
+def test_no_head_start_with_the_model_folders_own_transform(tmp_path: Path) -> None:
+    (tmp_path / "data_transform_description.py").write_text("")
+    config = dataclasses.replace(_config(SAMPLES), model_dir=tmp_path)
+    assert start_head(config) is None
+
+
+def test_the_command_line_and_the_head_start_load_without_torch() -> None:
+    """The head start only pays if it forks before torch loads; an import of torch here would silently undo it."""
+    code = "import sys, harness.cli, harness.headstart; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
+
+
+def test_no_head_start_for_an_empty_folder(tmp_path: Path) -> None:
+    assert start_head(_config(tmp_path)) is None
