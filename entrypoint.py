@@ -3,9 +3,7 @@
 With no arguments it reads /input and writes /output/predictions.csv; `--help` lists every option.
 """
 
-import sys
-
-from harness.cli import main
+from harness.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import stat
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from torch import nn
 from harness.cli import main
 from harness.errors import ModelError
 from harness.submission import extract_submission
-from tests.conftest import SAMPLES, read_rows
+from tests.conftest import REPO, SAMPLES, env_without_build_args, read_rows
 
 MODEL_PY = """from torch import nn
 
@@ -62,6 +64,26 @@ def test_a_zip_submission_runs(tmp_path: Path, prefix: str) -> None:
     assert main([str(SAMPLES), str(output), "--model-dir", str(submission), "--progress", "false"]) == 0
     rows = read_rows(output)
     assert len(rows) == 19 and all(len(row) == 7 and row[1] in ("0", "1", "2") for row in rows)
+
+
+def test_the_process_removes_the_unpacked_zip_when_it_exits(tmp_path: Path) -> None:
+    """The entrypoint ends without Python's teardown (cli.exit_process); the atexit clean-up must still run and
+    the closing line must still reach a piped stdout."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    output = tmp_path / "out" / "predictions.csv"
+    argv = [str(SAMPLES), str(output), "--model-dir", str(_tiny_submission(tmp_path, "")), "--progress", "false"]
+    result = subprocess.run(
+        [sys.executable, "entrypoint.py", *argv],
+        cwd=REPO,
+        env={**env_without_build_args(), "TMPDIR": str(temp)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "19 images, 0 failed" in result.stdout
+    assert list(temp.iterdir()) == []
 
 
 def test_path_traversal_is_refused_before_anything_is_written(tmp_path: Path, capsys) -> None:
