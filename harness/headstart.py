@@ -54,29 +54,30 @@ def start_head(config: Config) -> HeadStart | None:
 
 
 class HeadStart:
-    """Decoders that claim whole batches in order from a shared counter, so the finished ones are always the
-    first N batches, and write them into one anonymous shared mapping the main process reads without a copy."""
+    """Decoders that claim chunks of `batch_size` images in order from a shared counter, so the finished ones are
+    always the first N, and write them into one anonymous shared mapping the main process reads without a copy.
+    Image i sits at i x its size in that mapping, so any run of images is one array."""
 
     def __init__(self, config: Config, files: list[ImageFile], processes: int) -> None:
         pre = config.preprocess
         self.files = files
-        self.batch_size = config.batch_size
+        self.chunk = config.batch_size
         self.shape = (3, pre.input_size, pre.input_size)
         self.sample_bytes = math.prod(self.shape)
-        self.batch_bytes = self.sample_bytes * self.batch_size
-        total = math.ceil(len(files) / self.batch_size)
-        self.limit = max(1, min(total, processes * BATCHES_PER_PROCESS, MAX_BYTES // self.batch_bytes))
-        self._buffer: mmap.mmap | None = mmap.mmap(-1, self.limit * self.batch_bytes)  # MAP_SHARED, so children
-        # write where the main process reads
+        total = math.ceil(len(files) / self.chunk)
+        self.limit = max(1, min(total, processes * BATCHES_PER_PROCESS, MAX_BYTES // (self.sample_bytes * self.chunk)))
+        # MAP_SHARED and anonymous: the children write where the main process reads, and no /dev/shm is needed
+        self._buffer: mmap.mmap | None = mmap.mmap(-1, self.limit * self.chunk * self.sample_bytes)
         self._pre = pre
         self._limits = DecodeLimits.of(config)
         self._draft_to = pre.resize_to if pre.jpeg_draft else None
         self._keep_freed_memory = config.keep_freed_memory
         context = multiprocessing.get_context("fork")
-        self._state = context.Array("q", 2)  # [next batch to claim, stopped]; its lock orders claims and stop
+        self._state = context.Array("q", 2)  # [next chunk to claim, stopped]; its lock orders claims and stop
         self._in_hand = context.Array("q", [-1] * processes, lock=False)
         self._done: multiprocessing.Queue[tuple[int, list[str]]] = context.Queue()
-        self._count: int | None = None
+        self._covered: int | None = None
+        self._run_batch = self.chunk
         self._processes = [
             context.Process(target=self._decode, args=(slot,), name=f"head-start-{slot}", daemon=True)
             for slot in range(processes)
@@ -85,7 +86,7 @@ class HeadStart:
             process.start()
 
     def _decode(self, slot: int) -> None:
-        """A decoder's life: claim the next batch, fill it, report its errors; until stopped or at the limit."""
+        """A decoder's life: claim the next chunk, fill it, report its errors; until stopped or at the limit."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the main process decides
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if self._keep_freed_memory:
@@ -93,14 +94,14 @@ class HeadStart:
         transform = functools.partial(geometry, pre=self._pre)
         while True:
             with self._state.get_lock():
-                batch = self._state[0]
-                if self._state[1] or batch >= self.limit:
+                chunk = self._state[0]
+                if self._state[1] or chunk >= self.limit:
                     return
-                self._state[0] = batch + 1
+                self._state[0] = chunk + 1
             errors = []
-            for position, index in enumerate(self._indices(batch)):
+            for index in range(chunk * self.chunk, min((chunk + 1) * self.chunk, len(self.files))):
                 self._in_hand[slot] = index
-                out = self._view(batch, position, 1)[0]
+                out = self._view(index, 1)[0]
                 try:
                     out[...] = decode_sample(self.files[index].path, self._pre, self._limits, self._draft_to, transform)
                     errors.append("")
@@ -108,37 +109,43 @@ class HeadStart:
                     out[...] = 0
                     errors.append(describe_failure(error))
             self._in_hand[slot] = -1
-            self._done.put((batch, errors))
+            self._done.put((chunk, errors))
 
-    def _indices(self, batch: int) -> range:
-        start = batch * self.batch_size
-        return range(start, min(start + self.batch_size, len(self.files)))
-
-    def _view(self, batch: int, position: int, count: int) -> np.ndarray:
-        offset = batch * self.batch_bytes + position * self.sample_bytes
-        flat = np.frombuffer(self._buffer, dtype=np.uint8, count=count * self.sample_bytes, offset=offset)
+    def _view(self, first: int, count: int) -> np.ndarray:
+        flat = np.frombuffer(
+            self._buffer, dtype=np.uint8, count=count * self.sample_bytes, offset=first * self.sample_bytes
+        )
         return flat.reshape(count, *self.shape)
 
-    def stop(self) -> int:
-        """No new batches from now on; the ones in hand are finished. Returns how many images they cover, where
-        the DataLoader takes over."""
+    def stop(self, run_batch: int) -> int:
+        """No new chunks from now on; the ones in hand are finished. Returns how many images the run takes from
+        the head start, where the DataLoader begins: whole batches of the run's size (`run_batch`, the per-GPU
+        size times the GPUs, a multiple of the chunk) so every batch holds the images it would without the head
+        start, or else every image."""
         with self._state.get_lock():
             self._state[1] = 1
-            self._count = min(self._state[0], self.limit)
-        return min(self._count * self.batch_size, len(self.files))
+            claimed = min(self._state[0], self.limit)
+        covered = min(claimed * self.chunk, len(self.files))
+        if covered < len(self.files):
+            covered -= covered % run_batch
+        self._covered, self._run_batch = covered, run_batch
+        return covered
 
     def batches(self, timeout: float) -> Iterator[tuple[list[int], np.ndarray, list[str]]]:
         """The stopped head start's batches in order: indices, N x 3 x S x S uint8 (a view of shared memory)
         and the errors ("" where an image decoded)."""
-        if self._count is None:
+        if self._covered is None:
             raise RuntimeError("HeadStart.batches() before stop()")
         arrived: dict[int, list[str]] = {}
-        for batch in range(self._count):
-            deadline = time.monotonic() + timeout
-            while batch not in arrived:
-                arrived.update([self._receive(deadline)])
-            indices = self._indices(batch)
-            yield list(indices), self._view(batch, 0, len(indices)), arrived.pop(batch)
+        for first in range(0, self._covered, self._run_batch):
+            last = min(first + self._run_batch, self._covered)
+            errors: list[str] = []
+            for chunk in range(first // self.chunk, math.ceil(last / self.chunk)):
+                deadline = time.monotonic() + timeout
+                while chunk not in arrived:
+                    arrived.update([self._receive(deadline)])
+                errors += arrived.pop(chunk)
+            yield list(range(first, last)), self._view(first, last - first), errors
         self._buffer = None  # unmapped once the model has let go of the last batch's view
 
     def _receive(self, deadline: float) -> tuple[int, list[str]]:
@@ -165,7 +172,7 @@ class HeadStart:
         with self._state.get_lock():
             self._state[1] = 1
         for process in self._processes:
-            process.join(timeout=0 if self._count is None else POLL_S)
+            process.join(timeout=0 if self._covered is None else POLL_S)
             if process.is_alive():
                 process.terminate()
                 process.join()

@@ -131,6 +131,7 @@ def run(config: Config, head: HeadStart | None = None) -> RunReport:
     for warning in warnings:
         say(warning)
     batch_size = config.batch_size * max(1, len(plan.gpu_ids))
+    head_images = head.stop(batch_size) if head is not None else 0  # none when resuming: it never runs then
     workers = usable_cpus() if config.workers is None else config.workers
     batch_bytes = dataset.blank.numel() * dataset.blank.element_size() * batch_size
     workers, prefetch, shm_warning = fit_to_shm(workers, batch_bytes, shm_free_bytes())
@@ -146,7 +147,6 @@ def run(config: Config, head: HeadStart | None = None) -> RunReport:
     elif partial_path(config.output_file).exists():
         say("replacing an earlier run's partial file (--resume would have continued it)")
     report.images = done
-    head_images = head.stop() if head is not None else 0  # zero when resuming: a head start never runs then
     clock = report.timed("load_model_s", clock)
     report.details = {
         "model": {
@@ -177,7 +177,8 @@ def run(config: Config, head: HeadStart | None = None) -> RunReport:
     timeout = loader_timeout(config.decode_timeout)
     loader = make_loader(remaining, batch_size, workers, prefetch, plan.device.type == "cuda", timeout)
     dataset.watch(workers)
-    batches: Iterable[Batch] = iter(loader)  # the workers start now, beside the head start's last batches
+    # The workers start now, beside the head start's last batches (none to start when it covered every image).
+    batches: Iterable[Batch] = iter(loader) if len(remaining) else iter(())
     if head is not None:
         batches = itertools.chain(head_batches(head, timeout), batches)
     forward = Forward(model, normalize, plan, batch_size)

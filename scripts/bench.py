@@ -8,6 +8,7 @@ settings only take effect when a process starts):
 
 - model_only_ips: normalise + forward on ready device tensors at the run's batch size and precision;
 - decode_only_ips: the harness's decode + frame strip + resize/crop in its DataLoader, every usable core, no model;
+  both are measured before and after the end-to-end run and averaged (a shared machine's speed drifts);
 - end_to_end_ips: `python entrypoint.py DIR OUT ...`, process start to CSV written;
 - limit_ips: min(model, decode) on a GPU; on the CPU both share the cores, so 1 / (1/model + 1/decode);
 - efficiency: end_to_end / limit; peak_rss_mb: the run's whole process tree (main + workers), polled from /proc.
@@ -22,6 +23,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -294,12 +296,17 @@ def main() -> None:
     data = make_dataset(args.cache, args.images, args.png_share, args.seed)
     with tempfile.TemporaryDirectory(prefix="harness-bench-") as scratch:
         model_dir = model_folder(args.model, Path(scratch))
-        model_ips = child("model", model_dir, data, harness_args, args.seconds)
-        decode_ips = child("decode", model_dir, data, harness_args, args.seconds)
+        # The limits are measured on both sides of the run and averaged: a shared machine's speed drifts, and a
+        # limit taken only before the run would judge it against other conditions.
+        model_each = [child("model", model_dir, data, harness_args, args.seconds)]
+        decode_each = [child("decode", model_dir, data, harness_args, args.seconds)]
         seconds, peak_mb, main_mb, halves = end_to_end(
             model_dir, data, Path(scratch) / "out" / "predictions.csv", harness_args
         )
+        model_each.append(child("model", model_dir, data, harness_args, args.seconds))
+        decode_each.append(child("decode", model_dir, data, harness_args, args.seconds))
         device = json.loads((Path(scratch) / "out" / "run.json").read_text())["devices"]["device"]
+    model_ips, decode_ips = statistics.mean(model_each), statistics.mean(decode_each)
     end_ips = args.images / seconds
     gpu = device.startswith("cuda")
     limit = min(model_ips, decode_ips) if gpu else 1 / (1 / model_ips + 1 / decode_ips)
@@ -314,6 +321,8 @@ def main() -> None:
         "settings": " ".join([*args.harness_args, *(f"{k}={v}" for k, v in malloc_env.items())]),
         "model_only_ips": round(model_ips, 2),
         "decode_only_ips": round(decode_ips, 2),
+        "model_only_before_after": [round(ips, 2) for ips in model_each],
+        "decode_only_before_after": [round(ips, 2) for ips in decode_each],
         "end_to_end_ips": round(end_ips, 2),
         "end_to_end_s": round(seconds, 2),
         "limit_ips": round(limit, 2),

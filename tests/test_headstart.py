@@ -50,16 +50,21 @@ def _finished(head: HeadStart) -> HeadStart:
     return head
 
 
-def test_batches_equal_the_dataloaders_samples_errors_included(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("processes", "run_batch", "covered"), [(2, BATCH, 21), (1, BATCH, 16), (1, 3 * BATCH, 12)])
+def test_batches_equal_the_dataloaders_samples_errors_included(
+    tmp_path: Path, processes: int, run_batch: int, covered: int
+) -> None:
+    """Two decoders finish all 21 images; one stops at four chunks (16), of which a run with batches of 12 (three
+    GPUs under DataParallel) takes the one whole batch."""
     config = _config(_folder(tmp_path))
     files = discover(config.input_dir)
-    head = _finished(HeadStart(config, files, processes=2))
+    head = _finished(HeadStart(config, files, processes))
     try:
-        covered = head.stop()
-        assert covered == min(len(files), 2 * 4 * BATCH)  # two decoders, four batches each
+        assert head.stop(run_batch) == covered
         dataset = ImageDataset(files, config.preprocess, limits=DecodeLimits.of(config))
         seen, failed = [], []
         for indices, images, errors in head.batches(timeout=30):
+            assert len(indices) == min(run_batch, covered - len(seen))
             assert images.shape == (len(indices), 3, 224, 224) and images.dtype == np.uint8
             for index, image, error in zip(indices, images, errors, strict=True):
                 expected_index, expected, expected_error = dataset[index]
@@ -68,7 +73,7 @@ def test_batches_equal_the_dataloaders_samples_errors_included(tmp_path: Path) -
                 failed += [files[index].key] if error else []
             seen += indices
         assert seen == list(range(covered))
-        assert failed == ["000-truncated.png", "zz-not-an-image.jpg"]
+        assert failed == ["000-truncated.png", "zz-not-an-image.jpg"][: 2 if covered == len(files) else 1]
     finally:
         head.close()
 
@@ -104,9 +109,25 @@ def test_a_decoder_that_dies_is_an_error_naming_its_file(tmp_path: Path) -> None
         while list(head._in_hand) != [1] and time.monotonic() < deadline:
             time.sleep(0.05)
         os.kill(head._processes[0].pid, signal.SIGKILL)
-        head.stop()
+        head.stop(BATCH)
         with pytest.raises(PipelineError, match=r"killed by signal 9 while decoding: b-stuck\.png"):
             list(head.batches(timeout=30))
+    finally:
+        head.close()
+
+
+def test_a_stuck_decoder_is_an_error_naming_its_file_not_a_hang(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    os.mkfifo(folder / "stuck.png")
+    head = HeadStart(_config(folder, decode_timeout=600), discover(folder), processes=1)
+    try:
+        deadline = time.monotonic() + 30
+        while list(head._in_hand) != [0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        head.stop(BATCH)
+        with pytest.raises(PipelineError, match=r"stopped answering while decoding: stuck\.png"):
+            list(head.batches(timeout=1))
     finally:
         head.close()
 
