@@ -157,9 +157,10 @@ def test_no_head_start_with_the_model_folders_own_transform(tmp_path: Path) -> N
     assert start_head(config) is None
 
 
-def test_the_command_line_and_the_head_start_load_without_torch() -> None:
-    """The head start only pays if it forks before torch loads; an import of torch here would silently undo it."""
-    code = "import sys, harness.cli, harness.headstart; sys.exit('torch' in sys.modules)"
+def test_the_command_line_the_head_start_and_validate_load_without_torch() -> None:
+    """The head start only pays if it forks before torch loads; an import of torch here would silently undo it.
+    `harness validate` is promised torch-free too (README)."""
+    code = "import sys, harness.cli, harness.headstart, harness.validate; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
 
 
