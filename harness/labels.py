@@ -170,7 +170,12 @@ def make_label_map(label_map: str, num_classes: int, topk: int, softmax: bool) -
             )
         if label_map == "objectnet-legacy":
             return ObjectNetLegacy(min(topk, num_classes), softmax), warnings
-        return ObjectNetSummed(topk, softmax), warnings
+        summed = ObjectNetSummed(topk, softmax)
+        if summed.topk < topk:
+            warnings.append(
+                f"topk {topk} is more than the {summed.topk} ObjectNet classes ImageNet maps to: writing {summed.topk}"
+            )
+        return summed, warnings
     names = None
     if label_map not in ("auto", "none"):
         path = Path(label_map)

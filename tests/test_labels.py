@@ -95,6 +95,10 @@ def test_label_map_choice_and_errors(tmp_path: Path) -> None:
     label_map, warnings = make_label_map("none", 3, 5, True)
     assert label_map.topk == 3 and "writing 3" in warnings[0]
     assert label_map.failure_fields == ["-1", "0"] * 3
+    summed, warnings = make_label_map("auto", 1000, 200, True)
+    targets = len(set(MAPPING.values()))
+    assert summed.topk == targets and f"more than the {targets} ObjectNet classes" in warnings[0]
+    assert make_label_map("auto", 1000, targets, True)[1] == []
     with pytest.raises(ConfigError, match="needs a 1000-class"):
         make_label_map("objectnet", 10, 5, True)
     with pytest.raises(ConfigError, match="nor a labels file"):
