@@ -44,6 +44,7 @@ BOOL_FIELDS = {
     "trust_pickle",
     "keep_freed_memory",
     "head_start",
+    "compile",
     "jpeg_draft",
 }
 

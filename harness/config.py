@@ -235,6 +235,12 @@ class Config:
     keep_freed_memory: bool = _setting(
         True, _bool, "keep freed memory in the heap (glibc mallopt): no page faults per batch"
     )
+    compile: bool = _setting(
+        False,
+        _bool,
+        "torch.compile the model (needs a C++ compiler on the CPU): a one-off compile, then faster batches; the last "
+        "batch is padded so it never recompiles (README Speed)",
+    )
     head_start: bool = _setting(
         True, _bool, "decode the first batches in forked processes while torch and the model load (README Speed)"
     )

@@ -6,6 +6,7 @@ is decoded, so a mistake costs seconds, not a run.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterable, Iterator
@@ -25,6 +26,7 @@ from harness.images import IMAGE_EXTENSIONS, DecodeLimits, ImageFile, discover, 
 from harness.labels import LabelMap, make_label_map
 from harness.loader import Batch, ImageDataset, fit_to_shm, make_loader, shm_free_bytes
 from harness.models import load_custom_transform, load_model
+from harness.onnx_model import OnnxModule
 from harness.probs import ProbabilityRecorder
 from harness.report import RunReport, progress_bar, say
 from harness.resume import resume_point
@@ -76,20 +78,28 @@ def loader_timeout(decode_timeout: float) -> float:
 
 @dataclass
 class Forward:
-    """Runs batches through the model, halving the piece size for good after a CUDA out-of-memory error."""
+    """Runs batches through the model, halving the piece size for good after a CUDA out-of-memory error.
+
+    With `pad` (a compiled model), a short piece is padded with blank images to the piece size, so the compiled
+    graph sees one shape and never recompiles for the last batch.
+    """
 
     model: nn.Module
     normalize: DeviceNormalizer
     plan: DevicePlan
     piece: int
+    pad: bool = False
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         outputs, start = [], 0
         while start < len(images):
             piece = images[start : start + self.piece]
+            count = len(piece)
+            if self.pad and count < self.piece:
+                piece = torch.cat([piece, piece.new_zeros((self.piece - count, *piece.shape[1:]))])
             try:
                 with inference_context(self.plan):
-                    outputs.append(as_logits(self.model(self.normalize(piece)), len(piece)))
+                    outputs.append(as_logits(self.model(self.normalize(piece)), len(piece))[:count])
             except torch.OutOfMemoryError:
                 if self.piece == 1:
                     raise ModelError("the device ran out of memory on a single image") from None
@@ -98,8 +108,26 @@ class Forward:
                     torch.cuda.empty_cache()
                 say(f"out of device memory: running batches in pieces of {self.piece} from now on")
                 continue
-            start += len(piece)
+            start += count
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def compiled_forward(forward: Forward, blank: torch.Tensor) -> Forward:
+    """`forward` with its model under torch.compile, compiled now on a blank batch so the wait and any failure
+    come before the first image; where it cannot compile, the eager `forward` with a one-line warning."""
+    if isinstance(forward.model, (nn.DataParallel, OnnxModule)):
+        say("--compile applies to one PyTorch model on one device: running eagerly (use torchrun for several GPUs)")
+        return forward
+    started = time.perf_counter()
+    try:
+        compiled = dataclasses.replace(forward, model=torch.compile(forward.model), pad=True)
+        compiled(blank.expand(forward.piece, *blank.shape).to(forward.plan.device))
+    except Exception as error:  # a missing C++ compiler, an operator the compiler cannot take, ...
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        say(f"torch.compile failed ({type(error).__name__}: {first_line[:200]}): running eagerly")
+        return forward
+    say(f"compiled the model in {time.perf_counter() - started:.1f} s")
+    return compiled
 
 
 def run(config: Config, head: HeadStart | None = None) -> RunReport:
@@ -182,6 +210,8 @@ def run(config: Config, head: HeadStart | None = None) -> RunReport:
     if head is not None:
         batches = itertools.chain(head_batches(head, timeout), batches)
     forward = Forward(model, normalize, plan, batch_size)
+    if config.compile:
+        forward = compiled_forward(forward, dataset.blank)
     recorder = ProbabilityRecorder(label_map.softmax) if config.save_probs else None
     try:
         try:
