@@ -24,7 +24,7 @@ import numpy as np
 from harness.config import Config
 from harness.errors import PipelineError
 from harness.host import keep_freed_memory, usable_cpus
-from harness.images import DecodeLimits, ImageFile, decode_sample, describe_failure, discover
+from harness.images import DecodeLimits, ImageFile, decode_sample, discover
 from harness.transforms import geometry
 
 BATCHES_PER_PROCESS = 4  # each decoder works this far ahead at most
@@ -101,13 +101,9 @@ class HeadStart:
             errors = []
             for index in range(chunk * self.chunk, min((chunk + 1) * self.chunk, len(self.files))):
                 self._in_hand[slot] = index
-                out = self._view(index, 1)[0]
-                try:
-                    out[...] = decode_sample(self.files[index].path, self._pre, self._limits, self._draft_to, transform)
-                    errors.append("")
-                except Exception as error:  # one bad file must cost one row, never the run
-                    out[...] = 0
-                    errors.append(describe_failure(error))
+                image, error = decode_sample(self.files[index].path, self._pre, self._limits, self._draft_to, transform)
+                self._view(index, 1)[0] = 0 if image is None else image
+                errors.append(error)
             self._in_hand[slot] = -1
             self._done.put((chunk, errors))
 

@@ -212,15 +212,19 @@ class DecodeLimits:
 
 def decode_sample(
     path: str, pre: Preprocess, limits: DecodeLimits, draft_to: int | None, transform: Callable[[Image.Image], T]
-) -> T:
+) -> tuple[T | None, str]:
     """One file through decode, frame strip and `transform`, within the limits: the work of every decoder (the
-    DataLoader's workers and the head start's), so both give the same pixels. Raises on a bad file."""
-    with time_limit(limits.timeout):
-        image, scale = decode(path, pre.exif_transpose, draft_to, limits.max_pixels)
-        border = pre.border
-        if isinstance(border, int) and scale != 1:  # the frame shrank with the image; take all it touches
-            border = math.ceil(border * scale)
-        return transform(strip_border(image, border))
+    DataLoader's workers and the head start's), so both give the same pixels and the same reasons. Returns the
+    sample and "", or None and why the file failed: one bad file must cost one row, never the run."""
+    try:
+        with time_limit(limits.timeout):
+            image, scale = decode(path, pre.exif_transpose, draft_to, limits.max_pixels)
+            border = pre.border
+            if isinstance(border, int) and scale != 1:  # the frame shrank with the image; take all it touches
+                border = math.ceil(border * scale)
+            return transform(strip_border(image, border)), ""
+    except Exception as error:
+        return None, describe_failure(error)
 
 
 def describe_failure(error: BaseException) -> str:

@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from harness.config import Preprocess
-from harness.images import DecodeLimits, ImageFile, decode_sample, describe_failure
+from harness.images import DecodeLimits, ImageFile, decode_sample
 from harness.transforms import geometry
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -74,14 +74,8 @@ class ImageDataset(Dataset):
         slot = worker.id if worker is not None else 0
         if self.in_hand is not None:
             self.in_hand[slot] = index
-        try:
-            sample = (
-                index,
-                decode_sample(self.files[index].path, self.pre, self.limits, self._draft_to, self._transform),
-                "",
-            )
-        except Exception as error:  # one bad file must cost one row, never the run
-            sample = index, self.blank, describe_failure(error)
+        image, error = decode_sample(self.files[index].path, self.pre, self.limits, self._draft_to, self._transform)
+        sample = index, (self.blank if image is None else image), error
         if self.in_hand is not None:
             self.in_hand[slot] = -1
         return sample
