@@ -30,7 +30,7 @@ ENV_FIELDS = {
     "WORKERS": "workers",
     "BATCH_SIZE": "batch_size",
     "GPUS": "gpus",
-    # set by torchrun for each process it starts (harness/distributed.py)
+    # set by torchrun for each process it starts (harness/pipeline/distributed.py)
     "WORLD_SIZE": "world_size",
     "RANK": "rank",
     "LOCAL_RANK": "local_rank",
@@ -39,6 +39,21 @@ ENV_FIELDS = {
 
 
 # ---- value parsers: each takes a YAML value or a string and returns the typed value or raises ValueError ----
+# Each carries the metavar its command-line option shows (`_shown`), so --help follows the parsers.
+
+Parse = Callable[[Any], Any]
+
+
+def _shown(metavar: str, parse: Parse) -> Parse:
+    def shown(value: Any) -> Any:
+        return parse(value)
+
+    shown.metavar = metavar  # type: ignore[attr-defined]
+    return shown
+
+
+def metavar(parse: Parse) -> str:
+    return getattr(parse, "metavar", "VALUE")
 
 
 def _int(minimum: int) -> Callable[[Any], int]:
@@ -50,7 +65,7 @@ def _int(minimum: int) -> Callable[[Any], int]:
             raise ValueError(f"must be >= {minimum}")
         return number
 
-    return parse
+    return _shown("N", parse)
 
 
 def _float(low: float, high: float | None = None) -> Callable[[Any], float]:
@@ -62,10 +77,10 @@ def _float(low: float, high: float | None = None) -> Callable[[Any], float]:
             raise ValueError(f"must be in [{low}, {high}]" if high is not None else f"must be >= {low}")
         return number
 
-    return parse
+    return _shown("X", parse)
 
 
-def _bool(value: Any) -> bool:
+def _parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -76,6 +91,9 @@ def _bool(value: Any) -> bool:
     raise ValueError("expected true or false")
 
 
+_bool = _shown("true|false", _parse_bool)
+
+
 def _choice(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = str(value).strip()
@@ -83,18 +101,19 @@ def _choice(*choices: str) -> Callable[[Any], str]:
             return text.lower()
         raise ValueError(f"expected one of {', '.join(choices)}")
 
-    return parse
+    return _shown("|".join(choices), parse)
 
 
-def _text(value: Any) -> str:
+def _parse_text(value: Any) -> str:
     text = str(value).strip()
     if not text:
         raise ValueError("must not be empty")
     return text
 
 
-def _path(value: Any) -> Path:
-    return Path(_text(value))
+_text = _shown("TEXT", _parse_text)
+_label_map = _shown("MAP", _parse_text)
+_path = _shown("PATH", lambda value: Path(_parse_text(value)))
 
 
 def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -103,10 +122,10 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
             return None
         return parse(value)
 
-    return parse_optional
+    return _shown(metavar(parse), parse_optional)
 
 
-def _triple(value: Any) -> tuple[float, float, float] | None:
+def _parse_triple(value: Any) -> tuple[float, float, float] | None:
     """Per-channel mean or std: three numbers, one number for all channels, or none to skip normalisation."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return None
@@ -119,7 +138,10 @@ def _triple(value: Any) -> tuple[float, float, float] | None:
     return (numbers[0], numbers[1], numbers[2])
 
 
-def _border(value: Any) -> int | str:
+_triple = _shown("V[,V,V]", _parse_triple)
+
+
+def _parse_border(value: Any) -> int | str:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     try:
@@ -128,19 +150,28 @@ def _border(value: Any) -> int | str:
         raise ValueError("expected a number of pixels (>= 0) or auto") from None
 
 
-def _value_scale(value: Any) -> float:
+_border = _shown("N|auto", _parse_border)
+
+
+def _parse_value_scale(value: Any) -> float:
     number = float(value)
     if number not in (1.0, 255.0):
         raise ValueError("expected 1 (values 0..1) or 255 (values 0..255)")
     return number
 
 
-def _amp(value: Any) -> str | None:
+_value_scale = _shown("1|255", _parse_value_scale)
+
+
+def _parse_amp(value: Any) -> str | None:
     parsed = _choice("off", "none", "bf16", "fp16", "bfloat16", "float16")(value if value is not None else "off")
     return {"off": None, "none": None, "bfloat16": "bf16", "float16": "fp16"}.get(parsed, parsed)
 
 
-def _max_failures(value: Any) -> float | None:
+_amp = _shown("off|bf16|fp16", _parse_amp)
+
+
+def _parse_max_failures(value: Any) -> float | None:
     """A count (>= 1, or 0 for none allowed) or a fraction of the images (0 < f < 1)."""
     if value is None or str(value).strip().lower() in ("", "none", "null"):
         return None
@@ -148,6 +179,9 @@ def _max_failures(value: Any) -> float | None:
     if number < 0 or (number >= 1 and number != int(number)):
         raise ValueError("expected a count (0, 1, 2, ...) or a fraction between 0 and 1")
     return number
+
+
+_max_failures = _shown("N|FRACTION", _parse_max_failures)
 
 
 def _setting(default: Any, parse: Callable[[Any], Any], help: str) -> Any:
@@ -207,7 +241,7 @@ class Config:
     batch_size: int = _setting(64, _int(1), "images per batch per GPU")
     softmax: bool = _setting(True, _bool, "turn the model's outputs into probabilities")
     label_map: str = _setting(
-        "auto", _text, "auto, none, objectnet, objectnet-legacy, or a labels file (one class name a line)"
+        "auto", _label_map, "auto, none, objectnet, objectnet-legacy, or a labels file (one class name a line)"
     )
     topk: int = _setting(5, _int(1), "predictions per image")
     amp: str | None = _setting(None, _amp, "mixed precision: off, bf16 or fp16")
@@ -271,6 +305,16 @@ class Config:
 
 RUN_FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "preprocess"}
 PREPROCESS_FIELDS = {f.name: f for f in dataclasses.fields(Preprocess)}
+SETTINGS = {**RUN_FIELDS, **PREPROCESS_FIELDS}
+
+
+def is_switch(name: str) -> bool:
+    """A true/false setting: on the command line, `--name` alone means true."""
+    return SETTINGS[name].metadata["parse"] is _bool
+
+
+def setting_metavar(name: str) -> str:
+    return metavar(SETTINGS[name].metadata["parse"])
 
 
 def _parse(fields: Mapping[str, dataclasses.Field], name: str, value: Any, source: str) -> Any:

@@ -1,76 +1,121 @@
-"""One exception type per kind of user mistake, each with its own exit code.
+"""One exception type per kind of user mistake, each with its own exit code; and the few third-party errors the
+harness can only recognise by their text, recognised here and nowhere else.
 
 The CLI catches `HarnessError` and prints its message alone: these are mistakes a user can fix, so a traceback
-would only hide the one line that says what to do.
+would only hide the one line that says what to do (`--traceback` shows it, with the error that caused it). Each
+class's docstring is its exit code's meaning in `--help` and the README: written once, here.
 """
 
 from __future__ import annotations
 
+import re
+
 
 class HarnessError(Exception):
-    """Base class: a problem the user can fix, reported as one message and an exit code."""
+    """A problem the user can fix, reported as one message and an exit code."""
 
     exit_code = 1
 
 
 class ConfigError(HarnessError):
-    """A setting is unknown or has a value the harness cannot use."""
+    """bad setting (command line, environment or model/config.yaml), or --resume of another run's partial file"""
 
     exit_code = 2
 
 
 class InputError(HarnessError):
-    """The input folder is missing, empty or unreadable."""
+    """input folder missing, empty or unreadable"""
 
     exit_code = 3
 
 
 class ModelError(HarnessError):
-    """The model folder, class or checkpoint cannot be loaded, or the model's output has the wrong shape."""
+    """model cannot be loaded or gives output of the wrong shape"""
 
     exit_code = 4
 
 
 class DeviceError(HarnessError):
-    """The requested device or number of GPUs is not available."""
+    """requested device or GPUs not available"""
 
     exit_code = 5
 
 
 class OutputError(HarnessError):
-    """The predictions file or its folder cannot be written."""
+    """output file or folder cannot be written"""
 
     exit_code = 6
 
 
 class TooManyFailuresError(HarnessError):
-    """More images failed to decode than the run allows."""
+    """more images failed than --max-failures allows (the predictions are written)"""
 
     exit_code = 7
 
 
 class PipelineError(HarnessError):
-    """A decoding worker died or stopped answering (killed for memory, or stuck in native code)."""
+    """a decoding process died or hung; finished rows are kept in the .partial file"""
 
     exit_code = 8
 
 
 class CheckFailedError(HarnessError):
-    """A tool's check failed: an invalid predictions file, a broken model limit, an ONNX parity mismatch."""
+    """a tool's check failed (validate, check-model limits, export-onnx parity)"""
 
     exit_code = 9
 
 
+class ToolFileError(HarnessError):
+    """a file handed to a tool cannot be read or is not what the tool reads (CSV, answers, --save-probs)"""
+
+    exit_code = 10
+
+
+ERROR_TYPES: tuple[type[HarnessError], ...] = (
+    ConfigError,
+    InputError,
+    ModelError,
+    DeviceError,
+    OutputError,
+    TooManyFailuresError,
+    PipelineError,
+    CheckFailedError,
+    ToolFileError,
+)
+SUCCESS = 0
+BUG = 1
+INTERRUPTED = 130
+
 EXIT_CODES: dict[int, str] = {
-    0: "success: every image has a row",
-    1: "internal error (a bug: please report it with the traceback)",
-    ConfigError.exit_code: "bad setting (command line, environment or model/config.yaml)",
-    InputError.exit_code: "input folder missing, empty or unreadable",
-    ModelError.exit_code: "model cannot be loaded or gives output of the wrong shape",
-    DeviceError.exit_code: "requested device or GPUs not available",
-    OutputError.exit_code: "output file or folder cannot be written",
-    TooManyFailuresError.exit_code: "more images failed than --max-failures allows",
-    PipelineError.exit_code: "a decoding worker died or hung; finished rows are kept in the .partial file",
-    CheckFailedError.exit_code: "a tool's check failed (validate, check-model limits, export-onnx parity)",
-    130: "interrupted (SIGINT/SIGTERM); finished rows are kept in the .partial file",
+    SUCCESS: "success: every image has a row",
+    BUG: "internal error (a bug: please report it with the output of --traceback)",
+    **{error.exit_code: (error.__doc__ or "").strip() for error in ERROR_TYPES},
+    INTERRUPTED: "interrupted (SIGINT/SIGTERM); finished rows are kept in the .partial file",
 }
+
+
+def error_type(exit_code: int) -> type[HarnessError]:
+    """The error class of an exit code, so an error passed on from another process (a torchrun rank) keeps its code."""
+    return next((error for error in ERROR_TYPES if error.exit_code == exit_code), HarnessError)
+
+
+# ---- third-party errors known only by their text; tests/test_errors.py provokes each one for real ----
+
+
+def refused_pickle_globals(error: BaseException) -> list[str] | None:
+    """The classes `torch.load(weights_only=True)` refused to unpickle, or None when `error` is not that refusal."""
+    text = str(error)
+    if "Unsupported global" not in text:
+        return None
+    return re.findall(r"GLOBAL ([\w.]+)", text)
+
+
+def is_dataloader_failure(error: BaseException) -> bool:
+    """PyTorch raises a DataLoader worker's death or time-out as a plain RuntimeError naming the DataLoader, in the
+    main process, wherever it happens to be."""
+    return isinstance(error, RuntimeError) and "DataLoader" in str(error)
+
+
+def is_onnx_package_missing(error: BaseException) -> bool:
+    """torch.onnx.export's complaint when the `onnx` package it writes through is not installed."""
+    return "onnx is not installed" in str(error)

@@ -107,20 +107,16 @@ def model_folder(name: str, scratch: Path) -> Path:
 
 
 def _config(model_dir: str, data: str, harness_args: list[str]):
-    from harness.cli import build_parser
-    from harness.config import build_config
+    from harness.options import run_config
 
-    given = vars(build_parser().parse_args(harness_args))
-    cli = {k: v for k, v in given.items() if v is not None and not k.startswith("positional_")}
-    return build_config({**cli, "model_dir": model_dir, "input_dir": data}, os.environ)
+    return run_config([*harness_args, "--model-dir", model_dir, "--input-dir", data], os.environ)
 
 
 def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: float) -> float:
     import torch
 
-    from harness.devices import DeviceNormalizer, inference_context, plan_devices, prepare_model
-    from harness.models import load_model
-    from harness.speed import tune_process
+    from harness.models.load import load_model
+    from harness.pipeline.devices import DeviceNormalizer, inference_context, plan_devices, prepare_model, tune_process
 
     config = _config(model_dir, data, harness_args)
     plan = plan_devices(config)
@@ -147,11 +143,12 @@ def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: flo
 
 
 def phase_decode(model_dir: str, data: str, harness_args: list[str]) -> float:
-    from harness.host import usable_cpus
-    from harness.images import DecodeLimits, discover
-    from harness.loader import PREFETCH, ImageDataset, make_loader
-    from harness.runner import loader_timeout
-    from harness.speed import tune_process
+    from harness.pipeline.decode import DecodeLimits
+    from harness.pipeline.devices import tune_process
+    from harness.pipeline.files import discover
+    from harness.pipeline.host import usable_cpus
+    from harness.pipeline.loader import PREFETCH, ImageDataset, make_loader
+    from harness.pipeline.runner import loader_timeout
 
     config = _config(model_dir, data, harness_args)
     tune_process(config)
@@ -237,7 +234,7 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    from harness.host import usable_cpus
+    from harness.pipeline.host import usable_cpus
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{cpu}, {usable_cpus()} usable cores, {memory:.0f} GiB"

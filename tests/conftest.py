@@ -1,9 +1,7 @@
-"""Shared fixtures: the repository's real sample images and model, and a way to run the CLI in-process."""
+"""Shared fixtures; the helpers they and the tests share live in tests/helpers.py."""
 
 from __future__ import annotations
 
-import csv
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,17 +9,7 @@ import pytest
 
 from harness.cli import main
 from harness.config import ENV_FIELDS
-from harness.writer import open_csv
-
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO / "sample-images"
-SHARED = REPO.parent / "shared"
-OBJECTNET_SAMPLES = sorted(p.name for p in SAMPLES.glob("*.png") if len(p.stem) == 15)
-
-
-def read_rows(path: Path) -> list[list[str]]:
-    with open_csv(path) as f:
-        return list(csv.reader(f))
+from tests.helpers import REPO, SAMPLES, read_rows
 
 
 @pytest.fixture(autouse=True)
@@ -42,14 +30,3 @@ def harness_run(tmp_path: Path) -> Callable[..., tuple[int, list[list[str]]]]:
         return code, (read_rows(output) if output.exists() else [])
 
     return run
-
-
-def shared_file(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is not here (the shared folder sits beside the repository in CI)")
-    return path
-
-
-def env_without_build_args() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ENV_FIELDS}

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from harness.cli import main
-from tests.conftest import SAMPLES, read_rows
+from tests.helpers import SAMPLES, read_rows
 
 GOOD = ["coffee.png", "grace_hopper.jpg", "chelsea.png", "9419e565a04b4fd.png"]
 AWKWARD_NAMES = ["comma,name.png", 'quote"name.png', "space name.png", "new\nline.png", "ünï.png"]

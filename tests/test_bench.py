@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, env_without_build_args
+from tests.helpers import REPO, env_without_build_args
 
 
 @pytest.mark.slow

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import _merge, build_parser
 from harness.config import IMAGENET_MEAN, build_config
 from harness.errors import ConfigError
+from harness.options import given_settings, run_parser
 
 
 def _cli(*argv: str) -> dict:
-    return _merge(vars(build_parser().parse_args(list(argv))))
+    return given_settings(run_parser().parse_args(list(argv)))
 
 
 def test_defaults_are_the_template_preprocessing() -> None:

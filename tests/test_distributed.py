@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.images import shard
-from tests.conftest import REPO, SAMPLES, env_without_build_args
+from harness.pipeline.files import shard
+from tests.helpers import REPO, SAMPLES, env_without_build_args
 
 
 @pytest.mark.parametrize("count", [0, 1, 7, 19, 64, 65])

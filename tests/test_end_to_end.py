@@ -12,13 +12,14 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-import harness.runner
+import harness.pipeline.runner
 from harness.config import Preprocess
-from harness.devices import DevicePlan
-from harness.images import ImageFile, load_rgb
-from harness.labels import imagenet_to_objectnet
-from harness.loader import ImageDataset
-from tests.conftest import OBJECTNET_SAMPLES, REPO, SAMPLES, env_without_build_args
+from harness.pipeline.decode import load_rgb
+from harness.pipeline.devices import DevicePlan
+from harness.pipeline.files import ImageFile
+from harness.pipeline.loader import ImageDataset
+from harness.results.labels import imagenet_to_objectnet
+from tests.helpers import OBJECTNET_SAMPLES, REPO, SAMPLES, env_without_build_args
 
 sys.path.insert(0, str(REPO / "model"))
 from model import EfficientNetLite0
@@ -146,7 +147,7 @@ def test_data_parallel_is_built_once_for_the_whole_run(harness_run, monkeypatch)
             built.append(kwargs.get("device_ids"))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(harness.runner, "plan_devices", lambda config: DevicePlan(torch.device("cpu"), [0, 1]))
+    monkeypatch.setattr(harness.pipeline.runner, "plan_devices", lambda config: DevicePlan(torch.device("cpu"), [0, 1]))
     monkeypatch.setattr(nn, "DataParallel", CountingDataParallel)
     code, rows = harness_run("--batch_size", "2", "--workers", "0")  # 19 images in batches of 4: 5 batches
     assert code == 0 and len(rows) == 19

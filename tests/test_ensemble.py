@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from harness.cli import main
-from harness.ensemble import average
-from tests.conftest import read_rows
+from harness.tools.ensemble import average
+from tests.helpers import read_rows
 
 
 def _save(path: Path, keys: list[str], probs: list[list[float]], softmax: bool = True) -> Path:
@@ -52,5 +52,5 @@ def test_averaging_by_hand_and_failed_rows(tmp_path: Path) -> None:
 def test_runs_over_different_images_are_refused(tmp_path: Path, capsys) -> None:
     first = _save(tmp_path / "a.npz", ["x.png"], [[0.5, 0.5]])
     second = _save(tmp_path / "b.npz", ["y.png"], [[0.5, 0.5]])
-    assert main(["ensemble", str(first), str(second), "--output", str(tmp_path / "p.csv")]) == 2
+    assert main(["ensemble", str(first), str(second), "--output", str(tmp_path / "p.csv")]) == 10
     assert "the runs must cover the same images" in capsys.readouterr().err

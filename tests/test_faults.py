@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-import harness.runner
+import harness.pipeline.runner
 from harness.cli import main
 from harness.config import Preprocess
-from harness.devices import DeviceNormalizer, DevicePlan
-from harness.runner import Forward
-from tests.conftest import REPO, SAMPLES, env_without_build_args, read_rows
+from harness.pipeline.devices import DeviceNormalizer, DevicePlan
+from harness.pipeline.forward import Forward
+from tests.helpers import REPO, SAMPLES, env_without_build_args, read_rows
 
 
 def _many_images(folder: Path, copies: int) -> Path:
@@ -89,7 +89,8 @@ def test_resume_refuses_a_partial_file_from_other_images(tmp_path: Path) -> None
     output = tmp_path / "p.csv"
     output.with_name("p.csv.partial").write_text("someone-else.png,1,0.5,2,0.1,3,0.1,4,0.1,5,0.1\n")
     code = main([str(SAMPLES), str(output), "--resume", "--progress", "false", "--workers", "0"])
-    assert code == 3 and not output.exists()
+    assert code == 2 and not output.exists()
+    assert output.with_name("p.csv.partial").read_text().startswith("someone-else.png,")
 
 
 TRANSFORM_HEAD = """import os, signal, time
@@ -179,7 +180,7 @@ def test_a_hung_worker_is_an_error_not_a_hang(
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # stuck where the per-image alarm cannot reach
     time.sleep(60)"""
     folder = _model_folder(tmp_path, body)
-    monkeypatch.setattr(harness.runner, "loader_timeout", lambda decode_timeout: 3.0)
+    monkeypatch.setattr(harness.pipeline.runner, "loader_timeout", lambda decode_timeout: 3.0)
     started = time.monotonic()
     assert main(_worker_fault_argv(tmp_path, folder)) == 8
     assert time.monotonic() - started < 40

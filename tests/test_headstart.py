@@ -16,14 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import harness.headstart
+import harness.pipeline.headstart
 from harness.cli import main
 from harness.config import Config, build_config
 from harness.errors import PipelineError
-from harness.headstart import HeadStart, start_head
-from harness.images import DecodeLimits, discover
-from harness.loader import ImageDataset
-from tests.conftest import REPO, SAMPLES, read_rows
+from harness.pipeline.decode import DecodeLimits
+from harness.pipeline.files import discover
+from harness.pipeline.headstart import HeadStart, start_head
+from harness.pipeline.loader import ImageDataset
+from tests.helpers import REPO, SAMPLES, read_rows
 
 BATCH = 4
 
@@ -81,7 +82,7 @@ def test_batches_equal_the_dataloaders_samples_errors_included(
 def test_a_run_with_a_head_start_writes_the_same_files_as_one_without(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(harness.headstart, "usable_cpus", lambda: 2)  # one decoder: at most four batches ahead
+    monkeypatch.setattr(harness.pipeline.headstart, "usable_cpus", lambda: 2)  # one decoder: at most four batches ahead
     folder = _folder(tmp_path)
     outputs = {}
     for head_start in ("true", "false"):
@@ -106,7 +107,7 @@ def test_a_decoder_that_dies_or_hangs_is_an_error_naming_its_file(tmp_path: Path
     head = HeadStart(_config(folder, decode_timeout=600), discover(folder), processes=1)
     try:
         deadline = time.monotonic() + 30
-        while list(head._in_hand) != [1] and time.monotonic() < deadline:
+        while head._tracker.held() != [1] and time.monotonic() < deadline:
             time.sleep(0.05)
         if kill:
             os.kill(head._processes[0].pid, signal.SIGKILL)
@@ -133,21 +134,22 @@ def test_close_before_stop_ends_a_stuck_decoder_at_once(tmp_path: Path) -> None:
     [{"head_start": "false"}, {"resume": "true"}, {"workers": "0"}, {"world_size": "2", "rank": "1"}],
 )
 def test_no_head_start_where_it_does_not_apply(tmp_path: Path, settings: dict[str, str]) -> None:
-    assert start_head(_config(SAMPLES, **settings)) is None
+    assert start_head(_config(SAMPLES, **settings), discover(SAMPLES)) is None
 
 
 def test_no_head_start_with_the_model_folders_own_transform(tmp_path: Path) -> None:
     (tmp_path / "data_transform_description.py").write_text("")
     config = dataclasses.replace(_config(SAMPLES), model_dir=tmp_path)
-    assert start_head(config) is None
+    assert start_head(config, discover(SAMPLES)) is None
 
 
 def test_the_command_line_the_head_start_and_validate_load_without_torch() -> None:
     """The head start only pays if it forks before torch loads; an import of torch here would silently undo it.
     `harness validate` is promised torch-free too (README)."""
-    code = "import sys, harness.cli, harness.headstart, harness.validate; sys.exit('torch' in sys.modules)"
+    modules = "harness.cli, harness.options, harness.pipeline.headstart, harness.tools.validate"
+    code = f"import sys, {modules}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
 
 
 def test_no_head_start_for_an_empty_folder(tmp_path: Path) -> None:
-    assert start_head(_config(tmp_path)) is None
+    assert start_head(_config(tmp_path), []) is None

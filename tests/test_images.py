@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from harness.errors import InputError
-from harness.images import detect_border, discover, load_rgb, strip_border
-from tests.conftest import OBJECTNET_SAMPLES, SAMPLES
+from harness.pipeline.decode import detect_border, load_rgb, strip_border
+from harness.pipeline.files import discover
+from tests.helpers import OBJECTNET_SAMPLES, SAMPLES
 
 RED = (255, 0, 0)
 

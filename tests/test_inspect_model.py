@@ -8,7 +8,7 @@ import pytest
 from torch import nn
 
 from harness.cli import main
-from harness.inspect_model import ModelCost, broken_limits, count_flops
+from harness.tools.check_model import ModelCost, broken_limits, count_flops
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from harness.errors import ConfigError
-from harness.labels import ObjectNetLegacy, ObjectNetSummed, Score, TopK, imagenet_to_objectnet, make_label_map
-from tests.conftest import shared_file
+from harness.results.labels import ObjectNetLegacy, ObjectNetSummed, Score, TopK, imagenet_to_objectnet, make_label_map
+from tests.helpers import shared_file
 
 MAPPING = imagenet_to_objectnet()
 

@@ -10,7 +10,8 @@ import torch
 
 from harness.config import build_config
 from harness.errors import ModelError
-from harness.models import load_custom_transform, load_model
+from harness.models.load import load_model
+from harness.models.python_class import load_custom_transform
 
 TINY = textwrap.dedent(
     """

@@ -13,10 +13,10 @@ from torch import nn
 from harness.cli import main
 from harness.config import build_config
 from harness.errors import ModelError
-from harness.export_onnx import check_parity, export
-from harness.models import find_saved_file, load_model
-from harness.onnx_model import CUDA_PROVIDER, OnnxModule, make_session
-from tests.conftest import REPO, SAMPLES, read_rows
+from harness.models.load import find_saved_file, load_model
+from harness.models.onnx_runtime import CUDA_PROVIDER, OnnxModule, make_session
+from harness.tools.export_onnx import check_parity, export
+from tests.helpers import REPO, SAMPLES, read_rows
 
 pytest.importorskip("onnx")  # the exporter needs it; onnxruntime alone runs ONNX models
 

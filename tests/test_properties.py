@@ -12,11 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.config import Preprocess
-from harness.images import DecodeLimits, ImageFile, discover
-from harness.loader import ImageDataset
-from harness.validate import validate_predictions
-from harness.writer import AtomicCsvWriter
-from tests.conftest import SAMPLES, read_rows
+from harness.pipeline.decode import DecodeLimits
+from harness.pipeline.files import ImageFile, discover
+from harness.pipeline.loader import ImageDataset
+from harness.results.writer import AtomicCsvWriter
+from harness.tools.validate import validate_predictions
+from tests.helpers import SAMPLES, read_rows
 
 # A Linux file name: any bytes but '/' and NUL, as the harness sees it after os.fsdecode (surrogateescape).
 names = st.binary(min_size=1, max_size=60).filter(lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b".."))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from harness.cli import main
-from tests.conftest import SAMPLES, read_rows
+from tests.helpers import SAMPLES, read_rows
 
 CONFIG = "preprocess:\n  input_size: 32\n  resize_size: 32\n"
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from harness.cli import main
-from harness.score import best_f1, kendall_tau_b, optimisation_score, overlap_ids, pearson, read_scores
-from harness.writer import AtomicCsvWriter
-from tests.conftest import shared_file
+from harness.results.writer import AtomicCsvWriter
+from harness.tools.score import best_f1, kendall_tau_b, optimisation_score, overlap_ids, pearson, read_scores
+from tests.helpers import shared_file
 
 
 def _write(path: Path, text: str) -> Path:

@@ -8,10 +8,11 @@ import pytest
 from PIL import Image
 
 from harness.config import Preprocess
-from harness.host import keep_freed_memory
-from harness.images import ImageFile, decode
-from harness.loader import ImageDataset
-from tests.conftest import SAMPLES
+from harness.pipeline.decode import decode
+from harness.pipeline.files import ImageFile
+from harness.pipeline.host import keep_freed_memory
+from harness.pipeline.loader import ImageDataset
+from tests.helpers import SAMPLES
 
 
 def big_framed_jpegs(folder: Path) -> Path:

@@ -15,8 +15,8 @@ from torch import nn
 
 from harness.cli import main
 from harness.errors import ModelError
-from harness.submission import extract_submission
-from tests.conftest import REPO, SAMPLES, env_without_build_args, read_rows
+from harness.models.submission import extract_submission
+from tests.helpers import REPO, SAMPLES, env_without_build_args, read_rows
 
 MODEL_PY = """from torch import nn
 

@@ -7,10 +7,10 @@ import torch
 from torchvision import transforms as T
 
 from harness.config import Preprocess
-from harness.devices import DeviceNormalizer
-from harness.images import load_rgb
-from harness.transforms import geometry
-from tests.conftest import SAMPLES
+from harness.pipeline.decode import load_rgb
+from harness.pipeline.devices import DeviceNormalizer
+from harness.pipeline.transforms import geometry
+from tests.helpers import SAMPLES
 
 IMAGES = ["coffee.png", "grace_hopper.jpg", "camera.png", "9419e565a04b4fd.png"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.validate import validate_predictions
+from harness.tools.validate import validate_predictions
 
 
 def _images(folder: Path, names: list[str]) -> Path:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from harness.errors import OutputError
-from harness.resume import resume_point
-from harness.writer import AtomicCsvWriter, check_writable
-from tests.conftest import read_rows
+from harness.pipeline.resume import resume_point
+from harness.results.writer import AtomicCsvWriter, check_writable
+from tests.helpers import read_rows
 
 AWKWARD = [
     "plain.png",

@@ -1,6 +1,6 @@
 """ONNX models through onnxruntime, behind the same `nn.Module` call as a PyTorch model.
 
-The runner's preprocessing, label maps and writer then apply unchanged. onnxruntime picks its providers
+The pipeline's preprocessing, label maps and writer then apply unchanged. onnxruntime picks its providers
 silently: a CUDA provider that fails to load (no cuDNN, a CUDA version mismatch) leaves the session on the CPU
 with no error, so after creating the session we compare the providers really active with the ones asked for.
 """
@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness.console import say
 from harness.errors import ModelError
-from harness.report import say
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -43,7 +43,7 @@ def make_session(path: Path, want_cuda: bool) -> Any:
     try:
         session = ort.InferenceSession(str(path), providers=providers)
     except Exception as error:  # onnxruntime's own exception types differ between versions
-        raise ModelError(f"onnxruntime cannot load {path}: {error}") from None
+        raise ModelError(f"onnxruntime cannot load {path}: {error}") from error
     if want_cuda and CUDA_PROVIDER in available and session.get_providers()[0] != CUDA_PROVIDER:
         say(
             f"WARNING: onnxruntime could not start its CUDA provider (active: {', '.join(session.get_providers())}): "

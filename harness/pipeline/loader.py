@@ -1,7 +1,7 @@
 """The parallel input pipeline: decode, strip the frame, resize and crop in worker processes, in input order.
 
 An image that cannot be decoded does not stop the run: its slot carries a blank tensor and the reason, and the
-runner writes a failure row for it.
+run writes a failure row for it.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from harness.config import Preprocess
-from harness.images import DecodeLimits, ImageFile, decode_sample
-from harness.transforms import geometry
+from harness.pipeline.decode import DecodeLimits, decode_sample
+from harness.pipeline.files import ImageFile
+from harness.pipeline.tracker import DecoderTracker
+from harness.pipeline.transforms import geometry
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -49,17 +51,13 @@ class ImageDataset(Dataset):
         # Drafting needs to know the size the image is cut to, which a model folder's own transform hides.
         self._draft_to = pre.resize_to if pre.jpeg_draft and custom is None else None
         self.blank = torch.zeros_like(self._transform(Image.new("RGB", (pre.resize_to, pre.resize_to))))
-        self.in_hand: torch.Tensor | None = None
+        self.tracker: DecoderTracker | None = None
 
-    def watch(self, workers: int) -> None:
-        """Have each worker record the index it is decoding in shared memory: when a worker dies or hangs,
+    def watch(self, workers: int) -> DecoderTracker:
+        """Have each worker record the index it is decoding, before the workers fork: when one dies or hangs,
         its slot still names the file that did it."""
-        self.in_hand = torch.full((max(1, workers),), -1, dtype=torch.int64).share_memory_()
-
-    def decoding_now(self) -> list[str]:
-        if self.in_hand is None:
-            return []
-        return [self.files[i].key for i in self.in_hand.tolist() if i >= 0]
+        self.tracker = DecoderTracker(workers)
+        return self.tracker
 
     def _transform(self, image: Image.Image) -> torch.Tensor:
         if self.custom is not None:
@@ -72,13 +70,12 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
         worker = get_worker_info()
         slot = worker.id if worker is not None else 0
-        if self.in_hand is not None:
-            self.in_hand[slot] = index
+        if self.tracker is not None:
+            self.tracker.hold(slot, index)
         image, error = decode_sample(self.files[index].path, self.pre, self.limits, self._draft_to, self._transform)
-        sample = index, (self.blank if image is None else image), error
-        if self.in_hand is not None:
-            self.in_hand[slot] = -1
-        return sample
+        if self.tracker is not None:
+            self.tracker.release(slot)
+        return index, (self.blank if image is None else image), error
 
 
 def collate(samples: list[tuple[int, torch.Tensor, str]]) -> Batch:

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.errors import ConfigError, InputError
-from harness.labels import make_label_map
-from harness.report import say
-from harness.writer import AtomicCsvWriter, check_writable
+from harness.console import say
+from harness.errors import ToolFileError
+from harness.results.labels import make_label_map
+from harness.results.writer import AtomicCsvWriter, check_writable
 
 
 def load_probs(path: Path) -> tuple[list[str], np.ndarray, bool]:
@@ -25,7 +25,7 @@ def load_probs(path: Path) -> tuple[list[str], np.ndarray, bool]:
         with np.load(path) as data:
             return [str(k) for k in data["keys"]], data["probs"].astype(np.float64), bool(data["softmax"])
     except (OSError, KeyError, ValueError) as error:
-        raise InputError(f"{path} is not a --save-probs file: {error}") from None
+        raise ToolFileError(f"{path} is not a --save-probs file: {error}") from None
 
 
 def average(paths: Sequence[Path]) -> tuple[list[str], np.ndarray, bool]:
@@ -34,7 +34,7 @@ def average(paths: Sequence[Path]) -> tuple[list[str], np.ndarray, bool]:
     for path in paths[1:]:
         other_keys, probs, other_softmax = load_probs(path)
         if other_keys != keys or probs.shape != total.shape or other_softmax != softmax:
-            raise ConfigError(
+            raise ToolFileError(
                 f"{path} does not match {paths[0]}: the runs must cover the same images, in the same order, "
                 f"with the same number of classes and the same softmax setting ({probs.shape} vs {total.shape})"
             )

@@ -19,14 +19,16 @@ import torch
 from torch import nn
 
 from harness.config import Config
-from harness.devices import DeviceNormalizer
-from harness.errors import CheckFailedError, ConfigError, InputError, ModelError
-from harness.images import DecodeLimits, discover
-from harness.loader import ImageDataset
-from harness.models import load_custom_transform, load_model
-from harness.onnx_model import OnnxModule, make_session
-from harness.runner import as_logits
-from harness.tool_args import add_model_options, model_config
+from harness.errors import CheckFailedError, ConfigError, InputError, ModelError, is_onnx_package_missing
+from harness.models.load import load_model
+from harness.models.onnx_runtime import OnnxModule, make_session
+from harness.models.outputs import as_logits
+from harness.models.python_class import load_custom_transform
+from harness.options import add_model_options, tool_config
+from harness.pipeline.decode import DecodeLimits
+from harness.pipeline.devices import DeviceNormalizer
+from harness.pipeline.files import discover
+from harness.pipeline.loader import ImageDataset
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
@@ -67,8 +69,8 @@ def export(model: nn.Module, path: Path, input_size: int, opset: int) -> None:
                 opset_version=opset,
             )
     except Exception as error:
-        hint = " (pip install onnx)" if "onnx is not installed" in str(error) else ""
-        raise ModelError(f"ONNX export failed{hint}: {type(error).__name__}: {error}") from None
+        hint = " (pip install onnx)" if is_onnx_package_missing(error) else ""
+        raise ModelError(f"ONNX export failed{hint}: {type(error).__name__}: {error}") from error
 
 
 def sample_batch(config: Config, images_dir: Path, limit: int) -> torch.Tensor:
@@ -102,7 +104,7 @@ def export_onnx_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     parser.add_argument("--parity-images", type=int, default=64, help="at most this many images are compared")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest probability difference allowed")
     args = parser.parse_args(argv)
-    config = model_config(args, environ)
+    config = tool_config(args, environ)
     loaded = load_model(config)
     if isinstance(loaded.module, OnnxModule):
         raise ConfigError(f"{loaded.source} is already ONNX: export-onnx exports a PyTorch model folder")

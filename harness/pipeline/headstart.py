@@ -22,25 +22,27 @@ from collections.abc import Iterator
 import numpy as np
 
 from harness.config import Config
-from harness.errors import PipelineError
-from harness.host import keep_freed_memory, usable_cpus
-from harness.images import DecodeLimits, ImageFile, decode_sample, discover
-from harness.transforms import geometry
+from harness.pipeline.decode import DecodeLimits, decode_sample
+from harness.pipeline.files import ImageFile
+from harness.pipeline.host import keep_freed_memory, usable_cpus
+from harness.pipeline.tracker import DecoderTracker
+from harness.pipeline.transforms import geometry
 
 BATCHES_PER_PROCESS = 4  # each decoder works this far ahead at most
 MAX_BYTES = 512 * 2**20  # of decoded images held in memory before the model takes them
 POLL_S = 0.5  # how often a wait for a batch checks that the decoders are alive
 
 
-def start_head(config: Config) -> HeadStart | None:
-    """Fork the decoders, or None where a head start cannot pay or does not apply.
+def start_head(config: Config, files: list[ImageFile]) -> HeadStart | None:
+    """Fork the decoders over the run's `files`, or None where a head start cannot pay or does not apply.
 
     It needs fork (Linux), a spare core beside the one importing torch, and the harness's own geometry (a model
     folder's transform needs torch). Resumed runs and torchrun ranks start where their partial files say, which
     is known only after the model loads; `--workers 0` asks for decoding in the main process only.
     """
     if (
-        not config.head_start
+        not files
+        or not config.head_start
         or sys.platform != "linux"
         or config.resume
         or config.world_size > 1
@@ -49,8 +51,7 @@ def start_head(config: Config) -> HeadStart | None:
     ):
         return None
     processes = usable_cpus() - 1
-    files = discover(config.input_dir) if processes >= 1 else []
-    return HeadStart(config, files, processes) if files else None
+    return HeadStart(config, files, processes) if processes >= 1 else None
 
 
 class HeadStart:
@@ -74,7 +75,7 @@ class HeadStart:
         self._keep_freed_memory = config.keep_freed_memory
         context = multiprocessing.get_context("fork")
         self._state = context.Array("q", 2)  # [next chunk to claim, stopped]; its lock orders claims and stop
-        self._in_hand = context.Array("q", [-1] * processes, lock=False)
+        self._tracker = DecoderTracker(processes)
         self._done: multiprocessing.Queue[tuple[int, list[str]]] = context.Queue()
         self._covered: int | None = None
         self._run_batch = self.chunk
@@ -100,11 +101,11 @@ class HeadStart:
                 self._state[0] = chunk + 1
             errors = []
             for index in range(chunk * self.chunk, min((chunk + 1) * self.chunk, len(self.files))):
-                self._in_hand[slot] = index
+                self._tracker.hold(slot, index)
                 image, error = decode_sample(self.files[index].path, self._pre, self._limits, self._draft_to, transform)
                 self._view(index, 1)[0] = 0 if image is None else image
                 errors.append(error)
-            self._in_hand[slot] = -1
+            self._tracker.release(slot)
             self._done.put((chunk, errors))
 
     def _view(self, first: int, count: int) -> np.ndarray:
@@ -152,16 +153,13 @@ class HeadStart:
                 pass
             dead = [process.exitcode for process in self._processes if process.exitcode not in (None, 0)]
             if dead or time.monotonic() > deadline:
-                in_hand = ", ".join(self.files[i].key for i in self._in_hand if i >= 0) or "unknown"
                 if not dead:
                     what = "stopped answering"
                 elif dead[0] < 0:
                     what = f"was killed by signal {-dead[0]}"
                 else:
                     what = f"died with exit code {dead[0]}"
-                raise PipelineError(
-                    f"a head-start decoder {what} while decoding: {in_hand}. Remove or fix that file and run again"
-                )
+                raise self._tracker.decoder_failed(f"of the head start {what}", self.files, None)
 
     def close(self) -> None:
         """Stop and reap the decoders; safe at any point, also when the run failed before `stop`."""

@@ -1,30 +1,22 @@
-"""Finding the images, decoding them to RGB within the run's limits, and stripping the frame around them.
-
-Keys are paths relative to the input folder with '/' separators, so a flat folder gives the basenames the
-ObjectNet scorer matches, and two files of the same name in different subfolders stay two rows.
-"""
+"""Decoding one file to RGB within the run's limits (pixels, time), and stripping the frame around it: the work of
+every decoder, the DataLoader's workers and the head start's alike."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from harness.errors import InputError
-
 if TYPE_CHECKING:
     from harness.config import Config, Preprocess
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 AUTO_BORDER_MAX = 8  # widest frame `auto` will strip, in pixels
 AUTO_BORDER_TOLERANCE = 40  # per-channel distance from the frame colour still counted as frame (JPEG smear)
 T = TypeVar("T")
@@ -37,54 +29,6 @@ Image.MAX_IMAGE_PIXELS = None
 
 class ImageTooLarge(Exception):
     """More pixels than max_pixels: refused before decoding, as a decompression bomb would be."""
-
-
-@dataclass(frozen=True)
-class ImageFile:
-    path: str
-    key: str
-
-
-def discover(root: Path) -> list[ImageFile]:
-    """Every image under `root` (any letter case of the extensions), hidden files and folders skipped, sorted.
-
-    Directory symlinks are followed once each, so a link loop cannot make the walk endless.
-    """
-    if not root.exists():
-        raise InputError(f"input folder {root} does not exist: mount or pass a folder of images")
-    if not root.is_dir():
-        raise InputError(f"input {root} is not a folder: pass the folder that holds the images")
-    found: list[ImageFile] = []
-    seen_dirs: set[str] = set()
-    base = os.fspath(root)
-
-    def walk(folder: str, prefix: str) -> None:
-        real = os.path.realpath(folder)
-        if real in seen_dirs:
-            return
-        seen_dirs.add(real)
-        try:
-            entries = list(os.scandir(folder))
-        except OSError as error:
-            if folder == base:
-                raise InputError(f"cannot read input folder {root}: {error.strerror}") from None
-            return
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            key = prefix + entry.name
-            try:
-                is_dir = entry.is_dir()
-            except OSError:
-                is_dir = False
-            if is_dir:
-                walk(entry.path, key + "/")
-            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(ImageFile(entry.path, key))
-
-    walk(base, "")
-    found.sort(key=lambda image: image.key)
-    return found
 
 
 def load_rgb(path: str, exif_transpose: bool = True, max_pixels: int | None = None) -> Image.Image:
@@ -231,13 +175,3 @@ def describe_failure(error: BaseException) -> str:
     """The reason a file failed, for its errors.csv row."""
     text = str(error).splitlines()[0] if str(error) else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def shard(items: list[T], rank: int, world_size: int, unit: int = 1) -> list[T]:
-    """Rank `rank`'s contiguous slice; the slices of all ranks partition `items` in order.
-
-    Slices hold whole batches of `unit` items, so every batch is the one a single process would have run: a
-    model's numbers can depend on what else is in its batch, and the merged CSV must match a single run's.
-    """
-    units = -(-len(items) // unit)
-    return items[units * rank // world_size * unit : units * (rank + 1) // world_size * unit]

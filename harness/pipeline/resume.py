@@ -11,8 +11,8 @@ import csv
 import io
 from pathlib import Path
 
-from harness.errors import InputError
-from harness.writer import open_csv, partial_path, row_writer
+from harness.errors import ConfigError
+from harness.results.writer import open_csv, partial_path, row_writer
 
 
 def _read_rows(path: Path) -> tuple[list[list[str]], bool]:
@@ -46,9 +46,10 @@ def resume_point(output: Path, errors: Path, keys: list[str], row_width: int, ba
         if position >= len(keys) or row[0] != keys[position] or len(row) != row_width:
             shown = row[0] if row else "an empty row"
             expected = keys[position] if position < len(keys) else "no more images"
-            raise InputError(
-                f"{partial} does not belong to this run: row {position + 1} is {shown!r} with {len(row)} fields, "
-                f"expected {expected!r} with {row_width}. Delete it, or run without --resume to start over."
+            raise ConfigError(
+                f"--resume: {partial} does not belong to this run: row {position + 1} is {shown!r} with "
+                f"{len(row)} fields, expected {expected!r} with {row_width}. Delete it, or run without --resume to "
+                "start over."
             )
     kept = len(rows) - len(rows) % batch_size
     _rewrite(partial, rows[:kept])

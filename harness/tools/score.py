@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from harness.errors import CheckFailedError, ConfigError, InputError
-from harness.labels import imagenet_to_objectnet
-from harness.validate import TOPK, scorer_key, validate_predictions
-from harness.writer import open_csv
+from harness.errors import CheckFailedError, ConfigError, ToolFileError
+from harness.results.labels import imagenet_to_objectnet
+from harness.results.writer import open_csv
+from harness.tools.validate import TOPK, scorer_key, validate_predictions
 
 PAIR_CHUNK = 2048  # rows of the pairwise sign matrix built at once for Kendall's tau
 
@@ -38,16 +38,16 @@ def _read_rows(path: Path) -> list[list[str]]:
         with open_csv(path) as f:
             return [row for row in csv.reader(f) if row]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise InputError(f"cannot read {path}: {error}") from None
+        raise ToolFileError(f"cannot read {path}: {error}") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"cannot read {path}: {error}") from None
+        raise ToolFileError(f"cannot read {path}: {error}") from None
     if not isinstance(data, dict):
-        raise InputError(f"{path} must hold a JSON object of image name: answer")
+        raise ToolFileError(f"{path} must hold a JSON object of image name: answer")
     return data
 
 
@@ -175,7 +175,7 @@ def score_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     elif args.labels:
         truth = {scorer_key(k): v for k, v in _read_json(args.labels).items()}
         if any(v not in (0, 1) for v in truth.values()):
-            raise InputError(f"{args.labels}: every label must be 0 or 1")
+            raise ToolFileError(f"{args.labels}: every label must be 0 or 1")
         scores, labels = _paired(read_scores(args.predictions), truth, "scores and labels")
         f1, threshold = best_f1(scores, labels)
         result = {"f1": f1, "threshold": threshold, "images": len(scores)}

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch.distributed as dist
 
 from harness.config import Config
-from harness.errors import HarnessError, InputError
-from harness.host import usable_cpus
-from harness.images import discover
-from harness.report import RunReport
-from harness.runner import finish, run
-from harness.writer import AtomicCsvWriter, open_csv
+from harness.errors import HarnessError, error_type
+from harness.pipeline.files import ImageFile, shard
+from harness.pipeline.host import usable_cpus
+from harness.pipeline.runner import finish, prepare
+from harness.results.report import RunReport
+from harness.results.writer import AtomicCsvWriter, open_csv
 
 
 def parts_folder(config: Config) -> Path:
@@ -34,29 +34,33 @@ def parts_folder(config: Config) -> Path:
 
 
 def part_config(config: Config) -> Config:
-    """This rank's run: its own output folder, its share of the cores for decoding, and no failure limit (rank 0
-    applies the run's limit to the merged total). Torch threads are left to torchrun (OMP_NUM_THREADS=1 per
-    process unless set) or --threads: on the CPU the thread count changes the last digit of some scores, so the
-    merged CSV equals a single run's with the same --threads."""
+    """This rank's run: its own output folder and its share of the cores for decoding. Torch threads are left to
+    torchrun (OMP_NUM_THREADS=1 per process unless set) or --threads: on the CPU the thread count changes the last
+    digit of some scores, so the merged CSV equals a single run's with the same --threads."""
     cores = max(1, usable_cpus() // config.local_world_size)
     return dataclasses.replace(
         config,
         output_file=parts_folder(config) / f"rank{config.rank}" / config.output_file.name,
         workers=cores if config.workers is None else config.workers,
-        max_failures=None,
         progress=config.progress and config.rank == 0,
     )
 
 
-def run_sharded(config: Config) -> RunReport:
+def run_sharded(config: Config, files: list[ImageFile]) -> RunReport:
+    """Classify this rank's share of `files` (every rank is given the same sorted list); rank 0 then merges the
+    parts and judges the whole run. A rank that failed makes every rank fail with its error and exit code."""
     dist.init_process_group("gloo", timeout=timedelta(hours=6))
     try:
         part = part_config(config)
         try:
-            report, error = run(part), None
+            report, error = (
+                prepare(part, shard(files, config.rank, config.world_size, config.batch_size)).classify(),
+                None,
+            )
         except HarnessError as failure:
             report, error = None, failure
         outcome = {"rank": config.rank, "error": str(error) if error else None}
+        outcome["exit_code"] = error.exit_code if error else 0
         if report is not None:
             outcome.update(images=report.images, failures=report.failures)
         outcomes: list[dict] = [{} for _ in range(config.world_size)]
@@ -65,23 +69,21 @@ def run_sharded(config: Config) -> RunReport:
             raise error
         failed = [o for o in outcomes if o["error"]]
         if failed:
-            raise HarnessError(f"rank {failed[0]['rank']} failed: {failed[0]['error']}")
+            raise error_type(failed[0]["exit_code"])(f"rank {failed[0]['rank']} failed: {failed[0]['error']}")
         assert report is not None
         if config.rank == 0:
-            report = merge(config, report, outcomes)
+            report = merge(config, report, outcomes, files)
         dist.barrier()
         return report
     finally:
         dist.destroy_process_group()
 
 
-def merge(config: Config, report: RunReport, outcomes: list[dict]) -> RunReport:
+def merge(config: Config, report: RunReport, outcomes: list[dict], files: list[ImageFile]) -> RunReport:
     """Concatenate the part files in rank order into the real outputs, after checking that every image came out
-    exactly once and in input order."""
+    exactly once and in input order; then judge the whole run."""
     folder = parts_folder(config)
-    expected = [image.key for image in discover(config.input_dir)]
-    if not expected:
-        raise InputError(f"no images in {config.input_dir}")
+    expected = [image.key for image in files]
     keys: list[str] = []
     with AtomicCsvWriter(config.output_file) as predictions, AtomicCsvWriter(config.errors_csv) as errors:
         for rank in range(config.world_size):
@@ -102,6 +104,7 @@ def merge(config: Config, report: RunReport, outcomes: list[dict]) -> RunReport:
     shutil.rmtree(folder, ignore_errors=True)
     report.images = sum(o["images"] for o in outcomes)
     report.failures = sum(o["failures"] for o in outcomes)
-    report.details["world_size"] = config.world_size
-    report.details["output"] = str(config.output_file)
-    return finish(config, report, len(expected))
+    report.total = len(files)
+    report.output = str(config.output_file)
+    report.config = config.to_dict()
+    return finish(config, report)

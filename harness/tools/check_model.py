@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness.devices import DevicePlan, inference_context, plan_devices, prepare_model
 from harness.errors import CheckFailedError, ConfigError, ModelError
-from harness.models import load_model
-from harness.onnx_model import OnnxModule
-from harness.runner import as_logits
-from harness.tool_args import add_model_options, model_config
+from harness.models.load import load_model
+from harness.models.onnx_runtime import OnnxModule
+from harness.models.outputs import as_logits
+from harness.options import add_model_options, tool_config
+from harness.pipeline.devices import DevicePlan, inference_context, plan_devices, prepare_model
 
 CHANNELS = 3
 
@@ -113,7 +113,7 @@ def check_model_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     parser.add_argument("--max-gflops", type=float, help="fail above this many GFLOPs per image (2 per multiply-add)")
     parser.add_argument("--max-gmacs", type=float, help="fail above this many GMACs per image")
     args = parser.parse_args(argv)
-    config = model_config(args, environ)
+    config = tool_config(args, environ)
     loaded = load_model(config)
     if isinstance(loaded.module, OnnxModule):
         raise ConfigError(f"{loaded.source} is ONNX: check-model measures the PyTorch model folder it came from")

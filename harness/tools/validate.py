@@ -16,9 +16,9 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness.errors import CheckFailedError, InputError
-from harness.images import discover
-from harness.writer import open_csv
+from harness.errors import CheckFailedError, ToolFileError
+from harness.pipeline.files import discover
+from harness.results.writer import open_csv
 
 ID_MIN, ID_MAX = -1, 312
 TOPK = 5
@@ -67,7 +67,7 @@ def validate_predictions(csv_path: Path, images_dir: Path | None = None) -> tupl
         with open_csv(csv_path) as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise InputError(f"cannot read {csv_path}: {error}") from None
+        raise ToolFileError(f"cannot read {csv_path}: {error}") from None
     problems: list[str] = []
     first_line: dict[str, int] = {}
     for line, row in enumerate(rows, start=1):

@@ -1,6 +1,6 @@
 """What the host gives this process, read without torch: its usable cores, and glibc's malloc settings.
 
-Torch-free on purpose: the head start (harness/headstart.py) forks its decoders before torch is imported.
+Torch-free on purpose: the head start (harness/pipeline/headstart.py) forks its decoders before torch is imported.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Choosing where the model runs and preparing it there once: device, GPUs, precision, memory format, and the
-input values (uint8 batches become the model's floats on the device)."""
+"""Choosing where the model runs and preparing it there once: device, GPUs, threads, precision, memory format,
+and the input values (uint8 batches become the model's floats on the device)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import nn
 
 from harness.config import Config, Preprocess
 from harness.errors import DeviceError
+from harness.pipeline.host import keep_freed_memory, usable_cpus
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,6 +44,16 @@ class DevicePlan:
             "cuda": torch.version.cuda if self.device.type == "cuda" else None,
             "cpu_threads": torch.get_num_threads(),
         }
+
+
+def tune_process(config: Config) -> dict[str, object]:
+    """Apply the run's process-wide speed settings once, before the model loads and the workers fork (they inherit
+    the malloc settings; harness/pipeline/host.py says why they pay); returns what was applied, for run.json."""
+    kept = keep_freed_memory() if config.keep_freed_memory else False
+    # torch counts the host's cores; a container's CPU quota (docker --cpus) or affinity may allow far fewer.
+    # Only ever lowered by default, so torchrun's one thread per process stays.
+    torch.set_num_threads(config.threads if config.threads is not None else min(torch.get_num_threads(), usable_cpus()))
+    return {"keep_freed_memory": kept, "torch_threads": torch.get_num_threads()}
 
 
 def plan_devices(config: Config) -> DevicePlan:

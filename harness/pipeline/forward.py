@@ -1,0 +1,85 @@
+"""The forward pass: batches of model inputs through the model to N x C scores, with what the device may demand of
+it (smaller pieces after running out of memory, one padded shape for a compiled model) and the one probe that
+learns the model's output width before any real work."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from harness.console import say
+from harness.errors import ModelError
+from harness.models.onnx_runtime import OnnxModule
+from harness.models.outputs import as_logits
+from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context
+
+
+def probe_classes(model: nn.Module, normalize: DeviceNormalizer, blank: torch.Tensor, plan: DevicePlan) -> int:
+    """Run one blank image through the model to learn its output width before any real work."""
+    try:
+        with inference_context(plan):
+            output = model(normalize(blank.unsqueeze(0).to(plan.device)))
+    except Exception as error:
+        raise ModelError(
+            f"the model failed on one {tuple(blank.shape)} input image: {type(error).__name__}: {error}. "
+            "Check input_size in model/config.yaml."
+        ) from error
+    return as_logits(output, 1).shape[1]
+
+
+@dataclass
+class Forward:
+    """Runs batches through the model, halving the piece size for good after a CUDA out-of-memory error.
+
+    With `pad` (a compiled model), a short piece is padded with blank images to the piece size, so the compiled
+    graph sees one shape and never recompiles for the last batch.
+    """
+
+    model: nn.Module
+    normalize: DeviceNormalizer
+    plan: DevicePlan
+    piece: int
+    pad: bool = False
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        outputs, start = [], 0
+        while start < len(images):
+            piece = images[start : start + self.piece]
+            count = len(piece)
+            if self.pad and count < self.piece:
+                piece = torch.cat([piece, piece.new_zeros((self.piece - count, *piece.shape[1:]))])
+            try:
+                with inference_context(self.plan):
+                    outputs.append(as_logits(self.model(self.normalize(piece)), len(piece))[:count])
+            except torch.OutOfMemoryError:
+                if self.piece == 1:
+                    raise ModelError("the device ran out of memory on a single image") from None
+                self.piece = max(1, self.piece // 2)
+                if self.plan.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                say(f"out of device memory: running batches in pieces of {self.piece} from now on")
+                continue
+            start += count
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def compiled_forward(forward: Forward, blank: torch.Tensor) -> Forward:
+    """`forward` with its model under torch.compile, compiled now on a blank batch so the wait and any failure
+    come before the first image; where it cannot compile, the eager `forward` with a one-line warning."""
+    if isinstance(forward.model, (nn.DataParallel, OnnxModule)):
+        say("--compile applies to one PyTorch model on one device: running eagerly (use torchrun for several GPUs)")
+        return forward
+    started = time.perf_counter()
+    try:
+        compiled = dataclasses.replace(forward, model=torch.compile(forward.model), pad=True)
+        compiled(blank.expand(forward.piece, *blank.shape).to(forward.plan.device))
+    except Exception as error:  # a missing C++ compiler, an operator the compiler cannot take, ...
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        say(f"torch.compile failed ({type(error).__name__}: {first_line[:200]}): running eagerly")
+        return forward
+    say(f"compiled the model in {time.perf_counter() - started:.1f} s")
+    return compiled

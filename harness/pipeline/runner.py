@@ -1,0 +1,203 @@
+"""One run in two steps: `prepare` checks and loads everything the run needs and returns its plan, before the first
+image is decoded, so a mistake costs seconds, not a run; `RunPlan.classify` then streams the images through the
+workers, the device, the model and the label map into the CSV.
+
+The caller (harness/cli.py, or harness/pipeline/distributed.py for a torchrun rank) chooses the files once and
+judges the run with `finish` once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Subset
+
+from harness.config import Config
+from harness.console import progress_bar, say
+from harness.errors import TooManyFailuresError, is_dataloader_failure
+from harness.models.load import load_model
+from harness.models.python_class import load_custom_transform
+from harness.pipeline.decode import DecodeLimits
+from harness.pipeline.devices import DeviceNormalizer, plan_devices, prepare_model, tune_process
+from harness.pipeline.files import ImageFile
+from harness.pipeline.forward import Forward, compiled_forward, probe_classes
+from harness.pipeline.headstart import HeadStart
+from harness.pipeline.host import usable_cpus
+from harness.pipeline.loader import Batch, ImageDataset, fit_to_shm, make_loader, shm_free_bytes
+from harness.pipeline.resume import resume_point
+from harness.pipeline.tracker import DecoderTracker
+from harness.results.labels import LabelMap, make_label_map
+from harness.results.probs import ProbabilityRecorder
+from harness.results.report import RunReport
+from harness.results.writer import AtomicCsvWriter, check_writable, partial_path
+
+
+def failure_limit(max_failures: float | None, images: int) -> int | None:
+    if max_failures is None:
+        return None
+    return int(max_failures) if max_failures >= 1 or max_failures == 0 else int(max_failures * images)
+
+
+def loader_timeout(decode_timeout: float) -> float:
+    """How long to wait for one batch before declaring a worker hung. Each image is already cut off at
+    decode_timeout inside the worker, so only a worker stuck in native code or killed outright gets here."""
+    return max(300.0, 5 * decode_timeout)
+
+
+@dataclass
+class RunPlan:
+    """Everything decided before the first image: the files, the rows already done, where the batches come from,
+    the forward pass, the label map, and the report filled in so far."""
+
+    config: Config
+    files: list[ImageFile]
+    done: int
+    batches: Iterable[Batch]
+    forward: Forward
+    label_map: LabelMap
+    tracker: DecoderTracker
+    recorder: ProbabilityRecorder | None
+    report: RunReport
+    started: float
+    clock: float
+
+    def classify(self) -> RunReport:
+        """Every remaining image into the CSV; run.json is written here only when the run stops early."""
+        config = self.config
+        try:
+            try:
+                self._write_rows()
+            except RuntimeError as error:  # PyTorch raises a worker's death wherever the main process happens to be
+                if not is_dataloader_failure(error):
+                    raise
+                what = f"died or stopped answering ({str(error).splitlines()[0].strip()})"
+                raise self.tracker.decoder_failed(what, self.files, partial_path(config.output_file)) from error
+        except BaseException:
+            self.report.status = "interrupted"
+            self.report.timed("total_s", self.started)
+            self.report.write(config.run_json)
+            raise
+        self.report.timed("classify_s", self.clock)
+        self.report.timed("total_s", self.started)
+        return self.report
+
+    def _write_rows(self) -> None:
+        config, files, report, label_map = self.config, self.files, self.report, self.label_map
+        with (
+            AtomicCsvWriter(config.output_file, append=self.done > 0) as predictions,
+            AtomicCsvWriter(config.errors_csv, append=self.done > 0) as errors,
+            progress_bar(len(files), config.progress) as bar,
+        ):
+            bar.update(self.done)
+            for batch in self.batches:
+                outputs = self.forward(batch.images.to(self.forward.plan.device, non_blocking=True))
+                rows = label_map(outputs)
+                if self.recorder is not None:
+                    self.recorder.add([files[i].key for i in batch.indices], label_map.scores(outputs), batch.errors)
+                for index, error, fields in zip(batch.indices, batch.errors, rows, strict=True):
+                    key = files[index].key
+                    if error:
+                        predictions.write([key, *label_map.failure_fields])
+                        errors.write([key, error])
+                        report.failures += 1
+                    else:
+                        predictions.write([key, *fields])
+                predictions.flush()
+                errors.flush()
+                report.images += len(batch.indices)
+                bar.update(len(batch.indices))
+            if self.recorder is not None and config.save_probs is not None:
+                self.recorder.save(config.save_probs)
+            predictions.commit()
+            errors.commit()
+        if report.failures:
+            say(f"{report.failures} image(s) could not be read; reasons in {config.errors_csv}")
+
+
+def prepare(config: Config, files: list[ImageFile], head: HeadStart | None = None) -> RunPlan:
+    """Check the output, load the model, plan the devices and the decoding, and find where a resumed run goes on.
+    With a head start (already decoding `files`, see harness/pipeline/headstart.py) its batches come first."""
+    report = RunReport(config=config.to_dict(), output=str(config.output_file), total=len(files))
+    started = clock = time.perf_counter()
+    check_writable(config.output_file)
+    report.tuning = tune_process(config)
+    clock = report.timed("discover_s", clock)
+
+    loaded = load_model(config)
+    custom = load_custom_transform(config)
+    plan = plan_devices(config)
+    model = prepare_model(loaded.module, plan)
+    normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
+    dataset = ImageDataset(files, config.preprocess, custom, DecodeLimits.of(config))
+    num_classes = probe_classes(model, normalize, dataset.blank, plan)
+    label_map, warnings = make_label_map(config.label_map, num_classes, config.topk, config.softmax)
+    for warning in warnings:
+        say(warning)
+    batch_size = config.batch_size * max(1, len(plan.gpu_ids))
+    head_images = head.stop(batch_size) if head is not None else 0  # none when resuming: it never runs then
+    workers = usable_cpus() if config.workers is None else config.workers
+    batch_bytes = dataset.blank.numel() * dataset.blank.element_size() * batch_size
+    workers, prefetch, shm_warning = fit_to_shm(workers, batch_bytes, shm_free_bytes())
+    if shm_warning:
+        say(shm_warning)
+
+    done = 0
+    if config.resume:
+        keys = [image.key for image in files]
+        row_width = 1 + len(label_map.failure_fields)
+        done, report.failures = resume_point(config.output_file, config.errors_csv, keys, row_width, batch_size)
+        say(f"resuming after {done} of {len(files)} images" if done else "nothing to resume: starting afresh")
+    elif partial_path(config.output_file).exists():
+        say("replacing an earlier run's partial file (--resume would have continued it)")
+    report.images = report.resumed_rows = done
+    report.model = loaded.describe(num_classes, "model folder's data_transform_description.py" if custom else "harness")
+    report.label_map = label_map.name
+    report.devices = plan.describe()
+    report.workers = workers
+    report.prefetch_batches = prefetch if workers else 0
+    report.batch_size_total = batch_size
+    report.head_start_images = head_images
+    report.world_size = config.world_size
+    clock = report.timed("load_model_s", clock)
+    say(
+        f"{len(files)} images, model {loaded.class_name} ({num_classes} classes), {plan.device}"
+        f"{f' x{len(plan.gpu_ids)}' if len(plan.gpu_ids) > 1 else ''}, batch {batch_size}, {workers} workers, "
+        f"label map {label_map.name}"
+    )
+
+    remaining = Subset(dataset, range(done + head_images, len(files)))  # keeps the indices rows are keyed by
+    timeout = loader_timeout(config.decode_timeout)
+    loader = make_loader(remaining, batch_size, workers, prefetch, plan.device.type == "cuda", timeout)
+    tracker = dataset.watch(workers)
+    # The workers start now, beside the head start's last batches (none to start when it covered every image).
+    batches: Iterable[Batch] = iter(loader) if len(remaining) else iter(())
+    if head is not None:
+        batches = itertools.chain(head_batches(head, timeout), batches)
+    forward = Forward(model, normalize, plan, batch_size)
+    if config.compile:
+        forward = compiled_forward(forward, dataset.blank)
+    recorder = ProbabilityRecorder(label_map.softmax) if config.save_probs else None
+    return RunPlan(config, files, done, batches, forward, label_map, tracker, recorder, report, started, clock)
+
+
+def head_batches(head: HeadStart, timeout: float) -> Iterator[Batch]:
+    for indices, images, errors in head.batches(timeout):
+        yield Batch(indices, torch.from_numpy(images), errors)
+
+
+def finish(config: Config, report: RunReport) -> RunReport:
+    """Judge the failures against --max-failures, write run.json, and fail the run if there were too many: once
+    per run, by whoever holds the whole run's report."""
+    limit = failure_limit(config.max_failures, report.total)
+    report.status = "too many failures" if limit is not None and report.failures > limit else "complete"
+    report.write(config.run_json)
+    if report.status != "complete":
+        raise TooManyFailuresError(
+            f"{report.failures} of {report.total} images failed, more than --max-failures allows ({limit}); "
+            f"the predictions were written, and {config.errors_csv} says why each failed"
+        )
+    return report

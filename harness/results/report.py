@@ -1,0 +1,78 @@
+"""What a run reports: its closing line, and run.json beside the predictions with the effective configuration,
+the model, devices, decoding set-up and timings. The run fills the report in as it decides each thing; run.json is
+written at the end, also when the run stops early."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness import __version__
+from harness.results.writer import write_atomic_text
+
+
+@dataclass
+class RunReport:
+    config: dict[str, Any]
+    output: str
+    total: int = 0  # images the run covers: what --max-failures' fraction is of
+    started: float = field(default_factory=time.time)
+    timings: dict[str, float] = field(default_factory=dict)
+    images: int = 0
+    failures: int = 0
+    status: str = "running"
+    model: dict[str, Any] = field(default_factory=dict)
+    label_map: str = ""
+    devices: dict[str, Any] = field(default_factory=dict)
+    workers: int = 0
+    prefetch_batches: int = 0
+    batch_size_total: int = 0
+    resumed_rows: int = 0
+    head_start_images: int = 0
+    tuning: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1
+
+    def timed(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self.timings[name] = round(now - since, 4)
+        return now
+
+    @property
+    def images_per_second(self) -> float:
+        seconds = self.timings.get("total_s", 0.0)
+        return self.images / seconds if seconds > 0 else 0.0
+
+    def closing_line(self) -> str:
+        return (
+            f"harness: {self.images} images, {self.failures} failed, {self.timings.get('total_s', 0.0):.1f} s, "
+            f"{self.images_per_second:.1f} images/s -> {self.output}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "harness_version": __version__,
+            "status": self.status,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+            "images": self.images,
+            "failures": self.failures,
+            "images_per_s": round(self.images_per_second, 2),
+            "timings": self.timings,
+            "model": self.model,
+            "label_map": self.label_map,
+            "devices": self.devices,
+            "workers": self.workers,
+            "prefetch_batches": self.prefetch_batches,
+            "batch_size_total": self.batch_size_total,
+            "resumed_rows": self.resumed_rows,
+            "head_start_images": self.head_start_images,
+            "tuning": self.tuning,
+            "world_size": self.world_size,
+            "output": self.output,
+            "config": self.config,
+        }
+
+    def write(self, path: Path) -> None:
+        write_atomic_text(path, json.dumps(self.to_json(), indent=2, default=str) + "\n")
