@@ -18,7 +18,7 @@ class HarnessError(Exception):
 
 
 class ConfigError(HarnessError):
-    """bad setting (command line, environment or model/config.yaml), or --resume of another run's partial file"""
+    """bad setting (command line, environment or `model/config.yaml`), or `--resume` of another run's partial file"""
 
     exit_code = 2
 
@@ -48,25 +48,25 @@ class OutputError(HarnessError):
 
 
 class TooManyFailuresError(HarnessError):
-    """more images failed than --max-failures allows (the predictions are written)"""
+    """more images failed than `--max-failures` allows (the CSV is still written)"""
 
     exit_code = 7
 
 
 class PipelineError(HarnessError):
-    """a decoding process died or hung; finished rows are kept in the .partial file"""
+    """a decoding process died or hung; finished rows are kept in the `.partial` file"""
 
     exit_code = 8
 
 
 class CheckFailedError(HarnessError):
-    """a tool's check failed (validate, check-model limits, export-onnx parity)"""
+    """a tool's check failed (`validate`, `check-model` limits, `export-onnx` parity)"""
 
     exit_code = 9
 
 
 class ToolFileError(HarnessError):
-    """a file handed to a tool cannot be read or is not what the tool reads (CSV, answers, --save-probs)"""
+    """a file handed to a tool cannot be read or is not what it reads (a CSV, answers, `--save-probs` files)"""
 
     exit_code = 10
 
@@ -87,10 +87,10 @@ BUG = 1
 INTERRUPTED = 130
 
 EXIT_CODES: dict[int, str] = {
-    SUCCESS: "success: every image has a row",
-    BUG: "internal error (a bug: please report it with the output of --traceback)",
+    SUCCESS: "every image has a row",
+    BUG: "internal error (a bug: please report it with the output of `--traceback`)",
     **{error.exit_code: (error.__doc__ or "").strip() for error in ERROR_TYPES},
-    INTERRUPTED: "interrupted (SIGINT/SIGTERM); finished rows are kept in the .partial file",
+    INTERRUPTED: "interrupted (SIGINT, or SIGTERM from `docker stop`); finished rows are in the `.partial` file",
 }
 
 

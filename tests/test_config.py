@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,36 @@ def test_bad_yaml_file_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("- a list\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         build_config({"model_dir": str(tmp_path)}, {})
+
+
+def test_switches_and_metavars_come_from_the_settings_parsers() -> None:
+    from harness.config import SETTINGS, is_switch, setting_metavar
+    from harness.options import add_model_options
+
+    parser = run_parser()
+    actions = {action.dest: action for action in parser._actions}
+    for name in SETTINGS:
+        assert actions[name].metavar == setting_metavar(name)
+        if is_switch(name):
+            assert _cli(f"--{name.replace('_', '-')}")[name] == "true"
+    assert {name for name in SETTINGS if is_switch(name)} >= {"softmax", "resume", "head_start", "compile"}
+    assert (setting_metavar("border"), setting_metavar("amp"), setting_metavar("gpus")) == (
+        "N|auto",
+        "off|bf16|fp16",
+        "N",
+    )
+    tool = argparse.ArgumentParser()
+    add_model_options(tool)
+    assert "--batch-size N" in tool.format_help() and "--device auto|cpu|cuda" in tool.format_help()
+
+
+def test_the_run_the_tools_and_the_benchmark_read_a_command_line_alike(tmp_path: Path) -> None:
+    from harness.options import add_model_options, run_config, tool_config
+
+    argv = ["--model-dir", "model", "--batch-size", "7", "--input-size", "200", "--device", "cpu"]
+    run = run_config(argv, {})
+    parser = argparse.ArgumentParser()
+    add_model_options(parser)
+    tool = tool_config(parser.parse_args(argv), {})
+    assert (run.batch_size, run.preprocess.input_size, run.device) == (7, 200, "cpu")
+    assert (tool.batch_size, tool.preprocess, tool.device) == (run.batch_size, run.preprocess, run.device)

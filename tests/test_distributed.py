@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,37 @@ def test_torchrun_judges_failures_over_all_ranks(tmp_path: Path) -> None:
     errors = [line.split(",")[0] for line in (output.parent / "errors.csv").read_text().splitlines()]
     assert errors == ["a.png", "z.png"]
     assert json.loads((output.parent / "run.json").read_text())["status"] == "too many failures"
+
+
+@pytest.mark.slow
+def test_a_failing_rank_makes_every_rank_exit_with_its_code(tmp_path: Path) -> None:
+    """Rank 1's model cannot be built (exit 4, a model error): rank 0 must not report a bug (exit 1) or hang."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.py").write_text(
+        "import os\nimport torch\n\n\nclass Model(torch.nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        if os.environ['RANK'] == '1':\n"
+        "            raise ValueError('no weights on this node')\n        self.fc = torch.nn.Linear(3, 4)\n\n"
+        "    def forward(self, x):\n        return self.fc(x.mean((2, 3)))\n"
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = []
+    for rank in (0, 1):
+        env = {
+            **env_without_build_args(),
+            "WORLD_SIZE": "2",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        command = [sys.executable, "entrypoint.py", str(SAMPLES), str(tmp_path / "out" / "p.csv")]
+        options = ["--model-dir", str(folder), "--label-map", "none", "--progress", "false", "--device", "cpu"]
+        ranks.append(subprocess.Popen([*command, *options], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True))
+    results = [(process.wait(timeout=300), process.stderr.read()) for process in ranks]
+    assert [code for code, _ in results] == [4, 4]
+    assert "rank 1 failed: creating Model() failed: ValueError: no weights on this node" in results[0][1]
+    assert "creating Model() failed" in results[1][1] and "Traceback" not in results[0][1] + results[1][1]

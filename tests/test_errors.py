@@ -1,0 +1,108 @@
+"""Errors that mean what they say: exit codes written once, the third-party errors recognised by their text
+provoked for real (so a library upgrade that rewords one fails here, not in a user's run), and --traceback."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from harness.cli import main
+from harness.errors import (
+    ERROR_TYPES,
+    EXIT_CODES,
+    HarnessError,
+    error_type,
+    is_dataloader_failure,
+    is_onnx_package_missing,
+    refused_pickle_globals,
+)
+from tests.helpers import REPO, SAMPLES
+
+
+def test_exit_codes_are_one_per_error_type_and_the_readme_shows_them() -> None:
+    codes = [error.exit_code for error in ERROR_TYPES]
+    assert len(set(codes)) == len(codes)
+    assert all(error_type(error.exit_code) is error for error in ERROR_TYPES)
+    assert error_type(1) is HarnessError
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = "".join(f"| {code} | {meaning} |\n" for code, meaning in sorted(EXIT_CODES.items()))
+    assert table in readme
+
+
+class Unlisted:
+    """A class torch.load(weights_only=True) does not allow."""
+
+
+def test_a_refused_pickle_is_recognised(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pth"
+    torch.save({"weights": torch.zeros(1), "extra": Unlisted()}, path)
+    with pytest.raises(pickle.UnpicklingError) as caught:
+        torch.load(path, weights_only=True)
+    assert refused_pickle_globals(caught.value) == [f"{__name__}.Unlisted"]
+    assert refused_pickle_globals(pickle.UnpicklingError("invalid load key, 'x'.")) is None
+
+
+class _Dies(Dataset):
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        if self.how == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(30)
+        return index
+
+
+@pytest.mark.parametrize(("how", "timeout"), [("killed", 0), ("hung", 1)])
+def test_a_dataloader_worker_failure_is_recognised(how: str, timeout: int) -> None:
+    loader = DataLoader(_Dies(how), batch_size=2, num_workers=1, timeout=timeout)
+    with pytest.raises(RuntimeError) as caught:
+        next(iter(loader))
+    assert is_dataloader_failure(caught.value)
+    assert not is_dataloader_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_the_missing_onnx_package_is_recognised(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now fails, as where it is not installed
+    with pytest.raises(Exception) as caught, pytest.warns(DeprecationWarning):
+        torch.onnx.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),), str(tmp_path / "m.onnx"), dynamo=False)
+    assert is_onnx_package_missing(caught.value)
+    assert not is_onnx_package_missing(RuntimeError("Unsupported: ONNX export of operator foo"))
+
+
+def test_traceback_shows_the_error_that_caused_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
+    argv = [
+        str(SAMPLES),
+        str(tmp_path / "p.csv"),
+        "EfficientNetLite0",
+        str(tmp_path / "broken.pth"),
+        "--progress",
+        "false",
+    ]
+    assert main(argv) == 4
+    plain = capsys.readouterr().err
+    assert "Traceback" not in plain and plain.count("\n") == 1 and "is not a PyTorch checkpoint" in plain
+    assert main([*argv, "--traceback"]) == 4
+    shown = capsys.readouterr().err
+    assert "UnpicklingError" in shown and "which caused:" in shown and "ModelError" in shown
+    assert shown.strip().splitlines()[-1] == plain.strip()
+
+
+def test_a_file_a_tool_cannot_read_has_its_own_exit_code(tmp_path: Path) -> None:
+    (tmp_path / "p.csv").write_bytes(b"\xff\xfe not utf-8 \x00")
+    (tmp_path / "answers.json").write_text("{not json")
+    assert main(["score", str(tmp_path / "p.csv"), "--answers", str(tmp_path / "answers.json")]) == 10
+    (tmp_path / "probs.npz").write_text("not an npz")
+    assert main(["ensemble", str(tmp_path / "probs.npz"), "--output", str(tmp_path / "out.csv")]) == 10
