@@ -22,15 +22,16 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from harness import __version__
-from harness.config import ENV_FIELDS
+from harness.config import ENV_FIELDS, Config
 from harness.errors import EXIT_CODES, INTERRUPTED, HarnessError
 from harness.options import config_from, given_settings, run_parser
 from harness.pipeline.files import run_files
 from harness.pipeline.headstart import start_head
-from harness.results.writer import partial_path
+from harness.results.writer import check_writable, output_folder_lock, partial_path
 
 TRACEBACK_FLAG = "--traceback"
 
@@ -64,30 +65,40 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 def run_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     config = config_from(given_settings(build_parser().parse_args(argv)), environ)
-    files = run_files(config.input_dir)  # chosen once: the head start, the run and a torchrun merge all use these
-    head = start_head(config, files)
-    try:
-        # Imported only now: torch takes seconds to load, and the head start decodes meanwhile.
-        if config.world_size > 1:
-            from harness.pipeline.distributed import run_sharded
+    # One run per output folder; torchrun's other ranks write inside rank 0's.
+    lock = contextlib.nullcontext() if config.rank else output_folder_lock(writable_folder(config))
+    with lock:
+        found = run_files(config.input_dir, config.skip_unreadable_folders)  # chosen once, for every step after
+        head = start_head(config, found.files)
+        try:
+            # Imported only now: torch takes seconds to load, and the head start decodes meanwhile.
+            if config.world_size > 1:
+                from harness.pipeline.distributed import run_sharded
 
-            report = run_sharded(config, files)
-        else:
-            from harness.pipeline.runner import finish, prepare
+                report = run_sharded(config, found)
+            else:
+                from harness.pipeline.runner import finish, prepare
 
-            report = finish(config, prepare(config, files, head).classify())
-    except KeyboardInterrupt as stop:
-        reason = "terminated" if isinstance(stop, _Terminated) else "interrupted"
-        print(
-            f"harness: {reason}; the rows finished so far are in {partial_path(config.output_file)}",
-            file=sys.stderr,
-        )
-        return INTERRUPTED
-    finally:
-        if head is not None:
-            head.close()
+                keys = [image.key for image in found.files]
+                report = finish(config, prepare(config, found, head).classify(), keys)
+        except KeyboardInterrupt as stop:
+            reason = "terminated" if isinstance(stop, _Terminated) else "interrupted"
+            print(
+                f"harness: {reason}; the rows finished so far are in {partial_path(config.output_file)}",
+                file=sys.stderr,
+            )
+            return INTERRUPTED
+        finally:
+            if head is not None:
+                head.close()
     print(report.closing_line())
     return 0
+
+
+def writable_folder(config: Config) -> Path:
+    """The output folder, checked before any work: it can take the predictions and the files beside them."""
+    check_writable(config.output_file, config.errors_csv, config.run_json)
+    return config.output_file.parent
 
 
 Command = Callable[[Sequence[str], dict[str, str]], int]

@@ -7,6 +7,7 @@ and the message names the source. Nothing else in the package reads the environm
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 LABEL_MAPS = ("auto", "none", "objectnet", "objectnet-legacy")
 CONFIG_FILE = "config.yaml"
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # the longest timeout the interval timer takes everywhere; none means no limit
 TRANSFORM_FILE = "data_transform_description.py"  # the ObjectNet template's preprocessing hook
 
 # Environment variables (the Docker build args) and the field each one sets.
@@ -68,11 +70,22 @@ def _int(minimum: int) -> Callable[[Any], int]:
     return _shown("N", parse)
 
 
+def _finite(value: Any) -> float:
+    """A number that is a number: NaN and the infinities would pass every range check and poison every result."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number") from None
+    if not math.isfinite(number):
+        raise ValueError("must be a finite number")
+    return number
+
+
 def _float(low: float, high: float | None = None) -> Callable[[Any], float]:
     def parse(value: Any) -> float:
-        if isinstance(value, bool):
-            raise ValueError("expected a number")
-        number = float(value)
+        number = _finite(value)
         if number < low or (high is not None and number > high):
             raise ValueError(f"must be in [{low}, {high}]" if high is not None else f"must be >= {low}")
         return number
@@ -130,7 +143,7 @@ def _parse_triple(value: Any) -> tuple[float, float, float] | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return None
     items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
-    numbers = [float(item) for item in items]
+    numbers = [_finite(item) for item in items]
     if len(numbers) == 1:
         numbers *= 3
     if len(numbers) != 3:
@@ -154,7 +167,7 @@ _border = _shown("N|auto", _parse_border)
 
 
 def _parse_value_scale(value: Any) -> float:
-    number = float(value)
+    number = _finite(value)
     if number not in (1.0, 255.0):
         raise ValueError("expected 1 (values 0..1) or 255 (values 0..255)")
     return number
@@ -175,13 +188,26 @@ def _parse_max_failures(value: Any) -> float | None:
     """A count (>= 1, or 0 for none allowed) or a fraction of the images (0 < f < 1)."""
     if value is None or str(value).strip().lower() in ("", "none", "null"):
         return None
-    number = float(value)
+    number = _finite(value)
     if number < 0 or (number >= 1 and number != int(number)):
         raise ValueError("expected a count (0, 1, 2, ...) or a fraction between 0 and 1")
     return number
 
 
 _max_failures = _shown("N|FRACTION", _parse_max_failures)
+
+
+def _parse_timeout(value: Any) -> float | None:
+    """Seconds > 0, or none to wait as long as it takes."""
+    if value is None or str(value).strip().lower() in ("", "none", "null", "off"):
+        return None
+    number = _finite(value)
+    if not 0 < number <= MAX_TIMEOUT_S:
+        raise ValueError(f"expected seconds > 0 and at most {MAX_TIMEOUT_S:g}, or none to switch the timeout off")
+    return number
+
+
+_timeout = _shown("SECONDS|none", _parse_timeout)
 
 
 def _setting(default: Any, parse: Callable[[Any], Any], help: str) -> Any:
@@ -252,7 +278,15 @@ class Config:
     max_pixels: int = _setting(
         178_956_970, _int(1), "images with more pixels are refused unread (decompression bombs); Pillow's own cap"
     )
-    decode_timeout: float = _setting(60.0, _float(0.1), "seconds one image may take to decode before it is skipped")
+    decode_timeout: float | None = _setting(
+        60.0, _timeout, "seconds one image may take to decode before it is skipped (none: no limit)"
+    )
+    skip_unreadable_folders: bool = _setting(
+        False,
+        _bool,
+        "go on without input folders that cannot be listed: each is a line in errors.csv and counts as a failure "
+        "(default: refuse to start, naming them)",
+    )
     resume: bool = _setting(False, _bool, "continue from the .partial file an interrupted run left")
     progress: bool = _setting(True, _bool, "show a progress bar on stderr")
     trust_pickle: bool = _setting(

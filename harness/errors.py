@@ -99,6 +99,14 @@ def error_type(exit_code: int) -> type[HarnessError]:
     return next((error for error in ERROR_TYPES if error.exit_code == exit_code), HarnessError)
 
 
+def describe_user_error(error: BaseException) -> str:
+    """An error raised by the user's code, in one line: `sys.exit(3)` in a model must not become exit code 3."""
+    if isinstance(error, SystemExit):
+        return f"it called sys.exit({error.code!r})"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 # ---- third-party errors known only by their text; tests/test_errors.py provokes each one for real ----
 
 

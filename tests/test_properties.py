@@ -53,8 +53,8 @@ def test_any_file_name_passes_harness_validate_against_its_folder(raw_names: set
             for image in discover(images):
                 writer.write([image.key, *["-1", "0"] * 5])
             writer.commit()
-        rows, problems = validate_predictions(output, images)
-    assert (rows, problems) == (len(raw_names), [])
+        rows, rejected, coverage = validate_predictions(output, images)
+    assert (rows, rejected, coverage) == (len(raw_names), [], [])
 
 
 SEEDS = [(SAMPLES / name).read_bytes() for name in ("coffee.png", "grace_hopper.jpg")]

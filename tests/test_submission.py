@@ -111,5 +111,5 @@ def test_absolute_paths_and_symlinks_are_refused(tmp_path: Path) -> None:
 
 def test_the_size_limit_counts_unpacked_bytes(tmp_path: Path) -> None:
     submission = _zip(tmp_path / "big.zip", {"model.py": b"0" * 5000})  # compresses to a few bytes
-    with pytest.raises(ModelError, match="more than 1,000 bytes"):
+    with pytest.raises(ModelError, match="declares 5,000 bytes unpacked, more than 1,000"):
         extract_submission(submission, tmp_path / "x", max_bytes=1000)

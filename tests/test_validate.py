@@ -29,7 +29,8 @@ def images(tmp_path: Path) -> Path:
 def _check(tmp_path: Path, images: Path, lines: list[str]) -> list[str]:
     path = tmp_path / "predictions.csv"
     path.write_text("\n".join(lines) + "\n")
-    return validate_predictions(path, images)[1]
+    _, rejected, coverage = validate_predictions(path, images)
+    return rejected + coverage
 
 
 def test_a_good_file_passes_and_the_cli_exits_0(tmp_path: Path, images: Path, capsys) -> None:
@@ -46,12 +47,15 @@ def test_header_is_caught_on_line_1(tmp_path: Path, images: Path) -> None:
 
 def test_duplicates_are_caught_by_basename(tmp_path: Path, images: Path) -> None:
     problems = _check(tmp_path, images, [_row("a"), _row("b"), _row("c"), _row("sub/a")])
-    assert problems == ["line 4: duplicate key a.png (first on line 1); the scorer rejects the file"]
+    assert problems == ["line 4: duplicate key a.png (first on line 1); the scorer rejects it"]
 
 
 def test_missing_and_unknown_images_are_caught(tmp_path: Path, images: Path) -> None:
     problems = _check(tmp_path, images, [_row("a"), _row("b"), _row("zzz")])
-    assert problems == ["missing image: c.png has no row", "line 3: key zzz.png is not an image in " + str(images)]
+    assert problems == [
+        "missing image: c.png has no row (scored as wrong)",
+        "line 3: key zzz.png is not an image in " + str(images),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -82,4 +86,4 @@ def test_the_cli_exits_8_with_one_line_per_problem(tmp_path: Path, images: Path,
 def test_the_harness_own_output_validates(harness_run, tmp_path: Path) -> None:
     code, _ = harness_run("--batch-size", "19")
     assert code == 0
-    assert validate_predictions(tmp_path / "predictions.csv", Path("sample-images"))[1] == []
+    assert validate_predictions(tmp_path / "predictions.csv", Path("sample-images"))[1:] == ([], [])

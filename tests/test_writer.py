@@ -62,6 +62,7 @@ def test_resume_keeps_awkward_rows_byte_for_byte(tmp_path: Path) -> None:
     with AtomicCsvWriter(out) as writer:
         for name in AWKWARD:
             writer.write([name, "1", "0.5"])
+        writer.flush()
     partial = out.with_name("p.csv.partial")
     written = partial.read_bytes()
     assert resume_point(out, tmp_path / "errors.csv", [*AWKWARD, "next.png"], 3, 1) == (len(AWKWARD), 0)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from harness.config import Config
-from harness.errors import ModelError
+from harness.errors import ModelError, describe_user_error
 
 MODULE_FILES = ("model.py", "model_description.py")  # ours / the AISafety contract, then the ObjectNet template's
 DEFAULT_CLASS = "Model"
@@ -37,7 +37,7 @@ def import_file(path: Path, name: str) -> ModuleType:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as error:  # user code: report where it broke, not our stack
+    except (Exception, SystemExit) as error:  # user code: report where it broke, not our stack
         del sys.modules[name]
         raise ModelError(f"importing {path} failed: {where(error, path)}") from error
     return module
@@ -50,7 +50,7 @@ def where(error: BaseException, path: Path) -> str:
     inside = [frame for frame in frames if str(Path(frame.filename).resolve()).startswith(folder)]
     frame = (inside or frames or [None])[-1]
     place = f" ({Path(frame.filename).name}:{frame.lineno})" if frame else ""
-    return f"{type(error).__name__}: {error}{place}"
+    return f"{describe_user_error(error)}{place}"
 
 
 def find_module_file(config: Config) -> Path:
@@ -88,7 +88,7 @@ def create_model(path: Path, class_name: str) -> nn.Module:
         )
     try:
         return cls()
-    except Exception as error:
+    except (Exception, SystemExit) as error:
         raise ModelError(f"creating {class_name}() failed: {where(error, path)}") from error
 
 
@@ -103,5 +103,5 @@ def load_custom_transform(config: Config) -> Callable[[Any], torch.Tensor] | Non
         raise ModelError(f"{path} must define class data_transform with a getTransform() method")
     try:
         return maker().getTransform()
-    except Exception as error:
+    except (Exception, SystemExit) as error:
         raise ModelError(f"data_transform().getTransform() failed: {where(error, path)}") from error

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from PIL import Image, ImageOps
 
+from harness.errors import describe_user_error
+
 if TYPE_CHECKING:
     from harness.config import Config, Preprocess
 
@@ -168,10 +170,4 @@ def decode_sample(
                 border = math.ceil(border * scale)
             return transform(strip_border(image, border)), ""
     except Exception as error:
-        return None, describe_failure(error)
-
-
-def describe_failure(error: BaseException) -> str:
-    """The reason a file failed, for its errors.csv row."""
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+        return None, describe_user_error(error)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from harness.config import Config
 from harness.errors import HarnessError, error_type
-from harness.pipeline.files import ImageFile, shard
+from harness.pipeline.files import Discovery, shard
 from harness.pipeline.host import usable_cpus
 from harness.pipeline.runner import finish, prepare
 from harness.results.report import RunReport
@@ -46,17 +46,15 @@ def part_config(config: Config) -> Config:
     )
 
 
-def run_sharded(config: Config, files: list[ImageFile]) -> RunReport:
-    """Classify this rank's share of `files` (every rank is given the same sorted list); rank 0 then merges the
+def run_sharded(config: Config, found: Discovery) -> RunReport:
+    """Classify this rank's share of the files (every rank found the same sorted list); rank 0 then merges the
     parts and judges the whole run. A rank that failed makes every rank fail with its error and exit code."""
     dist.init_process_group("gloo", timeout=timedelta(hours=6))
     try:
         part = part_config(config)
         try:
-            report, error = (
-                prepare(part, shard(files, config.rank, config.world_size, config.batch_size)).classify(),
-                None,
-            )
+            mine = Discovery(shard(found.files, config.rank, config.world_size, config.batch_size), [])
+            report, error = prepare(part, mine).classify(), None
         except HarnessError as failure:
             report, error = None, failure
         outcome = {"rank": config.rank, "error": str(error) if error else None}
@@ -72,18 +70,18 @@ def run_sharded(config: Config, files: list[ImageFile]) -> RunReport:
             raise error_type(failed[0]["exit_code"])(f"rank {failed[0]['rank']} failed: {failed[0]['error']}")
         assert report is not None
         if config.rank == 0:
-            report = merge(config, report, outcomes, files)
+            report = merge(config, report, outcomes, found)
         dist.barrier()
         return report
     finally:
         dist.destroy_process_group()
 
 
-def merge(config: Config, report: RunReport, outcomes: list[dict], files: list[ImageFile]) -> RunReport:
+def merge(config: Config, report: RunReport, outcomes: list[dict], found: Discovery) -> RunReport:
     """Concatenate the part files in rank order into the real outputs, after checking that every image came out
-    exactly once and in input order; then judge the whole run."""
+    exactly once and in input order, and add the folders that were skipped; then judge the whole run."""
     folder = parts_folder(config)
-    expected = [image.key for image in files]
+    expected = [image.key for image in found.files]
     keys: list[str] = []
     with AtomicCsvWriter(config.output_file) as predictions, AtomicCsvWriter(config.errors_csv) as errors:
         for rank in range(config.world_size):
@@ -99,12 +97,14 @@ def merge(config: Config, report: RunReport, outcomes: list[dict], files: list[I
                 f"the ranks wrote {len(keys)} rows for {len(expected)} images, not exactly one per image in order; "
                 f"the parts are kept in {folder}"
             )
+        for key, reason in found.unreadable:
+            errors.write([key, reason])
         predictions.commit()
         errors.commit()
     shutil.rmtree(folder, ignore_errors=True)
     report.images = sum(o["images"] for o in outcomes)
-    report.failures = sum(o["failures"] for o in outcomes)
-    report.total = len(files)
+    report.failures = sum(o["failures"] for o in outcomes) + len(found.unreadable)
+    report.total = len(found.files) + len(found.unreadable)
     report.output = str(config.output_file)
     report.config = config.to_dict()
-    return finish(config, report)
+    return finish(config, report, expected)

@@ -23,30 +23,44 @@ class ImageFile:
     key: str
 
 
-def discover(root: Path) -> list[ImageFile]:
-    """Every image under `root` (any letter case of the extensions), hidden files and folders skipped, sorted.
+@dataclass
+class Discovery:
+    """What a walk of the input folder found: the images, and the folders it could not list (with why)."""
 
-    Directory symlinks are followed once each, so a link loop cannot make the walk endless.
+    files: list[ImageFile]
+    unreadable: list[tuple[str, str]]  # (folder key ending in '/', reason)
+
+
+def scan(root: Path) -> Discovery:
+    """Every image under `root` (any letter case of the extensions), hidden files and folders skipped, sorted; and
+    every folder below it that could not be listed.
+
+    The walk keeps its own stack (no recursion limit, however deep the folders) and follows each directory
+    symlink once, so a link loop cannot make it endless.
     """
     if not root.exists():
         raise InputError(f"input folder {root} does not exist: mount or pass a folder of images")
     if not root.is_dir():
         raise InputError(f"input {root} is not a folder: pass the folder that holds the images")
     found: list[ImageFile] = []
-    seen_dirs: set[str] = set()
+    unreadable: list[tuple[str, str]] = []
+    seen_dirs: set[tuple[int, int]] = set()
     base = os.fspath(root)
-
-    def walk(folder: str, prefix: str) -> None:
-        real = os.path.realpath(folder)
-        if real in seen_dirs:
-            return
-        seen_dirs.add(real)
+    stack = [(base, "")]
+    while stack:
+        folder, prefix = stack.pop()
         try:
-            entries = list(os.scandir(folder))
+            status = os.stat(folder)
+            if (status.st_dev, status.st_ino) in seen_dirs:
+                continue
+            seen_dirs.add((status.st_dev, status.st_ino))
+            with os.scandir(folder) as listing:
+                entries = list(listing)
         except OSError as error:
             if folder == base:
                 raise InputError(f"cannot read input folder {root}: {error.strerror}") from None
-            return
+            unreadable.append((prefix, f"folder cannot be listed: {error.strerror or error}"))
+            continue
         for entry in entries:
             if entry.name.startswith("."):
                 continue
@@ -56,23 +70,42 @@ def discover(root: Path) -> list[ImageFile]:
             except OSError:
                 is_dir = False
             if is_dir:
-                walk(entry.path, key + "/")
+                stack.append((entry.path, key + "/"))
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                 found.append(ImageFile(entry.path, key))
-
-    walk(base, "")
     found.sort(key=lambda image: image.key)
-    return found
+    unreadable.sort()
+    return Discovery(found, unreadable)
 
 
-def run_files(root: Path) -> list[ImageFile]:
-    """The images a run classifies: `discover`, and an error when there are none."""
-    files = discover(root)
-    if not files:
+def _named(unreadable: list[tuple[str, str]]) -> str:
+    shown = ", ".join(f"{key} ({reason.split(': ', 1)[-1]})" for key, reason in unreadable[:10])
+    return shown + (f", and {len(unreadable) - 10} more" if len(unreadable) > 10 else "")
+
+
+def discover(root: Path) -> list[ImageFile]:
+    """Every image under `root`; an error naming the folders that could not be listed, if any."""
+    found = scan(root)
+    if found.unreadable:
+        raise InputError(f"{len(found.unreadable)} folder(s) under {root} cannot be listed: {_named(found.unreadable)}")
+    return found.files
+
+
+def run_files(root: Path, skip_unreadable: bool) -> Discovery:
+    """The images a run classifies, chosen before any work: an error when there are none, or when a folder cannot
+    be listed (its images would silently get no row) unless the run is told to skip such folders."""
+    found = scan(root)
+    if found.unreadable and not skip_unreadable:
+        raise InputError(
+            f"{len(found.unreadable)} folder(s) under {root} cannot be listed, so their images would get no row: "
+            f"{_named(found.unreadable)}. Fix the permissions or the mount, or pass --skip-unreadable-folders "
+            "(each is then a line in errors.csv and counts as a failure)"
+        )
+    if not found.files:
         raise InputError(
             f"no images in {root} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))}, any letter case)"
         )
-    return files
+    return found
 
 
 def shard(items: list[T], rank: int, world_size: int, unit: int = 1) -> list[T]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from harness.console import say
-from harness.errors import ModelError
+from harness.errors import HarnessError, ModelError, describe_user_error, is_dataloader_failure
 from harness.models.onnx_runtime import OnnxModule
 from harness.models.outputs import as_logits
 from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context
@@ -23,9 +23,11 @@ def probe_classes(model: nn.Module, normalize: DeviceNormalizer, blank: torch.Te
     try:
         with inference_context(plan):
             output = model(normalize(blank.unsqueeze(0).to(plan.device)))
-    except Exception as error:
+    except HarnessError:
+        raise
+    except (Exception, SystemExit) as error:
         raise ModelError(
-            f"the model failed on one {tuple(blank.shape)} input image: {type(error).__name__}: {error}. "
+            f"the model failed on one {tuple(blank.shape)} input image: {describe_user_error(error)}. "
             "Check input_size in model/config.yaml."
         ) from error
     return as_logits(output, 1).shape[1]
@@ -63,6 +65,15 @@ class Forward:
                     torch.cuda.empty_cache()
                 say(f"out of device memory: running batches in pieces of {self.piece} from now on")
                 continue
+            except HarnessError:
+                raise
+            except (Exception, SystemExit) as error:  # the user's forward, on a real batch
+                if is_dataloader_failure(error):  # a worker's death, raised wherever the main process is
+                    raise
+                raise ModelError(
+                    f"the model failed on a batch of {count} images: {describe_user_error(error)}; the rows of the "
+                    "batches before it are kept in the .partial file"
+                ) from error
             start += count
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
@@ -78,6 +89,7 @@ def compiled_forward(forward: Forward, blank: torch.Tensor) -> Forward:
         compiled = dataclasses.replace(forward, model=torch.compile(forward.model), pad=True)
         compiled(blank.expand(forward.piece, *blank.shape).to(forward.plan.device))
     except Exception as error:  # a missing C++ compiler, an operator the compiler cannot take, ...
+        error = error.__cause__ if isinstance(error, ModelError) and isinstance(error.__cause__, Exception) else error
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         say(f"torch.compile failed ({type(error).__name__}: {first_line[:200]}): running eagerly")
         return forward

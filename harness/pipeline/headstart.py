@@ -128,7 +128,7 @@ class HeadStart:
         self._covered, self._run_batch = covered, run_batch
         return covered
 
-    def batches(self, timeout: float) -> Iterator[tuple[list[int], np.ndarray, list[str]]]:
+    def batches(self, timeout: float | None) -> Iterator[tuple[list[int], np.ndarray, list[str]]]:
         """The stopped head start's batches in order: indices, N x 3 x S x S uint8 (a view of shared memory)
         and the errors ("" where an image decoded)."""
         if self._covered is None:
@@ -138,7 +138,7 @@ class HeadStart:
             last = min(first + self._run_batch, self._covered)
             errors: list[str] = []
             for chunk in range(first // self.chunk, math.ceil(last / self.chunk)):
-                deadline = time.monotonic() + timeout
+                deadline = time.monotonic() + (math.inf if timeout is None else timeout)
                 while chunk not in arrived:
                     arrived.update([self._receive(deadline)])
                 errors += arrived.pop(chunk)

@@ -129,9 +129,9 @@ def fit_to_shm(workers: int, batch_bytes: int, shm_free: int | None) -> tuple[in
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, workers: int, prefetch: int, pin_memory: bool, timeout: float
+    dataset: Dataset, batch_size: int, workers: int, prefetch: int, pin_memory: bool, timeout: float | None
 ) -> DataLoader:
-    extra: dict[str, Any] = {"prefetch_factor": prefetch, "timeout": timeout} if workers > 0 else {}
+    extra: dict[str, Any] = {"prefetch_factor": prefetch, "timeout": timeout or 0} if workers > 0 else {}
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -1,18 +1,28 @@
-"""Continuing an interrupted run from the rows its .partial file kept.
+"""Continuing an interrupted run from the rows its .partial file kept, and only a run that would write the same rows.
 
 Rows are written in input order, so a partial file is a prefix of the final one. Resuming keeps that prefix, cut
 back to a batch boundary: each later batch then holds the same images as in an uninterrupted run, and the model
 gives the same numbers, so the final CSV is byte-identical to one written in a single go.
+
+That holds only for the same model and the same settings. So a run records, when it starts, what shapes its rows
+(the model's files by content, its class, preprocessing, label map, softmax, top-k, precision, memory format,
+device type and batch size) in `<output>.resume.json` beside the partial file; `--resume` compares and refuses
+any difference, naming it, before anything is overwritten. A different batch size is refused too: the batches
+would hold other images, and the model's numbers can depend on what else is in its batch.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 from pathlib import Path
+from typing import Any
 
+from harness.config import Config
 from harness.errors import ConfigError
-from harness.results.writer import open_csv, partial_path, row_writer
+from harness.results.writer import open_csv, partial_path, row_writer, write_atomic_text
 
 
 def _read_rows(path: Path) -> tuple[list[list[str]], bool]:
@@ -63,3 +73,69 @@ def resume_point(output: Path, errors: Path, keys: list[str], row_width: int, ba
     else:
         _rewrite(errors_partial, [])
     return kept, failures
+
+
+def record_path(output: Path) -> Path:
+    return output.with_name(output.name + ".resume.json")
+
+
+def file_digest(path: str | Path | None) -> str | None:
+    """sha256 of a file's contents, or None for no file."""
+    if path is None or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_identity(config: Config, model: dict[str, Any], batch_size: int, device_type: str) -> dict[str, Any]:
+    """What shapes this run's rows; `model` is run.json's description of the loaded model."""
+    label_map = config.label_map
+    return {
+        "model_class": model["class"],
+        "model_source": file_digest(model["source"]),
+        "checkpoint": file_digest(model["checkpoint"]),
+        "transform_file": file_digest(config.transform_file),
+        "preprocess": config.to_dict()["preprocess"],
+        "label_map": label_map,
+        "labels_file": file_digest(label_map) if Path(label_map).is_file() else None,
+        "softmax": config.softmax,
+        "topk": config.topk,
+        "amp": config.amp,
+        "channels_last": config.channels_last,
+        "compile": config.compile,
+        "device": device_type,
+        "batch_size_total": batch_size,
+        "max_pixels": config.max_pixels,
+    }
+
+
+def record_identity(output: Path, identity: dict[str, Any]) -> None:
+    write_atomic_text(record_path(output), json.dumps(identity, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def check_identity(output: Path, identity: dict[str, Any]) -> None:
+    """Refuse to resume a partial file that another model or other settings wrote."""
+    path = record_path(output)
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ConfigError(
+            f"--resume: {partial_path(output)} has no readable record of the model and settings that wrote it "
+            f"({path}), so it cannot be continued safely. Delete it, or run without --resume to start over."
+        ) from None
+    current = json.loads(json.dumps(identity, default=str))
+    differ = sorted(key for key in recorded.keys() | current.keys() if recorded.get(key) != current.get(key))
+    if differ:
+        shown = "; ".join(f"{key}: {_short(recorded.get(key))} then, {_short(current.get(key))} now" for key in differ)
+        raise ConfigError(
+            f"--resume: {partial_path(output)} was written by another model or other settings ({shown}). Resume "
+            "with the same ones, or run without --resume to start over."
+        )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text[:12] + "..." if isinstance(value, str) and len(value) == 64 else text

@@ -8,6 +8,7 @@ judges the run with `finish` once.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Iterable, Iterator
@@ -18,22 +19,25 @@ from torch.utils.data import Subset
 
 from harness.config import Config
 from harness.console import progress_bar, say
-from harness.errors import TooManyFailuresError, is_dataloader_failure
+from harness.errors import CheckFailedError, OutputError, TooManyFailuresError, is_dataloader_failure
 from harness.models.load import load_model
 from harness.models.python_class import load_custom_transform
 from harness.pipeline.decode import DecodeLimits
 from harness.pipeline.devices import DeviceNormalizer, plan_devices, prepare_model, tune_process
-from harness.pipeline.files import ImageFile
+from harness.pipeline.files import Discovery, ImageFile
 from harness.pipeline.forward import Forward, compiled_forward, probe_classes
 from harness.pipeline.headstart import HeadStart
 from harness.pipeline.host import usable_cpus
 from harness.pipeline.loader import Batch, ImageDataset, fit_to_shm, make_loader, shm_free_bytes
-from harness.pipeline.resume import resume_point
+from harness.pipeline.resume import check_identity, record_identity, record_path, resume_point, run_identity
 from harness.pipeline.tracker import DecoderTracker
+from harness.results.contract import committed_problems
 from harness.results.labels import LabelMap, make_label_map
 from harness.results.probs import ProbabilityRecorder
 from harness.results.report import RunReport
-from harness.results.writer import AtomicCsvWriter, check_writable, partial_path
+from harness.results.writer import AtomicCsvWriter, check_writable, flush_together, partial_path
+
+NOT_FINITE = "the model's output is not a finite number (NaN or infinity)"
 
 
 def failure_limit(max_failures: float | None, images: int) -> int | None:
@@ -42,10 +46,11 @@ def failure_limit(max_failures: float | None, images: int) -> int | None:
     return int(max_failures) if max_failures >= 1 or max_failures == 0 else int(max_failures * images)
 
 
-def loader_timeout(decode_timeout: float) -> float:
-    """How long to wait for one batch before declaring a worker hung. Each image is already cut off at
-    decode_timeout inside the worker, so only a worker stuck in native code or killed outright gets here."""
-    return max(300.0, 5 * decode_timeout)
+def loader_timeout(decode_timeout: float | None) -> float | None:
+    """How long to wait for one batch before declaring a worker hung (None: as long as it takes, as asked with
+    decode_timeout none). Each image is already cut off at decode_timeout inside the worker, so only a worker
+    stuck in native code or killed outright gets here."""
+    return None if decode_timeout is None else max(300.0, 5 * decode_timeout)
 
 
 @dataclass
@@ -55,6 +60,7 @@ class RunPlan:
 
     config: Config
     files: list[ImageFile]
+    unreadable: list[tuple[str, str]]  # folders skipped: a line each in errors.csv, a failure each
     done: int
     batches: Iterable[Batch]
     forward: Forward
@@ -79,7 +85,8 @@ class RunPlan:
         except BaseException:
             self.report.status = "interrupted"
             self.report.timed("total_s", self.started)
-            self.report.write(config.run_json)
+            with contextlib.suppress(OutputError):  # the error that stopped the run is the one to report
+                self.report.write(config.run_json)
             raise
         self.report.timed("classify_s", self.clock)
         self.report.timed("total_s", self.started)
@@ -95,10 +102,12 @@ class RunPlan:
             bar.update(self.done)
             for batch in self.batches:
                 outputs = self.forward(batch.images.to(self.forward.plan.device, non_blocking=True))
+                finite = torch.isfinite(outputs).all(dim=1).tolist()
+                failed = [error or ("" if ok else NOT_FINITE) for error, ok in zip(batch.errors, finite, strict=True)]
                 rows = label_map(outputs)
                 if self.recorder is not None:
-                    self.recorder.add([files[i].key for i in batch.indices], label_map.scores(outputs), batch.errors)
-                for index, error, fields in zip(batch.indices, batch.errors, rows, strict=True):
+                    self.recorder.add([files[i].key for i in batch.indices], label_map.scores(outputs), failed)
+                for index, error, fields in zip(batch.indices, failed, rows, strict=True):
                     key = files[index].key
                     if error:
                         predictions.write([key, *label_map.failure_fields])
@@ -106,24 +115,30 @@ class RunPlan:
                         report.failures += 1
                     else:
                         predictions.write([key, *fields])
-                predictions.flush()
-                errors.flush()
+                flush_together((predictions, errors))
                 report.images += len(batch.indices)
                 bar.update(len(batch.indices))
+            for folder, reason in self.unreadable:
+                errors.write([folder, reason])
+            report.failures += len(self.unreadable)
             if self.recorder is not None and config.save_probs is not None:
                 self.recorder.save(config.save_probs)
             predictions.commit()
             errors.commit()
+        record_path(config.output_file).unlink(missing_ok=True)
         if report.failures:
-            say(f"{report.failures} image(s) could not be read; reasons in {config.errors_csv}")
+            say(f"{report.failures} image(s) or folder(s) failed; reasons in {config.errors_csv}")
 
 
-def prepare(config: Config, files: list[ImageFile], head: HeadStart | None = None) -> RunPlan:
+def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> RunPlan:
     """Check the output, load the model, plan the devices and the decoding, and find where a resumed run goes on.
-    With a head start (already decoding `files`, see harness/pipeline/headstart.py) its batches come first."""
-    report = RunReport(config=config.to_dict(), output=str(config.output_file), total=len(files))
+    With a head start (already decoding the files, see harness/pipeline/headstart.py) its batches come first."""
+    files = found.files
+    report = RunReport(
+        config=config.to_dict(), output=str(config.output_file), total=len(files) + len(found.unreadable)
+    )
     started = clock = time.perf_counter()
-    check_writable(config.output_file)
+    check_writable(config.output_file, config.errors_csv, config.run_json)
     report.tuning = tune_process(config)
     clock = report.timed("discover_s", clock)
 
@@ -145,17 +160,22 @@ def prepare(config: Config, files: list[ImageFile], head: HeadStart | None = Non
     if shm_warning:
         say(shm_warning)
 
+    report.model = loaded.describe(num_classes, "model folder's data_transform_description.py" if custom else "harness")
+    identity = run_identity(config, report.model, batch_size, plan.device.type)
     done = 0
-    if config.resume:
+    if config.resume and partial_path(config.output_file).exists():
+        check_identity(config.output_file, identity)
         keys = [image.key for image in files]
         row_width = 1 + len(label_map.failure_fields)
         done, report.failures = resume_point(config.output_file, config.errors_csv, keys, row_width, batch_size)
         say(f"resuming after {done} of {len(files)} images" if done else "nothing to resume: starting afresh")
     elif partial_path(config.output_file).exists():
         say("replacing an earlier run's partial file (--resume would have continued it)")
+    if not done:
+        record_identity(config.output_file, identity)
     report.images = report.resumed_rows = done
-    report.model = loaded.describe(num_classes, "model folder's data_transform_description.py" if custom else "harness")
     report.label_map = label_map.name
+    report.columns = 1 + len(label_map.failure_fields)
     report.devices = plan.describe()
     report.workers = workers
     report.prefetch_batches = prefetch if workers else 0
@@ -181,20 +201,39 @@ def prepare(config: Config, files: list[ImageFile], head: HeadStart | None = Non
     if config.compile:
         forward = compiled_forward(forward, dataset.blank)
     recorder = ProbabilityRecorder(label_map.softmax) if config.save_probs else None
-    return RunPlan(config, files, done, batches, forward, label_map, tracker, recorder, report, started, clock)
+    return RunPlan(
+        config, files, found.unreadable, done, batches, forward, label_map, tracker, recorder, report, started, clock
+    )
 
 
-def head_batches(head: HeadStart, timeout: float) -> Iterator[Batch]:
+def head_batches(head: HeadStart, timeout: float | None) -> Iterator[Batch]:
     for indices, images, errors in head.batches(timeout):
         yield Batch(indices, torch.from_numpy(images), errors)
 
 
-def finish(config: Config, report: RunReport) -> RunReport:
-    """Judge the failures against --max-failures, write run.json, and fail the run if there were too many: once
-    per run, by whoever holds the whole run's report."""
+def finish(config: Config, report: RunReport, keys: list[str]) -> RunReport:
+    """Judge the run once, by whoever holds the whole run's report: the CSV it committed must hold exactly one
+    right row per image in `keys` (and pass the challenge scorer's rules when it is an ObjectNet top-5 file), and
+    the failures must be within --max-failures (with none given, not every image may fail). Writes run.json;
+    exit 0 follows only from a run that passes both."""
+    problems = committed_problems(config.output_file, keys, report.columns, report.label_map)
     limit = failure_limit(config.max_failures, report.total)
-    report.status = "too many failures" if limit is not None and report.failures > limit else "complete"
+    all_failed = limit is None and report.total > 0 and report.failures >= report.total
+    if problems:
+        report.status = "invalid predictions"
+    elif (limit is not None and report.failures > limit) or all_failed:
+        report.status = "too many failures"
+    else:
+        report.status = "complete"
     report.write(config.run_json)
+    if problems:
+        shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+        raise CheckFailedError(f"{config.output_file} was written but is not right to submit: {shown}")
+    if all_failed:
+        raise TooManyFailuresError(
+            f"every one of the {report.total} images failed (is the right folder mounted?); the predictions were "
+            f"written, and {config.errors_csv} says why each failed"
+        )
     if report.status != "complete":
         raise TooManyFailuresError(
             f"{report.failures} of {report.total} images failed, more than --max-failures allows ({limit}); "

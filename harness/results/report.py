@@ -26,6 +26,7 @@ class RunReport:
     status: str = "running"
     model: dict[str, Any] = field(default_factory=dict)
     label_map: str = ""
+    columns: int = 0  # fields per CSV row
     devices: dict[str, Any] = field(default_factory=dict)
     workers: int = 0
     prefetch_batches: int = 0

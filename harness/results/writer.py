@@ -1,30 +1,39 @@
-"""Streamed, atomic CSV output: rows go to `<name>.partial` as they come and the file is renamed into place only
-when complete, so the final name never holds half a file and a crash keeps every finished row.
+"""Streamed, atomic CSV output: rows go to `<name>.partial` a whole batch at a time and the file is renamed into
+place only when complete, so the final name never holds half a file and a crash keeps every finished batch.
 
-File names are written with `surrogateescape`, so names that are not valid UTF-8 keep their original bytes.
+A write that fails (a full disk, a quota) cuts the partial file back to its last whole batch, so `--resume` goes
+on from there. One run per output folder: a second run on the same folder is refused at once. File names are
+written with `surrogateescape`, so names that are not valid UTF-8 keep their original bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
+import io
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
 from harness.errors import OutputError
 
+ENCODING = "utf-8"
+ERRORS = "surrogateescape"
+
 
 def open_csv(path: Path, mode: str = "r") -> TextIO:
     """A predictions or errors CSV, read or written: UTF-8, file names' undecodable bytes kept as they were, and
     line endings left to the csv module."""
-    return open(path, mode, newline="", encoding="utf-8", errors="surrogateescape")
+    return open(path, mode, newline="", encoding=ENCODING, errors=ERRORS)
 
 
 def row_writer(file: TextIO) -> Callable[[list[str]], None]:
     """Writes one row in the harness's CSV dialect.
 
-    csv quotes a field with "\n" (the line terminator) but not one with a lone "\r", which readers take as a line
+    csv quotes a field with "\\n" (the line terminator) but not one with a lone "\\r", which readers take as a line
     break; such rows (a file name can hold any byte) are written fully quoted.
     """
     plain = csv.writer(file, lineterminator="\n")
@@ -40,8 +49,19 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def check_writable(path: Path) -> None:
-    """Fail before any model work if the output folder cannot take the file."""
+def _space_left(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free on {folder}"
+    except OSError:
+        return f"free space on {folder} unknown"
+
+
+def write_failed(path: Path, error: OSError) -> OutputError:
+    return OutputError(f"cannot write {path}: {error.strerror or error} ({_space_left(path.parent)})")
+
+
+def check_writable(path: Path, *beside: Path) -> None:
+    """Fail before any model work if the output folder cannot take the file, or the files written beside it."""
     folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -49,41 +69,89 @@ def check_writable(path: Path) -> None:
         raise OutputError(f"cannot create output folder {folder}: {error.strerror}") from None
     if path.is_dir():
         raise OutputError(f"output {path} is a folder: pass a file name such as {path / 'predictions.csv'}")
+    for other in (partial_path(path), *beside, *map(partial_path, beside)):
+        if other.is_dir():
+            raise OutputError(f"{other} is a folder, where the run writes a file: move it away")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {folder} is not writable by this user (uid {os.getuid()})")
 
 
+@contextlib.contextmanager
+def output_folder_lock(folder: Path) -> Iterator[None]:
+    """Hold the output folder while the run writes (the kernel lets go if the process dies): predictions,
+    errors.csv and run.json of two runs in one folder would overwrite each other, so a second run is refused."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        raise OutputError(f"cannot open output folder {folder}: {error.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise OutputError(
+                f"another harness run is writing to {folder}: wait for it to finish, or choose another output folder"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 class AtomicCsvWriter:
-    """Rows to a partial file (appended to when resuming); `flush` hands them to the OS, `commit` makes the
-    partial file the real one."""
+    """Rows to a partial file (appended to when resuming). `flush` writes the rows since the last flush as one
+    whole batch, or none of them; `commit` makes the partial file the real one."""
 
     def __init__(self, path: Path, append: bool = False) -> None:
         self.path = path
         self.partial = partial_path(path)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
         try:
             # Held open for the whole run, so no `with`: commit() or abandon() closes it.
-            self._file = open_csv(self.partial, "a" if append else "w")
+            self._fd: int | None = os.open(self.partial, flags, 0o644)
+            self.whole = os.lseek(self._fd, 0, os.SEEK_END)  # bytes of whole batches in the file
         except OSError as error:
-            raise OutputError(f"cannot write {self.partial}: {error.strerror}") from None
-        self.write = row_writer(self._file)
+            raise write_failed(self.partial, error) from None
+        self._rows = io.StringIO(newline="")
+        self.write = row_writer(self._rows)
 
     def flush(self) -> None:
-        """Once per batch: a killed process (even SIGKILL) then loses at most the batch in flight."""
-        self._file.flush()
+        """Once per batch: a killed process (even SIGKILL) then loses at most the batch in flight; a failed write
+        leaves the file as it was before this batch."""
+        data = self._rows.getvalue().encode(ENCODING, ERRORS)
+        self._rows.seek(0)
+        self._rows.truncate()
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]  # type: ignore[arg-type]
+        except OSError as error:
+            self.truncate(self.whole)
+            raise write_failed(self.partial, error) from None
+        self.whole += len(data)
+
+    def truncate(self, size: int) -> None:
+        """Cut the file back to `size` bytes (a batch boundary another writer's failure undid)."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, size)
+            self.whole = size
 
     def commit(self) -> None:
         """Flush to disk, then rename: readers see the old file or the whole new one, never a mix."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.partial, self.path)
+        self.flush()
+        assert self._fd is not None
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            os.replace(self.partial, self.path)
+        except OSError as error:
+            raise write_failed(self.path, error) from None
         _fsync_folder(self.path.parent)
 
     def abandon(self) -> None:
-        """Keep what was written in the partial file (finished rows are never lost) and let go of it."""
-        if not self._file.closed:
-            self._file.flush()
-            self._file.close()
+        """Keep the whole batches written in the partial file (finished rows are never lost) and let go of it."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> AtomicCsvWriter:
         return self
@@ -92,14 +160,31 @@ class AtomicCsvWriter:
         self.abandon()
 
 
+def flush_together(writers: Sequence[AtomicCsvWriter]) -> None:
+    """Flush one batch to several files, or to none: when one write fails, every file is cut back to the batch
+    before, so the predictions and errors.csv partial files always end on the same batch."""
+    marks = [writer.whole for writer in writers]
+    try:
+        for writer in writers:
+            writer.flush()
+    except OutputError:
+        for writer, mark in zip(writers, marks, strict=True):
+            writer.truncate(mark)
+        raise
+
+
 def write_atomic_text(path: Path, text: str) -> None:
     """A small file (run.json) written whole, through the same partial-then-rename step."""
     partial = partial_path(path)
-    with open(partial, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    try:
+        with open(partial, "w", encoding=ENCODING) as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise write_failed(path, error) from None
 
 
 def _fsync_folder(folder: Path) -> None:

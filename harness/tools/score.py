@@ -11,7 +11,6 @@ Three modes, picked by the options:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 from collections.abc import Sequence
@@ -21,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from harness.errors import CheckFailedError, ConfigError, ToolFileError
+from harness.results.contract import TOPK, problems, scorer_key
 from harness.results.labels import imagenet_to_objectnet
-from harness.results.writer import open_csv
-from harness.tools.validate import TOPK, scorer_key, validate_predictions
+from harness.tools.validate import read_predictions_file
 
 PAIR_CHUNK = 2048  # rows of the pairwise sign matrix built at once for Kendall's tau
 
@@ -31,14 +30,6 @@ PAIR_CHUNK = 2048  # rows of the pairwise sign matrix built at once for Kendall'
 def overlap_ids() -> set[int]:
     """The 113 ObjectNet classes that have ImageNet counterparts (a test checks them against the official list)."""
     return set(imagenet_to_objectnet().values())
-
-
-def _read_rows(path: Path) -> list[list[str]]:
-    try:
-        with open_csv(path) as f:
-            return [row for row in csv.reader(f) if row]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise ToolFileError(f"cannot read {path}: {error}") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -53,12 +44,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def read_predictions(path: Path) -> dict[str, list[int]]:
     """Basename -> the five predicted ids, after the checks the scorer makes (it rejects the file on any)."""
-    _, problems = validate_predictions(path)
-    if problems:
-        raise CheckFailedError(f"{path} would be rejected by the scorer: {problems[0]} (harness validate lists all)")
-    return {
-        scorer_key(row[0]): [int(x) if x.strip() else -1 for x in row[1 : 2 * TOPK : 2]] for row in _read_rows(path)
-    }
+    rows = read_predictions_file(path)
+    rejected, _ = problems(rows)
+    if rejected:
+        raise CheckFailedError(f"{path} would be rejected by the scorer: {rejected[0]} (harness validate lists all)")
+    return {scorer_key(row[0]): [int(x) if x.strip() else -1 for x in row[1 : 2 * TOPK : 2]] for row in rows}
 
 
 def topk_accuracy(predictions: dict[str, list[int]], answers: dict[str, int]) -> dict[str, float | int]:
@@ -138,7 +128,7 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 def read_scores(path: Path) -> dict[str, float]:
     """Basename -> score from a `key,score` file (an N x 1 head's output)."""
     scores = {}
-    for line, row in enumerate(_read_rows(path), start=1):
+    for line, row in enumerate(read_predictions_file(path), start=1):
         try:
             if len(row) != 2:
                 raise ValueError(f"{len(row)} columns, expected 2 (key,score)")
