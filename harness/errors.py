@@ -24,13 +24,13 @@ class ConfigError(HarnessError):
 
 
 class InputError(HarnessError):
-    """input folder missing, empty or unreadable"""
+    """input folder missing, empty or unreadable, or a folder in it cannot be listed"""
 
     exit_code = 3
 
 
 class ModelError(HarnessError):
-    """model cannot be loaded or gives output of the wrong shape"""
+    """model cannot be loaded, fails on a batch, or gives output of the wrong shape"""
 
     exit_code = 4
 
@@ -48,7 +48,7 @@ class OutputError(HarnessError):
 
 
 class TooManyFailuresError(HarnessError):
-    """more images failed than `--max-failures` allows (the CSV is still written)"""
+    """more images failed than `--max-failures` allows, or all did (the CSV is still written)"""
 
     exit_code = 7
 
@@ -60,7 +60,7 @@ class PipelineError(HarnessError):
 
 
 class CheckFailedError(HarnessError):
-    """a tool's check failed (`validate`, `check-model` limits, `export-onnx` parity)"""
+    """a check failed (the run's check of its own CSV, `validate`, `check-model` limits, `export-onnx` parity)"""
 
     exit_code = 9
 
@@ -87,7 +87,7 @@ BUG = 1
 INTERRUPTED = 130
 
 EXIT_CODES: dict[int, str] = {
-    SUCCESS: "every image has a row",
+    SUCCESS: "the CSV is right to submit: one valid row per image, failures within the limit",
     BUG: "internal error (a bug: please report it with the output of `--traceback`)",
     **{error.exit_code: (error.__doc__ or "").strip() for error in ERROR_TYPES},
     INTERRUPTED: "interrupted (SIGINT, or SIGTERM from `docker stop`); finished rows are in the `.partial` file",

@@ -4,7 +4,7 @@ start's decoders; torch-free, since the head start forks before torch is importe
 
 from __future__ import annotations
 
-import multiprocessing
+import mmap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,17 +12,23 @@ from harness.errors import PipelineError
 from harness.pipeline.files import ImageFile
 
 FREE = -1
+SLOT_BYTES = 8  # one signed 64-bit index
 
 
 class DecoderTracker:
     """One shared slot per decoder holding the index of the image it is decoding, or FREE.
 
-    Created before the decoders fork, so each inherits the same shared memory; a slot is written only by its own
-    decoder and read by the main process only after something went wrong, so it needs no lock.
+    Created before the decoders fork, so each inherits the same anonymous shared mapping (no file in /dev/shm or
+    TMPDIR, which may be full or tiny); a slot is written only by its own decoder and read by the main process only
+    after something went wrong, so it needs no lock.
     """
 
     def __init__(self, decoders: int) -> None:
-        self._slots = multiprocessing.get_context("fork").Array("q", [FREE] * max(1, decoders), lock=False)
+        count = max(1, decoders)
+        self._map = mmap.mmap(-1, count * SLOT_BYTES)
+        self._slots = memoryview(self._map).cast("q")
+        for slot in range(count):
+            self._slots[slot] = FREE
 
     def hold(self, slot: int, index: int) -> None:
         self._slots[slot] = index

@@ -1,0 +1,357 @@
+"""Exit 0 means the CSV is right to submit: every way a run used to exit 0 with a wrong or incomplete CSV, or exit
+1 with a traceback for a fault the user can fix, now ends with its documented exit code and one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import harness.pipeline.files
+from harness.cli import main
+from harness.results.writer import output_folder_lock
+from harness.tools.validate import validate_predictions
+from tests.helpers import REPO, SAMPLES, env_without_build_args, read_rows
+
+# A small 1000-class model, fast on the CPU: it returns NaN for bright images (mean input above 1 after the
+# ImageNet normalisation; a white image is about 2), and fails from its second batch on when asked to.
+TINY_MODEL = """import os
+import torch
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(3, 1000)
+        self.batches = 0
+        if os.environ.get("TINY_EXIT"):
+            raise SystemExit(int(os.environ["TINY_EXIT"]))
+
+    def forward(self, x):
+        self.batches += 1
+        if os.environ.get("TINY_FAIL_FROM") and self.batches > int(os.environ["TINY_FAIL_FROM"]):
+            raise ValueError("the weights went missing")
+        out = self.fc(x.float().mean((2, 3)))
+        bright = x.float().mean((1, 2, 3)) > 1.0
+        return torch.where(bright[:, None], torch.full_like(out, float("nan")), out)
+"""
+
+
+def tiny_model(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.py").write_text(TINY_MODEL)
+    (folder / "config.yaml").write_text("class_name: Tiny\n")
+    return folder
+
+
+def image_set(folder: Path, kinds: list[str]) -> Path:
+    """One file per kind, in order: 'good' (a real photo), 'bad' (unreadable bytes), 'white' (NaN for Tiny)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, kind in enumerate(kinds):
+        path = folder / f"{index:03d}-{kind}.png"
+        if kind == "good":
+            shutil.copy(SAMPLES / "coffee.png", path)
+        elif kind == "bad":
+            path.write_bytes(b"not a png")
+        else:
+            Image.new("RGB", (64, 64), (255, 255, 255)).save(path)
+    return folder
+
+
+def run(images: Path, output: Path, model: Path, *options: str) -> int:
+    return main([str(images), str(output), "--model-dir", str(model), "--progress", "false", *options])
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return tiny_model(tmp_path / "model")
+
+
+def test_1_non_finite_outputs_are_failure_rows(tmp_path: Path, model: Path) -> None:
+    images = image_set(tmp_path / "in", ["good", "white", "good"])
+    output = tmp_path / "out" / "p.csv"
+    assert run(images, output, model, "--max-failures", "1") == 0
+    rows = read_rows(output)
+    assert rows[1] == ["001-white.png", *["-1", "0"] * 5] and "nan" not in output.read_text()
+    reason = "the model's output is not a finite number (NaN or infinity)"
+    assert read_rows(output.with_name("errors.csv")) == [["001-white.png", reason]]
+    assert json.loads(output.with_name("run.json").read_text())["failures"] == 1
+    assert run(images, output, model, "--max-failures", "0") == 7
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--std", "nan"),
+        ("--mean", "inf"),
+        ("--max-failures", "nan"),
+        ("--crop-pct", "nan"),
+        ("--decode-timeout", "inf"),
+        ("--decode-timeout", "nan"),
+        ("--decode-timeout", "1e10"),
+        ("--decode-timeout", "0"),
+    ],
+)
+def test_1_2_6d_numbers_that_are_not_numbers_are_refused_before_any_work(
+    tmp_path: Path, model: Path, option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "out" / "p.csv"
+    assert run(image_set(tmp_path / "in", ["good"]), output, model, option, value) == 2
+    assert not output.parent.exists() or not any(output.parent.iterdir())
+    assert option.strip("-").replace("-", "_") in capsys.readouterr().err
+
+
+def test_2_a_timeout_of_none_switches_it_off(tmp_path: Path, model: Path) -> None:
+    assert run(image_set(tmp_path / "in", ["good"]), tmp_path / "p.csv", model, "--decode-timeout", "none") == 0
+
+
+def _unlistable(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Listing a folder called `name` fails as it does for a folder without read permission (root reads any)."""
+    real = os.scandir
+
+    def scandir(path: str):  # type: ignore[no-untyped-def]
+        if os.path.basename(path) == name:
+            raise PermissionError(13, "Permission denied", path)
+        return real(path)
+
+    monkeypatch.setattr(harness.pipeline.files.os, "scandir", scandir)
+
+
+def test_3_a_folder_that_cannot_be_listed_stops_the_run_or_is_skipped_and_counted(
+    tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = image_set(tmp_path / "in", ["good", "good"])
+    image_set(images / "locked", ["good"])
+    _unlistable(monkeypatch, "locked")
+    output = tmp_path / "out" / "p.csv"
+    assert run(images, output, model) == 3
+    assert "locked/ (Permission denied)" in capsys.readouterr().err and not output.exists()
+    assert run(images, output, model, "--skip-unreadable-folders") == 0
+    assert read_rows(output.with_name("errors.csv")) == [["locked/", "folder cannot be listed: Permission denied"]]
+    assert json.loads(output.with_name("run.json").read_text())["failures"] == 1
+    assert run(images, output, model, "--skip-unreadable-folders", "--max-failures", "0") == 7
+    if os.geteuid() != 0:  # the real thing, where permissions bind
+        monkeypatch.undo()
+        (images / "locked").chmod(0)
+        assert run(images, output, model) == 3
+
+
+def test_6f_folders_nested_a_thousand_deep(tmp_path: Path, model: Path) -> None:
+    (tmp_path / "in").mkdir()
+    fd = os.open(tmp_path / "in", os.O_RDONLY)
+    for _ in range(1000):  # relative to the last folder: pathlib and os.makedirs recurse per level themselves
+        os.mkdir("d", dir_fd=fd)
+        inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    with open(os.open("x.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+        f.write((SAMPLES / "coffee.png").read_bytes())
+    os.close(fd)
+    output = tmp_path / "p.csv"
+    assert run(tmp_path / "in", output, model) == 0
+    assert read_rows(output)[0][0] == "d/" * 1000 + "x.png"
+
+
+def test_4_resume_refuses_other_settings_and_continues_the_same(
+    tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = image_set(tmp_path / "in", ["good"] * 10)
+    reference = tmp_path / "ref" / "p.csv"
+    assert run(images, reference, model, "--batch-size", "4", "--workers", "0") == 0
+    output = tmp_path / "out" / "p.csv"
+    monkeypatch.setenv("TINY_FAIL_FROM", "2")  # after the probe and one batch: exit 4, the first batch's rows kept
+    assert run(images, output, model, "--batch-size", "4", "--workers", "0") == 4
+    assert "the weights went missing" in capsys.readouterr().err
+    partial = output.with_name("p.csv.partial")
+    kept = partial.read_bytes()
+    assert len(read_rows(partial)) == 4
+    monkeypatch.delenv("TINY_FAIL_FROM")
+    for other, named in [
+        (["--softmax", "false"], "softmax"),
+        (["--label-map", "objectnet-legacy"], "label_map"),
+        (["--topk", "3"], "topk"),
+        (["--input-size", "200"], "preprocess"),
+        (["--batch-size", "2"], "batch_size_total"),
+    ]:
+        options = ["--batch-size", "4", "--workers", "0", *other, "--resume"]
+        assert run(images, output, model, *options) == 2, other
+        assert named in capsys.readouterr().err and partial.read_bytes() == kept
+    (model / "model.py").write_text(TINY_MODEL.replace("manual_seed(0)", "manual_seed(1)"))
+    assert run(images, output, model, "--batch-size", "4", "--workers", "0", "--resume") == 2
+    assert "model_source" in capsys.readouterr().err and partial.read_bytes() == kept
+    (model / "model.py").write_text(TINY_MODEL)
+    assert run(images, output, model, "--batch-size", "4", "--workers", "0", "--resume") == 0
+    assert output.read_bytes() == reference.read_bytes()
+    assert not output.with_name("p.csv.resume.json").exists()
+
+
+def test_5_every_image_unreadable_is_exit_7_with_the_csv_written(tmp_path: Path, model: Path) -> None:
+    output = tmp_path / "p.csv"
+    assert run(image_set(tmp_path / "in", ["bad", "bad"]), output, model) == 7
+    assert read_rows(output) == [[f"00{i}-bad.png", *["-1", "0"] * 5] for i in range(2)]
+    assert json.loads(output.with_name("run.json").read_text())["status"] == "too many failures"
+
+
+def _limited(limit: int):  # type: ignore[no-untyped-def]
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_6a_a_full_disk_is_exit_6_and_resume_goes_on(tmp_path: Path, model: Path) -> None:
+    images = image_set(tmp_path / "in", ["good"] * 20)
+    options = ["--model-dir", str(model), "--progress", "false", "--batch-size", "4", "--workers", "0"]
+    reference = tmp_path / "ref" / "p.csv"
+    assert main([str(images), str(reference), *options]) == 0
+    output = tmp_path / "out" / "p.csv"
+    command = [sys.executable, "entrypoint.py", str(images), str(output), *options]
+    env = env_without_build_args()
+    # Files may grow to 1000 bytes (Python ignores SIGXFSZ, so writing past it fails as a full disk does):
+    # two batches of about 350 bytes fit, the third does not.
+    full = subprocess.run(command, cwd=REPO, env=env, preexec_fn=_limited(1000), capture_output=True, text=True)
+    assert full.returncode == 6, full.stderr
+    assert full.stderr.strip().splitlines()[-1].startswith("harness: error: cannot write") and "free on" in full.stderr
+    assert "Traceback" not in full.stderr
+    partial = output.with_name("p.csv.partial")
+    assert partial.read_bytes() == reference.read_bytes()[: len(partial.read_bytes())]
+    assert len(read_rows(partial)) == 8 and partial.read_bytes().endswith(b"\n")
+    assert not output.with_name("run.json.partial").exists()
+    resumed = subprocess.run([*command, "--resume"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert output.read_bytes() == reference.read_bytes()
+
+
+def test_6b_damaged_zips_are_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("model/model.py", TINY_MODEL)
+        archive.writestr("model/config.yaml", "class_name: Tiny\n")
+    data = bytearray(good.read_bytes())
+    position = data.index(b"class Tiny")
+    data[position] ^= 0xFF  # one stored byte changed: the CRC no longer matches
+    (tmp_path / "crc.zip").write_bytes(bytes(data))
+    with zipfile.ZipFile(tmp_path / "clash.zip", "w") as archive:
+        archive.writestr("model/model.py", TINY_MODEL)
+        archive.writestr("model/model.py/inner.txt", "a folder where the file is")
+    for name, message in [("crc.zip", "is damaged"), ("clash.zip", "cannot be unpacked")]:
+        code = main([str(SAMPLES), str(tmp_path / "p.csv"), "--model-dir", str(tmp_path / name), "--progress", "false"])
+        err = capsys.readouterr().err
+        assert code == 4 and message in err and "Traceback" not in err, err
+
+
+def test_7_a_zip_bomb_is_refused_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("model/model.py", TINY_MODEL)
+        archive.writestr("model/weights.pth", bytes(64 * 2**20))  # 64 MiB of zeros in about 64 KiB
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    os.environ["TMPDIR"] = str(temporary)
+    try:
+        code = main([str(SAMPLES), str(tmp_path / "p.csv"), "--model-dir", str(bomb), "--progress", "false"])
+    finally:
+        del os.environ["TMPDIR"]
+    assert code == 4 and "as a zip bomb does" in capsys.readouterr().err
+    assert sum(f.stat().st_size for f in temporary.rglob("*") if f.is_file()) == 0
+
+
+def test_6c_a_model_that_fails_after_the_first_batch(
+    tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TINY_FAIL_FROM", "2")  # the probe's blank image, then one batch
+    output = tmp_path / "p.csv"
+    assert run(image_set(tmp_path / "in", ["good"] * 3), output, model, "--batch-size", "2", "--workers", "0") == 4
+    err = capsys.readouterr().err
+    assert "ValueError: the weights went missing" in err and "Traceback" not in err
+    assert len(read_rows(output.with_name("p.csv.partial"))) == 2 and not output.exists()
+
+
+def test_6e_a_folder_where_a_file_is_written_is_found_before_any_work(tmp_path: Path, model: Path) -> None:
+    output = tmp_path / "out" / "p.csv"
+    (output.parent / "errors.csv").mkdir(parents=True)
+    assert run(image_set(tmp_path / "in", ["good"]), output, model) == 6
+    assert not output.exists() and not output.with_name("p.csv.partial").exists()
+
+
+def test_6g_a_second_run_on_the_same_output_is_refused_at_once(
+    tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "out" / "p.csv"
+    output.parent.mkdir()
+    with output_folder_lock(output.parent):  # a first run, still writing
+        assert run(image_set(tmp_path / "in", ["good"]), output, model) == 6
+    assert "another harness run is writing" in capsys.readouterr().err and not output.exists()
+
+
+def test_6h_a_model_calling_sys_exit_is_a_model_error(
+    tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TINY_EXIT", "3")
+    assert run(image_set(tmp_path / "in", ["good"]), tmp_path / "p.csv", model) == 4
+    assert "it called sys.exit(3)" in capsys.readouterr().err
+
+
+def _validated(path: Path, images: Path | None = None) -> tuple[list[str], list[str]]:
+    return validate_predictions(path, images)[1:]
+
+
+def test_8_validate_and_score_agree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    row = "a.png,1,0.5,2,0.2,3,0.1,4,0.1,5,0.1"
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps({"a.png": 1, "b.png": 2}))
+    cases = {"bom": "\ufeff" + row + "\n", "blank": row + "\n\n", "plain": row + "\n"}
+    for name, text in cases.items():
+        path = tmp_path / f"{name}.csv"
+        path.write_text(text, encoding="utf-8")
+        rejected, _ = _validated(path)
+        validate_code = main(["validate", str(path)])
+        score_code = main(["score", str(path), "--answers", str(answers)])
+        assert (validate_code == 0) == (score_code == 0) == (not rejected), name
+    images = image_set(tmp_path / "images", [])
+    (images / "a.png").write_bytes(b"")
+    (images / "b.png").write_bytes(b"")
+    capsys.readouterr()
+    assert main(["validate", str(tmp_path / "plain.csv"), "--images", str(images)]) == 9
+    err = capsys.readouterr().err
+    assert "b.png has no row (scored as wrong)" in err and "would accept the file" in err and "reject" not in err
+    readme = (REPO / "README.md").read_text()
+    assert "trailing blank line" in readme and "byte-order mark" in readme
+
+
+KINDS = st.lists(st.sampled_from(["good", "bad", "white"]), min_size=1, max_size=6)
+LIMITS = st.sampled_from([None, "0", "1", "2", "0.5"])
+
+
+@pytest.mark.slow
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kinds=KINDS, limit=LIMITS)
+def test_exit_0_holds_exactly_when_the_csv_validates_and_the_failures_are_within_the_limit(
+    tmp_path_factory: pytest.TempPathFactory, kinds: list[str], limit: str | None
+) -> None:
+    root = tmp_path_factory.mktemp("case")
+    model = tiny_model(root / "model")
+    images = image_set(root / "in", kinds)
+    output = root / "out" / "p.csv"
+    options = ["--batch-size", "2", "--workers", "0"] + (["--max-failures", limit] if limit else [])
+    code = run(images, output, model, *options)
+    failures = sum(kind != "good" for kind in kinds)
+    if limit is None:
+        allowed = failures < len(kinds)
+    else:
+        number = float(limit)
+        allowed = failures <= (int(number) if number >= 1 or number == 0 else int(number * len(kinds)))
+    valid = output.exists() and _validated(output, images) == ([], [])
+    assert (code == 0) == (valid and allowed), (kinds, limit, code)
+    assert code in (0, 7)
