@@ -1,6 +1,6 @@
 """The two Dockerfiles and .dockerignore, read without building: hadolint, and what the images promise.
 
-Building and running them is tests/test_container.py's work (scripts/container-test.sh); these run in a second.
+Building and running them is tests/test_container.py's work (pytest -m container); these run in a second.
 """
 
 from __future__ import annotations
