@@ -169,10 +169,13 @@ make_base() {
     rm -rf "$rootfs"
 }
 
+# What the two builds install: the harness's dependencies with the extra each Dockerfile adds (onnx: onnxruntime for
+# the CPU image, onnx-gpu: onnxruntime-gpu for the GPU one), the model's, and the versions the Dockerfiles pin.
 make_wheelhouse() {
     local list=$WORK/wheelhouse-requirements.txt
     {
-        "$PYTHON" -c "import tomllib, sys; print('\n'.join(tomllib.load(open(sys.argv[1], 'rb'))['project']['dependencies']))" \
+        "$PYTHON" -c "import tomllib, sys; project = tomllib.load(open(sys.argv[1], 'rb'))['project']; \
+extras = project['optional-dependencies']; print('\n'.join(project['dependencies'] + extras['onnx'] + extras['onnx-gpu']))" \
             "$REPO_ROOT/pyproject.toml"
         [[ ! -f $REPO_ROOT/model/requirements.txt ]] || cat "$REPO_ROOT/model/requirements.txt"
         printf '%s\n' "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \

@@ -363,6 +363,27 @@ def test_build_stops_at_once_on_a_missing_checkpoint(images: Images) -> None:
     assert time.monotonic() - start < 120
 
 
+@container_test
+def test_each_image_holds_one_onnx_runtime(images: Images) -> None:
+    """onnxruntime and onnxruntime-gpu install the same `onnxruntime` module, so an image with both can lose the
+    CUDA provider: the GPU image holds onnxruntime-gpu only, with the CUDA provider built in (listing the providers
+    needs no GPU), and the CPU image onnxruntime only."""
+
+    def in_image(image: str, *args: str) -> str:
+        result = images.engine_run("run", "--rm", "--network", "none", "--entrypoint", "python3", image, *args)
+        assert result.returncode == 0, failed(f"python3 {' '.join(args[:3])} in {image}", result)
+        return result.stdout
+
+    for image, runtime in ((images.gpu, "onnxruntime-gpu"), (images.cpu, "onnxruntime")):
+        listed = json.loads(in_image(image, "-m", "pip", "list", "--format", "json", "--disable-pip-version-check"))
+        names = {package["name"].lower().replace("_", "-") for package in listed}
+        found = sorted(names & {"onnxruntime", "onnxruntime-gpu"})
+        assert found == [runtime], f"pip list in {image} shows {found}, not {runtime} alone"
+    program = "import json, onnxruntime; print(json.dumps(onnxruntime.get_available_providers()))"
+    providers = json.loads(in_image(images.gpu, "-c", program).strip().splitlines()[-1])
+    assert "CUDAExecutionProvider" in providers, f"the GPU image's onnxruntime has no CUDA provider: {providers}"
+
+
 # ---- compare_predictions itself, without a container ----
 
 
