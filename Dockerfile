@@ -15,7 +15,8 @@ COPY model/ model/
 ARG MODEL_CHECKPOINT=""
 # 1. Fail now, not after the dependencies, when the model folder or the checkpoint named by MODEL_CHECKPOINT is
 #    missing. 2. Readable by any user (a checkpoint saved with umask 077 would otherwise fail at run time).
-# 3. The dependency lists, written apart from the code so that a code change keeps the pip layer cached.
+# 3. The dependency lists, written apart from the code so that a code change keeps the pip layer cached: the
+#    harness's dependencies with its `onnx-gpu` extra (onnxruntime-gpu, the image's one ONNX runtime), the model's.
 RUN set -eu; \
     if [ ! -f model/model.py ] && [ ! -f model/model_description.py ]; then \
         echo "build error: model/ holds neither model.py nor model_description.py (the model's class)." >&2; \
@@ -34,7 +35,7 @@ RUN set -eu; \
     mkdir /requirements; \
     if [ -f model/requirements.txt ]; then cp model/requirements.txt /requirements/model.txt; \
     else : > /requirements/model.txt; fi; \
-    python3 -c "import sys; sys.version_info >= (3, 11) or sys.exit('build error: the base image needs Python >= 3.11'); import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/requirements/harness.txt', 'w').write('\n'.join(deps) + '\n')"
+    python3 -c "import sys; sys.version_info >= (3, 11) or sys.exit('build error: the base image needs Python >= 3.11'); import tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = project['dependencies'] + project['optional-dependencies']['onnx-gpu']; open('/requirements/harness.txt', 'w').write('\n'.join(deps) + '\n')"
 
 # ---- the image ----
 FROM ${BASE_IMAGE}
@@ -60,7 +61,9 @@ ARG PIP_DISABLE_PIP_VERSION_CHECK=1
 ARG ONNXRUNTIME_VERSION=1.31.1
 
 # Dependencies before code: this layer is rebuilt only when a dependency list or a pip argument changes. torch and
-# torchvision come with the base image and are left as they are.
+# torchvision come with the base image and are left as they are. Then the checks: one ONNX runtime only, the GPU
+# build (onnxruntime and onnxruntime-gpu both install the `onnxruntime` module, and with both the CUDA provider can
+# be lost), and its CUDA provider is there (get_available_providers() lists what was built in: it needs no GPU).
 COPY --from=source /requirements/ /tmp/requirements/
 RUN --mount=type=secret,id=pip_cert,target=/run/secrets/pip_cert \
     python3 -m pip install --no-cache-dir \
@@ -68,6 +71,8 @@ RUN --mount=type=secret,id=pip_cert,target=/run/secrets/pip_cert \
         -r /tmp/requirements/model.txt \
         "onnxruntime-gpu==${ONNXRUNTIME_VERSION}" \
     && python3 -c "import torch, torchvision, onnxruntime, PIL, numpy, yaml, tqdm" \
+    && python3 -c "import importlib.metadata as m, sys; names = {d.metadata['Name'].lower().replace('_', '-') for d in m.distributions()}; found = sorted(names & {'onnxruntime', 'onnxruntime-gpu'}); found == ['onnxruntime-gpu'] or sys.exit(f'build error: ONNX runtimes installed: {found}; want onnxruntime-gpu only (both install the onnxruntime module: does model/requirements.txt name onnxruntime?)')" \
+    && python3 -c "import onnxruntime, sys; found = onnxruntime.get_available_providers(); 'CUDAExecutionProvider' in found or sys.exit(f'build error: onnxruntime has no CUDA provider, only {found}')" \
     && rm -rf /tmp/requirements
 
 # The user the harness runs as: no login, no home of its own (caches go to /tmp, writable in a read-only container).

@@ -1,6 +1,6 @@
 """The two Dockerfiles and .dockerignore, read without building: hadolint, and what the images promise.
 
-Building and running them is tests/test_container.py's work (scripts/container-test.sh); these run in a second.
+Building and running them is tests/test_container.py's work (pytest -m container); these run in a second.
 """
 
 from __future__ import annotations
@@ -159,14 +159,47 @@ def test_dependencies_are_installed_before_the_code_is_copied(name: str) -> None
     assert first_model_arg > last_pip
 
 
+def pip_installs(name: str) -> str:
+    """The final stage's pip install commands, each up to its first `&&` (the checks after it are not installs)."""
+    runs = (rest for keyword, rest in final_stage(name) if keyword == "RUN" and "pip install" in rest)
+    return " ".join(run.split("&&")[0] for run in runs)
+
+
 def test_cpu_and_gpu_packages() -> None:
-    cpu = " ".join(rest for keyword, rest in final_stage("Dockerfile.cpu") if keyword == "RUN")
-    gpu = " ".join(rest for keyword, rest in final_stage("Dockerfile") if keyword == "RUN")
+    cpu = pip_installs("Dockerfile.cpu")
+    gpu = pip_installs("Dockerfile")
     assert '"onnxruntime==${ONNXRUNTIME_VERSION}"' in cpu and "onnxruntime-gpu" not in cpu
-    assert '"onnxruntime-gpu==${ONNXRUNTIME_VERSION}"' in gpu
+    assert '"onnxruntime-gpu==${ONNXRUNTIME_VERSION}"' in gpu and '"onnxruntime==' not in gpu
     assert '--index-url "${TORCH_INDEX_URL}"' in cpu
     assert arg_defaults(final_stage("Dockerfile.cpu"))["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     assert "torch==" not in gpu, "the GPU image keeps the base image's CUDA build of torch"
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "runtime"),
+    [("Dockerfile", "onnx-gpu", "onnxruntime-gpu"), ("Dockerfile.cpu", "onnx", "onnxruntime")],
+)
+def test_one_onnx_runtime_per_image(name: str, extra: str, runtime: str) -> None:
+    """onnxruntime and onnxruntime-gpu install the same `onnxruntime` module: an image that gets both (the
+    harness's dependency beside the GPU build) can lose the CUDA provider. So the runtime is an extra, not a
+    dependency, each image installs its own extra, and the build checks that it holds that runtime only."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11's")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    names = {re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0] for requirement in project["dependencies"]}
+    assert not names & {"onnxruntime", "onnxruntime-gpu"}, "an ONNX runtime in the dependencies goes into both images"
+    extras = project["optional-dependencies"]
+    assert [r.split(">=")[0] for r in extras["onnx"]] == ["onnxruntime"]
+    assert [r.split(">=")[0] for r in extras["onnx-gpu"]] == ["onnxruntime-gpu"]
+    assert any(r.startswith("onnxruntime>=") for r in extras["dev"]), "the tests run ONNX models (CPU runtime)"
+
+    steps = instructions(name)
+    second_from = [i for i, (k, _) in enumerate(steps) if k == "FROM"][1]
+    first_stage = " ".join(rest for k, rest in steps[:second_from] if k == "RUN")
+    assert f"project['optional-dependencies']['{extra}']" in first_stage, f"{name} must install the {extra} extra"
+    checks = " ".join(rest.partition("&&")[2] for keyword, rest in final_stage(name) if keyword == "RUN")
+    assert f"found == ['{runtime}'] or sys.exit(" in checks, f"{name}'s build checks for {runtime} only"
+    if runtime == "onnxruntime-gpu":
+        assert "'CUDAExecutionProvider' in found or sys.exit(" in checks
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)

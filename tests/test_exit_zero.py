@@ -159,8 +159,11 @@ def test_6f_folders_nested_a_thousand_deep(tmp_path: Path, model: Path) -> None:
         f.write((SAMPLES / "coffee.png").read_bytes())
     os.close(fd)
     output = tmp_path / "p.csv"
-    assert run(tmp_path / "in", output, model) == 0
-    assert read_rows(output)[0][0] == "d/" * 1000 + "x.png"
+    try:
+        assert run(tmp_path / "in", output, model) == 0
+        assert read_rows(output)[0][0] == "d/" * 1000 + "x.png"
+    finally:  # pytest's own clean-up of old temporary folders recurses per level
+        subprocess.run(["rm", "-rf", str(tmp_path / "in")], check=True)
 
 
 def test_4_resume_refuses_other_settings_and_continues_the_same(

@@ -1,6 +1,6 @@
 """scripts/: shellcheck, --help, argument errors, and the commands build.sh and run.sh would run (--dry-run).
 
-Nothing here needs a container engine; scripts/container-test.sh runs the same scripts for real.
+Nothing here needs a container engine; tests/test_container.py runs the same scripts for real.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
-USER_SCRIPTS = ("build.sh", "run.sh", "debug.sh", "save.sh", "container-test.sh")
+USER_SCRIPTS = ("build.sh", "run.sh", "debug.sh", "save.sh", "container-provision.sh")
 
 
 def script(name: str, *args: str, engine: str = "docker") -> subprocess.CompletedProcess[str]:

@@ -26,7 +26,10 @@ def _onnxruntime() -> ModuleType:
     try:
         import onnxruntime
     except ImportError:
-        raise ModelError("this model is ONNX, and onnxruntime is not installed: pip install onnxruntime") from None
+        raise ModelError(
+            "this model is ONNX, and no ONNX runtime is installed: pip install onnxruntime (CPU) or onnxruntime-gpu "
+            "(CUDA), one of them, not both (pip install -e '.[onnx]' or '.[onnx-gpu]')"
+        ) from None
     return onnxruntime
 
 
@@ -38,7 +41,7 @@ def make_session(path: Path, want_cuda: bool) -> Any:
     if want_cuda and CUDA_PROVIDER not in available:
         say(
             "WARNING: a GPU is visible but this onnxruntime has no CUDA provider: the ONNX model runs on the CPU. "
-            "Install onnxruntime-gpu to use the GPU."
+            "To use the GPU, replace it with onnxruntime-gpu: pip uninstall onnxruntime && pip install onnxruntime-gpu"
         )
     try:
         session = ort.InferenceSession(str(path), providers=providers)
