@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, ModelError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -225,6 +225,11 @@ class Preprocess:
         None, _optional(_int(1)), "shorter side after resizing, before the centre crop (default: from crop_pct)"
     )
     crop_pct: float = _setting(1.0, _float(0.05, 1.0), "input_size / resize_size when resize_size is not set")
+    resize_mode: str = _setting(
+        "shorter",
+        _choice("shorter", "squash"),
+        "shorter: resize the shorter side, then centre-crop; squash: resize both sides to input_size, no crop",
+    )
     interpolation: str = _setting("bilinear", _choice(*INTERPOLATIONS), "resampling filter for the resize")
     channel_order: str = _setting("rgb", _choice("rgb", "bgr"), "channel order the model expects")
     value_scale: float = _setting(1.0, _value_scale, "pixel values 0..1 (1) or 0..255 (255)")
@@ -252,6 +257,11 @@ class Config:
 
     input_dir: Path = _setting(Path("/input"), _path, "folder of images, searched recursively")
     output_file: Path = _setting(Path("/output/predictions.csv"), _path, "predictions CSV to write")
+    model: str | None = _setting(
+        None,
+        _optional(_text),
+        "the model: a folder, a .zip, a .onnx or TorchScript file, timm:NAME, or hf:FOLDER (README: Your model)",
+    )
     model_dir: Path = _setting(Path("model"), _path, "folder holding the model's code, weights and config.yaml")
     module: str | None = _setting(
         None,
@@ -260,7 +270,15 @@ class Config:
         ".onnx/.pt/.ts model",
     )
     class_name: str | None = _setting(None, _optional(_text), "model class in that file (default: Model)")
-    checkpoint: str | None = _setting(None, _optional(_text), "state_dict file, in the model folder or a path")
+    checkpoint: str | None = _setting(
+        None,
+        _optional(_text),
+        "weights: a state_dict, training checkpoint or .safetensors file, in the model folder or a path",
+    )
+    num_classes: int | None = _setting(
+        None, _optional(_int(1)), "classes of a timm model's head (default: from the checkpoint, else the model's)"
+    )
+    ema: bool = _setting(False, _bool, "load a training checkpoint's EMA weights (state_dict_ema) instead of its own")
     device: str = _setting("auto", _choice("auto", "cpu", "cuda"), "auto uses CUDA when present, else the CPU")
     gpus: int | None = _setting(None, _optional(_int(0)), "GPUs to use with DataParallel (default: all)")
     workers: int | None = _setting(None, _optional(_int(0)), "decoding processes (default: usable CPU cores)")
@@ -317,6 +335,7 @@ class Config:
     local_rank: int = _setting(0, _int(0), "its place on this machine: the GPU it uses (set by torchrun)")
     local_world_size: int = _setting(1, _int(1), "processes on this machine, sharing its cores (set by torchrun)")
     preprocess: Preprocess = field(default_factory=Preprocess)
+    explicit: frozenset[str] = frozenset()  # settings a source gave (not defaults): a model's own config yields to them
 
     @property
     def run_json(self) -> Path:
@@ -334,10 +353,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain values for run.json."""
         data = dataclasses.asdict(self)
+        data.pop("explicit")
         return {key: (str(value) if isinstance(value, Path) else value) for key, value in data.items()}
 
 
-RUN_FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "preprocess"}
+RUN_FIELDS = {f.name: f for f in dataclasses.fields(Config) if "parse" in f.metadata}
 PREPROCESS_FIELDS = {f.name: f for f in dataclasses.fields(Preprocess)}
 SETTINGS = {**RUN_FIELDS, **PREPROCESS_FIELDS}
 
@@ -376,37 +396,77 @@ def read_yaml(model_dir: Path) -> dict[str, Any]:
     return data
 
 
+MODEL_PREFIXES = ("timm:", "hf:")
+SAVED_MODEL_SUFFIXES = (".onnx", ".pt", ".pth", ".ts", ".torchscript")
+
+
+def locate_model(model: str | None, model_dir: str | None) -> tuple[dict[str, Any], bool]:
+    """Where `--model` (or `--model-dir`) points, as the settings it implies, and whether that folder's config.yaml
+    applies: a folder is the model folder; a .onnx or TorchScript file is that file in its folder; `hf:FOLDER` is
+    a Hugging Face folder; `timm:NAME` needs no folder (its config.yaml is read only with --model-dir)."""
+    spec = model or model_dir
+    if spec is None:
+        return {}, True
+    text = str(spec).strip()
+    if text.startswith("timm:"):
+        return ({"model_dir": model_dir} if model_dir else {}), model_dir is not None
+    if text.startswith("hf:"):
+        return {"model_dir": text[len("hf:") :]}, True
+    path = Path(text)
+    if path.is_file() and path.suffix.lower() in SAVED_MODEL_SUFFIXES:
+        return {"model_dir": str(path.parent), "module": path.name}, True
+    if path.is_file():
+        raise ModelError(
+            f"model {path} is a file the harness does not run directly: pass its folder, a .zip, a "
+            f"{'/'.join(SAVED_MODEL_SUFFIXES)} file, timm:NAME or hf:FOLDER"
+        )
+    if model is not None and not path.exists():
+        raise ModelError(
+            f"model {path} does not exist: pass a model folder, a .zip, a model file, timm:NAME or hf:FOLDER"
+        )
+    return {"model_dir": text}, True
+
+
 def build_config(
     cli: Mapping[str, Any], environ: Mapping[str, str], yaml_data: Mapping[str, Any] | None = None
 ) -> Config:
     """Merge the sources in order of precedence; `cli` holds only the options the user actually gave.
 
     `cli` may carry preprocessing settings at its top level; they are routed to `Config.preprocess`. When
-    `yaml_data` is None the model folder's config.yaml is read (the folder itself may come from the CLI).
+    `yaml_data` is None the model folder's config.yaml is read (the folder itself may come from the CLI, through
+    --model or --model-dir).
     """
     run: dict[str, Any] = {}
     pre: dict[str, Any] = {}
+    explicit: set[str] = set()
 
     def apply(name: str, value: Any, source: str) -> None:
+        explicit.add(name)
         if name in PREPROCESS_FIELDS:
             pre[name] = _parse(PREPROCESS_FIELDS, name, value, source)
         else:
             run[name] = _parse(RUN_FIELDS, name, value, source)
 
-    model_dir = _parse(RUN_FIELDS, "model_dir", cli.get("model_dir") or "model", "command line")
+    located, read_folder_config = locate_model(cli.get("model"), cli.get("model_dir"))
+    for name, value in located.items():
+        run[name] = _parse(RUN_FIELDS, name, value, "command line (--model)")
+    model_dir = run.get("model_dir", Config.model_dir)
     if yaml_data is None:
-        yaml_data = read_yaml(model_dir)
+        yaml_data = read_yaml(model_dir) if read_folder_config else {}
     yaml_source = str(model_dir / CONFIG_FILE)
     for name, value in yaml_data.items():
         if name == "preprocess":
             if not isinstance(value, dict):
                 raise ConfigError(f"{yaml_source}: 'preprocess' must be a mapping of setting: value")
             for pre_name, pre_value in value.items():
+                explicit.add(pre_name)
                 pre[pre_name] = _parse(PREPROCESS_FIELDS, pre_name, pre_value, f"{yaml_source} (preprocess)")
         elif name in PREPROCESS_FIELDS:
             raise ConfigError(f"{yaml_source}: '{name}' belongs under 'preprocess:'")
         elif name in ("input_dir", "output_file", "model_dir"):
             raise ConfigError(f"{yaml_source}: '{name}' is set by the command line, not the model's config")
+        elif name == "model" and value is not None and not str(value).startswith(MODEL_PREFIXES):
+            apply("module", value, yaml_source)  # a model file in this folder
         else:
             apply(name, value, yaml_source)
     for variable, name in ENV_FIELDS.items():
@@ -414,12 +474,30 @@ def build_config(
         if value.strip():
             apply(name, value, f"environment variable {variable}")
     for name, value in cli.items():
-        if value is not None:
+        if value is not None and name not in located:
             apply(name, value, "command line")
 
-    config = Config(**run, preprocess=Preprocess(**pre))
+    config = Config(**run, preprocess=Preprocess(**pre), explicit=frozenset(explicit))
     _check(config)
     return config
+
+
+def apply_model_defaults(config: Config, values: Mapping[str, Any], source: str) -> Config:
+    """The config with a model's own settings (its preprocessing, label map) wherever no source set them: the
+    model's config ranks above the harness's defaults and below model/config.yaml, the environment and the
+    command line."""
+    run: dict[str, Any] = {}
+    pre: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in config.explicit or (value is None and name not in ("mean", "std", "resize_size")):
+            continue
+        if name in PREPROCESS_FIELDS:
+            pre[name] = _parse(PREPROCESS_FIELDS, name, value, source)
+        else:
+            run[name] = _parse(RUN_FIELDS, name, value, source)
+    updated = dataclasses.replace(config, **run, preprocess=dataclasses.replace(config.preprocess, **pre))
+    _check(updated)
+    return updated
 
 
 def _check(config: Config) -> None:

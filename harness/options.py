@@ -10,8 +10,17 @@ import argparse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from harness.config import PREPROCESS_FIELDS, RUN_FIELDS, Config, build_config, is_switch, setting_metavar
+from harness.config import (
+    PREPROCESS_FIELDS,
+    RUN_FIELDS,
+    Config,
+    apply_model_defaults,
+    build_config,
+    is_switch,
+    setting_metavar,
+)
 from harness.errors import ConfigError
+from harness.models.source import model_defaults
 from harness.models.submission import open_submission
 
 POSITIONALS = (  # the template's order
@@ -21,7 +30,18 @@ POSITIONALS = (  # the template's order
     ("checkpoint", "MODEL_CHECKPOINT", "state_dict file (path, or name in the model folder)"),
 )
 TEMPLATE_SWITCH = "convert_outputs_mode"  # the template's 0/1 for the label map
-MODEL_OPTIONS = ("model_dir", "module", "class_name", "checkpoint", "device", "batch_size", "input_size")
+MODEL_OPTIONS = (
+    "model",
+    "model_dir",
+    "module",
+    "class_name",
+    "checkpoint",
+    "num_classes",
+    "ema",
+    "device",
+    "batch_size",
+    "input_size",
+)
 
 
 def _add_setting(group: argparse._ArgumentGroup, name: str, help_text: str) -> None:
@@ -80,8 +100,12 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def config_from(given: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
-    """The Config for settings given by name: a zipped model folder unpacked, then every source merged."""
-    return build_config(open_submission(dict(given)), environ)
+    """The Config for settings given by name: a zipped model folder unpacked, every source merged, then the
+    settings the model itself carries (timm's or Hugging Face's preprocessing, an exported ONNX file's) wherever
+    no source set them."""
+    config = build_config(open_submission(dict(given)), environ)
+    defaults, source = model_defaults(config)
+    return apply_model_defaults(config, defaults, source) if defaults else config
 
 
 def run_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:

@@ -13,8 +13,9 @@ from torch import nn
 from harness.cli import main
 from harness.config import build_config
 from harness.errors import ModelError
-from harness.models.load import find_saved_file, load_model
+from harness.models.load import load_model
 from harness.models.onnx_runtime import CUDA_PROVIDER, OnnxModule, make_session
+from harness.models.source import find_saved_file
 from harness.tools.export_onnx import check_parity, export
 from tests.helpers import REPO, SAMPLES, read_rows
 

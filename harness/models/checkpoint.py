@@ -1,10 +1,14 @@
-"""State_dict checkpoints: finding the file, reading its tensors without running code, and fitting them to a class.
+"""Checkpoints: finding the file, reading its tensors without running code, and fitting them to a model.
 
-Checkpoints load with `weights_only=True`: a state_dict holds tensors, and nothing in one needs to run code.
+A checkpoint is a plain state_dict, a training checkpoint that holds one (timm's train.py saves `state_dict`,
+`state_dict_ema`, the optimizer and its `args`), or a .safetensors file. Pickled checkpoints load with
+`weights_only=True`, which runs no code from the file; like timm, it also allows `argparse.Namespace`, the one
+class a training checkpoint's `args` needs. Any other pickled object is refused.
 """
 
 from __future__ import annotations
 
+import argparse
 import pickle
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,8 @@ from harness.config import Config
 from harness.errors import ModelError, refused_pickle_globals
 
 NESTED_KEYS = ("state_dict", "model", "model_state_dict")
+EMA_KEYS = ("state_dict_ema", "model_ema")
+SAFE_CLASSES = [argparse.Namespace]  # a training checkpoint's `args`, as timm allows it
 
 
 def resolve_checkpoint(config: Config) -> Path | None:
@@ -34,10 +40,21 @@ def resolve_checkpoint(config: Config) -> Path | None:
     )
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint, unwrapped from a training checkpoint's dict and DataParallel's prefix."""
+def _load_file(path: Path) -> Any:
+    if path.suffix.lower() == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ModelError(
+                f"{path} is a safetensors file, and safetensors is not installed: pip install safetensors"
+            ) from None
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as error:  # safetensors raises its own SafetensorError for a damaged header
+            raise ModelError(f"{path} is not a readable safetensors file: {error}") from error
     try:
-        data: Any = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_CLASSES):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         objects = refused_pickle_globals(error)
         if objects is None:
@@ -48,6 +65,18 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         ) from error
     except Exception as error:
         raise ModelError(f"{path} is not a PyTorch checkpoint: {type(error).__name__}: {error}") from error
+
+
+def read_state_dict(path: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint, unwrapped from a training checkpoint's dict (its EMA weights with `ema`) and
+    DataParallel's prefix."""
+    data: Any = _load_file(path)
+    if ema:
+        key = next((k for k in EMA_KEYS if isinstance(data, dict) and isinstance(data.get(k), dict)), None)
+        if key is None:
+            held = ", ".join(sorted(map(str, data))[:10]) if isinstance(data, dict) else type(data).__name__
+            raise ModelError(f"--ema: {path} holds no EMA weights ({' or '.join(EMA_KEYS)}); it holds: {held}")
+        data = data[key]
     for key in NESTED_KEYS:
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]

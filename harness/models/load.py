@@ -1,5 +1,6 @@
-"""Which kind of model the model folder holds, and loading it: an ONNX file, a saved TorchScript or pickled module,
-or a Python class with a state_dict checkpoint. Every kind comes back as an `nn.Module` the pipeline calls alike."""
+"""Loading the model of whichever kind the configuration names (harness/models/source.py tells which): a Python
+class with its checkpoint, a timm model, a Hugging Face folder, an ONNX file, a saved TorchScript or pickled
+module. Every kind comes back as an `nn.Module` the pipeline calls alike."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from torch import nn
 from harness.config import Config
 from harness.errors import ModelError
 from harness.models.checkpoint import load_weights, read_state_dict, resolve_checkpoint
+from harness.models.hf_model import load_hf_model
+from harness.models.onnx_metadata import read_settings
 from harness.models.onnx_runtime import OnnxModule, make_session
-from harness.models.python_class import DEFAULT_CLASS, MODULE_FILES, create_model, find_module_file
-from harness.models.saved import SAVED_SUFFIXES, load_saved_model
+from harness.models.python_class import DEFAULT_CLASS, create_model, find_module_file
+from harness.models.saved import load_saved_model
+from harness.models.source import HF_CONFIG, ONNX_SUFFIXES, SAVED_SUFFIXES, find_saved_file, model_kind
+from harness.models.timm_model import load_timm_model
 
 
 @dataclass
@@ -24,6 +29,7 @@ class LoadedModel:
     source: str
     checkpoint: str | None
     parameters: int | None  # None for an ONNX model: onnxruntime does not expose its weights
+    labels: list[str] | None = None  # class names the model carries (Hugging Face id2label, an exported ONNX file)
 
     def describe(self, classes: int, transform: str) -> dict[str, object]:
         """The model as run.json records it."""
@@ -37,31 +43,19 @@ class LoadedModel:
         }
 
 
-def find_saved_file(config: Config, suffixes: tuple[str, ...]) -> Path | None:
-    """A saved model (ONNX, TorchScript, pickle): named by `module`, or the folder's only file with one of
-    `suffixes` when the folder holds no Python model file."""
-    folder = config.model_dir
-    if config.module:
-        return folder / config.module if config.module.lower().endswith(suffixes) else None
-    if not folder.is_dir() or any((folder / name).is_file() for name in MODULE_FILES):
-        return None
-    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
-    if len(found) > 1:
-        raise ModelError(f"model folder {folder} holds {len(found)} {'/'.join(suffixes)} files: name one with --module")
-    return found[0] if found else None
-
-
 def load_onnx_model(path: Path, config: Config) -> LoadedModel:
     if not path.is_file():
         raise ModelError(f"{path} does not exist (set by 'module')")
     want_cuda = config.device != "cpu" and config.gpus != 0 and torch.cuda.is_available()
     module = OnnxModule(make_session(path, want_cuda))
+    labels = read_settings(path).get("labels")
     return LoadedModel(
         module=module,
         class_name=f"ONNX ({', '.join(module.providers)})",
         source=str(path),
         checkpoint=None,
         parameters=None,
+        labels=labels if isinstance(labels, list) else None,
     )
 
 
@@ -85,7 +79,7 @@ def load_class_model(config: Config) -> LoadedModel:
     model = create_model(path, class_name)
     checkpoint = resolve_checkpoint(config)
     if checkpoint is not None:
-        load_weights(model, read_state_dict(checkpoint), checkpoint)
+        load_weights(model, read_state_dict(checkpoint, config.ema), checkpoint)
     model.eval()
     return LoadedModel(
         module=model,
@@ -96,11 +90,38 @@ def load_class_model(config: Config) -> LoadedModel:
     )
 
 
+def load_timm(config: Config) -> LoadedModel:
+    model, description, checkpoint = load_timm_model(config)
+    return LoadedModel(
+        module=model,
+        class_name=description,
+        source=config.model or "",
+        checkpoint=str(checkpoint) if checkpoint else None,
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def load_hf(config: Config) -> LoadedModel:
+    model, description, labels = load_hf_model(config.model_dir)
+    weights = next((p for p in sorted(config.model_dir.glob("*.safetensors"))), None)
+    return LoadedModel(
+        module=model,
+        class_name=description,
+        source=str(config.model_dir / HF_CONFIG),
+        checkpoint=str(weights) if weights else None,
+        parameters=sum(p.numel() for p in model.parameters()),
+        labels=labels,
+    )
+
+
 def load_model(config: Config) -> LoadedModel:
-    onnx_path = find_saved_file(config, (".onnx",))
-    if onnx_path is not None:
-        return load_onnx_model(onnx_path, config)
-    saved_path = find_saved_file(config, SAVED_SUFFIXES)
-    if saved_path is not None:
-        return load_whole_model(saved_path, config)
+    kind = model_kind(config)
+    if kind == "timm":
+        return load_timm(config)
+    if kind == "hf":
+        return load_hf(config)
+    if kind == "onnx":
+        return load_onnx_model(find_saved_file(config, ONNX_SUFFIXES) or config.model_dir, config)
+    if kind == "saved":
+        return load_whole_model(find_saved_file(config, SAVED_SUFFIXES) or config.model_dir, config)
     return load_class_model(config)

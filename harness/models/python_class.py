@@ -20,8 +20,8 @@ from torch import nn
 
 from harness.config import Config
 from harness.errors import ModelError, describe_user_error
+from harness.models.source import MODULE_FILES
 
-MODULE_FILES = ("model.py", "model_description.py")  # ours / the AISafety contract, then the ObjectNet template's
 DEFAULT_CLASS = "Model"
 
 

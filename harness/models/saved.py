@@ -16,8 +16,6 @@ from torch import nn
 
 from harness.errors import ModelError
 
-SAVED_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
-
 
 def is_torchscript(path: Path) -> bool:
     """TorchScript archives are zips with a `code/` folder; `torch.save` archives have only data."""

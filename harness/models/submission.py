@@ -94,10 +94,12 @@ def extract_submission(zip_path: Path, destination: Path, max_bytes: int = MAX_B
 
 
 def open_submission(values: dict[str, Any]) -> dict[str, Any]:
-    """The settings with a zip `model_dir` replaced by its unpacked folder, removed when the process exits."""
-    model_dir = values.get("model_dir")
-    if not model_dir or not str(model_dir).lower().endswith(".zip"):
-        return values
-    folder = Path(tempfile.mkdtemp(prefix="harness-submission-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return {**values, "model_dir": str(extract_submission(Path(model_dir), folder))}
+    """The settings with a zip `model` or `model_dir` replaced by its unpacked folder, removed when the process
+    exits."""
+    for name in ("model", "model_dir"):
+        given = values.get(name)
+        if given and str(given).lower().endswith(".zip"):
+            folder = Path(tempfile.mkdtemp(prefix="harness-submission-"))
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            return {**values, name: str(extract_submission(Path(given), folder))}
+    return values

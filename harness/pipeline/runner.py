@@ -149,7 +149,7 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
     normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
     dataset = ImageDataset(files, config.preprocess, custom, DecodeLimits.of(config))
     num_classes = probe_classes(model, normalize, dataset.blank, plan)
-    label_map, warnings = make_label_map(config.label_map, num_classes, config.topk, config.softmax)
+    label_map, warnings = make_label_map(config.label_map, num_classes, config.topk, config.softmax, loaded.labels)
     for warning in warnings:
         say(warning)
     batch_size = config.batch_size * max(1, len(plan.gpu_ids))

@@ -43,7 +43,16 @@ def to_uint8_chw(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
 
 
+def resize_square(image: Image.Image, size: int, interpolation: str) -> Image.Image:
+    """Both sides to `size`, the aspect ratio not kept (timm's `squash`, a Hugging Face processor's height x width)."""
+    if image.size == (size, size):
+        return image
+    return image.resize((size, size), RESAMPLING[interpolation])
+
+
 def geometry(image: Image.Image, pre: Preprocess) -> np.ndarray:
-    """Resize the shorter side, centre-crop, and return a 3 x S x S uint8 array in RGB order."""
-    resized = resize_shorter(image, pre.resize_to, pre.interpolation)
+    """Resize (the shorter side, or both sides with resize_mode squash), centre-crop, and return a 3 x S x S uint8
+    array in RGB order."""
+    resize = resize_square if pre.resize_mode == "squash" else resize_shorter
+    resized = resize(image, pre.resize_to, pre.interpolation)
     return to_uint8_chw(center_crop(resized, pre.input_size))

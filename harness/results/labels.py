@@ -65,6 +65,8 @@ class TopK(LabelMap):
     def __init__(self, topk: int, softmax: bool, names: list[str] | None = None) -> None:
         super().__init__(topk, softmax)
         self.names = names
+        if names:
+            self.name = "names"
 
     def __call__(self, outputs: torch.Tensor) -> list[list[str]]:
         values, indices = self.scores(outputs).topk(self.topk, dim=1)
@@ -157,8 +159,12 @@ def read_labels_file(path: Path) -> list[str]:
     return names
 
 
-def make_label_map(label_map: str, num_classes: int, topk: int, softmax: bool) -> tuple[LabelMap, list[str]]:
-    """The label map for a model with `num_classes` outputs, and any warnings worth printing."""
+def make_label_map(
+    label_map: str, num_classes: int, topk: int, softmax: bool, model_names: list[str] | None = None
+) -> tuple[LabelMap, list[str]]:
+    """The label map for a model with `num_classes` outputs, and any warnings worth printing. `model_names` are
+    the class names the model carries (Hugging Face's id2label): `auto` writes them for a head that is not
+    ImageNet's."""
     warnings: list[str] = []
     if num_classes == 1 and label_map in ("auto", "none"):
         return Score(), warnings
@@ -176,7 +182,7 @@ def make_label_map(label_map: str, num_classes: int, topk: int, softmax: bool) -
                 f"topk {topk} is more than the {summed.topk} ObjectNet classes ImageNet maps to: writing {summed.topk}"
             )
         return summed, warnings
-    names = None
+    names = model_names if label_map == "auto" and model_names and len(model_names) == num_classes else None
     if label_map not in ("auto", "none"):
         path = Path(label_map)
         if not path.is_file():

@@ -1,0 +1,78 @@
+"""The settings an exported ONNX file carries (its preprocessing and label map), so the file alone reproduces the
+PyTorch run it came from. Written by `harness export-onnx` into the model's `metadata_props` under one key;
+read back here without onnx, onnxruntime or torch, by walking the file's top-level protobuf fields, so a run can
+know its preprocessing before its decoders start and before any of those load."""
+
+from __future__ import annotations
+
+import json
+import mmap
+from pathlib import Path
+from typing import Any
+
+METADATA_KEY = "harness.settings"
+METADATA_PROPS_FIELD = 14  # ModelProto.metadata_props (onnx.proto)
+LENGTH_DELIMITED, VARINT, FIXED64, FIXED32 = 2, 0, 1, 5
+
+
+def _varint(data: Any, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+
+
+def _fields(data: Any, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field between start and end; others skipped."""
+    found, position = [], start
+    while position < end:
+        key, position = _varint(data, position)
+        field, wire = key >> 3, key & 7
+        if wire == VARINT:
+            _, position = _varint(data, position)
+        elif wire == FIXED64:
+            position += 8
+        elif wire == FIXED32:
+            position += 4
+        elif wire == LENGTH_DELIMITED:
+            length, position = _varint(data, position)
+            found.append((field, position, position + length))
+            position += length
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+    return found
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The ONNX file's metadata_props as a mapping (empty when it has none or is not readable as ONNX)."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            props = {}
+            for field, start, end in _fields(data, 0, len(data)):
+                if field != METADATA_PROPS_FIELD:
+                    continue
+                entry = {number: bytes(data[a:b]).decode("utf-8") for number, a, b in _fields(data, start, end)}
+                props[entry.get(1, "")] = entry.get(2, "")
+            return props
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return {}
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    """The harness settings stored in an exported ONNX file, or {} for any other ONNX file."""
+    text = read_metadata(path).get(METADATA_KEY)
+    if not text:
+        return {}
+    try:
+        settings = json.loads(text)
+    except ValueError:
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def settings_text(settings: dict[str, Any]) -> str:
+    return json.dumps(settings, sort_keys=True)

@@ -1,0 +1,167 @@
+"""Which kind of model a configuration names, and the settings that kind of model carries with it.
+
+| kind | recognised by | its own preprocessing and labels |
+|---|---|---|
+| timm | `--model timm:NAME` (`model:` in config.yaml) | timm's pretrained config for NAME |
+| hf | `--model hf:FOLDER`, or a folder with config.json and no model.py | preprocessor_config.json; id2label |
+| onnx | a .onnx file named, or the folder's only one | what `harness export-onnx` stored in the file |
+| saved | a TorchScript (or trusted pickled) file named, or the folder's only one | none |
+| class | the folder's model.py / model_description.py | none (config.yaml says) |
+
+Torch-free except for a timm model, whose config only timm knows: the run reads a model's preprocessing before
+its head-start decoders fork, and those must fork before torch loads wherever they can.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from harness.config import SAVED_MODEL_SUFFIXES, Config
+from harness.errors import ModelError
+from harness.models.onnx_metadata import read_settings
+
+MODULE_FILES = ("model.py", "model_description.py")  # ours / the AISafety contract, then the ObjectNet template's
+ONNX_SUFFIXES = (".onnx",)
+SAVED_SUFFIXES = tuple(suffix for suffix in SAVED_MODEL_SUFFIXES if suffix not in ONNX_SUFFIXES)
+HF_CONFIG = "config.json"
+HF_PREPROCESSOR = "preprocessor_config.json"
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+HF_CROP_PCT_UNTIL = 384  # ConvNeXt's processor crops below this size and squashes from it on
+
+
+def find_saved_file(config: Config, suffixes: tuple[str, ...]) -> Path | None:
+    """A saved model (ONNX, TorchScript, pickle): named by `module`, or the folder's only file with one of
+    `suffixes` when the folder holds no Python model file."""
+    folder = config.model_dir
+    if config.module:
+        return folder / config.module if config.module.lower().endswith(suffixes) else None
+    if not folder.is_dir() or any((folder / name).is_file() for name in MODULE_FILES):
+        return None
+    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
+    if len(found) > 1:
+        raise ModelError(f"model folder {folder} holds {len(found)} {'/'.join(suffixes)} files: name one with --module")
+    return found[0] if found else None
+
+
+def model_kind(config: Config) -> str:
+    model = config.model or ""
+    if model.startswith("timm:"):
+        return "timm"
+    if model.startswith("hf:"):
+        return "hf"
+    if find_saved_file(config, ONNX_SUFFIXES) is not None:
+        return "onnx"
+    if find_saved_file(config, SAVED_SUFFIXES) is not None:
+        return "saved"
+    folder = config.model_dir
+    if not config.module and (folder / HF_CONFIG).is_file() and not any((folder / n).is_file() for n in MODULE_FILES):
+        return "hf"
+    return "class"
+
+
+def timm_name(config: Config) -> str:
+    return (config.model or "")[len("timm:") :].strip()
+
+
+def import_timm() -> ModuleType:
+    try:
+        import timm
+    except ImportError:
+        raise ModelError("this is a timm model, and timm is not installed: pip install -e '.[timm]'") from None
+    return timm
+
+
+def model_defaults(config: Config) -> tuple[dict[str, Any], str]:
+    """(settings, where they came from) that the configured model carries: its preprocessing, and for an exported
+    ONNX file its label map; ({}, "") for a model that carries none."""
+    kind = model_kind(config)
+    if kind == "timm":
+        return timm_preprocess(timm_name(config)), f"timm's pretrained config for {timm_name(config)}"
+    if kind == "hf":
+        path = config.model_dir / HF_PREPROCESSOR
+        return hf_preprocess(path), str(path)
+    if kind == "onnx":
+        path = find_saved_file(config, ONNX_SUFFIXES)
+        return (read_settings(path) if path is not None and path.is_file() else {}), f"{path} (its metadata)"
+    return {}, ""
+
+
+def timm_preprocess(name: str) -> dict[str, Any]:
+    """timm's eval transform for NAME as harness settings, resolved as timm's resolve_data_config does."""
+    timm = import_timm()
+    if not timm.is_model(name):
+        similar = ", ".join(timm.list_models(f"*{name.split('.')[0][:6]}*")[:8])
+        raise ModelError(f"timm has no model {name!r}" + (f"; similar names: {similar}" if similar else ""))
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return {}
+    _, height, width = cfg.input_size
+    if height != width:
+        raise ModelError(f"timm model {name} takes {height} x {width} images; the harness feeds square ones")
+    mode = getattr(cfg, "crop_mode", "center") or "center"
+    if mode not in ("center", "squash"):
+        raise ModelError(f"timm model {name} uses crop mode {mode!r}; set resize_size and input_size yourself")
+    crop_pct = cfg.crop_pct or 1.0
+    return {
+        "input_size": height,
+        "resize_size": math.floor(height / crop_pct),  # timm floors, as torchvision's Resize(int) then sees it
+        "resize_mode": "shorter" if mode == "center" else "squash",
+        "interpolation": cfg.interpolation or "bilinear",
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
+        "value_scale": 1,
+        "channel_order": "rgb",
+    }
+
+
+def hf_preprocess(path: Path) -> dict[str, Any]:
+    """A Hugging Face image processor's resize, crop, rescale and normalisation as harness settings."""
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read {path}: {error}") from None
+    settings: dict[str, Any] = {"channel_order": "rgb"}
+    if cfg.get("do_resize", True) and cfg.get("size"):
+        settings.update(_hf_geometry(cfg, path))
+    if "resample" in cfg:
+        settings["interpolation"] = PIL_RESAMPLE.get(int(cfg["resample"]), "bilinear")
+    factor = cfg.get("rescale_factor", 1 / 255)
+    if cfg.get("do_rescale", True) and not math.isclose(factor, 1 / 255, rel_tol=1e-6):
+        raise ModelError(f"{path}: rescale_factor {factor} is not 1/255; set value_scale, mean and std yourself")
+    settings["value_scale"] = 1 if cfg.get("do_rescale", True) else 255
+    if cfg.get("do_normalize", True) and cfg.get("image_mean") is not None:
+        settings["mean"], settings["std"] = cfg["image_mean"], cfg["image_std"]
+    else:
+        settings["mean"] = settings["std"] = None
+    return settings
+
+
+def _side(value: Any, path: Path, what: str) -> int:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict) and value.get("height") == value.get("width") and value.get("height"):
+        return int(value["height"])
+    raise ModelError(f"{path}: {what} {value} is not square; set input_size and resize_size yourself")
+
+
+def _hf_geometry(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
+    size = cfg["size"]
+    crop = cfg.get("crop_size") if cfg.get("do_center_crop") else None
+    if isinstance(size, dict) and "shortest_edge" in size:
+        edge = int(size["shortest_edge"])
+        if cfg.get("crop_pct") is not None:  # ConvNeXt: crop below 384, squash from there
+            if edge < HF_CROP_PCT_UNTIL:
+                return {"resize_mode": "shorter", "resize_size": int(edge / cfg["crop_pct"]), "input_size": edge}
+            return {"resize_mode": "squash", "resize_size": edge, "input_size": edge}
+        if crop is None:
+            raise ModelError(f"{path}: a shortest-edge resize with no centre crop gives non-square images")
+        return {"resize_mode": "shorter", "resize_size": edge, "input_size": _side(crop, path, "crop_size")}
+    side = _side(size, path, "size")
+    cropped = _side(crop, path, "crop_size") if crop is not None else side
+    return {"resize_mode": "squash", "resize_size": side, "input_size": cropped}

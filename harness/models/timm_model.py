@@ -1,0 +1,47 @@
+"""A timm model by name (`--model timm:NAME`), built offline (no pretrained download) and filled from a checkpoint:
+a state_dict, a .safetensors file, or a training checkpoint as timm's train.py saves it (`--ema` for its EMA
+weights). With no `--num-classes`, the head is sized from the checkpoint's classifier, else timm's default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from harness.config import Config
+from harness.console import say
+from harness.errors import ModelError, describe_user_error
+from harness.models.checkpoint import load_weights, read_state_dict, resolve_checkpoint
+from harness.models.source import import_timm, timm_name
+
+
+def _head_classes(timm: object, name: str, state: dict[str, torch.Tensor]) -> int | None:
+    """The classes the checkpoint's classifier has (timm names the classifier in the model's pretrained config)."""
+    cfg = timm.models.get_pretrained_cfg(name)  # type: ignore[attr-defined]
+    classifier = getattr(cfg, "classifier", None) if cfg is not None else None
+    heads = [classifier] if isinstance(classifier, str) else list(classifier or [])
+    for head in heads:
+        weight = state.get(f"{head}.weight")
+        if weight is not None and weight.dim() >= 1:
+            return int(weight.shape[0])
+    return None
+
+
+def load_timm_model(config: Config) -> tuple[nn.Module, str, Path | None]:
+    """(model in eval mode, its description, the checkpoint used)."""
+    timm = import_timm()
+    name = timm_name(config)
+    checkpoint = resolve_checkpoint(config)
+    state = read_state_dict(checkpoint, config.ema) if checkpoint is not None else None
+    classes = config.num_classes or (_head_classes(timm, name, state) if state is not None else None)
+    extra = {"num_classes": classes} if classes else {}
+    try:
+        model = timm.create_model(name, pretrained=False, **extra)
+    except Exception as error:  # an unknown name was caught earlier; this is timm refusing the arguments
+        raise ModelError(f"timm could not build {name}: {describe_user_error(error)}") from error
+    if state is not None and checkpoint is not None:
+        load_weights(model, state, checkpoint)
+    if checkpoint is None:
+        say(f"WARNING: timm:{name} has no checkpoint: its weights are random. Pass the weights with --checkpoint")
+    return model.eval(), f"timm {name}" + (" (EMA weights)" if config.ema else ""), checkpoint
