@@ -231,6 +231,11 @@ class Preprocess:
         "shorter: resize the shorter side, then centre-crop; squash: resize both sides to input_size, no crop",
     )
     interpolation: str = _setting("bilinear", _choice(*INTERPOLATIONS), "resampling filter for the resize")
+    crop_offset: str = _setting(
+        "round",
+        _choice("round", "floor"),
+        "the centre crop's offset from an odd margin: round (torchvision, timm) or floor (Hugging Face processors)",
+    )
     channel_order: str = _setting("rgb", _choice("rgb", "bgr"), "channel order the model expects")
     value_scale: float = _setting(1.0, _value_scale, "pixel values 0..1 (1) or 0..255 (255)")
     mean: tuple[float, float, float] | None = _setting(

@@ -126,7 +126,7 @@ def hf_preprocess(path: Path) -> dict[str, Any]:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot read {path}: {error}") from None
-    settings: dict[str, Any] = {"channel_order": "rgb"}
+    settings: dict[str, Any] = {"channel_order": "rgb", "crop_offset": "floor"}
     if cfg.get("do_resize", True) and cfg.get("size"):
         settings.update(_hf_geometry(cfg, path))
     if "resample" in cfg:

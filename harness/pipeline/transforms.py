@@ -31,11 +31,14 @@ def resize_shorter(image: Image.Image, size: int, interpolation: str) -> Image.I
     return image.resize(new_size, RESAMPLING[interpolation])
 
 
-def center_crop(image: Image.Image, size: int) -> Image.Image:
-    """The central size x size square, placed as torchvision's CenterCrop places it."""
+def center_crop(image: Image.Image, size: int, offset: str = "round") -> Image.Image:
+    """The central size x size square, placed as torchvision's CenterCrop places it (round), or as Hugging Face's
+    image processors do (floor): the two differ by a pixel where the margin is odd."""
     width, height = image.size
-    left = round((width - size) / 2.0)
-    top = round((height - size) / 2.0)
+    if offset == "floor":
+        left, top = (width - size) // 2, (height - size) // 2
+    else:
+        left, top = round((width - size) / 2.0), round((height - size) / 2.0)
     return image.crop((left, top, left + size, top + size))
 
 
@@ -55,4 +58,4 @@ def geometry(image: Image.Image, pre: Preprocess) -> np.ndarray:
     array in RGB order."""
     resize = resize_square if pre.resize_mode == "squash" else resize_shorter
     resized = resize(image, pre.resize_to, pre.interpolation)
-    return to_uint8_chw(center_crop(resized, pre.input_size))
+    return to_uint8_chw(center_crop(resized, pre.input_size, pre.crop_offset))

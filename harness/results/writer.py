@@ -76,6 +76,21 @@ def check_writable(path: Path, *beside: Path) -> None:
         raise OutputError(f"output folder {folder} is not writable by this user (uid {os.getuid()})")
 
 
+_LOCKS: set[int] = set()  # descriptors holding an output folder in this process
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a decoder): let go of the parent's lock descriptors, so that the lock ends with the
+    process that took it, even when it is killed and its decoders linger for a moment."""
+    for fd in list(_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @contextlib.contextmanager
 def output_folder_lock(folder: Path) -> Iterator[None]:
     """Hold the output folder while the run writes (the kernel lets go if the process dies): predictions,
@@ -91,8 +106,10 @@ def output_folder_lock(folder: Path) -> Iterator[None]:
             raise OutputError(
                 f"another harness run is writing to {folder}: wait for it to finish, or choose another output folder"
             ) from None
+        _LOCKS.add(fd)
         yield
     finally:
+        _LOCKS.discard(fd)
         os.close(fd)
 
 

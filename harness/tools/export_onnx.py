@@ -4,7 +4,8 @@ The export uses PyTorch's TorchScript-based exporter (`torch.onnx.export(dynamo=
 `onnx` package; the newer dynamo exporter also needs `onnxscript`. The batch axis is dynamic. Parity: the same
 preprocessed sample images go through PyTorch and onnxruntime (CPU), in batches of --batch-size so the dynamic
 axis is exercised; the export fails unless every image gets the same top-1 class and the probabilities differ
-by less than --tolerance.
+by less than --tolerance. The file carries the run's preprocessing and label map in its metadata, so
+`harness --model model.onnx` reproduces the PyTorch run with no config.yaml beside it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ from torch import nn
 from harness.config import Config
 from harness.errors import CheckFailedError, ConfigError, InputError, ModelError, is_onnx_package_missing
 from harness.models.load import load_model
+from harness.models.onnx_metadata import METADATA_KEY, settings_text
 from harness.models.onnx_runtime import OnnxModule, make_session
 from harness.models.outputs import as_logits
 from harness.models.python_class import load_custom_transform
@@ -29,6 +32,7 @@ from harness.pipeline.decode import DecodeLimits
 from harness.pipeline.devices import DeviceNormalizer
 from harness.pipeline.files import discover
 from harness.pipeline.loader import ImageDataset
+from harness.results.labels import read_labels_file
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
@@ -73,6 +77,34 @@ def export(model: nn.Module, path: Path, input_size: int, opset: int) -> None:
         raise ModelError(f"ONNX export failed{hint}: {type(error).__name__}: {error}") from error
 
 
+def carried_settings(config: Config, labels: list[str] | None) -> dict[str, Any]:
+    """What the ONNX file carries so that a run of the file alone reproduces this one: the preprocessing, the
+    label map (a labels file's names themselves) and softmax."""
+    settings: dict[str, Any] = {**config.to_dict()["preprocess"], "softmax": config.softmax}
+    label_file = Path(config.label_map)
+    if label_file.is_file():
+        settings.update(label_map="auto", labels=read_labels_file(label_file))
+    else:
+        settings["label_map"] = config.label_map
+        if labels:
+            settings["labels"] = labels
+    return settings
+
+
+def store_settings(path: Path, settings: dict[str, Any]) -> None:
+    """Write the settings into the ONNX file's metadata (read back by harness/models/onnx_metadata.py)."""
+    try:
+        import onnx
+    except ImportError:
+        raise ModelError(
+            "export-onnx writes through the onnx package, which is not installed: pip install onnx"
+        ) from None
+    model = onnx.load(str(path))
+    kept = {entry.key: entry.value for entry in model.metadata_props if entry.key != METADATA_KEY}
+    onnx.helper.set_model_props(model, {**kept, METADATA_KEY: settings_text(settings)})
+    onnx.save(model, str(path))
+
+
 def sample_batch(config: Config, images_dir: Path, limit: int) -> torch.Tensor:
     """Up to `limit` images from `images_dir`, preprocessed exactly as a run would, as float32 on the CPU."""
     files = discover(images_dir)[:limit]
@@ -110,6 +142,7 @@ def export_onnx_command(argv: Sequence[str], environ: dict[str, str]) -> int:
         raise ConfigError(f"{loaded.source} is already ONNX: export-onnx exports a PyTorch model folder")
     size = config.preprocess.input_size
     export(loaded.module, args.output, size, args.opset)
+    store_settings(args.output, carried_settings(config, loaded.labels))
     images = sample_batch(config, args.images, args.parity_images)
     parity = check_parity(
         loaded.module, OnnxModule(make_session(args.output, want_cuda=False)), images, config.batch_size
