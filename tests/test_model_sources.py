@@ -78,7 +78,7 @@ def test_a_timm_training_checkpoint_runs_by_name_and_equals_timms_forward(timm_c
 
 
 def test_ema_picks_the_ema_weights(timm_checkpoint, tmp_path: Path) -> None:
-    checkpoint, model, ema = timm_checkpoint
+    checkpoint, _, ema = timm_checkpoint
     output = tmp_path / "p.csv"
     options = ["--model", "timm:resnet18", "--checkpoint", str(checkpoint), "--border", "0", "--progress", "false"]
     assert main([str(SAMPLES), str(output), *options, "--ema"]) == 0
