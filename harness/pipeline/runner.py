@@ -154,34 +154,13 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
         say(warning)
     batch_size = config.batch_size * max(1, len(plan.gpu_ids))
     head_images = head.stop(batch_size) if head is not None else 0  # none when resuming: it never runs then
-    workers = usable_cpus() if config.workers is None else config.workers
-    batch_bytes = dataset.blank.numel() * dataset.blank.element_size() * batch_size
-    workers, prefetch, shm_warning = fit_to_shm(workers, batch_bytes, shm_free_bytes())
-    if shm_warning:
-        say(shm_warning)
-
+    workers, prefetch = _decoders(config, dataset, batch_size)
     report.model = loaded.describe(num_classes, "model folder's data_transform_description.py" if custom else "harness")
     identity = run_identity(config, report.model, batch_size, plan.device.type)
-    done = 0
-    if config.resume and partial_path(config.output_file).exists():
-        check_identity(config.output_file, identity)
-        keys = [image.key for image in files]
-        row_width = 1 + len(label_map.failure_fields)
-        done, report.failures = resume_point(config.output_file, config.errors_csv, keys, row_width, batch_size)
-        say(f"resuming after {done} of {len(files)} images" if done else "nothing to resume: starting afresh")
-    elif partial_path(config.output_file).exists():
-        say("replacing an earlier run's partial file (--resume would have continued it)")
-    if not done:
-        record_identity(config.output_file, identity)
-    report.images = report.resumed_rows = done
-    report.label_map = label_map.name
-    report.columns = 1 + len(label_map.failure_fields)
-    report.devices = plan.describe()
-    report.workers = workers
-    report.prefetch_batches = prefetch if workers else 0
-    report.batch_size_total = batch_size
-    report.head_start_images = head_images
-    report.world_size = config.world_size
+    done = _resume_or_start(config, files, identity, label_map, batch_size, report)
+    report.label_map, report.columns = label_map.name, 1 + len(label_map.failure_fields)
+    report.devices, report.batch_size_total, report.world_size = plan.describe(), batch_size, config.world_size
+    report.workers, report.prefetch_batches, report.head_start_images = workers, prefetch if workers else 0, head_images
     clock = report.timed("load_model_s", clock)
     say(
         f"{len(files)} images, model {loaded.class_name} ({num_classes} classes), {plan.device}"
@@ -204,6 +183,41 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
     return RunPlan(
         config, files, found.unreadable, done, batches, forward, label_map, tracker, recorder, report, started, clock
     )
+
+
+def _decoders(config: Config, dataset: ImageDataset, batch_size: int) -> tuple[int, int]:
+    """(workers, batches each prefetches): the usable cores, unless /dev/shm is too small for their batches."""
+    workers = usable_cpus() if config.workers is None else config.workers
+    batch_bytes = dataset.blank.numel() * dataset.blank.element_size() * batch_size
+    workers, prefetch, shm_warning = fit_to_shm(workers, batch_bytes, shm_free_bytes())
+    if shm_warning:
+        say(shm_warning)
+    return workers, prefetch
+
+
+def _resume_or_start(
+    config: Config,
+    files: list[ImageFile],
+    identity: dict[str, object],
+    label_map: LabelMap,
+    batch_size: int,
+    report: RunReport,
+) -> int:
+    """Rows already done: with --resume, what the partial file kept, once it is known to come from this model and
+    these settings; else none, and this run's identity is recorded beside the partial file it is about to write."""
+    done = 0
+    if config.resume and partial_path(config.output_file).exists():
+        check_identity(config.output_file, identity)
+        keys = [image.key for image in files]
+        row_width = 1 + len(label_map.failure_fields)
+        done, report.failures = resume_point(config.output_file, config.errors_csv, keys, row_width, batch_size)
+        say(f"resuming after {done} of {len(files)} images" if done else "nothing to resume: starting afresh")
+    elif partial_path(config.output_file).exists():
+        say("replacing an earlier run's partial file (--resume would have continued it)")
+    if not done:
+        record_identity(config.output_file, identity)
+    report.images = report.resumed_rows = done
+    return done
 
 
 def head_batches(head: HeadStart, timeout: float | None) -> Iterator[Batch]:
