@@ -119,6 +119,13 @@ def _header_lines(preview: Preview, width: int) -> list[Line]:
             lines.append(
                 ([(0, check), (VERDICT_AT, verdict), (DETAIL_AT, text)] if n == 0 else [(DETAIL_AT, text)], ink)
             )
+    font = _font()
+    for caption, rows in preview.tables:
+        lefts = [0]
+        for column in range(len(rows[0]) - 1):
+            lefts.append(lefts[-1] + int(max(font.getlength(row[column]) for row in rows)) + 2 * PAD)
+        lines.append(([(0, caption)], FAINT_INK))
+        lines += [(list(zip(lefts, row, strict=True)), FAIL_INK if "YES" in row else INK) for row in rows]
     return lines
 
 
