@@ -27,7 +27,7 @@ from harness.pipeline.devices import DeviceNormalizer
 from harness.pipeline.files import ImageFile
 from harness.pipeline.transforms import geometry
 from harness.results.labels import ObjectNetSummed, class_ids, imagenet_to_objectnet, objectnet_names
-from harness.tools.audit import MARGIN, Judge, Tally, beats_clearly, variants
+from harness.tools.audit import MARGIN, Judge, Tally, beats_clearly, log_probabilities, variants
 from harness.tools.check import read_answers, seconds_per_image
 from harness.tools.preview import ORIGINAL_BOX, PAD, standard_view
 from tests.helpers import OBJECTNET_SAMPLES, REPO, SAMPLES, shared_file
@@ -102,6 +102,13 @@ def test_answers_in_objectnet_ids_are_judged_through_the_label_map() -> None:
         [float(probabilities[0, members].sum().log()), float(probabilities[1, other].log())], abs=1e-5
     )
     assert judge.tally(logits, skip=frozenset({0})).top1 == (False,)
+
+
+def test_outputs_are_read_as_logits_unless_they_are_probabilities_already() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    assert torch.allclose(log_probabilities(logits), logits.log_softmax(1))
+    probabilities = logits.softmax(1)  # a model that applies softmax itself
+    assert torch.allclose(log_probabilities(probabilities), probabilities.log())
 
 
 def test_answers_read_from_the_objectnet_json_and_a_csv(tmp_path: Path) -> None:

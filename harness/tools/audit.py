@@ -67,9 +67,9 @@ def variants(pre: Preprocess) -> list[Variant]:
     order = "bgr" if pre.channel_order == "rgb" else "rgb"
     scale = 1.0 if pre.value_scale == 255.0 else 255.0
     if pre.mean is None:
-        reorder = (lambda values: values[::-1]) if pre.channel_order == "bgr" else (lambda values: values)
-        mean = tuple(round(m * pre.value_scale, 6) for m in reorder(IMAGENET_MEAN))
-        std = tuple(round(s * pre.value_scale, 6) for s in reorder(IMAGENET_STD))
+        step = -1 if pre.channel_order == "bgr" else 1  # mean and std are given in the model's channel order
+        mean = tuple(round(m * pre.value_scale, 6) for m in IMAGENET_MEAN[::step])
+        std = tuple(round(s * pre.value_scale, 6) for s in IMAGENET_STD[::step])
         normalised = Variant(
             "mean/std",
             f"ImageNet's: mean {_numbers(mean)}, std {_numbers(std)}",
