@@ -18,6 +18,7 @@ normalisation a white one.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ BACKGROUND, INK, TRUE_INK, FAIL_INK, FAINT_INK = "white", (20, 20, 20), (0, 120,
 
 def standard_view(model_input: torch.Tensor) -> np.ndarray:
     """A model input (C x H x W) as an H x W x 3 uint8 picture, by the module docstring's fixed reading (a one-channel
-    input is drawn grey)."""
+    input is read as three copies of its channel)."""
     values = model_input.detach().float().cpu().numpy().astype(np.float64)
     if values.shape[0] != 3:
         values = np.repeat(values[:1], 3, axis=0)
@@ -79,6 +80,7 @@ class Preview:
     items: list[Item] = field(default_factory=list)
 
 
+@functools.cache
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=FONT_SIZE)
 
