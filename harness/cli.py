@@ -106,6 +106,7 @@ COMMANDS: dict[str, str] = {  # name -> "module:function", imported when chosen
     "run": "harness.cli:run_command",
     "validate": "harness.tools.validate:validate_command",
     "score": "harness.tools.score:score_command",
+    "check": "harness.tools.check:check_command",
     "check-model": "harness.tools.check_model:check_model_command",
     "export-onnx": "harness.tools.export_onnx:export_onnx_command",
     "ensemble": "harness.tools.ensemble:ensemble_command",

@@ -60,7 +60,7 @@ class PipelineError(HarnessError):
 
 
 class CheckFailedError(HarnessError):
-    """a check failed (the run's check of its own CSV, `validate`, `check-model` limits, `export-onnx` parity)"""
+    """a check failed (the run's check of its CSV, `check`, `validate`, `check-model` limits, `export-onnx` parity)"""
 
     exit_code = 9
 

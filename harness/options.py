@@ -63,9 +63,17 @@ def run_parser(epilog: str = "") -> argparse.ArgumentParser:
     )
     for name, metavar, help_text in POSITIONALS:
         parser.add_argument(f"positional_{name}", nargs="?", metavar=metavar, help=help_text)
+    add_settings(parser)
+    return parser
+
+
+def add_settings(parser: argparse.ArgumentParser, leave_out: frozenset[str] = frozenset()) -> None:
+    """One named option per setting, as `harness run` takes them (`harness check` runs with them too), except
+    those in `leave_out`."""
     run_group = parser.add_argument_group("run settings")
     for name, spec in RUN_FIELDS.items():
-        _add_setting(run_group, name, spec.metadata["help"])
+        if name not in leave_out:
+            _add_setting(run_group, name, spec.metadata["help"])
     run_group.add_argument(
         f"--{TEMPLATE_SWITCH.replace('_', '-')}",
         f"--{TEMPLATE_SWITCH}",
@@ -76,7 +84,6 @@ def run_parser(epilog: str = "") -> argparse.ArgumentParser:
     pre_group = parser.add_argument_group("preprocessing (usually set in model/config.yaml)")
     for name, spec in PREPROCESS_FIELDS.items():
         _add_setting(pre_group, name, spec.metadata["help"])
-    return parser
 
 
 def given_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -86,7 +93,7 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
     merged = {
         k: v for k, v in values.items() if not k.startswith("positional_") and k != TEMPLATE_SWITCH and v is not None
     }
-    aliases: list[tuple[str, Any]] = [(name, values[f"positional_{name}"]) for name, _, _ in POSITIONALS]
+    aliases: list[tuple[str, Any]] = [(name, values.get(f"positional_{name}")) for name, _, _ in POSITIONALS]
     mode = values.get(TEMPLATE_SWITCH)
     if mode is not None:
         aliases.append(("label_map", "none" if mode == "0" else "auto"))

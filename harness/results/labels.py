@@ -16,12 +16,28 @@ from harness.errors import ConfigError
 
 IMAGENET_CLASSES = 1000
 MAPPING_FILE = "imagenet_pytorch_id_to_objectnet_id.json"
+IMAGENET_NAMES_FILE = "imagenet_classes.txt"
+OBJECTNET_NAMES_FILE = "objectnet_classes.txt"
+
+
+def _data_text(name: str) -> str:
+    return resources.files("harness.data").joinpath(name).read_text(encoding="utf-8")
 
 
 def imagenet_to_objectnet() -> dict[int, int]:
     """The challenge's 125 PyTorch ImageNet ids -> 113 ObjectNet ids (shipped; a test re-derives it)."""
-    text = resources.files("harness.data").joinpath(MAPPING_FILE).read_text(encoding="utf-8")
-    return {int(k): int(v) for k, v in json.loads(text).items()}
+    return {int(k): int(v) for k, v in json.loads(_data_text(MAPPING_FILE)).items()}
+
+
+def imagenet_names() -> list[str]:
+    """The 1000 ImageNet class names in PyTorch's index order, shortest form ("tabby", not "tabby, tabby cat"):
+    shipped, so naming classes needs no torchvision metadata (a test re-derives them)."""
+    return [line.split(",")[0].strip() for line in _data_text(IMAGENET_NAMES_FILE).splitlines()]
+
+
+def objectnet_names() -> list[str]:
+    """ObjectNet's 313 class names by ObjectNet id (shipped; a test re-derives them)."""
+    return _data_text(OBJECTNET_NAMES_FILE).splitlines()
 
 
 def format_score(value: float) -> str:
@@ -144,6 +160,26 @@ class Score(LabelMap):
     @property
     def failure_fields(self) -> list[str]:
         return ["0"]
+
+
+def class_ids(label_map: LabelMap, num_classes: int) -> list[str]:
+    """The id each of the model's classes is written as under `label_map` ("-1" for an ImageNet class ObjectNet
+    lacks), so an answer given in those ids can be matched to the classes that count for it."""
+    if isinstance(label_map, (ObjectNetSummed, ObjectNetLegacy)):
+        mapping = imagenet_to_objectnet()
+        return [str(mapping.get(index, -1)) for index in range(num_classes)]
+    if isinstance(label_map, TopK) and label_map.names:
+        return list(label_map.names)
+    return [str(index) for index in range(num_classes)]
+
+
+def id_names(label_map: LabelMap, num_classes: int) -> dict[str, str]:
+    """Names for the ids `label_map` writes, where the harness knows them (a labels file's ids are names)."""
+    if isinstance(label_map, (ObjectNetSummed, ObjectNetLegacy)):
+        return {str(index): name for index, name in enumerate(objectnet_names())}
+    if isinstance(label_map, TopK) and not label_map.names and num_classes == IMAGENET_CLASSES:
+        return {str(index): name for index, name in enumerate(imagenet_names())}
+    return {}
 
 
 def read_labels_file(path: Path) -> list[str]:

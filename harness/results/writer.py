@@ -192,10 +192,14 @@ def flush_together(writers: Sequence[AtomicCsvWriter]) -> None:
 
 def write_atomic_text(path: Path, text: str) -> None:
     """A small file (run.json) written whole, through the same partial-then-rename step."""
+    write_atomic_bytes(path, text.encode(ENCODING))
+
+
+def write_atomic_bytes(path: Path, data: bytes) -> None:
     partial = partial_path(path)
     try:
-        with open(partial, "w", encoding=ENCODING) as f:
-            f.write(text)
+        with open(partial, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)

@@ -105,13 +105,18 @@ def broken_limits(
     ]
 
 
-def check_model_command(argv: Sequence[str], environ: dict[str, str]) -> int:
-    parser = argparse.ArgumentParser(prog="harness check-model", description=__doc__.splitlines()[0])
-    add_model_options(parser)
+def add_measure_options(parser: argparse.ArgumentParser) -> None:
+    """The timing and the limits, as check-model and check both take them."""
     parser.add_argument("--repeats", type=int, default=3, help="timed batches (default 3; the median is shown)")
     parser.add_argument("--max-params", type=float, help="fail above this many parameters (e.g. 30e6)")
     parser.add_argument("--max-gflops", type=float, help="fail above this many GFLOPs per image (2 per multiply-add)")
     parser.add_argument("--max-gmacs", type=float, help="fail above this many GMACs per image")
+
+
+def check_model_command(argv: Sequence[str], environ: dict[str, str]) -> int:
+    parser = argparse.ArgumentParser(prog="harness check-model", description=__doc__.splitlines()[0])
+    add_model_options(parser)
+    add_measure_options(parser)
     args = parser.parse_args(argv)
     config = tool_config(args, environ)
     loaded = load_model(config)

@@ -32,7 +32,7 @@ def overlap_ids() -> set[int]:
     return set(imagenet_to_objectnet().values())
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -160,10 +160,10 @@ def score_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     args = parser.parse_args(argv)
     result: dict[str, Any]
     if args.answers:
-        answers = {scorer_key(k): int(v) for k, v in _read_json(args.answers).items()}
+        answers = {scorer_key(k): int(v) for k, v in read_json_object(args.answers).items()}
         result = score_objectnet(read_predictions(args.predictions), answers)
     elif args.labels:
-        truth = {scorer_key(k): v for k, v in _read_json(args.labels).items()}
+        truth = {scorer_key(k): v for k, v in read_json_object(args.labels).items()}
         if any(v not in (0, 1) for v in truth.values()):
             raise ToolFileError(f"{args.labels}: every label must be 0 or 1")
         scores, labels = _paired(read_scores(args.predictions), truth, "scores and labels")
