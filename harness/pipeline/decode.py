@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from harness.errors import describe_user_error
 from harness.pipeline.png import open_png
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 AUTO_BORDER_MAX = 8  # widest frame `auto` will strip, in pixels
 AUTO_BORDER_TOLERANCE = 40  # per-channel distance from the frame colour still counted as frame (JPEG smear)
 T = TypeVar("T")
+TURNED = range(2, 9)  # the EXIF orientations ImageOps.exif_transpose turns or flips the image for
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 # The harness enforces its own, configurable pixel cap in `decode` (from the header, before any pixel is
@@ -69,7 +70,9 @@ def decode(
         if isinstance(border, int) and scale != 1:  # the frame shrank with the image; take all it touches
             border = math.ceil(border * scale)
         opened.load()
-        image = ImageOps.exif_transpose(opened) if exif_transpose else opened
+        # exif_transpose copies the whole image even when there is nothing to turn: only called when there is
+        turned = exif_transpose and opened.getexif().get(ExifTags.Base.Orientation, 1) in TURNED
+        image = ImageOps.exif_transpose(opened) if turned else opened
         rgb = strip_border(to_rgb(image), border)
         # Leaving the `with` closes `opened`, which would invalidate it if it were also the result.
         return rgb.copy() if rgb is opened else rgb
