@@ -117,14 +117,18 @@ def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: flo
 
     from harness.models.load import load_model
     from harness.pipeline.devices import DeviceNormalizer, inference_context, plan_devices, prepare_model, tune_process
+    from harness.pipeline.files import discover
+    from harness.pipeline.layout import settle_layout
 
     config = _config(model_dir, data, harness_args)
     plan = plan_devices(config)
     tune_process(config)
     model = prepare_model(load_model(config).module, plan)
-    normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
     size = config.preprocess.input_size
     batch_size = config.batch_size * max(1, len(plan.gpu_ids))
+    blank = torch.zeros((3, size, size), dtype=torch.uint8)
+    plan, _ = settle_layout(config, model, plan, blank, batch_size, len(discover(config.input_dir)))  # as the run does
+    normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8).to(plan.device)
 
     def step() -> None:

@@ -28,6 +28,7 @@ from harness.pipeline.files import Discovery, ImageFile
 from harness.pipeline.forward import Forward, compiled_forward, probe_classes
 from harness.pipeline.headstart import HeadStart
 from harness.pipeline.host import usable_cpus
+from harness.pipeline.layout import settle_layout
 from harness.pipeline.loader import Batch, ImageDataset, fit_to_shm, make_loader, shm_free_bytes
 from harness.pipeline.resume import check_identity, record_identity, record_path, resume_point, run_identity
 from harness.pipeline.tracker import DecoderTracker
@@ -153,6 +154,10 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
     for warning in warnings:
         say(warning)
     batch_size = config.batch_size * max(1, len(plan.gpu_ids))
+    # timed while the head start still decodes, before the DataLoader's workers compete for the cores
+    plan, layout = settle_layout(config, model, plan, dataset.blank, batch_size, len(files))
+    normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
+    report.layout = layout.describe()
     head_images = head.stop(batch_size) if head is not None else 0  # none when resuming: it never runs then
     workers = usable_cpus() if config.workers is None else config.workers
     batch_bytes = dataset.blank.numel() * dataset.blank.element_size() * batch_size
@@ -161,7 +166,7 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
         say(shm_warning)
 
     report.model = loaded.describe(num_classes, "model folder's data_transform_description.py" if custom else "harness")
-    identity = run_identity(config, report.model, batch_size, plan.device.type)
+    identity = run_identity(config, report.model, batch_size, plan.device.type, plan.channels_last)
     done = 0
     if config.resume and partial_path(config.output_file).exists():
         check_identity(config.output_file, identity)
