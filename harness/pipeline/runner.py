@@ -25,7 +25,7 @@ from harness.models.python_class import load_custom_transform
 from harness.pipeline.decode import DecodeLimits
 from harness.pipeline.devices import DeviceNormalizer, plan_devices, prepare_model, tune_process
 from harness.pipeline.files import Discovery, ImageFile
-from harness.pipeline.forward import Forward, compiled_forward, probe_classes
+from harness.pipeline.forward import Forward, compiled_forward, first_piece, probe_classes
 from harness.pipeline.headstart import HeadStart
 from harness.pipeline.host import usable_cpus
 from harness.pipeline.layout import settle_layout
@@ -202,7 +202,7 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
     batches: Iterable[Batch] = iter(loader) if len(remaining) else iter(())
     if head is not None:
         batches = itertools.chain(head_batches(head, timeout), batches)
-    forward = Forward(model, normalize, plan, batch_size)
+    forward = Forward(model, normalize, plan, first_piece(plan, batch_size))
     if config.compile:
         forward = compiled_forward(forward, dataset.blank)
     recorder = ProbabilityRecorder(label_map.softmax) if config.save_probs else None
