@@ -126,7 +126,8 @@ class RunPlan:
                 self.recorder.save(config.save_probs)
             predictions.commit()
             errors.commit()
-        record_path(config.output_file).unlink(missing_ok=True)
+        if config.world_size == 1:  # a rank's record stays with its part: see distributed.reopen_finished_part
+            record_path(config.output_file).unlink(missing_ok=True)
         if report.failures:
             say(f"{report.failures} image(s) or folder(s) failed; reasons in {config.errors_csv}")
 
