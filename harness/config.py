@@ -107,6 +107,15 @@ def _parse_bool(value: Any) -> bool:
 _bool = _shown("true|false", _parse_bool)
 
 
+def _parse_bool_or_auto(value: Any) -> bool | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return _parse_bool(value)
+
+
+_bool_or_auto = _shown("true|false|auto", _parse_bool_or_auto)
+
+
 def _choice(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = str(value).strip()
@@ -294,7 +303,12 @@ class Config:
     )
     topk: int = _setting(5, _int(1), "predictions per image")
     amp: str | None = _setting(None, _amp, "mixed precision: off, bf16 or fp16")
-    channels_last: bool = _setting(False, _bool, "run the model in channels-last memory format")
+    channels_last: bool | str = _setting(
+        "auto",
+        _bool_or_auto,
+        "run the model in channels-last memory format; auto: time both layouts on a few batches at start-up and "
+        "keep the faster where the outputs agree (README Speed)",
+    )
     max_failures: float | None = _setting(
         None, _max_failures, "unreadable images allowed before the run fails: a count or a fraction"
     )
@@ -369,7 +383,7 @@ SETTINGS = {**RUN_FIELDS, **PREPROCESS_FIELDS}
 
 def is_switch(name: str) -> bool:
     """A true/false setting: on the command line, `--name` alone means true."""
-    return SETTINGS[name].metadata["parse"] is _bool
+    return SETTINGS[name].metadata["parse"] in (_bool, _bool_or_auto)
 
 
 def setting_metavar(name: str) -> str:

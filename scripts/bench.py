@@ -11,7 +11,8 @@ settings only take effect when a process starts):
   both are measured before and after the end-to-end run and averaged (a shared machine's speed drifts);
 - end_to_end_ips: `python entrypoint.py DIR OUT ...`, process start to CSV written;
 - limit_ips: min(model, decode) on a GPU; on the CPU both share the cores, so 1 / (1/model + 1/decode);
-- efficiency: end_to_end / limit; peak_rss_mb: the run's whole process tree (main + workers), polled from /proc.
+- efficiency: end_to_end / limit; peak_rss_mb: the run's whole process tree (main + workers) and
+  peak_rss_main_mb: the main process alone (its VmHWM), both polled from /proc every 0.1 s.
 
 Options after `--` go to the harness in every phase (e.g. `-- --batch-size 32 --workers 1`).
 """
@@ -116,20 +117,25 @@ def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: flo
     import torch
 
     from harness.models.load import load_model
-    from harness.pipeline.devices import DeviceNormalizer, inference_context, plan_devices, prepare_model, tune_process
+    from harness.pipeline.devices import DeviceNormalizer, plan_devices, prepare_model, tune_process
+    from harness.pipeline.files import discover
+    from harness.pipeline.forward import Forward, first_piece
+    from harness.pipeline.layout import settle_layout
 
     config = _config(model_dir, data, harness_args)
     plan = plan_devices(config)
     tune_process(config)
     model = prepare_model(load_model(config).module, plan)
-    normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
     size = config.preprocess.input_size
     batch_size = config.batch_size * max(1, len(plan.gpu_ids))
+    blank = torch.zeros((3, size, size), dtype=torch.uint8)
+    plan, _ = settle_layout(config, model, plan, blank, batch_size, len(discover(config.input_dir)))  # as the run does
+    normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
+    forward = Forward(model, normalize, plan, first_piece(plan, batch_size))  # in pieces, as the run
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8).to(plan.device)
 
     def step() -> None:
-        with inference_context(plan):
-            model(normalize(images)).float().softmax(1)
+        forward(images).float().softmax(1)
         if plan.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -189,26 +195,37 @@ def _tree_rss_bytes(root: int) -> int:
     return total
 
 
+def _peak_rss_bytes(pid: int) -> int:
+    """The process's own high-water mark of resident memory (VmHWM), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
 def end_to_end(
     model_dir: Path, data: Path, out: Path, harness_args: list[str]
 ) -> tuple[float, float, float, list[float]]:
-    """(seconds, peak tree RSS, main process max RSS, tree RSS peaks in the first and second half) in MB for one
-    whole run: a second half above the first means memory grows with the images."""
+    """(seconds, peak tree RSS, the main process's peak RSS, tree RSS peaks in the first and second half) in MB for
+    one whole run: a second half above the first means memory grows with the images."""
     command = [sys.executable, str(REPO / "entrypoint.py"), str(data), str(out), "--model-dir", str(model_dir)]
     command += ["--progress", "false", *harness_args]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL)
     samples: list[tuple[float, int]] = []
+    main_peak = [0]
     finished = threading.Event()
 
     def watch() -> None:
         while not finished.is_set():
             samples.append((time.perf_counter(), _tree_rss_bytes(process.pid)))
+            main_peak[0] = max(main_peak[0], _peak_rss_bytes(process.pid))
             finished.wait(0.1)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    _, status, usage = os.wait4(process.pid, 0)
+    _, status = os.waitpid(process.pid, 0)
     seconds = time.perf_counter() - start
     finished.set()
     watcher.join()
@@ -217,7 +234,7 @@ def end_to_end(
         raise SystemExit(f"bench: the run failed with exit code {process.returncode}: {' '.join(command)}")
     middle = start + seconds / 2
     halves = [max((rss for t, rss in samples if (t < middle) == first), default=0) / 2**20 for first in (True, False)]
-    return seconds, max(halves), usage.ru_maxrss / 1024, halves
+    return seconds, max(halves), main_peak[0] / 2**20, halves
 
 
 def child(phase: str, model_dir: Path, data: Path, harness_args: list[str], seconds: float) -> float:

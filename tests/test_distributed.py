@@ -1,16 +1,27 @@
-"""torchrun sharding: the slices, and two CPU processes (gloo) writing the same CSV as one process."""
+"""torchrun sharding: the slices; two CPU processes (gloo) writing the same CSV as one process, on one machine and as
+two machines (two torchrun agents meeting through c10d rendezvous); and a run killed on one node resuming, each rank
+from its own part."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 
+from harness.config import build_config
+from harness.pipeline.distributed import part_config, reopen_finished_part
 from harness.pipeline.files import shard
+from harness.results.writer import partial_path
 from tests.helpers import REPO, SAMPLES, env_without_build_args
 
 
@@ -23,6 +34,20 @@ def test_shards_are_whole_batches_that_partition_the_list_in_order(count: int, w
     assert [x for part in parts for x in part] == items
     assert all(len(part) % unit == 0 for part in parts[:-1] if part)
     assert max(map(len, parts)) - min(map(len, parts)) <= unit * (1 + (world > 1))
+
+
+def test_a_finished_part_is_reopened_for_resume_and_a_partial_one_left_alone(tmp_path: Path) -> None:
+    config = build_config({"output_file": str(tmp_path / "p.csv"), "world_size": "2", "rank": "1"}, {}, {})
+    part = part_config(config)
+    part.output_file.parent.mkdir(parents=True)
+    part.output_file.write_text("a.png,1\n")
+    part.errors_csv.write_text("")
+    reopen_finished_part(part)
+    assert partial_path(part.output_file).read_text() == "a.png,1\n" and not part.output_file.exists()
+    assert partial_path(part.errors_csv).exists() and not part.errors_csv.exists()
+    part.output_file.write_text("older\n")  # a committed file beside a partial one: the partial is the newer
+    reopen_finished_part(part)
+    assert partial_path(part.output_file).read_text() == "a.png,1\n" and part.output_file.read_text() == "older\n"
 
 
 @pytest.mark.slow
@@ -120,3 +145,140 @@ def test_a_failing_rank_makes_every_rank_exit_with_its_code(tmp_path: Path) -> N
     assert [code for code, _ in results] == [4, 4]
     assert "rank 1 failed: creating Model() failed: ValueError: no weights on this node" in results[0][1]
     assert "creating Model() failed" in results[1][1] and "Traceback" not in results[0][1] + results[1][1]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _agents(images: Path, output: Path, options: list[str], port: int) -> list[subprocess.Popen]:
+    """Two torchrun agents as two machines would start them: --nnodes 2, one process each, meeting at a c10d
+    rendezvous on this machine (the ranks go by the order they join). Each in its own session, so one can be killed
+    with everything it started."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", uuid.uuid4().hex]
+    command = [str(torchrun), "--nnodes", "2", "--nproc_per_node", "1", *rendezvous, "entrypoint.py"]
+    return [
+        subprocess.Popen(
+            [*command, str(images), str(output), *options],
+            cwd=REPO,
+            env=env_without_build_args(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
+
+
+def _finish(agents: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
+    return [(agent.wait(timeout=timeout), agent.stdout.read()) for agent in agents]
+
+
+# One thread in the single run too: torchrun gives each process one, and the thread count can move a CPU score's
+# last digit.
+SAME_AS_ONE_PROCESS = ["--progress", "false", "--device", "cpu", "--threads", "1", "--workers", "1"]
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_as_two_machines_write_the_single_process_csv(tmp_path: Path) -> None:
+    options = [*SAME_AS_ONE_PROCESS, "--batch-size", "8"]  # 19 images: 16 + 3 across the ranks
+    single, multi = tmp_path / "single" / "predictions.csv", tmp_path / "multi" / "predictions.csv"
+    env = env_without_build_args()
+    subprocess.run(
+        [sys.executable, "entrypoint.py", str(SAMPLES), str(single), *options], cwd=REPO, env=env, check=True
+    )
+    results = _finish(_agents(SAMPLES, multi, options, _free_port()))
+    assert [code for code, _ in results] == [0, 0], results
+    assert multi.read_bytes() == single.read_bytes()
+    assert sorted(p.name for p in multi.parent.iterdir()) == ["errors.csv", "predictions.csv", "run.json"]
+    assert json.loads(multi.with_name("run.json").read_text())["world_size"] == 2
+
+
+SLOW_MODEL = """import time
+import torch
+
+
+class Model(torch.nn.Module):
+    \"\"\"A small network that takes its time over each batch, so a run can be killed part way.\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        time.sleep(0.3)
+        return self.fc(self.conv(x).mean((2, 3)))
+"""
+
+
+def _rows(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def _kill_tree(agent: subprocess.Popen) -> None:
+    """The agent, its worker and the worker's decoders, as a machine going down would end them (torchrun starts
+    its worker in a session of its own, so the agent's process group is not enough)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    tree, stack = [], [agent.pid]
+    while stack:
+        tree.append(stack.pop())
+        stack.extend(children.get(tree[-1], []))
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    agent.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_a_run_killed_on_one_node_resumes_each_rank_from_its_own_part(tmp_path: Path) -> None:
+    images = tmp_path / "in"
+    images.mkdir()
+    for n in range(6):  # 114 images: 57 a rank, 15 batches of 4 each at 0.3 s
+        for sample in sorted(SAMPLES.glob("*.*g")):
+            shutil.copy(sample, images / f"{n}-{sample.name}")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.py").write_text(SLOW_MODEL)
+    options = [*SAME_AS_ONE_PROCESS, "--batch-size", "4", "--model-dir", str(model), "--label-map", "none"]
+    output = tmp_path / "out" / "predictions.csv"
+    parts = [output.parent / f".predictions.csv.parts/rank{rank}/predictions.csv.partial" for rank in (0, 1)]
+
+    agents = _agents(images, output, options, _free_port())
+    deadline = time.monotonic() + 240
+    while min(map(_rows, parts)) < 8 and time.monotonic() < deadline and all(a.poll() is None for a in agents):
+        time.sleep(0.05)
+    assert min(map(_rows, parts)) >= 8, _finish(agents)
+    _kill_tree(agents[1])
+    try:  # the other node's rank finds its peer gone at the latest when it has finished its share
+        agents[0].wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        _kill_tree(agents[0])
+    assert agents[0].returncode != 0 and not output.exists()
+
+    results = _finish(_agents(images, output, [*options, "--resume"], _free_port()))
+    assert [code for code, _ in results] == [0, 0], results
+    resumed = [line for _, log in results for line in log.splitlines() if "resuming after" in line]
+    assert len(resumed) == 2 and all(int(line.split("resuming after ")[1].split()[0]) >= 8 for line in resumed)
+
+    single = tmp_path / "single" / "predictions.csv"
+    subprocess.run(
+        [sys.executable, "entrypoint.py", str(images), str(single), *options],
+        cwd=REPO,
+        env=env_without_build_args(),
+        check=True,
+    )
+    assert output.read_bytes() == single.read_bytes()
+    assert sorted(p.name for p in output.parent.iterdir()) == ["errors.csv", "predictions.csv", "run.json"]

@@ -33,12 +33,10 @@ def big_framed_jpegs(folder: Path) -> Path:
 def test_draft_decodes_big_jpegs_smaller_but_never_below_the_resize(tmp_path: Path) -> None:
     folder = big_framed_jpegs(tmp_path / "big")
     for path in folder.iterdir():
-        full, full_scale = decode(str(path))
-        drafted, scale = decode(str(path), draft_to=256)
-        assert full_scale == 1
+        full = decode(str(path))
+        drafted = decode(str(path), draft_to=256)
         assert min(drafted.size) >= 256
-        assert scale == drafted.width / full.width
-        assert scale < 1 or min(full.size) < 512
+        assert drafted.width < full.width or min(full.size) < 512
 
 
 def test_draft_strips_the_shrunken_frame(tmp_path: Path) -> None:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from harness.errors import describe_user_error
+from harness.pipeline.png import open_png
 
 if TYPE_CHECKING:
     from harness.config import Config, Preprocess
@@ -22,9 +23,10 @@ if TYPE_CHECKING:
 AUTO_BORDER_MAX = 8  # widest frame `auto` will strip, in pixels
 AUTO_BORDER_TOLERANCE = 40  # per-channel distance from the frame colour still counted as frame (JPEG smear)
 T = TypeVar("T")
+TURNED = range(2, 9)  # the EXIF orientations ImageOps.exif_transpose turns or flips the image for
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
-# The harness enforces its own, configurable pixel cap in `load_rgb` (from the header, before any pixel is
+# The harness enforces its own, configurable pixel cap in `decode` (from the header, before any pixel is
 # decoded); Pillow's process-wide one would warn below it and raise above twice it, whatever the setting says.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -39,27 +41,60 @@ def load_rgb(path: str, exif_transpose: bool = True, max_pixels: int | None = No
     Transparent pixels are composited onto white, as an image viewer shows them; 16-bit images are scaled to
     8 bits rather than clipped; animated and multi-page files give their first frame.
     """
-    return decode(path, exif_transpose, max_pixels=max_pixels)[0]
+    return decode(path, exif_transpose, max_pixels=max_pixels)
 
 
 def decode(
-    path: str, exif_transpose: bool = True, draft_to: int | None = None, max_pixels: int | None = None
-) -> tuple[Image.Image, float]:
-    """`load_rgb`, and the scale it decoded at: with `draft_to`, a JPEG whose sides both reach twice that decodes
-    at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's draft mode), its sides still >= `draft_to`.
-    `max_pixels` is checked on the file's own size, before any drafting or decoding."""
+    path: str,
+    exif_transpose: bool = True,
+    draft_to: int | None = None,
+    max_pixels: int | None = None,
+    border: int | str = 0,
+) -> Image.Image:
+    """`load_rgb` with the frame stripped (`strip_border`). With `draft_to`, a JPEG whose sides both reach twice
+    that decodes at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's draft mode), its sides still >=
+    `draft_to`, and its frame shrinks with it. `max_pixels` is checked on the file's own size, before any drafting
+    or decoding. PNGs go to libspng where it gives Pillow's pixels (harness/pipeline/png.py), the rest to Pillow."""
+    png = open_png(path, exif_transpose)
+    if png is not None:
+        check_pixels(png.size, max_pixels)
+        pixels = png.pixels()
+        if pixels is not None:
+            return framed_rgb(pixels, border)
     with Image.open(path) as opened:
-        if max_pixels is not None and opened.width * opened.height > max_pixels:
-            raise ImageTooLarge(f"{opened.width}x{opened.height} pixels is more than max_pixels ({max_pixels})")
+        check_pixels(opened.size, max_pixels)
         full_width = opened.width
         if draft_to is not None and opened.format == "JPEG" and min(opened.size) >= 2 * draft_to:
             opened.draft("RGB", (draft_to, draft_to))
         scale = opened.width / full_width
+        if isinstance(border, int) and scale != 1:  # the frame shrank with the image; take all it touches
+            border = math.ceil(border * scale)
         opened.load()
-        image = ImageOps.exif_transpose(opened) if exif_transpose else opened
-        rgb = to_rgb(image)
+        # exif_transpose copies the whole image even when there is nothing to turn: only called when there is
+        turned = exif_transpose and opened.getexif().get(ExifTags.Base.Orientation, 1) in TURNED
+        image = ImageOps.exif_transpose(opened) if turned else opened
+        rgb = strip_border(to_rgb(image), border)
         # Leaving the `with` closes `opened`, which would invalidate it if it were also the result.
-        return (rgb.copy() if rgb is opened else rgb), scale
+        return rgb.copy() if rgb is opened else rgb
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
+    if max_pixels is not None and size[0] * size[1] > max_pixels:
+        raise ImageTooLarge(f"{size[0]}x{size[1]} pixels is more than max_pixels ({max_pixels})")
+
+
+def framed_rgb(pixels: np.ndarray, border: int | str) -> Image.Image:
+    """`strip_border(to_rgb(image), border)` of libspng's H x W (grey), H x W x 3 or H x W x 4 pixels. An opaque
+    colour image (a photograph) is copied once: the frame is cut and any alpha dropped as Pillow reads its rows."""
+    if pixels.ndim == 2 or (pixels.shape[2] == 4 and int(pixels[..., 3].min()) < 255):
+        return strip_border(to_rgb(Image.fromarray(pixels)), border)
+    height, width, channels = pixels.shape
+    cut = border_width(pixels[..., :3], border)
+    # the rows start at the first pixel inside the frame and lie one source row apart
+    start = (cut * width + cut) * channels
+    rows = memoryview(pixels).cast("B")[start:]
+    rawmode = "RGB" if channels == 3 else "RGBX"  # RGBX: Pillow's RGB ignoring the fourth byte
+    return Image.frombytes("RGB", (width - 2 * cut, height - 2 * cut), rows, "raw", rawmode, width * channels, 1)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -92,15 +127,26 @@ def strip_border(image: Image.Image, border: int | str) -> Image.Image:
 
     An image too small to lose that many pixels is returned whole: a row for it beats an empty crop.
     """
-    width = border if isinstance(border, int) else detect_border(image)
-    if width <= 0 or image.width <= 2 * width or image.height <= 2 * width:
+    width = border_width(image, border)
+    if width == 0:
         return image
     return image.crop((width, width, image.width - width, image.height - width))
 
 
-def detect_border(image: Image.Image, limit: int = AUTO_BORDER_MAX, tolerance: int = AUTO_BORDER_TOLERANCE) -> int:
-    """Width of the solid-colour frame around an RGB image: rings of pixels, outermost first, that all match the
-    colour of the outermost ring. Letterbox bars inside a frame of another colour are not frame."""
+def border_width(image: Image.Image | np.ndarray, border: int | str) -> int:
+    """The frame `strip_border` cuts from each side of an RGB image (or its H x W x 3 pixels): 0 where the image is
+    too small to lose it."""
+    height, width = (image.height, image.width) if isinstance(image, Image.Image) else image.shape[:2]
+    cut = detect_border(image) if isinstance(border, str) else border
+    return 0 if cut <= 0 or width <= 2 * cut or height <= 2 * cut else cut
+
+
+def detect_border(
+    image: Image.Image | np.ndarray, limit: int = AUTO_BORDER_MAX, tolerance: int = AUTO_BORDER_TOLERANCE
+) -> int:
+    """Width of the solid-colour frame around an RGB image (or its H x W x 3 pixels): rings of pixels, outermost
+    first, that all match the colour of the outermost ring. Letterbox bars inside a frame of another colour are not
+    frame."""
     pixels = np.asarray(image, dtype=np.int16)
     height, width = pixels.shape[:2]
     limit = min(limit, (min(height, width) - 1) // 2)
@@ -164,10 +210,6 @@ def decode_sample(
     sample and "", or None and why the file failed: one bad file must cost one row, never the run."""
     try:
         with time_limit(limits.timeout):
-            image, scale = decode(path, pre.exif_transpose, draft_to, limits.max_pixels)
-            border = pre.border
-            if isinstance(border, int) and scale != 1:  # the frame shrank with the image; take all it touches
-                border = math.ceil(border * scale)
-            return transform(strip_border(image, border)), ""
+            return transform(decode(path, pre.exif_transpose, draft_to, limits.max_pixels, pre.border)), ""
     except Exception as error:
         return None, describe_user_error(error)

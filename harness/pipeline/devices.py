@@ -22,7 +22,7 @@ class DevicePlan:
     device: torch.device
     gpu_ids: list[int] = field(default_factory=list)
     amp: str | None = None
-    channels_last: bool = False
+    channels_last: bool = False  # the layout the model runs in; `auto` starts False (harness/pipeline/layout.py)
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -62,19 +62,19 @@ def plan_devices(config: Config) -> DevicePlan:
     if not wants_cuda:
         if config.gpus:
             raise DeviceError(f"--gpus {config.gpus} asked for, but no CUDA GPU is visible (found 0)")
-        return DevicePlan(torch.device("cpu"), [], config.amp, config.channels_last)
+        return DevicePlan(torch.device("cpu"), [], config.amp, config.channels_last is True)
     if available == 0:
         raise DeviceError("--device cuda asked for, but no CUDA GPU is visible: use --device auto or cpu")
     if config.world_size > 1:  # torchrun: one process per GPU
         return DevicePlan(
-            torch.device("cuda", config.local_rank), [config.local_rank], config.amp, config.channels_last
+            torch.device("cuda", config.local_rank), [config.local_rank], config.amp, config.channels_last is True
         )
     count = available if config.gpus is None else config.gpus
     if count == 0:
         raise DeviceError("--device cuda with --gpus 0: ask for at least one GPU, or use --device cpu")
     if count > available:
         raise DeviceError(f"--gpus {count} asked for, but only {available} CUDA GPU(s) are visible")
-    return DevicePlan(torch.device("cuda", 0), list(range(count)), config.amp, config.channels_last)
+    return DevicePlan(torch.device("cuda", 0), list(range(count)), config.amp, config.channels_last is True)
 
 
 def prepare_model(model: nn.Module, plan: DevicePlan) -> nn.Module:

@@ -26,7 +26,7 @@ from harness.pipeline.files import Discovery, shard
 from harness.pipeline.host import usable_cpus
 from harness.pipeline.runner import finish, prepare
 from harness.results.report import RunReport
-from harness.results.writer import AtomicCsvWriter, open_csv
+from harness.results.writer import AtomicCsvWriter, open_csv, partial_path
 
 
 def parts_folder(config: Config) -> Path:
@@ -46,6 +46,15 @@ def part_config(config: Config) -> Config:
     )
 
 
+def reopen_finished_part(part: Config) -> None:
+    """A rank that finished its part before another rank failed has committed it (and kept its resume record):
+    for `--resume` that part is a partial file holding every row, so the rank checks it was written by the same
+    model and settings and redoes at most its last short batch, instead of its whole share."""
+    for path in (part.output_file, part.errors_csv):
+        if path.exists() and not partial_path(path).exists():
+            path.replace(partial_path(path))
+
+
 def run_sharded(config: Config, found: Discovery) -> RunReport:
     """Classify this rank's share of the files (every rank found the same sorted list); rank 0 then merges the
     parts and judges the whole run. A rank that failed makes every rank fail with its error and exit code."""
@@ -53,6 +62,8 @@ def run_sharded(config: Config, found: Discovery) -> RunReport:
     try:
         part = part_config(config)
         try:
+            if config.resume:
+                reopen_finished_part(part)
             mine = Discovery(shard(found.files, config.rank, config.world_size, config.batch_size), [])
             report, error = prepare(part, mine).classify(), None
         except HarnessError as failure:

@@ -33,6 +33,17 @@ def probe_classes(model: nn.Module, normalize: DeviceNormalizer, blank: torch.Te
     return as_logits(output, 1).shape[1]
 
 
+# Images the model sees at once on the CPU: activation memory grows with the piece, and past a few dozen images
+# the CPU's throughput does not (measured in docs/benchmarks.md). A batch of up to 32 still runs whole, so the pinned
+# predictions (tests/golden/) stay byte for byte what they were.
+CPU_PIECE = 32
+
+
+def first_piece(plan: DevicePlan, batch_size: int) -> int:
+    """How many images of a batch go through the model at once: all of them on a GPU, at most CPU_PIECE on the CPU."""
+    return batch_size if plan.device.type == "cuda" else min(batch_size, CPU_PIECE)
+
+
 @dataclass
 class Forward:
     """Runs batches through the model, halving the piece size for good after a CUDA out-of-memory error.

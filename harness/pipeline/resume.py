@@ -90,8 +90,11 @@ def file_digest(path: str | Path | None) -> str | None:
     return digest.hexdigest()
 
 
-def run_identity(config: Config, model: dict[str, Any], batch_size: int, device_type: str) -> dict[str, Any]:
-    """What shapes this run's rows; `model` is run.json's description of the loaded model."""
+def run_identity(
+    config: Config, model: dict[str, Any], batch_size: int, device_type: str, channels_last: bool
+) -> dict[str, Any]:
+    """What shapes this run's rows; `model` is run.json's description of the loaded model, `channels_last` the
+    layout it runs in (chosen at start-up under `channels_last: auto`)."""
     label_map = config.label_map
     return {
         "model_class": model["class"],
@@ -104,7 +107,7 @@ def run_identity(config: Config, model: dict[str, Any], batch_size: int, device_
         "softmax": config.softmax,
         "topk": config.topk,
         "amp": config.amp,
-        "channels_last": config.channels_last,
+        "channels_last": channels_last,
         "compile": config.compile,
         "device": device_type,
         "batch_size_total": batch_size,
@@ -114,6 +117,18 @@ def run_identity(config: Config, model: dict[str, Any], batch_size: int, device_
 
 def record_identity(output: Path, identity: dict[str, Any]) -> None:
     write_atomic_text(record_path(output), json.dumps(identity, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def recorded_layout(output: Path) -> bool | None:
+    """The memory layout the run that left `output`'s partial file ran in, for a resumed `channels_last: auto` run
+    to take rather than measure anew (the two layouts' scores differ in the last digits); None where unknown."""
+    if not partial_path(output).exists():
+        return None
+    try:
+        layout = json.loads(record_path(output).read_text(encoding="utf-8")).get("channels_last")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return layout if isinstance(layout, bool) else None
 
 
 def check_identity(output: Path, identity: dict[str, Any]) -> None:

@@ -25,9 +25,10 @@ from harness.models.python_class import load_custom_transform
 from harness.pipeline.decode import DecodeLimits
 from harness.pipeline.devices import DeviceNormalizer, plan_devices, prepare_model, tune_process
 from harness.pipeline.files import Discovery, ImageFile
-from harness.pipeline.forward import Forward, compiled_forward, probe_classes
+from harness.pipeline.forward import Forward, compiled_forward, first_piece, probe_classes
 from harness.pipeline.headstart import HeadStart
 from harness.pipeline.host import usable_cpus
+from harness.pipeline.layout import settle_layout
 from harness.pipeline.loader import Batch, ImageDataset, fit_to_shm, make_loader, shm_free_bytes
 from harness.pipeline.resume import check_identity, record_identity, record_path, resume_point, run_identity
 from harness.pipeline.tracker import DecoderTracker
@@ -125,7 +126,8 @@ class RunPlan:
                 self.recorder.save(config.save_probs)
             predictions.commit()
             errors.commit()
-        record_path(config.output_file).unlink(missing_ok=True)
+        if config.world_size == 1:  # a rank's record stays with its part: see distributed.reopen_finished_part
+            record_path(config.output_file).unlink(missing_ok=True)
         if report.failures:
             say(f"{report.failures} image(s) or folder(s) failed; reasons in {config.errors_csv}")
 
@@ -153,10 +155,14 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
     for warning in warnings:
         say(warning)
     batch_size = config.batch_size * max(1, len(plan.gpu_ids))
+    # timed while the head start still decodes, before the DataLoader's workers compete for the cores
+    plan, layout = settle_layout(config, model, plan, dataset.blank, batch_size, len(files))
+    normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
+    report.layout = layout.describe()
     head_images = head.stop(batch_size) if head is not None else 0  # none when resuming: it never runs then
     workers, prefetch = _decoders(config, dataset, batch_size)
     report.model = loaded.describe(num_classes, "model folder's data_transform_description.py" if custom else "harness")
-    identity = run_identity(config, report.model, batch_size, plan.device.type)
+    identity = run_identity(config, report.model, batch_size, plan.device.type, plan.channels_last)
     done = _resume_or_start(config, files, identity, label_map, batch_size, report)
     report.label_map, report.columns = label_map.name, 1 + len(label_map.failure_fields)
     report.devices, report.batch_size_total, report.world_size = plan.describe(), batch_size, config.world_size
@@ -176,7 +182,7 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
     batches: Iterable[Batch] = iter(loader) if len(remaining) else iter(())
     if head is not None:
         batches = itertools.chain(head_batches(head, timeout), batches)
-    forward = Forward(model, normalize, plan, batch_size)
+    forward = Forward(model, normalize, plan, first_piece(plan, batch_size))
     if config.compile:
         forward = compiled_forward(forward, dataset.blank)
     recorder = ProbabilityRecorder(label_map.softmax) if config.save_probs else None

@@ -34,6 +34,7 @@ class RunReport:
     resumed_rows: int = 0
     head_start_images: int = 0
     tuning: dict[str, Any] = field(default_factory=dict)
+    layout: dict[str, Any] = field(default_factory=dict)  # the memory layout, and how it was chosen
     world_size: int = 1
 
     def timed(self, name: str, since: float) -> float:
@@ -70,6 +71,7 @@ class RunReport:
             "resumed_rows": self.resumed_rows,
             "head_start_images": self.head_start_images,
             "tuning": self.tuning,
+            "layout": self.layout,
             "world_size": self.world_size,
             "output": self.output,
             "config": self.config,

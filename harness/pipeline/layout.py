@@ -1,0 +1,123 @@
+"""The model's memory layout chosen by measurement (`channels_last: auto`): a few batches of seeded random images
+timed in both layouts on the run's own device, before the first real batch and while the head start decodes.
+
+channels_last paid 19% end to end for ResNet-50 on the benchmark CPU and less for EfficientNet-Lite0; which layout
+wins depends on the model, the device and the batch, so it is measured, not guessed. The outputs of the two
+layouts differ in the last digits, so the run keeps its choice: run.json records it with both times, and a resumed
+run takes the one the run it continues made (harness/pipeline/resume.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from harness.config import Config, Preprocess
+from harness.errors import describe_user_error
+from harness.models.onnx_runtime import OnnxModule
+from harness.models.outputs import as_logits
+from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context
+from harness.pipeline.resume import recorded_layout
+
+TRIAL_ROUNDS = 2  # timed passes per layout, alternating, after one warm-up each; the fastest pass counts
+CPU_TRIAL_IMAGES = 4  # a CPU batch of the run's size takes seconds; per image, a smaller one ranks the layouts alike
+# On the CPU the trial's passes are model work the run would not otherwise do, and a layout gains a quarter at
+# best: a run of fewer images than this many times the trial's keeps the default layout.
+CPU_PAYBACK = 10
+RTOL, ATOL = 1e-3, 1e-4  # how far the two layouts' scores may differ and still count as the same model
+
+
+@dataclass(frozen=True)
+class LayoutChoice:
+    channels_last: bool
+    ms_per_image: dict[str, float]  # the fastest timed pass of each layout tried
+    why: str
+    trial_s: float = 0.0  # what the measuring cost, warm-ups included
+
+    def describe(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def settle_layout(
+    config: Config, model: nn.Module, plan: DevicePlan, blank: torch.Tensor, batch_size: int, images: int
+) -> tuple[DevicePlan, LayoutChoice]:
+    """The layout for a run of `images`, the model put in it: as `channels_last` says, or for `auto` as the run a
+    resumed one continues chose, or the default where a trial cannot pay on the CPU, or else as measured now."""
+    if config.channels_last != "auto":
+        return plan, LayoutChoice(plan.channels_last, {}, f"set: channels_last {str(plan.channels_last).lower()}")
+    recorded = recorded_layout(config.output_file) if config.resume else None
+    cpu_trial_images = min(batch_size, CPU_TRIAL_IMAGES) * 2 * (TRIAL_ROUNDS + 1)
+    if recorded is not None:
+        choice = LayoutChoice(recorded, {}, "the choice of the run this one resumes")
+        _put(model, recorded)
+    elif plan.device.type == "cpu" and images < CPU_PAYBACK * cpu_trial_images:
+        choice = LayoutChoice(False, {}, f"{images} images are too few to pay for a trial on the CPU")
+    else:
+        choice = choose_layout(model, plan, config.preprocess, blank, batch_size)
+    return dataclasses.replace(plan, channels_last=choice.channels_last), choice
+
+
+def choose_layout(
+    model: nn.Module, plan: DevicePlan, pre: Preprocess, blank: torch.Tensor, batch_size: int
+) -> LayoutChoice:
+    """Time the model in both layouts and leave it in the faster, or in the default (contiguous) one where
+    channels_last fails or gives other scores (a model that .view()s its activations). `model` is in the default
+    layout on `plan.device`; `blank` is one input as the decoders make it (uint8, or a model folder's floats)."""
+    if isinstance(model, OnnxModule):
+        return LayoutChoice(False, {}, "an ONNX model: its runtime chooses the layout")
+    started = time.perf_counter()
+    count = batch_size if plan.device.type == "cuda" else min(batch_size, CPU_TRIAL_IMAGES)
+    seeded = torch.Generator().manual_seed(0)
+    shape = (count, *blank.shape)
+    if blank.dtype == torch.uint8:
+        images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=seeded)
+    else:
+        images = torch.rand(shape, generator=seeded).to(blank.dtype)
+    images = images.to(plan.device)
+    layouts = {False: "contiguous", True: "channels_last"}
+    outputs: dict[bool, torch.Tensor] = {}
+    times: dict[bool, list[float]] = {False: [], True: []}
+    failed = ""
+    for round_ in range(TRIAL_ROUNDS + 1):  # round 0 warms each layout up and keeps its outputs
+        for last in (False, True):
+            try:
+                seconds, output = _timed_pass(model, plan, pre, images, last)
+            except Exception as error:  # the user's model, in a layout it may not have been written for
+                failed = f"{layouts[last]} failed on {count} random images: {describe_user_error(error)}"
+                break
+            if round_ == 0:
+                outputs[last] = output
+            else:
+                times[last].append(seconds / count)
+        if failed:
+            break
+    ms = {layouts[last]: round(1000 * min(each), 3) for last, each in times.items() if each}
+    if failed:
+        last, why = False, failed
+    elif not torch.allclose(outputs[False], outputs[True], rtol=RTOL, atol=ATOL):
+        last, why = False, "channels_last gives other scores"
+    else:
+        last = min(times[True]) < min(times[False])
+        why = f"{layouts[last]} was faster on {count} images x {TRIAL_ROUNDS} passes"
+    _put(model, last)
+    return LayoutChoice(last, ms, why, round(time.perf_counter() - started, 3))
+
+
+def _put(model: nn.Module, channels_last: bool) -> None:
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _timed_pass(
+    model: nn.Module, plan: DevicePlan, pre: Preprocess, images: torch.Tensor, channels_last: bool
+) -> tuple[float, torch.Tensor]:
+    _put(model, channels_last)
+    normalize = DeviceNormalizer(pre, plan.device, plan.input_dtype, channels_last)
+    started = time.perf_counter()
+    with inference_context(plan):
+        output = model(normalize(images))
+        scores = as_logits(output, len(images)).float().cpu()  # .cpu() waits for a CUDA device to finish
+    return time.perf_counter() - started, scores

@@ -1,0 +1,154 @@
+"""channels_last: auto chooses the model's memory layout by timing both on the run's device, keeps the default where
+channels_last fails or changes the scores, obeys an explicit setting, and a resumed run keeps the first run's
+choice. Tiny models, so the tests are fast; which layout is really faster is scripts/bench.py's to measure."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import harness.pipeline.layout
+from harness.cli import main
+from harness.config import Preprocess, build_config
+from harness.pipeline.devices import DevicePlan
+from harness.pipeline.layout import choose_layout, settle_layout
+from harness.pipeline.resume import record_path, run_identity
+from harness.results.writer import partial_path
+from tests.helpers import SAMPLES
+
+CPU = DevicePlan(torch.device("cpu"))
+PRE = Preprocess(input_size=16, resize_size=16)
+BLANK = torch.zeros(3, 16, 16, dtype=torch.uint8)
+
+
+class Convolutional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+class Views(Convolutional):
+    """Flattens with .view(), which a channels-last activation refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8 * 14 * 14, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).view(x.shape[0], -1))
+
+
+class ReadsMemory(Convolutional):
+    """Reads its activations in memory order: other scores in the other layout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.fc(y.as_strided((y.shape[0], 8), (y.stride(0), 1)))
+
+
+def _layout_of(model: nn.Module) -> bool:
+    return model.conv.weight.is_contiguous(memory_format=torch.channels_last) and not model.conv.weight.is_contiguous()
+
+
+def _timed(times: dict[bool, float]) -> Callable[..., tuple[float, torch.Tensor]]:
+    """A stand-in for one timed pass: `times` seconds per image for each layout, the same scores."""
+
+    def timed_pass(
+        model: nn.Module, plan: DevicePlan, pre: Preprocess, images: torch.Tensor, channels_last: bool
+    ) -> tuple[float, torch.Tensor]:
+        return times[channels_last] * len(images), torch.zeros(len(images), 5)
+
+    return timed_pass
+
+
+@pytest.mark.parametrize("channels_last_faster", [True, False])
+def test_the_faster_layout_is_kept_and_the_model_left_in_it(
+    monkeypatch: pytest.MonkeyPatch, channels_last_faster: bool
+) -> None:
+    monkeypatch.setattr(
+        harness.pipeline.layout, "_timed_pass", _timed({True: 1.0, False: 2.0 if channels_last_faster else 0.5})
+    )
+    model = Convolutional()
+    choice = choose_layout(model, CPU, PRE, BLANK, batch_size=64)
+    assert choice.channels_last is channels_last_faster
+    assert choice.ms_per_image == {"contiguous": 2000.0 if channels_last_faster else 500.0, "channels_last": 1000.0}
+    assert _layout_of(model) is channels_last_faster
+
+
+def test_a_real_trial_times_both_layouts_and_agrees() -> None:
+    model = Convolutional()
+    choice = choose_layout(model, CPU, PRE, BLANK, batch_size=64)
+    assert set(choice.ms_per_image) == {"contiguous", "channels_last"} and "faster" in choice.why
+    assert _layout_of(model) is choice.channels_last
+    assert choice.describe()["trial_s"] > 0
+
+
+@pytest.mark.parametrize(("model", "why"), [(Views(), "channels_last failed"), (ReadsMemory(), "other scores")])
+def test_a_model_channels_last_breaks_keeps_the_default_layout(model: nn.Module, why: str) -> None:
+    choice = choose_layout(model, CPU, PRE, BLANK, batch_size=8)
+    assert not choice.channels_last and why in choice.why
+    assert not _layout_of(model)
+    model(torch.zeros(2, 3, 16, 16))  # still runs as it was written
+
+
+def _no_trial(*args: object) -> None:
+    raise AssertionError("no trial expected")
+
+
+@pytest.mark.parametrize("setting", ["true", "false"])
+def test_an_explicit_setting_is_obeyed_without_a_trial(monkeypatch: pytest.MonkeyPatch, setting: str) -> None:
+    monkeypatch.setattr(harness.pipeline.layout, "choose_layout", _no_trial)
+    config = build_config({"channels_last": setting}, {}, {})
+    plan = DevicePlan(torch.device("cpu"), channels_last=config.channels_last)
+    settled, choice = settle_layout(config, Convolutional(), plan, BLANK, 64, images=10**6)
+    assert settled.channels_last is choice.channels_last is (setting == "true") and choice.why.startswith("set")
+
+
+def test_auto_is_the_default_and_a_few_images_on_the_cpu_get_no_trial(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness.pipeline.layout, "choose_layout", _no_trial)
+    config = build_config({}, {}, {})
+    assert config.channels_last == "auto"
+    settled, choice = settle_layout(config, Convolutional(), CPU, BLANK, 64, images=19)
+    assert not settled.channels_last and "too few" in choice.why
+
+
+def test_a_resumed_run_keeps_the_layout_the_first_run_chose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness.pipeline.layout, "choose_layout", _no_trial)
+    config = build_config({"output_file": str(tmp_path / "p.csv"), "resume": "true"}, {}, {})
+    partial_path(config.output_file).write_text("")
+    record_path(config.output_file).write_text(json.dumps({"channels_last": True}))
+    model = Convolutional()
+    settled, choice = settle_layout(config, model, CPU, BLANK, 64, images=10**6)
+    assert settled.channels_last and "resumes" in choice.why and _layout_of(model)
+
+
+def test_run_json_and_the_resume_record_carry_the_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness.pipeline.layout, "CPU_PAYBACK", 0)  # a trial even for 19 images
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.py").write_text(
+        "import torch\n\n\nclass Model(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.conv = torch.nn.Conv2d(3, 4, 3)\n\n    def forward(self, x):\n"
+        "        return self.conv(x).mean((2, 3))\n"
+    )
+    output = tmp_path / "out" / "p.csv"
+    argv = [str(SAMPLES), str(output), "--model-dir", str(folder), "--label-map", "none", "--progress", "false"]
+    assert main([*argv, "--input-size", "32", "--resize-size", "32"]) == 0
+    layout = json.loads(output.with_name("run.json").read_text())["layout"]
+    assert set(layout["ms_per_image"]) == {"contiguous", "channels_last"}
+    assert json.loads(output.with_name("run.json").read_text())["devices"]["channels_last"] is layout["channels_last"]
+
+
+def test_the_resume_record_holds_the_layout_chosen_not_auto() -> None:
+    model = {"class": "Model", "source": None, "checkpoint": None}
+    assert run_identity(build_config({}, {}, {}), model, 64, "cpu", channels_last=True)["channels_last"] is True
