@@ -19,9 +19,10 @@ Options after `--` go to the harness in every phase (e.g. `-- --batch-size 32 --
     python scripts/bench.py --compare --png-share 1 [--template DIR] [--timm-inference FILE] [--runs N] [--markdown]
 
 runs whole processes only, in turns: the harness, the ObjectNet challenge template (a checkout of it, copied, the
-benchmark's model put in its model/ folder with its weights in a file, run with the template's own defaults) and
-timm's inference.py (`-b 32 -j 2`, timm's model of the same name, seeded random weights from a file), and reports
-the median seconds, the rows each wrote and their memory, and the others' time over the harness's.
+benchmark's model put in its model/ folder with its weights in a file, run with the template's own defaults, its
+cpu_objectnet_eval.py on the CPU where it has one) and timm's inference.py (`-b 32 -j 2`, timm's model of the same
+name, seeded random weights from a file); it reports the median seconds, the rows each wrote, their memory, and
+the others' time over the harness's.
 """
 
 from __future__ import annotations
@@ -380,10 +381,14 @@ def harness_system(model_dir: Path, data: Path, harness_args: list[str]) -> Syst
     return System(command, REPO, lambda out: _csv_rows(out / "predictions.csv"))
 
 
-def template_system(template: Path, scratch: Path, model_dir: Path, data: Path, config: Config) -> System:
+def template_system(template: Path, scratch: Path, model_dir: Path, data: Path, config: Config, device: str) -> System:
     """A copy of the template checkout with the benchmark's model where the template looks for it
     (model/model_description.py and model/data_transform_description.py, the class by name, its weights in a
-    file), run as the template's README runs it, with its own defaults."""
+    file), run as the template's README runs it, with its own defaults: its objectnet_eval.py asserts a GPU, so
+    on the CPU its cpu_objectnet_eval.py where the checkout has one (the cpu_only branch's is objectnet_eval.py)."""
+    script = "objectnet_eval.py"
+    if device == "cpu" and (template / "cpu_objectnet_eval.py").is_file():
+        script = "cpu_objectnet_eval.py"
     folder = scratch / "template"
     shutil.copytree(template, folder, ignore=shutil.ignore_patterns(".git"))
     (folder / "model").mkdir(exist_ok=True)
@@ -406,8 +411,7 @@ def template_system(template: Path, scratch: Path, model_dir: Path, data: Path, 
     weights = _save_state_dict(load, scratch / "template-weights.pth")
 
     def command(out: Path) -> list[str]:  # images, output file, model class, checkpoint
-        return [sys.executable, "objectnet_eval.py", str(data), str(out / "predictions.csv"), str(config.class_name),
-                str(weights)]  # fmt: skip
+        return [sys.executable, script, str(data), str(out / "predictions.csv"), str(config.class_name), str(weights)]
 
     return System(command, folder, lambda out: _csv_rows(out / "predictions.csv"))
 
@@ -440,7 +444,7 @@ def compare(args: argparse.Namespace, data: Path, harness_args: list[str]) -> di
         systems = {"harness": harness_system(model_dir, data, harness_args)}
         if args.template:
             config = _config(str(model_dir), str(data), harness_args)
-            systems["template"] = template_system(args.template.resolve(), scratch, model_dir, data, config)
+            systems["template"] = template_system(args.template.resolve(), scratch, model_dir, data, config, device)
         if args.timm_inference:
             systems["timm"] = timm_system(args.timm_inference.resolve(), scratch, args.model, data, device)
         names = list(systems)
