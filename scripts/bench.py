@@ -15,22 +15,38 @@ settings only take effect when a process starts):
   peak_rss_main_mb: the main process alone (its VmHWM), both polled from /proc every 0.1 s.
 
 Options after `--` go to the harness in every phase (e.g. `-- --batch-size 32 --workers 1`).
+
+    python scripts/bench.py --compare --png-share 1 [--template DIR] [--timm-inference FILE] [--runs N] [--markdown]
+
+runs whole processes only, in turns: the harness, the ObjectNet challenge template (a checkout of it, copied, the
+benchmark's model put in its model/ folder with its weights in a file, run with the template's own defaults, its
+cpu_objectnet_eval.py on the CPU where it has one) and timm's inference.py (`-b 32 -j 2`, timm's model of the same
+name, seeded random weights from a file); it reports the median seconds, the rows each wrote, their memory, and
+the others' time over the harness's.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harness.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample-images"
@@ -204,15 +220,21 @@ def _peak_rss_bytes(pid: int) -> int:
         return 0
 
 
-def end_to_end(
-    model_dir: Path, data: Path, out: Path, harness_args: list[str]
-) -> tuple[float, float, float, list[float]]:
-    """(seconds, peak tree RSS, the main process's peak RSS, tree RSS peaks in the first and second half) in MB for
-    one whole run: a second half above the first means memory grows with the images."""
-    command = [sys.executable, str(REPO / "entrypoint.py"), str(data), str(out), "--model-dir", str(model_dir)]
-    command += ["--progress", "false", *harness_args]
+@dataclass
+class Measured:
+    """One whole process run: wall seconds and resident memory in MB, of its tree (summed, polled) and of the
+    main process alone (its own high-water mark); the tree's peak in the run's first and second half."""
+
+    seconds: float
+    peak_mb: float
+    main_mb: float
+    halves_mb: list[float]
+
+
+def measured_run(command: list[str], cwd: Path) -> Measured:
+    """Run `command` to its end, polling its memory every 0.1 s; a failure stops the benchmark."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL)
     samples: list[tuple[float, int]] = []
     main_peak = [0]
     finished = threading.Event()
@@ -234,7 +256,14 @@ def end_to_end(
         raise SystemExit(f"bench: the run failed with exit code {process.returncode}: {' '.join(command)}")
     middle = start + seconds / 2
     halves = [max((rss for t, rss in samples if (t < middle) == first), default=0) / 2**20 for first in (True, False)]
-    return seconds, max(halves), main_peak[0] / 2**20, halves
+    return Measured(seconds, max(halves), main_peak[0] / 2**20, halves)
+
+
+def end_to_end(model_dir: Path, data: Path, out: Path, harness_args: list[str]) -> Measured:
+    """One whole harness run into the folder `out`, process start to CSV written: a second half above the first
+    means memory grows with the images."""
+    system = harness_system(model_dir, data, harness_args)
+    return measured_run(system.command(out), system.cwd)
 
 
 def child(phase: str, model_dir: Path, data: Path, harness_args: list[str], seconds: float) -> float:
@@ -257,24 +286,205 @@ def machine() -> str:
     return f"{cpu}, {usable_cpus()} usable cores, {memory:.0f} GiB"
 
 
+BENCHMARKS = REPO / "docs" / "benchmarks.md"
+ROWS_HEADING = "## Rows appended by `python scripts/bench.py --markdown`"
+ROWS_HEADER = (
+    "| date | machine | device | torch | model | images | settings | model_only | decode_only | limit | end_to_end | "
+    "efficiency | peak RSS MB | main peak MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+)
+COMPARE_HEADING = "## Side by side: `python scripts/bench.py --compare --markdown`"
+COMPARE_HEADER = (
+    "| date | machine | device | model | images | runs | harness s | template s | timm s | template / harness | "
+    "timm / harness | main peak MB (harness, template, timm) |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+)
+
+
+def append_row(heading: str, header: str, row: str) -> None:
+    """Add `row` at the end of the table under `heading` in docs/benchmarks.md, starting that section (and the
+    file) where there is none, so each kind of row keeps its own table."""
+    text = BENCHMARKS.read_text(encoding="utf-8") if BENCHMARKS.exists() else "# Benchmarks\n"
+    lines = text.splitlines(keepends=True)
+    if heading + "\n" not in lines:
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n{header}{row}"
+    else:
+        end = lines.index(heading + "\n") + 1
+        while end < len(lines) and not lines[end].startswith("|"):  # to the table
+            end += 1
+        while end < len(lines) and lines[end].startswith("|"):  # past its last row
+            end += 1
+        text = "".join([*lines[:end], row, *lines[end:]])
+    BENCHMARKS.parent.mkdir(exist_ok=True)
+    BENCHMARKS.write_text(text, encoding="utf-8")
+
+
 def markdown_row(result: dict) -> str:
-    path = REPO / "docs" / "benchmarks.md"
-    header = (
-        "# Benchmarks\n\nRows appended by `python scripts/bench.py --markdown`; images/s, RSS of the whole process "
-        "tree.\n\n| date | machine | device | torch | model | images | settings | model_only | decode_only | "
-        "limit | end_to_end | efficiency | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
     row = (
         f"| {time.strftime('%Y-%m-%d')} | {result['machine']} | {result['device']} | {result['torch']} | "
         f"{result['model']} | {result['images']} | {result['settings'] or 'defaults'} | "
         f"{result['model_only_ips']:.1f} | {result['decode_only_ips']:.1f} | {result['limit_ips']:.1f} | "
-        f"{result['end_to_end_ips']:.1f} | {result['efficiency']:.2f} | {result['peak_rss_mb']:.0f} |\n"
+        f"{result['end_to_end_ips']:.1f} | {result['efficiency']:.2f} | {result['peak_rss_mb']:.0f} | "
+        f"{result['peak_rss_main_mb']:.0f} |\n"
     )
-    path.parent.mkdir(exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        if f.tell() == 0:
-            f.write(header)
-        f.write(row)
+    append_row(ROWS_HEADING, ROWS_HEADER, row)
+    return row
+
+
+# ---- --compare: the same data set through the ObjectNet template and timm's inference.py, whole processes ----
+
+TEMPLATE_TRANSFORM = '''"""The model's preprocessing as the ObjectNet template takes it (scripts/bench.py --compare)."""
+
+from torchvision import transforms
+
+
+class data_transform:
+    def getTransform(self):
+        return transforms.Compose(
+            [
+                transforms.Resize({resize}, interpolation=transforms.InterpolationMode.{interpolation}),
+                transforms.CenterCrop({crop}),
+                transforms.ToTensor(),
+                transforms.Normalize(mean={mean}, std={std}),
+            ]
+        )
+'''
+TIMM_OPTIONS = ["-b", "32", "-j", "2"]  # as the comparison in issue 14 ran it
+
+
+@dataclass
+class System:
+    """One way of classifying the data set, run whole: its command line for an output folder, the folder to run
+    it in, and how many rows it wrote there."""
+
+    command: Callable[[Path], list[str]]
+    cwd: Path
+    rows: Callable[[Path], int]
+
+
+def _csv_rows(path: Path, header: bool = False) -> int:
+    with open(path, encoding="utf-8", newline="") as f:
+        return sum(1 for _ in csv.reader(f)) - int(header)
+
+
+def _save_state_dict(code: str, path: Path) -> Path:
+    """Save the state_dict of the `model` that `code` builds, in a child of this Python: the template and timm's
+    inference.py both load their weights from a file."""
+    script = f"import torch\n{code}\ntorch.save(model.state_dict(), {str(path)!r})"
+    subprocess.run([sys.executable, "-c", script], check=True)
+    return path
+
+
+def harness_system(model_dir: Path, data: Path, harness_args: list[str]) -> System:
+    def command(out: Path) -> list[str]:
+        return [sys.executable, str(REPO / "entrypoint.py"), str(data), str(out / "predictions.csv"), "--model-dir",
+                str(model_dir), "--progress", "false", *harness_args]  # fmt: skip
+
+    return System(command, REPO, lambda out: _csv_rows(out / "predictions.csv"))
+
+
+def template_system(template: Path, scratch: Path, model_dir: Path, data: Path, config: Config, device: str) -> System:
+    """A copy of the template checkout with the benchmark's model where the template looks for it
+    (model/model_description.py and model/data_transform_description.py, the class by name, its weights in a
+    file), run as the template's README runs it, with its own defaults: its objectnet_eval.py asserts a GPU, so
+    on the CPU its cpu_objectnet_eval.py where the checkout has one (the cpu_only branch's is objectnet_eval.py)."""
+    script = "objectnet_eval.py"
+    if device == "cpu" and (template / "cpu_objectnet_eval.py").is_file():
+        script = "cpu_objectnet_eval.py"
+    folder = scratch / "template"
+    shutil.copytree(template, folder, ignore=shutil.ignore_patterns(".git"))
+    (folder / "model").mkdir(exist_ok=True)
+    shutil.copy(model_dir / "model.py", folder / "model" / "model_description.py")
+    pre = config.preprocess
+    scale = 255.0 if pre.value_scale == 255 else 1.0  # ToTensor gives 0..1
+    mean = [m / scale for m in pre.mean] if pre.mean else [0.0, 0.0, 0.0]
+    std = [v / scale for v in pre.std] if pre.std else [1.0, 1.0, 1.0]
+    (folder / "model" / "data_transform_description.py").write_text(
+        TEMPLATE_TRANSFORM.format(
+            resize=pre.resize_to, interpolation=pre.interpolation.upper(), crop=pre.input_size, mean=mean, std=std
+        )
+    )
+    load = (
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('bench_model', {str(model_dir / 'model.py')!r})\n"
+        "module = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(module)\n"
+        f"model = module.{config.class_name}()"
+    )
+    weights = _save_state_dict(load, scratch / "template-weights.pth")
+
+    def command(out: Path) -> list[str]:  # images, output file, model class, checkpoint
+        return [sys.executable, script, str(data), str(out / "predictions.csv"), str(config.class_name), str(weights)]
+
+    return System(command, folder, lambda out: _csv_rows(out / "predictions.csv"))
+
+
+def timm_system(inference: Path, scratch: Path, model: str, data: Path, device: str) -> System:
+    """timm's inference.py on the benchmark's model by timm's name, seeded random weights from a file (without
+    --checkpoint it downloads pretrained ones), on the harness's device."""
+    weights = _save_state_dict(
+        f"import timm\ntorch.manual_seed(0)\nmodel = timm.create_model({model!r})", scratch / "timm-weights.pth"
+    )
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, str(inference), str(data), "--model", model, "--checkpoint", str(weights),
+                *TIMM_OPTIONS, "--device", device, "--results-dir", str(out)]  # fmt: skip
+
+    return System(command, REPO, lambda out: sum(_csv_rows(path, header=True) for path in out.glob("*.csv")))
+
+
+def compare(args: argparse.Namespace, data: Path, harness_args: list[str]) -> dict:
+    """Whole runs of the harness, the template and timm on `data`, in turns, the order reversed every other round
+    (so drift on a shared machine falls on each alike), `args.runs` rounds: seconds, rows written and memory."""
+    import torch
+
+    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    runs: dict[str, list[Measured]] = {}
+    rows: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="harness-bench-") as folder:
+        scratch = Path(folder)
+        model_dir = model_folder(args.model, scratch)
+        systems = {"harness": harness_system(model_dir, data, harness_args)}
+        if args.template:
+            config = _config(str(model_dir), str(data), harness_args)
+            systems["template"] = template_system(args.template.resolve(), scratch, model_dir, data, config, device)
+        if args.timm_inference:
+            systems["timm"] = timm_system(args.timm_inference.resolve(), scratch, args.model, data, device)
+        names = list(systems)
+        for round_ in range(args.runs):
+            for name in names if round_ % 2 == 0 else names[::-1]:
+                out = scratch / f"{name}-{round_}"
+                out.mkdir()
+                runs.setdefault(name, []).append(measured_run(systems[name].command(out), systems[name].cwd))
+                rows[name] = systems[name].rows(out)
+    harness_s = statistics.median(m.seconds for m in runs["harness"])
+    result: dict = {"model": args.model, "images": args.images, "png_share": args.png_share, "device": device}
+    result.update(machine=machine(), torch=torch.__version__, runs=args.runs, systems={})
+    for name, each in runs.items():
+        median = statistics.median(m.seconds for m in each)
+        result["systems"][name] = {
+            "seconds": [round(m.seconds, 2) for m in each],
+            "median_s": round(median, 2),
+            "images_per_s": round(args.images / median, 2),
+            "over_harness": round(median / harness_s, 3),
+            "rows": rows[name],  # fewer than the images: that system skipped some (the template's file pattern?)
+            "peak_rss_main_mb": round(max(m.main_mb for m in each), 1),
+            "peak_rss_mb": round(max(m.peak_mb for m in each), 1),
+        }
+    return result
+
+
+def compare_row(result: dict) -> str:
+    systems = result["systems"]
+
+    def cell(name: str, key: str, form: str) -> str:
+        return format(systems[name][key], form) if name in systems else "-"
+
+    mains = ", ".join(cell(name, "peak_rss_main_mb", ".0f") for name in ("harness", "template", "timm"))
+    row = (
+        f"| {time.strftime('%Y-%m-%d')} | {result['machine']} | {result['device']} | {result['model']} | "
+        f"{result['images']} | {result['runs']} | {cell('harness', 'median_s', '.1f')} | "
+        f"{cell('template', 'median_s', '.1f')} | {cell('timm', 'median_s', '.1f')} | "
+        f"{cell('template', 'over_harness', '.2f')} | {cell('timm', 'over_harness', '.2f')} | {mains} |\n"
+    )
+    append_row(COMPARE_HEADING, COMPARE_HEADER, row)
     return row
 
 
@@ -290,6 +500,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="how long to time model_only")
     parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--markdown", action="store_true", help="append a row to docs/benchmarks.md")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="whole runs only: the harness beside the ObjectNet template and timm's inference.py (those given)",
+    )
+    parser.add_argument("--template", type=Path, help="with --compare: a checkout of the ObjectNet template")
+    parser.add_argument("--timm-inference", type=Path, help="with --compare: timm's inference.py (timm installed)")
+    parser.add_argument("--runs", type=int, default=2, help="with --compare: rounds of runs, medians reported")
     parser.add_argument("--phase", choices=("model", "decode"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -308,20 +526,23 @@ def main() -> None:
     harness_args = ["--device", args.device, *args.harness_args]
     load_before = os.getloadavg()[0]
     data = make_dataset(args.cache, args.images, args.png_share, args.seed)
+    if args.compare:
+        result = compare(args, data, harness_args)
+        result["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        report(result, args.json, compare_row if args.markdown else None)
+        return
     with tempfile.TemporaryDirectory(prefix="harness-bench-") as scratch:
         model_dir = model_folder(args.model, Path(scratch))
         # The limits are measured on both sides of the run and averaged: a shared machine's speed drifts, and a
         # limit taken only before the run would judge it against other conditions.
         model_each = [child("model", model_dir, data, harness_args, args.seconds)]
         decode_each = [child("decode", model_dir, data, harness_args, args.seconds)]
-        seconds, peak_mb, main_mb, halves = end_to_end(
-            model_dir, data, Path(scratch) / "out" / "predictions.csv", harness_args
-        )
+        run = end_to_end(model_dir, data, Path(scratch) / "out", harness_args)
         model_each.append(child("model", model_dir, data, harness_args, args.seconds))
         decode_each.append(child("decode", model_dir, data, harness_args, args.seconds))
         device = json.loads((Path(scratch) / "out" / "run.json").read_text())["devices"]["device"]
     model_ips, decode_ips = statistics.mean(model_each), statistics.mean(decode_each)
-    end_ips = args.images / seconds
+    end_ips = args.images / run.seconds
     gpu = device.startswith("cuda")
     limit = min(model_ips, decode_ips) if gpu else 1 / (1 / model_ips + 1 / decode_ips)
     malloc_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
@@ -338,20 +559,24 @@ def main() -> None:
         "model_only_before_after": [round(ips, 2) for ips in model_each],
         "decode_only_before_after": [round(ips, 2) for ips in decode_each],
         "end_to_end_ips": round(end_ips, 2),
-        "end_to_end_s": round(seconds, 2),
+        "end_to_end_s": round(run.seconds, 2),
         "limit_ips": round(limit, 2),
         "efficiency": round(end_ips / limit, 3),
-        "peak_rss_mb": round(peak_mb, 1),
-        "peak_rss_main_mb": round(main_mb, 1),
-        "peak_rss_halves_mb": [round(mb, 1) for mb in halves],
+        "peak_rss_mb": round(run.peak_mb, 1),
+        "peak_rss_main_mb": round(run.main_mb, 1),
+        "peak_rss_halves_mb": [round(mb, 1) for mb in run.halves_mb],
         "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # other work on the machine skews it
     }
+    report(result, args.json, markdown_row if args.markdown else None)
+
+
+def report(result: dict, json_path: Path | None, markdown: Callable[[dict], str] | None) -> None:
     text = json.dumps(result)
     print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    if args.markdown:
-        markdown_row(result)
+    if json_path:
+        json_path.write_text(text + "\n")
+    if markdown:
+        markdown(result)
 
 
 if __name__ == "__main__":

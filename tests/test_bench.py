@@ -43,3 +43,71 @@ def test_bench_runs_every_phase_and_reports_the_figures(tmp_path: Path) -> None:
     assert figures["limit_ips"] == pytest.approx(  # the figures are written to 2 decimals
         1 / (1 / figures["model_only_ips"] + 1 / figures["decode_only_ips"]), rel=1e-3, abs=0.01
     )
+
+
+FAKE_TEMPLATE = '''"""Stands in for the template's objectnet_eval.py: positionals, model folder, checkpoint."""
+import argparse, csv, glob, os, sys
+
+import torch
+
+sys.path.insert(0, "model")
+import model_description
+from data_transform_description import data_transform
+
+parser = argparse.ArgumentParser()
+for name in ("images", "output_file", "model_class_name", "model_checkpoint"):
+    parser.add_argument(name)
+args = parser.parse_args()
+assert not os.path.exists(args.output_file)
+model = getattr(model_description, args.model_class_name)()
+model.load_state_dict(torch.load(args.model_checkpoint))
+data_transform().getTransform()
+with open(args.output_file, "w") as f:
+    for path in sorted(glob.glob(args.images + "/**/*.png", recursive=True)):
+        csv.writer(f).writerow([os.path.basename(path), 1, 1.0])
+'''
+FAKE_TIMM = '''"""Stands in for timm's inference.py: its options, a results CSV with a header."""
+import argparse, csv, glob, os
+
+import torch
+
+parser = argparse.ArgumentParser()
+parser.add_argument("data")
+parser.add_argument("--model")
+parser.add_argument("--checkpoint")
+parser.add_argument("-b", type=int)
+parser.add_argument("-j", type=int)
+parser.add_argument("--device")
+parser.add_argument("--results-dir")
+args = parser.parse_args()
+torch.load(args.checkpoint)
+with open(os.path.join(args.results_dir, f"{args.model}-224.csv"), "w") as f:
+    writer = csv.writer(f)
+    writer.writerow(["filename", "index"])
+    for path in sorted(glob.glob(args.data + "/*.png")):
+        writer.writerow([os.path.basename(path), 1])
+'''
+
+
+@pytest.mark.slow
+def test_compare_runs_the_template_and_timm_as_their_command_lines_ask(tmp_path: Path) -> None:
+    """Stand-ins with the template's and timm's command lines (the real ones are not in this repository): the
+    model and its weights must reach them where they look, and every system must see every image."""
+    template = tmp_path / "template"
+    template.mkdir()
+    (template / "objectnet_eval.py").write_text(FAKE_TEMPLATE)
+    (tmp_path / "timm").mkdir()
+    (tmp_path / "timm" / "__init__.py").write_text(
+        "import torch\n\n\ndef create_model(name):\n    return torch.nn.Linear(2, 2)\n"
+    )
+    (tmp_path / "inference.py").write_text(FAKE_TIMM)
+    command = [sys.executable, "scripts/bench.py", "--compare", "--images", "4", "--png-share", "1", "--runs", "1"]
+    command += ["--template", str(template), "--timm-inference", str(tmp_path / "inference.py")]
+    command += ["--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "compare.json")]
+    env = {**env_without_build_args(), "PYTHONPATH": str(tmp_path)}  # the stand-in timm package
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    systems = json.loads((tmp_path / "compare.json").read_text())["systems"]
+    assert sorted(systems) == ["harness", "template", "timm"]
+    assert all(figures["rows"] == 4 and figures["median_s"] > 0 for figures in systems.values())
+    assert systems["harness"]["over_harness"] == 1

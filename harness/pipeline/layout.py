@@ -1,8 +1,8 @@
 """The model's memory layout chosen by measurement (`channels_last: auto`): a few batches of seeded random images
 timed in both layouts on the run's own device, before the first real batch and while the head start decodes.
 
-channels_last paid 19% end to end for ResNet-50 on the benchmark CPU and less for EfficientNet-Lite0; which layout
-wins depends on the model, the device and the batch, so it is measured, not guessed. The outputs of the two
+channels_last pays well for some models on the CPU and little or nothing for others (docs/benchmarks.md); which
+layout wins depends on the model, the device and the batch, so it is measured, not guessed. The outputs of the two
 layouts differ in the last digits, so the run keeps its choice: run.json records it with both times, and a resumed
 run takes the one the run it continues made (harness/pipeline/resume.py).
 """
@@ -29,6 +29,7 @@ CPU_TRIAL_IMAGES = 4  # a CPU batch of the run's size takes seconds; per image, 
 # best: a run of fewer images than this many times the trial's keeps the default layout.
 CPU_PAYBACK = 10
 RTOL, ATOL = 1e-3, 1e-4  # how far the two layouts' scores may differ and still count as the same model
+LAYOUTS = {False: "contiguous", True: "channels_last"}
 
 
 @dataclass(frozen=True)
@@ -78,31 +79,39 @@ def choose_layout(
     else:
         images = torch.rand(shape, generator=seeded).to(blank.dtype)
     images = images.to(plan.device)
-    layouts = {False: "contiguous", True: "channels_last"}
     outputs: dict[bool, torch.Tensor] = {}
     times: dict[bool, list[float]] = {False: [], True: []}
     failed = ""
-    for round_ in range(TRIAL_ROUNDS + 1):  # round 0 warms each layout up and keeps its outputs
-        for last in (False, True):
-            try:
-                seconds, output = _timed_pass(model, plan, pre, images, last)
-            except Exception as error:  # the user's model, in a layout it may not have been written for
-                failed = f"{layouts[last]} failed on {count} random images: {describe_user_error(error)}"
+    threads = torch.get_num_threads()
+    if plan.device.type == "cpu":
+        # The head start's decoders hold the other cores meanwhile, and torch's threads would wait on each other
+        # behind them at every barrier: the passes took many times as long, and their times said more about the
+        # decoders than about the layouts (docs/benchmarks.md). One thread times the layouts alone.
+        torch.set_num_threads(1)
+    try:
+        for round_ in range(TRIAL_ROUNDS + 1):  # round 0 warms each layout up and keeps its outputs
+            for last in (False, True):
+                try:
+                    seconds, output = _timed_pass(model, plan, pre, images, last)
+                except Exception as error:  # the user's model, in a layout it may not have been written for
+                    failed = f"{LAYOUTS[last]} failed on {count} random images: {describe_user_error(error)}"
+                    break
+                if round_ == 0:
+                    outputs[last] = output
+                else:
+                    times[last].append(seconds / count)
+            if failed:
                 break
-            if round_ == 0:
-                outputs[last] = output
-            else:
-                times[last].append(seconds / count)
-        if failed:
-            break
-    ms = {layouts[last]: round(1000 * min(each), 3) for last, each in times.items() if each}
+    finally:
+        torch.set_num_threads(threads)
+    ms = {LAYOUTS[last]: round(1000 * min(each), 3) for last, each in times.items() if each}
     if failed:
         last, why = False, failed
     elif not torch.allclose(outputs[False], outputs[True], rtol=RTOL, atol=ATOL):
         last, why = False, "channels_last gives other scores"
     else:
         last = min(times[True]) < min(times[False])
-        why = f"{layouts[last]} was faster on {count} images x {TRIAL_ROUNDS} passes"
+        why = f"{LAYOUTS[last]} was faster on {count} images x {TRIAL_ROUNDS} passes"
     _put(model, last)
     return LayoutChoice(last, ms, why, round(time.perf_counter() - started, 3))
 
