@@ -24,7 +24,11 @@ from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_con
 from harness.pipeline.resume import recorded_layout
 
 TRIAL_ROUNDS = 2  # timed passes per layout, alternating, after one warm-up each; the fastest pass counts
-CPU_TRIAL_IMAGES = 4  # a CPU batch of the run's size takes seconds; per image, a smaller one ranks the layouts alike
+CLEAR_WIN = 1.25  # after the first timed round, a layout this many times faster wins without another round
+# A CPU batch of the run's size takes seconds; per image a smaller one ranks the layouts alike, when it runs on the
+# run's threads beside the head start's decoders as the run will beside its workers (one thread alone ranked
+# ResNet-50's layouts nearly even, which the run does not).
+CPU_TRIAL_IMAGES = 4
 # On the CPU the trial's passes are model work the run would not otherwise do, and a layout gains a quarter at
 # best: a run of fewer images than this many times the trial's keeps the default layout.
 CPU_PAYBACK = 10
@@ -82,28 +86,19 @@ def choose_layout(
     outputs: dict[bool, torch.Tensor] = {}
     times: dict[bool, list[float]] = {False: [], True: []}
     failed = ""
-    threads = torch.get_num_threads()
-    if plan.device.type == "cpu":
-        # The head start's decoders hold the other cores meanwhile, and torch's threads would wait on each other
-        # behind them at every barrier: the passes took many times as long, and their times said more about the
-        # decoders than about the layouts (docs/benchmarks.md). One thread times the layouts alone.
-        torch.set_num_threads(1)
-    try:
-        for round_ in range(TRIAL_ROUNDS + 1):  # round 0 warms each layout up and keeps its outputs
-            for last in (False, True):
-                try:
-                    seconds, output = _timed_pass(model, plan, pre, images, last)
-                except Exception as error:  # the user's model, in a layout it may not have been written for
-                    failed = f"{LAYOUTS[last]} failed on {count} random images: {describe_user_error(error)}"
-                    break
-                if round_ == 0:
-                    outputs[last] = output
-                else:
-                    times[last].append(seconds / count)
-            if failed:
+    for round_ in range(TRIAL_ROUNDS + 1):  # round 0 warms each layout up and keeps its outputs
+        for last in (False, True):
+            try:
+                seconds, output = _timed_pass(model, plan, pre, images, last)
+            except Exception as error:  # the user's model, in a layout it may not have been written for
+                failed = f"{LAYOUTS[last]} failed on {count} random images: {describe_user_error(error)}"
                 break
-    finally:
-        torch.set_num_threads(threads)
+            if round_ == 0:
+                outputs[last] = output
+            else:
+                times[last].append(seconds / count)
+        if failed or (round_ and _clear_win(times[False][0], times[True][0])):
+            break
     ms = {LAYOUTS[last]: round(1000 * min(each), 3) for last, each in times.items() if each}
     if failed:
         last, why = False, failed
@@ -111,9 +106,13 @@ def choose_layout(
         last, why = False, "channels_last gives other scores"
     else:
         last = min(times[True]) < min(times[False])
-        why = f"{LAYOUTS[last]} was faster on {count} images x {TRIAL_ROUNDS} passes"
+        why = f"{LAYOUTS[last]} was faster on {count} images x {len(times[last])} timed passes"
     _put(model, last)
     return LayoutChoice(last, ms, why, round(time.perf_counter() - started, 3))
+
+
+def _clear_win(first: float, second: float) -> bool:
+    return max(first, second) > CLEAR_WIN * min(first, second)
 
 
 def _put(model: nn.Module, channels_last: bool) -> None:
