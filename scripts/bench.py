@@ -546,6 +546,7 @@ def main() -> None:
     gpu = device.startswith("cuda")
     limit = min(model_ips, decode_ips) if gpu else 1 / (1 / model_ips + 1 / decode_ips)
     malloc_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+    png_share = [] if args.png_share == 0.5 else [f"--png-share {args.png_share:g}"]  # the data set, when not half
     result = {
         "model": args.model,
         "images": args.images,
@@ -553,7 +554,7 @@ def main() -> None:
         "device": device,
         "machine": machine(),
         "torch": torch.__version__,
-        "settings": " ".join([*args.harness_args, *(f"{k}={v}" for k, v in malloc_env.items())]),
+        "settings": " ".join([*png_share, *args.harness_args, *(f"{k}={v}" for k, v in malloc_env.items())]),
         "model_only_ips": round(model_ips, 2),
         "decode_only_ips": round(decode_ips, 2),
         "model_only_before_after": [round(ips, 2) for ips in model_each],
