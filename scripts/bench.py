@@ -375,8 +375,17 @@ def _save_state_dict(code: str, path: Path) -> Path:
 
 def harness_system(model_dir: Path, data: Path, harness_args: list[str]) -> System:
     def command(out: Path) -> list[str]:
-        return [sys.executable, str(REPO / "entrypoint.py"), str(data), str(out / "predictions.csv"), "--model-dir",
-                str(model_dir), "--progress", "false", *harness_args]  # fmt: skip
+        return [
+            sys.executable,
+            str(REPO / "entrypoint.py"),
+            str(data),
+            str(out / "predictions.csv"),
+            "--model-dir",
+            str(model_dir),
+            "--progress",
+            "false",
+            *harness_args,
+        ]
 
     return System(command, REPO, lambda out: _csv_rows(out / "predictions.csv"))
 
@@ -424,8 +433,20 @@ def timm_system(inference: Path, scratch: Path, model: str, data: Path, device: 
     )
 
     def command(out: Path) -> list[str]:
-        return [sys.executable, str(inference), str(data), "--model", model, "--checkpoint", str(weights),
-                *TIMM_OPTIONS, "--device", device, "--results-dir", str(out)]  # fmt: skip
+        return [
+            sys.executable,
+            str(inference),
+            str(data),
+            "--model",
+            model,
+            "--checkpoint",
+            str(weights),
+            *TIMM_OPTIONS,
+            "--device",
+            device,
+            "--results-dir",
+            str(out),
+        ]
 
     return System(command, REPO, lambda out: sum(_csv_rows(path, header=True) for path in out.glob("*.csv")))
 
