@@ -375,8 +375,17 @@ def _save_state_dict(code: str, path: Path) -> Path:
 
 def harness_system(model_dir: Path, data: Path, harness_args: list[str]) -> System:
     def command(out: Path) -> list[str]:
-        return [sys.executable, str(REPO / "entrypoint.py"), str(data), str(out / "predictions.csv"), "--model-dir",
-                str(model_dir), "--progress", "false", *harness_args]  # fmt: skip
+        return [
+            sys.executable,
+            str(REPO / "entrypoint.py"),
+            str(data),
+            str(out / "predictions.csv"),
+            "--model-dir",
+            str(model_dir),
+            "--progress",
+            "false",
+            *harness_args,
+        ]
 
     return System(command, REPO, lambda out: _csv_rows(out / "predictions.csv"))
 
@@ -424,8 +433,20 @@ def timm_system(inference: Path, scratch: Path, model: str, data: Path, device: 
     )
 
     def command(out: Path) -> list[str]:
-        return [sys.executable, str(inference), str(data), "--model", model, "--checkpoint", str(weights),
-                *TIMM_OPTIONS, "--device", device, "--results-dir", str(out)]  # fmt: skip
+        return [
+            sys.executable,
+            str(inference),
+            str(data),
+            "--model",
+            model,
+            "--checkpoint",
+            str(weights),
+            *TIMM_OPTIONS,
+            "--device",
+            device,
+            "--results-dir",
+            str(out),
+        ]
 
     return System(command, REPO, lambda out: sum(_csv_rows(path, header=True) for path in out.glob("*.csv")))
 
@@ -546,6 +567,7 @@ def main() -> None:
     gpu = device.startswith("cuda")
     limit = min(model_ips, decode_ips) if gpu else 1 / (1 / model_ips + 1 / decode_ips)
     malloc_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+    png_share = [] if args.png_share == 0.5 else [f"--png-share {args.png_share:g}"]  # the data set, when not half
     result = {
         "model": args.model,
         "images": args.images,
@@ -553,7 +575,7 @@ def main() -> None:
         "device": device,
         "machine": machine(),
         "torch": torch.__version__,
-        "settings": " ".join([*args.harness_args, *(f"{k}={v}" for k, v in malloc_env.items())]),
+        "settings": " ".join([*png_share, *args.harness_args, *(f"{k}={v}" for k, v in malloc_env.items())]),
         "model_only_ips": round(model_ips, 2),
         "decode_only_ips": round(decode_ips, 2),
         "model_only_before_after": [round(ips, 2) for ips in model_each],

@@ -85,6 +85,22 @@ def test_the_faster_layout_is_kept_and_the_model_left_in_it(
     assert _layout_of(model) is channels_last_faster
 
 
+@pytest.mark.parametrize(("channels_last_s", "passes"), [(0.5, 4), (0.9, 6)], ids=["clear win", "close"])
+def test_a_second_timed_round_only_when_the_first_was_close(
+    monkeypatch: pytest.MonkeyPatch, channels_last_s: float, passes: int
+) -> None:
+    calls = []
+    timed = _timed({True: channels_last_s, False: 1.0})
+
+    def counted(*args: object) -> tuple[float, torch.Tensor]:
+        calls.append(args)
+        return timed(*args)
+
+    monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", counted)
+    assert choose_layout(Convolutional(), CPU, PRE, BLANK, batch_size=64).channels_last
+    assert len(calls) == passes  # a warm-up each, then one or two timed rounds
+
+
 def test_a_real_trial_times_both_layouts_and_agrees() -> None:
     model = Convolutional()
     choice = choose_layout(model, CPU, PRE, BLANK, batch_size=64)
