@@ -355,6 +355,7 @@ class Config:
     local_world_size: int = _setting(1, _int(1), "processes on this machine, sharing its cores (set by torchrun)")
     preprocess: Preprocess = field(default_factory=Preprocess)
     explicit: frozenset[str] = frozenset()  # settings a source gave (not defaults): a model's own config yields to them
+    model_labels: tuple[str, ...] | None = None  # class names the model file carries (an exported ONNX file's)
 
     @property
     def run_json(self) -> Path:
@@ -373,6 +374,7 @@ class Config:
         """Plain values for run.json."""
         data = dataclasses.asdict(self)
         data.pop("explicit")
+        data.pop("model_labels")
         return {key: (str(value) if isinstance(value, Path) else value) for key, value in data.items()}
 
 
@@ -504,10 +506,17 @@ def build_config(
 def apply_model_defaults(config: Config, values: Mapping[str, Any], source: str) -> Config:
     """The config with a model's own settings (its preprocessing, label map) wherever no source set them: the
     model's config ranks above the harness's defaults and below model/config.yaml, the environment and the
-    command line."""
+    command line. Class names (`labels`) are no setting: they go to `model_labels` for the label map."""
     run: dict[str, Any] = {}
     pre: dict[str, Any] = {}
+    labels = values.get("labels")
+    if labels is not None:
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            raise ConfigError(f"{source}: labels must be a list of class names")
+        run["model_labels"] = tuple(labels)
     for name, value in values.items():
+        if name == "labels":
+            continue
         if name in config.explicit or (value is None and name not in ("mean", "std", "resize_size")):
             continue
         if name in PREPROCESS_FIELDS:

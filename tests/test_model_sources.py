@@ -223,6 +223,23 @@ def test_hugging_face_class_names_are_written(tmp_path: Path) -> None:
     assert all(row[1].startswith("kind ") for row in read_rows(output))
 
 
+def test_an_exported_onnx_file_carries_its_class_names(tmp_path: Path) -> None:
+    """Its metadata's `labels` are the model's names, not a setting: the file alone writes them."""
+    pytest.importorskip("onnx")
+    folder = _hf_folder(tmp_path, "vit")
+    config_path = folder / "config.json"
+    text = config_path.read_text()
+    for i in range(10):
+        text = text.replace(f'"LABEL_{i}"', f'"kind {i}"')
+    config_path.write_text(text)
+    exported = tmp_path / "alone" / "vit.onnx"
+    exported.parent.mkdir()
+    assert main(["export-onnx", "--model", str(folder), "--output", str(exported), "--images", str(SAMPLES)]) == 0
+    output = tmp_path / "p.csv"
+    assert main([str(SAMPLES), str(output), "--model", str(exported), "--progress", "false"]) == 0
+    assert all(row[1].startswith("kind ") for row in read_rows(output))
+
+
 # ---- one ONNX file ----
 
 

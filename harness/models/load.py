@@ -14,7 +14,6 @@ from harness.config import Config
 from harness.errors import ModelError
 from harness.models.checkpoint import load_weights, read_state_dict, resolve_checkpoint
 from harness.models.hf_model import load_hf_model
-from harness.models.onnx_metadata import read_settings
 from harness.models.onnx_runtime import OnnxModule, make_session
 from harness.models.python_class import DEFAULT_CLASS, create_model, find_module_file
 from harness.models.saved import load_saved_model
@@ -48,14 +47,13 @@ def load_onnx_model(path: Path, config: Config) -> LoadedModel:
         raise ModelError(f"{path} does not exist (set by 'module')")
     want_cuda = config.device != "cpu" and config.gpus != 0 and torch.cuda.is_available()
     module = OnnxModule(make_session(path, want_cuda))
-    labels = read_settings(path).get("labels")
     return LoadedModel(
         module=module,
         class_name=f"ONNX ({', '.join(module.providers)})",
         source=str(path),
         checkpoint=None,
         parameters=None,
-        labels=labels if isinstance(labels, list) else None,
+        labels=list(config.model_labels) if config.model_labels else None,  # read with its settings (source.py)
     )
 
 
