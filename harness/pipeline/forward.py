@@ -96,13 +96,13 @@ def compiled_forward(forward: Forward, blank: torch.Tensor) -> Forward:
         say("--compile applies to one PyTorch model on one device: running eagerly (use torchrun for several GPUs)")
         return forward
     started = time.perf_counter()
-    try:
-        compiled = dataclasses.replace(forward, model=torch.compile(forward.model), pad=True)
-        compiled(blank.expand(forward.piece, *blank.shape).to(forward.plan.device))
+    model = torch.compile(forward.model)
+    try:  # the compiler's own error, not Forward's message for a model failing on real images
+        with inference_context(forward.plan):
+            model(forward.normalize(blank.expand(forward.piece, *blank.shape).to(forward.plan.device)))
     except Exception as error:  # a missing C++ compiler, an operator the compiler cannot take, ...
-        error = error.__cause__ if isinstance(error, ModelError) and isinstance(error.__cause__, Exception) else error
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         say(f"torch.compile failed ({type(error).__name__}: {first_line[:200]}): running eagerly")
         return forward
     say(f"compiled the model in {time.perf_counter() - started:.1f} s")
-    return compiled
+    return dataclasses.replace(forward, model=model, pad=True)
