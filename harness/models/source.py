@@ -90,13 +90,18 @@ def model_defaults(config: Config) -> tuple[dict[str, Any], str]:
     return {}, ""
 
 
-def timm_preprocess(name: str) -> dict[str, Any]:
-    """timm's eval transform for NAME as harness settings, resolved as timm's resolve_data_config does."""
+def timm_pretrained_cfg(name: str) -> Any:
+    """timm's pretrained config for NAME (its preprocessing, its classifier's name), or None where it has none."""
     timm = import_timm()
     if not timm.is_model(name):
         similar = ", ".join(timm.list_models(f"*{name.split('.')[0][:6]}*")[:8])
         raise ModelError(f"timm has no model {name!r}" + (f"; similar names: {similar}" if similar else ""))
-    cfg = timm.models.get_pretrained_cfg(name)
+    return timm.models.get_pretrained_cfg(name)
+
+
+def timm_preprocess(name: str) -> dict[str, Any]:
+    """timm's eval transform for NAME as harness settings, resolved as timm's resolve_data_config does."""
+    cfg = timm_pretrained_cfg(name)
     if cfg is None:
         return {}
     _, height, width = cfg.input_size

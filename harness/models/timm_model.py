@@ -13,12 +13,12 @@ from harness.config import Config
 from harness.console import say
 from harness.errors import ModelError, describe_user_error
 from harness.models.checkpoint import load_weights, read_state_dict, resolve_checkpoint
-from harness.models.source import import_timm, timm_name
+from harness.models.source import import_timm, timm_name, timm_pretrained_cfg
 
 
-def _head_classes(timm: object, name: str, state: dict[str, torch.Tensor]) -> int | None:
+def _head_classes(name: str, state: dict[str, torch.Tensor]) -> int | None:
     """The classes the checkpoint's classifier has (timm names the classifier in the model's pretrained config)."""
-    cfg = timm.models.get_pretrained_cfg(name)  # type: ignore[attr-defined]
+    cfg = timm_pretrained_cfg(name)
     classifier = getattr(cfg, "classifier", None) if cfg is not None else None
     heads = [classifier] if isinstance(classifier, str) else list(classifier or [])
     for head in heads:
@@ -34,7 +34,7 @@ def load_timm_model(config: Config) -> tuple[nn.Module, str, Path | None]:
     name = timm_name(config)
     checkpoint = resolve_checkpoint(config)
     state = read_state_dict(checkpoint, config.ema) if checkpoint is not None else None
-    classes = config.num_classes or (_head_classes(timm, name, state) if state is not None else None)
+    classes = config.num_classes or (_head_classes(name, state) if state is not None else None)
     extra = {"num_classes": classes} if classes else {}
     try:
         model = timm.create_model(name, pretrained=False, **extra)
