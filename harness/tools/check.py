@@ -129,8 +129,12 @@ def describe_preprocessing(pre: Preprocess, custom: bool) -> str:
     if custom:
         return "the model folder's data_transform_description.py (after stripping the border)"
     normalise = "no normalisation" if pre.mean is None else configured_value("mean/std", pre)
+    sides = "both sides" if pre.resize_mode == "squash" else "shorter side"
+    crop = f"centre crop {pre.input_size}" + (" (offset floor)" if pre.crop_offset == "floor" else "")
+    if pre.resize_mode == "squash" and pre.resize_to == pre.input_size:
+        crop = "no crop"
     return (
-        f"border {pre.border}, shorter side to {pre.resize_to} ({pre.interpolation}), centre crop {pre.input_size}, "
+        f"border {pre.border}, {sides} to {pre.resize_to} ({pre.interpolation}), {crop}, "
         f"{pre.channel_order.upper()}, values 0..{pre.value_scale:g}, {normalise}"
     )
 
