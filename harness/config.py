@@ -309,6 +309,12 @@ class Config:
         "run the model in channels-last memory format; auto: time both layouts on a few batches at start-up and "
         "keep the faster where the outputs agree (README Speed)",
     )
+    fold_batchnorm: bool = _setting(
+        True,
+        _bool,
+        "fold each BatchNorm into the convolution that feeds it, each fold checked at start-up against the model "
+        "as written (README Speed)",
+    )
     max_failures: float | None = _setting(
         None, _max_failures, "unreadable images allowed before the run fails: a count or a fraction"
     )

@@ -133,7 +133,7 @@ def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: flo
     import torch
 
     from harness.models.load import load_model
-    from harness.pipeline.devices import DeviceNormalizer, plan_devices, prepare_model, tune_process
+    from harness.pipeline.devices import DeviceNormalizer, fold_sample, plan_devices, prepare_model, tune_process
     from harness.pipeline.files import discover
     from harness.pipeline.forward import Forward, first_piece
     from harness.pipeline.layout import settle_layout
@@ -141,10 +141,10 @@ def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: flo
     config = _config(model_dir, data, harness_args)
     plan = plan_devices(config)
     tune_process(config)
-    model = prepare_model(load_model(config).module, plan)
     size = config.preprocess.input_size
     batch_size = config.batch_size * max(1, len(plan.gpu_ids))
     blank = torch.zeros((3, size, size), dtype=torch.uint8)
+    model, _ = prepare_model(load_model(config).module, plan, fold_sample(config, plan, blank))  # as the run does
     plan, _ = settle_layout(config, model, plan, blank, batch_size, len(discover(config.input_dir)))  # as the run does
     normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
     forward = Forward(model, normalize, plan, first_piece(plan, batch_size))  # in pieces, as the run

@@ -186,6 +186,7 @@ def test_4_resume_refuses_other_settings_and_continues_the_same(
         (["--topk", "3"], "topk"),
         (["--input-size", "200"], "preprocess"),
         (["--batch-size", "2"], "batch_size_total"),
+        (["--fold-batchnorm", "false"], "fold_batchnorm"),
     ]:
         options = ["--batch-size", "4", "--workers", "0", *other, "--resume"]
         assert run(images, output, model, *options) == 2, other

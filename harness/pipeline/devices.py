@@ -12,6 +12,8 @@ from torch import nn
 
 from harness.config import Config, Preprocess
 from harness.errors import DeviceError
+from harness.models.fold import FoldResult, fold_batchnorm
+from harness.models.outputs import as_logits
 from harness.pipeline.host import keep_freed_memory, usable_cpus
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,15 +79,40 @@ def plan_devices(config: Config) -> DevicePlan:
     return DevicePlan(torch.device("cuda", 0), list(range(count)), config.amp, config.channels_last is True)
 
 
-def prepare_model(model: nn.Module, plan: DevicePlan) -> nn.Module:
-    """Move the model once and wrap it in DataParallel once, outside the batch loop."""
+def prepare_model(
+    model: nn.Module, plan: DevicePlan, fold_sample: torch.Tensor | None = None
+) -> tuple[nn.Module, FoldResult]:
+    """Move the model once, fold its BatchNorms where `fold_sample` (model inputs on the device) is given to check
+    the folds on (harness/models/fold.py), and wrap it in DataParallel once, outside the batch loop."""
     memory_format = torch.channels_last if plan.channels_last else torch.preserve_format
     model = model.to(device=plan.device, memory_format=memory_format)
     if plan.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    folded = FoldResult(0, "off: fold_batchnorm false")
+    if fold_sample is not None:
+        folded = fold_batchnorm(model, fold_sample, lambda output: as_logits(output, len(fold_sample)))
     if len(plan.gpu_ids) > 1:
         model = nn.DataParallel(model, device_ids=plan.gpu_ids)
-    return model
+    return model, folded
+
+
+def seeded_images(blank: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` random images (seeded, so every run checks alike) shaped and typed as the decoders make `blank`:
+    uint8 pixels, or a model folder's own transform's floats."""
+    seeded = torch.Generator().manual_seed(0)
+    shape = (count, *blank.shape)
+    if blank.dtype == torch.uint8:
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=seeded)
+    return torch.rand(shape, generator=seeded).to(blank.dtype)
+
+
+def fold_sample(config: Config, plan: DevicePlan, blank: torch.Tensor) -> torch.Tensor | None:
+    """One seeded random input as the model receives it, to check the BatchNorm folds on; None where
+    fold_batchnorm is off."""
+    if not config.fold_batchnorm:
+        return None
+    normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
+    return normalize(seeded_images(blank, 1).to(plan.device))
 
 
 @contextlib.contextmanager

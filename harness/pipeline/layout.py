@@ -20,15 +20,15 @@ from harness.config import Config, Preprocess
 from harness.errors import describe_user_error
 from harness.models.onnx_runtime import OnnxModule
 from harness.models.outputs import as_logits
-from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context
+from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context, seeded_images
 from harness.pipeline.resume import recorded_layout
 
 TRIAL_ROUNDS = 2  # timed passes per layout, alternating, after one warm-up each; the fastest pass counts
 CLEAR_WIN = 1.25  # after the first timed round, a layout this many times faster wins without another round
-# A CPU batch of the run's size takes seconds; per image a smaller one ranks the layouts alike, when it runs on the
-# run's threads beside the head start's decoders as the run will beside its workers (one thread alone ranked
-# ResNet-50's layouts nearly even, which the run does not).
-CPU_TRIAL_IMAGES = 4
+# A CPU batch of the run's size takes seconds, so the trial times a smaller one, on the run's threads beside the
+# head start's decoders as the run will beside its workers. Not too small: the layouts' gap grows with the images
+# a pass (ResNet-50, channels_last over contiguous: 1.07x at 4, 1.28x at 8, 1.45x at the run's 32; benchmarks.md).
+CPU_TRIAL_IMAGES = 8
 # On the CPU the trial's passes are model work the run would not otherwise do, and a layout gains a quarter at
 # best: a run of fewer images than this many times the trial's keeps the default layout.
 CPU_PAYBACK = 10
@@ -76,13 +76,7 @@ def choose_layout(
         return LayoutChoice(False, {}, "an ONNX model: its runtime chooses the layout")
     started = time.perf_counter()
     count = batch_size if plan.device.type == "cuda" else min(batch_size, CPU_TRIAL_IMAGES)
-    seeded = torch.Generator().manual_seed(0)
-    shape = (count, *blank.shape)
-    if blank.dtype == torch.uint8:
-        images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=seeded)
-    else:
-        images = torch.rand(shape, generator=seeded).to(blank.dtype)
-    images = images.to(plan.device)
+    images = seeded_images(blank, count).to(plan.device)
     outputs: dict[bool, torch.Tensor] = {}
     times: dict[bool, list[float]] = {False: [], True: []}
     failed = ""

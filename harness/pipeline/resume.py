@@ -109,6 +109,7 @@ def run_identity(
         "amp": config.amp,
         "channels_last": channels_last,
         "compile": config.compile,
+        "fold_batchnorm": config.fold_batchnorm,
         "device": device_type,
         "batch_size_total": batch_size,
         "max_pixels": config.max_pixels,

@@ -23,7 +23,7 @@ from harness.errors import CheckFailedError, OutputError, TooManyFailuresError, 
 from harness.models.load import load_model
 from harness.models.python_class import load_custom_transform
 from harness.pipeline.decode import DecodeLimits
-from harness.pipeline.devices import DeviceNormalizer, plan_devices, prepare_model, tune_process
+from harness.pipeline.devices import DeviceNormalizer, fold_sample, plan_devices, prepare_model, tune_process
 from harness.pipeline.files import Discovery, ImageFile
 from harness.pipeline.forward import Forward, compiled_forward, first_piece, probe_classes
 from harness.pipeline.headstart import HeadStart
@@ -147,9 +147,10 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
     loaded = load_model(config)
     custom = load_custom_transform(config)
     plan = plan_devices(config)
-    model = prepare_model(loaded.module, plan)
     normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
     dataset = ImageDataset(files, config.preprocess, custom, DecodeLimits.of(config))
+    model, folded = prepare_model(loaded.module, plan, fold_sample(config, plan, dataset.blank))
+    report.fold_batchnorm = folded.describe()
     num_classes = probe_classes(model, normalize, dataset.blank, plan)
     label_map, warnings = make_label_map(config.label_map, num_classes, config.topk, config.softmax, loaded.labels)
     for warning in warnings:

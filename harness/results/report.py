@@ -35,6 +35,7 @@ class RunReport:
     head_start_images: int = 0
     tuning: dict[str, Any] = field(default_factory=dict)
     layout: dict[str, Any] = field(default_factory=dict)  # the memory layout, and how it was chosen
+    fold_batchnorm: dict[str, Any] = field(default_factory=dict)  # BatchNorms folded, or why none
     world_size: int = 1
 
     def timed(self, name: str, since: float) -> float:
@@ -72,6 +73,7 @@ class RunReport:
             "head_start_images": self.head_start_images,
             "tuning": self.tuning,
             "layout": self.layout,
+            "fold_batchnorm": self.fold_batchnorm,
             "world_size": self.world_size,
             "output": self.output,
             "config": self.config,

@@ -81,7 +81,7 @@ def time_batches(
 def measure(model: nn.Module, plan: DevicePlan, batch: int, input_size: int, repeats: int) -> ModelCost:
     try:
         flops = count_flops(model, input_size)
-        shape, seconds = time_batches(prepare_model(model, plan), plan, batch, input_size, repeats)
+        shape, seconds = time_batches(prepare_model(model, plan)[0], plan, batch, input_size, repeats)
     except ModelError:  # already says what is wrong with the output
         raise
     except Exception as error:  # user code

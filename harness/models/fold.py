@@ -1,0 +1,192 @@
+"""BatchNorm folded into the convolution that feeds it, for inference.
+
+In eval mode a BatchNorm is an affine per channel, y = (x - mean) / sqrt(var + eps) * gamma + beta; after a
+convolution it can live in the convolution's own weights and bias, which saves a pass over every activation: a
+large share of a convolutional model's time on the CPU (docs/benchmarks.md). The pairs are found by watching one
+forward pass (a BatchNorm whose input is the very tensor a convolution returned), not by guessing from names, and
+every fold is checked: each folded convolution must give its BatchNorm's old output on the same input, and the
+whole model its old scores, or the model is put back as it was written. A convolution whose output something else
+also reads, a weight-standardising convolution, a BatchNorm subclass that does more than normalise: none of these
+is folded, or the check puts it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+RTOL = 1e-4  # a fold changes a layer's output by float32 rounding, far below this share of its largest value
+MODEL_RTOL, MODEL_ATOL = 1e-3, 1e-4  # as for the memory layouts: the same model, to the scores' last digits
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    folded: int  # BatchNorms now inside their convolutions
+    why: str  # what was done, or why nothing was
+
+    def describe(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class _Pair:
+    conv: _ConvNd
+    norm: _BatchNorm
+    conv_input: torch.Tensor
+    norm_output: torch.Tensor
+
+
+@dataclass
+class _Undo:
+    conv: _ConvNd
+    weight: torch.Tensor
+    bias: nn.Parameter | None
+    norm: _BatchNorm
+    places: list[tuple[nn.Module, str]]  # (parent, attribute) wherever the BatchNorm sat
+
+
+def _foldable_norm(module: nn.Module) -> bool:
+    """A plain BatchNorm in eval mode with running statistics: subclasses that add work (timm's BatchNormAct2d
+    applies its activation in forward) would lose it."""
+    return (
+        isinstance(module, _BatchNorm)
+        and type(module).forward is _BatchNorm.forward
+        and not module.training
+        and module.running_mean is not None
+        and module.running_var is not None
+    )
+
+
+def _foldable_conv(module: nn.Module) -> bool:
+    return isinstance(module, _ConvNd) and not module.transposed and isinstance(module.weight, nn.Parameter)
+
+
+def fold_batchnorm(model: nn.Module, sample: torch.Tensor, scores: Callable[[object], torch.Tensor]) -> FoldResult:
+    """Fold what can be folded in `model` (in eval mode, on its device), checked on `sample` (model inputs);
+    `scores` turns the model's output into an N x C tensor. The model is changed in place, or left as it was."""
+    if not any(_foldable_norm(m) for m in model.modules()):
+        return FoldResult(0, "no BatchNorm to fold")
+    try:
+        pairs, reference = _watch(model, sample, scores)
+    except (Exception, SystemExit):  # the model's own failure: the probe after this reports it to the user
+        return FoldResult(0, "not folded: the model failed on a random input")
+    if not pairs:
+        return FoldResult(0, "no BatchNorm directly after a convolution")
+    undo: list[_Undo] = []
+    kept = 0
+    for pair in pairs:
+        step = _fold(model, pair)
+        if _layer_agrees(pair):
+            undo.append(step)
+        else:
+            _restore([step])
+            kept += 1
+    del pairs
+    if not undo:
+        return FoldResult(0, f"none folded: {kept} folds changed their layer's output")
+    with torch.inference_mode():
+        folded = scores(model(sample)).float()
+    scale = float(reference.abs().max()) if reference.numel() else 1.0
+    if folded.shape != reference.shape or not torch.allclose(
+        folded, reference, rtol=MODEL_RTOL, atol=MODEL_ATOL * max(1.0, scale)
+    ):
+        _restore(undo)
+        return FoldResult(0, "none folded: the folded model gave other scores")
+    note = f"; {kept} left as written (folding changed their layer's output)" if kept else ""
+    return FoldResult(len(undo), f"{len(undo)} BatchNorms folded into their convolutions{note}")
+
+
+def _watch(
+    model: nn.Module, sample: torch.Tensor, scores: Callable[[object], torch.Tensor]
+) -> tuple[list[_Pair], torch.Tensor]:
+    """One forward pass with hooks: each (convolution, BatchNorm) where the BatchNorm read exactly the tensor the
+    convolution returned, both called once, the convolution's weight its own; and the model's scores."""
+    calls: Counter[nn.Module] = Counter()
+    produced: dict[int, tuple[_ConvNd, torch.Tensor, torch.Tensor]] = {}
+    seen: list[_Pair] = []
+
+    def after_conv(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        calls[module] += 1
+        if isinstance(output, torch.Tensor) and inputs and isinstance(inputs[0], torch.Tensor):
+            produced[id(output)] = (module, inputs[0], output)  # type: ignore[assignment]
+
+    def after_norm(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        calls[module] += 1
+        entry = produced.get(id(inputs[0])) if inputs else None
+        if entry is not None and entry[2] is inputs[0] and isinstance(output, torch.Tensor):
+            # copies: an in-place activation after the BatchNorm (ReLU(inplace=True)) would change them
+            seen.append(_Pair(entry[0], module, entry[1].clone(), output.clone()))  # type: ignore[arg-type]
+
+    hooks = [m.register_forward_hook(after_conv) for m in model.modules() if _foldable_conv(m)]
+    hooks += [m.register_forward_hook(after_norm) for m in model.modules() if _foldable_norm(m)]
+    try:
+        with torch.inference_mode():
+            reference = scores(model(sample)).float()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    produced.clear()
+    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    pairs = [
+        pair
+        for pair in seen
+        if calls[pair.conv] == 1
+        and calls[pair.norm] == 1
+        and owners[id(pair.conv.weight)] == 1
+        and pair.norm.num_features == pair.conv.out_channels
+    ]
+    return pairs, reference
+
+
+def _fold(model: nn.Module, pair: _Pair) -> _Undo:
+    conv, norm = pair.conv, pair.norm
+    places = [
+        (model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
+        for name, module in model.named_modules(remove_duplicate=False)
+        if module is norm and name
+    ]
+    undo = _Undo(conv, conv.weight.detach().clone(), conv.bias, norm, places)
+    with torch.no_grad():
+        weight = conv.weight.double()
+        scale = norm.running_var.double().add(norm.eps).rsqrt()
+        if norm.weight is not None:
+            scale = scale * norm.weight.double()
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+        shift = norm.bias.double() if norm.bias is not None else torch.zeros_like(scale)
+        conv.weight.copy_(weight * scale.reshape(-1, *[1] * (weight.dim() - 1)))
+        conv.bias = nn.Parameter(
+            ((bias - norm.running_mean.double()) * scale + shift).to(conv.weight.dtype), requires_grad=False
+        )
+    for parent, attribute in places:
+        setattr(parent, attribute, nn.Identity())
+    return undo
+
+
+def _layer_agrees(pair: _Pair) -> bool:
+    """The folded convolution on the input it saw gives what its BatchNorm gave."""
+    try:
+        with torch.inference_mode():
+            folded = pair.conv(pair.conv_input)
+    except Exception:  # a convolution whose forward does not take a bias it did not have
+        return False
+    expected = pair.norm_output
+    if not isinstance(folded, torch.Tensor) or folded.shape != expected.shape:
+        return False
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    return bool(((folded.float() - expected.float()).abs().max() <= RTOL * max(scale, 1e-6)).item())
+
+
+def _restore(steps: list[_Undo]) -> None:
+    for step in reversed(steps):
+        with torch.no_grad():
+            step.conv.weight.copy_(step.weight)
+        step.conv.bias = step.bias
+        for parent, attribute in step.places:
+            setattr(parent, attribute, step.norm)

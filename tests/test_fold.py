@@ -1,0 +1,164 @@
+"""BatchNorm folding (harness/models/fold.py): what it folds gives the model's scores, and what it must not fold
+(a convolution whose output something else reads, a weight-standardising convolution, a BatchNorm that does more)
+it leaves as written, byte for byte."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet18
+
+from harness.cli import main
+from harness.models.fold import fold_batchnorm
+from tests.helpers import REPO, SAMPLES
+
+
+def _randomise_statistics(model: nn.Module) -> nn.Module:
+    """Running statistics and affines far from the identity, so a fold that is wrong shows in the scores."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            count = module.num_features
+            module.running_mean.copy_(torch.randn(count, generator=generator))
+            module.running_var.copy_(torch.rand(count, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(count, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(count, generator=generator))
+    return model.eval()
+
+
+def _scores(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(images)
+
+
+def _fold(model: nn.Module, images: torch.Tensor):
+    return fold_batchnorm(model, images[:1], lambda output: output)
+
+
+def _norms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+IMAGES = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def test_a_resnet_folds_every_batchnorm_and_keeps_its_scores() -> None:
+    torch.manual_seed(0)
+    model = _randomise_statistics(resnet18(num_classes=10))
+    before = _scores(model, IMAGES)
+    result = _fold(model, IMAGES)
+    assert (result.folded, _norms(model)) == (20, 0)
+    assert torch.allclose(_scores(model, IMAGES), before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
+
+
+class ReadTwice(nn.Module):
+    """The convolution's output is read by its BatchNorm and again by the sum: folding would change the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head((self.norm(y) + y).mean((2, 3)))
+
+
+class StandardisedConv(nn.Conv2d):
+    """Weight standardisation (timm's StdConv2d does this): a folded scale would be standardised away."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = self.weight.mean((1, 2, 3), keepdim=True)
+        std = self.weight.std((1, 2, 3), keepdim=True)
+        return F.conv2d(x, (self.weight - mean) / (std + 1e-5), self.bias, self.stride, self.padding)
+
+
+class NormAct(nn.BatchNorm2d):
+    """A BatchNorm that also applies its activation (timm's BatchNormAct2d): replacing it would drop the ReLU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(x))
+
+
+class Mixed(nn.Module):
+    """One pair of each kind: foldable, standardised, with an activation inside, and a convolution called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plain, self.plain_norm = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.standard, self.standard_norm = StandardisedConv(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.acting, self.acting_norm = nn.Conv2d(8, 8, 1), NormAct(8)
+        self.shared, self.shared_norm = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.plain_norm(self.plain(x))
+        x = self.standard_norm(self.standard(x))
+        x = self.acting_norm(self.acting(x))
+        x = self.shared_norm(self.shared(x)) + self.shared(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_convolution_read_twice_is_put_back_as_written() -> None:
+    torch.manual_seed(0)
+    model = _randomise_statistics(ReadTwice())
+    before = _scores(model, IMAGES)
+    weight = model.conv.weight.detach().clone()
+    result = _fold(model, IMAGES)
+    assert result.folded == 0 and "other scores" in result.why
+    assert isinstance(model.norm, nn.BatchNorm2d) and torch.equal(model.conv.weight, weight)
+    assert torch.equal(_scores(model, IMAGES), before)
+
+
+def test_only_the_plain_pair_of_a_mixed_model_is_folded() -> None:
+    torch.manual_seed(0)
+    model = _randomise_statistics(Mixed())
+    before = _scores(model, IMAGES)
+    result = _fold(model, IMAGES)
+    assert result.folded == 1 and "1 left as written" in result.why  # the standardised one, undone after checking
+    assert isinstance(model.plain_norm, nn.Identity)
+    assert isinstance(model.standard_norm, nn.BatchNorm2d) and model.standard.bias is not None  # its own bias back
+    assert isinstance(model.acting_norm, NormAct) and isinstance(model.shared_norm, nn.BatchNorm2d)
+    assert torch.allclose(_scores(model, IMAGES), before, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_without_batchnorm_is_not_run() -> None:
+    calls = []
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    model.register_forward_hook(lambda *_: calls.append(1))
+    assert _fold(model, IMAGES).why == "no BatchNorm to fold" and not calls
+
+
+def test_a_model_that_fails_is_left_for_the_probe_to_report() -> None:
+    class Fails(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.norm(self.conv(x))
+            raise SystemExit(3)
+
+    model = Fails().eval()
+    assert _fold(model, IMAGES).folded == 0 and isinstance(model.norm, nn.BatchNorm2d)
+
+
+def _rows(path: Path) -> dict[str, list[str]]:
+    return {row[0]: row[1:] for row in csv.reader(path.open())}
+
+
+def test_the_example_model_runs_folded_with_its_classes_and_probabilities(tmp_path: Path) -> None:
+    output = tmp_path / "predictions.csv"
+    assert main([str(SAMPLES), str(output), "--progress", "false", "--workers", "0"]) == 0
+    assert json.loads((tmp_path / "run.json").read_text())["fold_batchnorm"]["folded"] == 49
+    folded, written = _rows(output), _rows(REPO / "tests" / "golden" / "sample-images.csv")
+    assert folded.keys() == written.keys()
+    for key, row in written.items():
+        assert folded[key][0::2] == row[0::2], key
+        assert max(abs(float(a) - float(b)) for a, b in zip(folded[key][1::2], row[1::2], strict=True)) < 1e-5
