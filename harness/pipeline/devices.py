@@ -108,10 +108,11 @@ def seeded_images(blank: torch.Tensor, count: int) -> torch.Tensor:
 
 def fold_sample(config: Config, plan: DevicePlan, blank: torch.Tensor) -> torch.Tensor | None:
     """One seeded random input as the model receives it, to check the BatchNorm folds on; None where
-    fold_batchnorm is off."""
+    fold_batchnorm is off. float32 whatever the AMP: the folds are checked without autocast, in the weights' own
+    precision."""
     if not config.fold_batchnorm:
         return None
-    normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
+    normalize = DeviceNormalizer(config.preprocess, plan.device, torch.float32, plan.channels_last)
     return normalize(seeded_images(blank, 1).to(plan.device))
 
 

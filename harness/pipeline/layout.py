@@ -25,10 +25,11 @@ from harness.pipeline.resume import recorded_layout
 
 TRIAL_ROUNDS = 2  # timed passes per layout, alternating, after one warm-up each; the fastest pass counts
 CLEAR_WIN = 1.25  # after the first timed round, a layout this many times faster wins without another round
-# A CPU batch of the run's size takes seconds, so the trial times a smaller one, on the run's threads beside the
-# head start's decoders as the run will beside its workers. Not too small: the layouts' gap grows with the images
-# a pass (ResNet-50, channels_last over contiguous: 1.07x at 4, 1.28x at 8, 1.45x at the run's 32; benchmarks.md).
-CPU_TRIAL_IMAGES = 8
+# A CPU batch of the run's size takes seconds; per image a smaller one ranks the layouts alike, when it runs on the
+# run's threads beside the head start's decoders as the run will beside its workers (one thread alone ranked
+# ResNet-50's layouts nearly even, which the run does not). 8 a pass ranked them more clearly but doubled the
+# trial's cost, to 3.9 s of a 45 s ResNet-50 run (docs/benchmarks.md).
+CPU_TRIAL_IMAGES = 4
 # On the CPU the trial's passes are model work the run would not otherwise do, and a layout gains a quarter at
 # best: a run of fewer images than this many times the trial's keeps the default layout.
 CPU_PAYBACK = 10
