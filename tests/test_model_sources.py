@@ -211,13 +211,19 @@ def test_a_hugging_face_folder_equals_transformers_own_processor_and_model(tmp_p
                 assert abs(float(confidence) - float(probs[int(class_id)])) < 1e-3, (spec, key)
 
 
-def test_hugging_face_class_names_are_written(tmp_path: Path) -> None:
+def _named_hf_folder(tmp_path: Path) -> Path:
+    """The tiny ViT with class names of its own ("kind 0" .. "kind 9") in its config.json."""
     folder = _hf_folder(tmp_path, "vit")
     config_path = folder / "config.json"
     text = config_path.read_text()
     for i in range(10):
         text = text.replace(f'"LABEL_{i}"', f'"kind {i}"')
     config_path.write_text(text)
+    return folder
+
+
+def test_hugging_face_class_names_are_written(tmp_path: Path) -> None:
+    folder = _named_hf_folder(tmp_path)
     output = tmp_path / "p.csv"
     assert main([str(SAMPLES), str(output), "--model", str(folder), "--progress", "false"]) == 0
     assert all(row[1].startswith("kind ") for row in read_rows(output))
@@ -226,12 +232,7 @@ def test_hugging_face_class_names_are_written(tmp_path: Path) -> None:
 def test_an_exported_onnx_file_carries_its_class_names(tmp_path: Path) -> None:
     """Its metadata's `labels` are the model's names, not a setting: the file alone writes them."""
     pytest.importorskip("onnx")
-    folder = _hf_folder(tmp_path, "vit")
-    config_path = folder / "config.json"
-    text = config_path.read_text()
-    for i in range(10):
-        text = text.replace(f'"LABEL_{i}"', f'"kind {i}"')
-    config_path.write_text(text)
+    folder = _named_hf_folder(tmp_path)
     exported = tmp_path / "alone" / "vit.onnx"
     exported.parent.mkdir()
     assert main(["export-onnx", "--model", str(folder), "--output", str(exported), "--images", str(SAMPLES)]) == 0
