@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -240,6 +241,8 @@ def measure_verdicts(
         cost = Verdict("model size", "skip", "an ONNX model: check-model measures the PyTorch folder it came from")
     else:
         measured = measure(model, forward.plan, batch, size, max(1, args.repeats))
+        # the model as written counts (its BatchNorms' parameters too), not the run's folded one
+        measured = dataclasses.replace(measured, parameters=report.model.get("parameters") or measured.parameters)
         seconds = measured.batch_seconds
         figures = (
             f"{measured.parameters:,} parameters, {measured.macs / 1e9:.3f} GMACs per image "
