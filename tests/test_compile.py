@@ -29,6 +29,22 @@ def test_a_model_that_cannot_compile_runs_eagerly_with_a_warning(
     assert warning in capsys.readouterr().err
 
 
+def test_a_python_dynamo_refuses_runs_eagerly_with_a_warning(
+    harness_run: Run, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torch.compile itself raises where dynamo cannot run at all (an unsupported Python), before any call."""
+
+    def unsupported(model: torch.nn.Module) -> None:
+        raise RuntimeError("Dynamo is not supported on Python 3.99+")
+
+    monkeypatch.setattr(torch, "compile", unsupported)
+    code, _ = harness_run("--batch-size", "8", "--compile", name="compiled.csv")
+    assert code == 0
+    assert "torch.compile failed (RuntimeError: Dynamo is not supported on Python 3.99+): running eagerly" in (
+        capsys.readouterr().err
+    )
+
+
 @pytest.mark.slow
 def test_the_compiled_model_agrees_and_the_last_batch_does_not_recompile(
     harness_run: Run, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

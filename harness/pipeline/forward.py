@@ -96,8 +96,8 @@ def compiled_forward(forward: Forward, blank: torch.Tensor) -> Forward:
         say("--compile applies to one PyTorch model on one device: running eagerly (use torchrun for several GPUs)")
         return forward
     started = time.perf_counter()
-    model = torch.compile(forward.model)
     try:  # the compiler's own error, not Forward's message for a model failing on real images
+        model = torch.compile(forward.model)  # refuses at once where dynamo cannot run (an unsupported Python)
         with inference_context(forward.plan):
             model(forward.normalize(blank.expand(forward.piece, *blank.shape).to(forward.plan.device)))
     except Exception as error:  # a missing C++ compiler, an operator the compiler cannot take, ...
