@@ -22,8 +22,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from harness.models.outputs import SAME_ATOL, SAME_RTOL
+
 RTOL = 1e-4  # a fold changes a layer's output by float32 rounding, far below this share of its largest value
-MODEL_RTOL, MODEL_ATOL = 1e-3, 1e-4  # as for the memory layouts: the same model, to the scores' last digits
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def fold_batchnorm(model: nn.Module, sample: torch.Tensor, scores: Callable[[obj
         folded = scores(model(sample)).float()
     scale = float(reference.abs().max()) if reference.numel() else 1.0
     if folded.shape != reference.shape or not torch.allclose(
-        folded, reference, rtol=MODEL_RTOL, atol=MODEL_ATOL * max(1.0, scale)
+        folded, reference, rtol=SAME_RTOL, atol=SAME_ATOL * max(1.0, scale)
     ):
         _restore(undo)
         return FoldResult(0, "none folded: the folded model gave other scores")

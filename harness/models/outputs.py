@@ -9,6 +9,10 @@ import torch
 
 from harness.errors import ModelError
 
+# How far two ways of running one model (the memory layouts, BatchNorms folded or not) may move its scores and still
+# count as the same model: float32 rounding moves them in the last digits, a real difference far beyond.
+SAME_RTOL, SAME_ATOL = 1e-3, 1e-4
+
 
 def as_logits(output: Any, batch: int) -> torch.Tensor:
     """The model's scores as N x C: plain tensors, the first of a tuple, or a dict's 'logits' (Hugging Face)."""

@@ -19,7 +19,7 @@ from torch import nn
 from harness.config import Config, Preprocess
 from harness.errors import describe_user_error
 from harness.models.onnx_runtime import OnnxModule
-from harness.models.outputs import as_logits
+from harness.models.outputs import SAME_ATOL, SAME_RTOL, as_logits
 from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context, seeded_images
 from harness.pipeline.resume import recorded_layout
 
@@ -33,7 +33,6 @@ CPU_TRIAL_IMAGES = 4
 # On the CPU the trial's passes are model work the run would not otherwise do, and a layout gains a quarter at
 # best: a run of fewer images than this many times the trial's keeps the default layout.
 CPU_PAYBACK = 10
-RTOL, ATOL = 1e-3, 1e-4  # how far the two layouts' scores may differ and still count as the same model
 LAYOUTS = {False: "contiguous", True: "channels_last"}
 
 
@@ -97,7 +96,7 @@ def choose_layout(
     ms = {LAYOUTS[last]: round(1000 * min(each), 3) for last, each in times.items() if each}
     if failed:
         last, why = False, failed
-    elif not torch.allclose(outputs[False], outputs[True], rtol=RTOL, atol=ATOL):
+    elif not torch.allclose(outputs[False], outputs[True], rtol=SAME_RTOL, atol=SAME_ATOL):
         last, why = False, "channels_last gives other scores"
     else:
         last = min(times[True]) < min(times[False])
