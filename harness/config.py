@@ -355,6 +355,12 @@ class Config:
     head_start: bool = _setting(
         True, _bool, "decode the first batches in forked processes while torch and the model load (README Speed)"
     )
+    decoder_priority: str = _setting(
+        "idle",
+        _choice("idle", "normal"),
+        "idle: the decoding processes run at the lowest CPU priority, on the cycles the model leaves; normal: as "
+        "the main process (README Speed)",
+    )
     world_size: int = _setting(1, _int(1), "processes sharing the images (set by torchrun)")
     rank: int = _setting(0, _int(0), "this process's place among them (set by torchrun)")
     local_rank: int = _setting(0, _int(0), "its place on this machine: the GPU it uses (set by torchrun)")

@@ -178,7 +178,8 @@ def phase_decode(model_dir: str, data: str, harness_args: list[str]) -> float:
     workers = usable_cpus()
     dataset = ImageDataset(files, config.preprocess, limits=DecodeLimits.of(config))
     timeout = loader_timeout(config.decode_timeout)
-    loader = make_loader(dataset, config.batch_size, workers, PREFETCH, pin_memory=False, timeout=timeout)
+    idle = config.decoder_priority == "idle"
+    loader = make_loader(dataset, config.batch_size, workers, PREFETCH, False, timeout, idle)
     start, done = time.perf_counter(), 0
     for batch in loader:
         done += len(batch.indices)

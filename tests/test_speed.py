@@ -1,17 +1,23 @@
-"""The speed settings: JPEG draft mode keeps the model's answers, and freed memory stays in the heap."""
+"""The speed settings: JPEG draft mode keeps the model's answers, freed memory stays in the heap, and the decoders
+run at the lowest CPU priority."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from harness.config import Preprocess
+import harness.pipeline.headstart
+import harness.pipeline.loader
+from harness.config import Preprocess, build_config
 from harness.pipeline.decode import decode
-from harness.pipeline.files import ImageFile
+from harness.pipeline.files import ImageFile, discover
+from harness.pipeline.headstart import HeadStart
 from harness.pipeline.host import keep_freed_memory
-from harness.pipeline.loader import ImageDataset
+from harness.pipeline.loader import ImageDataset, make_loader
 from tests.helpers import SAMPLES
 
 
@@ -61,3 +67,33 @@ def test_draft_keeps_top1_of_full_decoding_on_the_sample_photos(harness_run, tmp
 
 def test_keep_freed_memory_applies_on_glibc() -> None:
     assert keep_freed_memory()
+
+
+def _report_priority(*args: object) -> tuple[None, str]:
+    """Stands in for decode_sample inside a decoder: the 'error' it returns names the process's scheduling policy."""
+    return None, f"policy {os.sched_getscheduler(0)}"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SCHED_IDLE is Linux's")
+@pytest.mark.parametrize(("priority", "policy"), [("idle", os.SCHED_IDLE), ("normal", os.SCHED_OTHER)])
+def test_the_decoders_run_at_the_priority_asked_and_the_main_process_at_its_own(
+    monkeypatch: pytest.MonkeyPatch, priority: str, policy: int
+) -> None:
+    """Both kinds of decoder: the DataLoader's workers and the head start's processes."""
+    monkeypatch.setattr(harness.pipeline.loader, "decode_sample", _report_priority)
+    monkeypatch.setattr(harness.pipeline.headstart, "decode_sample", _report_priority)
+    config = build_config({"input_dir": str(SAMPLES), "batch_size": "4", "decoder_priority": priority}, {})
+    files = discover(config.input_dir)
+    dataset = ImageDataset(files, config.preprocess)
+    loader = make_loader(dataset, 4, 2, 2, False, None, priority == "idle")
+    seen = [error for batch in loader for error in batch.errors]
+    head = HeadStart(config, files, processes=1)
+    try:
+        for process in head._processes:  # to its limit: at least one chunk decoded
+            process.join(timeout=60)
+        head.stop(4)
+        seen += [error for _, _, errors in head.batches(timeout=30) for error in errors]
+    finally:
+        head.close()
+    assert len(seen) > len(files) and set(seen) == {f"policy {policy}"}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER

@@ -24,7 +24,7 @@ import numpy as np
 from harness.config import Config
 from harness.pipeline.decode import DecodeLimits, decode_sample
 from harness.pipeline.files import ImageFile
-from harness.pipeline.host import keep_freed_memory, usable_cpus
+from harness.pipeline.host import keep_freed_memory, usable_cpus, yield_cores
 from harness.pipeline.tracker import DecoderTracker
 from harness.pipeline.transforms import geometry
 
@@ -73,6 +73,7 @@ class HeadStart:
         self._limits = DecodeLimits.of(config)
         self._draft_to = pre.resize_to if pre.jpeg_draft else None
         self._keep_freed_memory = config.keep_freed_memory
+        self._idle = config.decoder_priority == "idle"
         context = multiprocessing.get_context("fork")
         self._state = context.Array("q", 2)  # [next chunk to claim, stopped]; its lock orders claims and stop
         self._tracker = DecoderTracker(processes)
@@ -92,6 +93,8 @@ class HeadStart:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if self._keep_freed_memory:
             keep_freed_memory()
+        if self._idle:  # the main process's start-up (the model's load, folds and trial) goes first
+            yield_cores()
         transform = functools.partial(geometry, pre=self._pre)
         while True:
             with self._state.get_lock():

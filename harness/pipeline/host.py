@@ -1,10 +1,12 @@
-"""What the host gives this process, read without torch: its usable cores, and glibc's malloc settings.
+"""What the host gives this process, read without torch: its usable cores, glibc's malloc settings, and the
+decoders' CPU priority.
 
 Torch-free on purpose: the head start (harness/pipeline/headstart.py) forks its decoders before torch is imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -29,6 +31,22 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+
+
+def yield_cores() -> None:
+    """Put this decoder process at the lowest CPU priority (SCHED_IDLE; nice 19 where that is refused): it then
+    runs on the cycles the model's threads leave, and never takes a core from one of them in mid-step.
+
+    On the CPU the model's threads meet at a barrier after every operator, so a thread that lost its core to a
+    decoder holds up the others, which spin meanwhile: measured in docs/benchmarks.md, the same work then took
+    more CPU time. Under a container's or a session's own control group the priority only ranks this run's
+    processes among themselves.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or a seccomp profile that refuses it
+        with contextlib.suppress(OSError):
+            os.nice(19)
 
 
 def usable_cpus() -> int:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from harness.config import Preprocess
 from harness.pipeline.decode import DecodeLimits, decode_sample
 from harness.pipeline.files import ImageFile
+from harness.pipeline.host import yield_cores
 from harness.pipeline.tracker import DecoderTracker
 from harness.pipeline.transforms import geometry
 
@@ -129,9 +130,19 @@ def fit_to_shm(workers: int, batch_bytes: int, shm_free: int | None) -> tuple[in
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, workers: int, prefetch: int, pin_memory: bool, timeout: float | None
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    prefetch: int,
+    pin_memory: bool,
+    timeout: float | None,
+    idle_workers: bool,
 ) -> DataLoader:
+    """The workers' DataLoader; with `idle_workers` each worker first drops to the lowest CPU priority
+    (harness/pipeline/host.py: yield_cores)."""
     extra: dict[str, Any] = {"prefetch_factor": prefetch, "timeout": timeout or 0} if workers > 0 else {}
+    if workers > 0 and idle_workers:
+        extra["worker_init_fn"] = _yield_cores
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -141,3 +152,7 @@ def make_loader(
         pin_memory=pin_memory,
         **extra,
     )
+
+
+def _yield_cores(worker_id: int) -> None:
+    yield_cores()
