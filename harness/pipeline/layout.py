@@ -23,12 +23,13 @@ from harness.models.outputs import SAME_ATOL, SAME_RTOL, as_logits
 from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context, seeded_images
 from harness.pipeline.resume import recorded_layout
 
-TRIAL_ROUNDS = 2  # timed passes per layout, alternating, after one warm-up each; the fastest pass counts
-CLEAR_WIN = 1.25  # after the first timed round, a layout this many times faster wins without another round
+# Timed passes per layout, alternating; the faster of each layout's counts. Its first pass also warms a layout up
+# (oneDNN's or cuDNN's kernels chosen, weights reordered), which the second then does not pay: a separate warm-up
+# pass before them cost a third of the trial and ranked the layouts no differently (docs/benchmarks.md).
+TRIAL_ROUNDS = 2
 # A CPU batch of the run's size takes seconds; per image a smaller one ranks the layouts alike, when it runs on the
-# run's threads beside the head start's decoders as the run will beside its workers (one thread alone ranked
-# ResNet-50's layouts nearly even, which the run does not). 8 a pass ranked them more clearly but doubled the
-# trial's cost, to 3.9 s of a 45 s ResNet-50 run (docs/benchmarks.md).
+# run's threads (one thread alone ranked ResNet-50's layouts nearly even, which the run does not). 8 a pass ranked
+# them more clearly but doubled the trial's cost (docs/benchmarks.md).
 CPU_TRIAL_IMAGES = 4
 # On the CPU the trial's passes are model work the run would not otherwise do, and a layout gains a quarter at
 # best: a run of fewer images than this many times the trial's keeps the default layout.
@@ -41,7 +42,7 @@ class LayoutChoice:
     channels_last: bool
     ms_per_image: dict[str, float]  # the fastest timed pass of each layout tried
     why: str
-    trial_s: float = 0.0  # what the measuring cost, warm-ups included
+    trial_s: float = 0.0  # what the measuring cost
 
     def describe(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -55,7 +56,7 @@ def settle_layout(
     if config.channels_last != "auto":
         return plan, LayoutChoice(plan.channels_last, {}, f"set: channels_last {str(plan.channels_last).lower()}")
     recorded = recorded_layout(config.output_file) if config.resume else None
-    cpu_trial_images = min(batch_size, CPU_TRIAL_IMAGES) * 2 * (TRIAL_ROUNDS + 1)
+    cpu_trial_images = min(batch_size, CPU_TRIAL_IMAGES) * 2 * TRIAL_ROUNDS
     if recorded is not None:
         choice = LayoutChoice(recorded, {}, "the choice of the run this one resumes")
         _put(model, recorded)
@@ -80,18 +81,16 @@ def choose_layout(
     outputs: dict[bool, torch.Tensor] = {}
     times: dict[bool, list[float]] = {False: [], True: []}
     failed = ""
-    for round_ in range(TRIAL_ROUNDS + 1):  # round 0 warms each layout up and keeps its outputs
+    for _ in range(TRIAL_ROUNDS):
         for last in (False, True):
             try:
                 seconds, output = _timed_pass(model, plan, pre, images, last)
             except Exception as error:  # the user's model, in a layout it may not have been written for
                 failed = f"{LAYOUTS[last]} failed on {count} random images: {describe_user_error(error)}"
                 break
-            if round_ == 0:
-                outputs[last] = output
-            else:
-                times[last].append(seconds / count)
-        if failed or (round_ and _clear_win(times[False][0], times[True][0])):
+            outputs.setdefault(last, output)
+            times[last].append(seconds / count)
+        if failed:
             break
     ms = {LAYOUTS[last]: round(1000 * min(each), 3) for last, each in times.items() if each}
     if failed:
@@ -103,10 +102,6 @@ def choose_layout(
         why = f"{LAYOUTS[last]} was faster on {count} images x {len(times[last])} timed passes"
     _put(model, last)
     return LayoutChoice(last, ms, why, round(time.perf_counter() - started, 3))
-
-
-def _clear_win(first: float, second: float) -> bool:
-    return max(first, second) > CLEAR_WIN * min(first, second)
 
 
 def _put(model: nn.Module, channels_last: bool) -> None:
