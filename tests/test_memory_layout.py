@@ -169,3 +169,14 @@ def test_run_json_and_the_resume_record_carry_the_choice(tmp_path: Path, monkeyp
 def test_the_resume_record_holds_the_layout_chosen_not_auto() -> None:
     model = {"class": "Model", "source": None, "checkpoint": None}
     assert run_identity(build_config({}, {}, {}), model, 64, "cpu", channels_last=True)["channels_last"] is True
+
+
+@pytest.mark.parametrize(("contiguous_s", "channels_last"), [(0.97, True), (0.9, False)])
+def test_on_the_cpu_contiguous_must_be_clearly_faster_to_be_kept(
+    monkeypatch: pytest.MonkeyPatch, contiguous_s: float, channels_last: bool
+) -> None:
+    """A few images rank the layouts less clearly than the run's pieces: within 5%, the CPU keeps channels_last."""
+    monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _timed({True: 1.0, False: contiguous_s}))
+    choice = choose_layout(Convolutional(), CPU, PRE, BLANK, batch_size=64)
+    assert choice.channels_last is channels_last
+    assert ("close trial" in choice.why) is channels_last
