@@ -209,3 +209,13 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_results() -> None:
     assert forward.piece == 2 and model.calls == [8, 4, 2, 2, 2, 2]
     forward(images[:3])
     assert model.calls[-2:] == [2, 1]  # the smaller piece size stays for later batches
+
+
+def test_a_workers_death_is_told_by_the_signal_whichever_way_pytorch_raised_it() -> None:
+    """PyTorch re-raises its SIGCHLD handler's error as 'exited unexpectedly' when it lands in a queue wait."""
+    killed = RuntimeError("DataLoader worker (pid 7) is killed by signal: Killed.")
+    try:
+        raise RuntimeError("DataLoader worker (pid(s) 7) exited unexpectedly") from killed
+    except RuntimeError as reraised:
+        assert harness.pipeline.runner._how_the_worker_failed(reraised) == str(killed)
+    assert harness.pipeline.runner._how_the_worker_failed(killed) == str(killed)

@@ -41,6 +41,15 @@ from harness.results.writer import AtomicCsvWriter, check_writable, flush_togeth
 NOT_FINITE = "the model's output is not a finite number (NaN or infinity)"
 
 
+def _how_the_worker_failed(error: RuntimeError) -> str:
+    """PyTorch's first line for a worker's failure. Its SIGCHLD handler says how a worker died ("killed by signal:
+    Killed."), but when that lands while the main process waits for a batch, PyTorch re-raises it as "exited
+    unexpectedly", the first kept as the cause: then the cause's line, which names the signal."""
+    cause = error.__cause__
+    shown = cause if cause is not None and is_dataloader_failure(cause) else error
+    return str(shown).splitlines()[0].strip()
+
+
 def failure_limit(max_failures: float | None, images: int) -> int | None:
     if max_failures is None:
         return None
@@ -81,7 +90,7 @@ class RunPlan:
             except RuntimeError as error:  # PyTorch raises a worker's death wherever the main process happens to be
                 if not is_dataloader_failure(error):
                     raise
-                what = f"died or stopped answering ({str(error).splitlines()[0].strip()})"
+                what = f"died or stopped answering ({_how_the_worker_failed(error)})"
                 raise self.tracker.decoder_failed(what, self.files, partial_path(config.output_file)) from error
         except BaseException:
             self.report.status = "interrupted"
