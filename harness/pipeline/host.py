@@ -39,8 +39,8 @@ def yield_cores() -> None:
 
     On the CPU the model's threads meet at a barrier after every operator, so a thread that lost its core to a
     decoder holds up the others, which spin meanwhile: measured in docs/benchmarks.md, the same work then took
-    more CPU time. Under a container's or a session's own control group the priority only ranks this run's
-    processes among themselves.
+    more CPU time. Inside a container (its own control group) the priority only ranks the run's own processes;
+    outside one, other work on the host goes first too (decoder_priority normal where that matters).
     """
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
