@@ -374,6 +374,11 @@ class Config:
         return self.output_file.with_name("run.json")
 
     @property
+    def idle_decoders(self) -> bool:
+        """Whether every decoding process (the head start's, the DataLoader's) drops to the lowest CPU priority."""
+        return self.decoder_priority == "idle"
+
+    @property
     def errors_csv(self) -> Path:
         return self.output_file.with_name("errors.csv")
 

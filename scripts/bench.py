@@ -178,8 +178,7 @@ def phase_decode(model_dir: str, data: str, harness_args: list[str]) -> float:
     workers = usable_cpus()
     dataset = ImageDataset(files, config.preprocess, limits=DecodeLimits.of(config))
     timeout = loader_timeout(config.decode_timeout)
-    idle = config.decoder_priority == "idle"
-    loader = make_loader(dataset, config.batch_size, workers, PREFETCH, False, timeout, idle)
+    loader = make_loader(dataset, config.batch_size, workers, PREFETCH, False, timeout, config.idle_decoders)
     start, done = time.perf_counter(), 0
     for batch in loader:
         done += len(batch.indices)

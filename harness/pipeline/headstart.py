@@ -73,7 +73,7 @@ class HeadStart:
         self._limits = DecodeLimits.of(config)
         self._draft_to = pre.resize_to if pre.jpeg_draft else None
         self._keep_freed_memory = config.keep_freed_memory
-        self._idle = config.decoder_priority == "idle"
+        self._idle = config.idle_decoders
         context = multiprocessing.get_context("fork")
         self._state = context.Array("q", 2)  # [next chunk to claim, stopped]; its lock orders claims and stop
         self._tracker = DecoderTracker(processes)

@@ -186,8 +186,8 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
 
     remaining = Subset(dataset, range(done + head_images, len(files)))  # keeps the indices rows are keyed by
     timeout = loader_timeout(config.decode_timeout)
-    idle = config.decoder_priority == "idle"
-    loader = make_loader(remaining, batch_size, workers, prefetch, plan.device.type == "cuda", timeout, idle)
+    cuda = plan.device.type == "cuda"
+    loader = make_loader(remaining, batch_size, workers, prefetch, cuda, timeout, config.idle_decoders)
     tracker = dataset.watch(workers)
     # The workers start now, beside the head start's last batches (none to start when it covered every image).
     batches: Iterable[Batch] = iter(loader) if len(remaining) else iter(())
