@@ -28,7 +28,9 @@ from harness.pipeline.host import keep_freed_memory, usable_cpus, yield_cores
 from harness.pipeline.tracker import DecoderTracker
 from harness.pipeline.transforms import geometry
 
-BATCHES_PER_PROCESS = 4  # each decoder works this far ahead at most
+# Each decoder works this far ahead at most. A ResNet-50 folder's start (torch, then torchvision and the model,
+# on one core) outlasts 4 batches on the other core, which then idled (docs/benchmarks.md).
+BATCHES_PER_PROCESS = 8
 MAX_BYTES = 512 * 2**20  # of decoded images held in memory before the model takes them
 POLL_S = 0.5  # how often a wait for a batch checks that the decoders are alive
 
