@@ -85,21 +85,61 @@ def test_the_faster_layout_is_kept_and_the_model_left_in_it(
     assert _layout_of(model) is channels_last_faster
 
 
-def test_two_timed_passes_each_alternating_the_faster_of_each_counts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first pass of each layout also warms it up: a cold first pass must not decide the trial."""
-    seconds = iter([1.0, 3.0, 1.0, 0.5])  # contiguous, channels_last (cold), contiguous, channels_last (warm)
-    calls = []
+def _passes(seconds: list[float], calls: list[bool]) -> Callable[..., tuple[float, torch.Tensor]]:
+    """A stand-in for the timed passes: each takes the next of `seconds` per image; `calls` gets their layouts."""
+    each = iter(seconds)
 
-    def timed(
+    def timed_pass(
         model: nn.Module, plan: DevicePlan, pre: Preprocess, images: torch.Tensor, channels_last: bool
     ) -> tuple[float, torch.Tensor]:
         calls.append(channels_last)
-        return next(seconds) * len(images), torch.zeros(len(images), 5)
+        return next(each) * len(images), torch.zeros(len(images), 5)
 
-    monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", timed)
-    choice = choose_layout(Convolutional(), CPU, PRE, BLANK, batch_size=64)
+    return timed_pass
+
+
+# "meta" stands in for a GPU: any device but the CPU times a fixed TRIAL_ROUNDS
+@pytest.mark.parametrize("plan", [CPU, DevicePlan(torch.device("meta"))], ids=["cpu", "not-cpu"])
+def test_a_cold_first_pass_does_not_decide_the_faster_of_each_counts(
+    monkeypatch: pytest.MonkeyPatch, plan: DevicePlan
+) -> None:
+    """The first pass of each layout also warms it up: a cold, slow first channels_last pass gets a second."""
+    calls: list[bool] = []
+    # contiguous, channels_last (cold), contiguous, channels_last (warm)
+    monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _passes([1.0, 3.0, 1.0, 0.5], calls))
+    monkeypatch.setattr(harness.pipeline.layout, "_put", lambda model, channels_last: None)
+    choice = choose_layout(Convolutional(), plan, PRE, BLANK, batch_size=64)
     assert calls == [False, True, False, True]
     assert choice.channels_last and choice.ms_per_image == {"contiguous": 1000.0, "channels_last": 500.0}
+
+
+def test_on_the_cpu_the_trial_stops_once_channels_last_would_be_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+    monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _passes([1.0, 0.9], calls))
+    choice = choose_layout(Convolutional(), CPU, PRE, BLANK, batch_size=64)
+    assert calls == [False, True]
+    assert choice.channels_last and "x 1 timed passes" in choice.why
+
+    calls.clear()  # elsewhere every round runs
+    monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _passes([1.0, 0.9, 1.0, 0.9], calls))
+    monkeypatch.setattr(harness.pipeline.layout, "_put", lambda model, channels_last: None)
+    choose_layout(Convolutional(), DevicePlan(torch.device("meta")), PRE, BLANK, batch_size=64)
+    assert calls == [False, True, False, True]
+
+
+def test_on_the_cpu_contiguous_is_kept_only_after_every_round_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that looks faster contiguous is timed up to CPU_TRIAL_MAX_ROUNDS, its fastest passes deciding."""
+    rounds = harness.pipeline.layout.CPU_TRIAL_MAX_ROUNDS
+    calls: list[bool] = []
+    monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _passes([0.5, 1.0, 0.8, 0.6] * rounds, calls))
+    choice = choose_layout(Convolutional(), CPU, PRE, BLANK, batch_size=64)
+    assert calls == [False, True] * rounds
+    assert not choice.channels_last and choice.ms_per_image == {"contiguous": 500.0, "channels_last": 600.0}
+
+    calls.clear()  # a later round that shows channels_last faster ends the trial there, in its favour
+    monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _passes([0.5, 1.0, 0.8, 0.45], calls))
+    assert choose_layout(Convolutional(), CPU, PRE, BLANK, batch_size=64).channels_last
+    assert calls == [False, True, False, True]
 
 
 def test_a_real_trial_times_both_layouts_and_agrees() -> None:

@@ -23,9 +23,10 @@ from harness.models.outputs import SAME_ATOL, SAME_RTOL, as_logits
 from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context, seeded_images
 from harness.pipeline.resume import recorded_layout
 
-# Timed passes per layout, alternating; the faster of each layout's counts. Its first pass also warms a layout up
-# (oneDNN's or cuDNN's kernels chosen, weights reordered), which the second then does not pay: a separate warm-up
-# pass before them cost a third of the trial and ranked the layouts no differently (docs/benchmarks.md).
+# Timed passes per layout on a GPU (on the CPU see CPU_TRIAL_MAX_ROUNDS), alternating; the faster of each layout's
+# counts. Its first pass also warms a layout up (oneDNN's or cuDNN's kernels chosen, weights reordered), which the
+# second then does not pay: a separate warm-up pass before them cost a third of the trial and ranked the layouts no
+# differently (docs/benchmarks.md).
 TRIAL_ROUNDS = 2
 # A CPU batch of the run's size takes seconds; per image a smaller one ranks the layouts alike, when it runs on the
 # run's threads (one thread alone ranked ResNet-50's layouts nearly even, which the run does not). 8 a pass ranked
@@ -35,6 +36,11 @@ CPU_TRIAL_IMAGES = 4
 # in channels_last at 4 images, 1.35x at 32, and the 4-image trial now and then ranked it the other way round
 # (docs/benchmarks.md). So on the CPU the default layout is kept only when it was this much faster.
 CPU_CONTIGUOUS_MARGIN = 1.05
+# On the CPU channels_last is the layout oneDNN's convolutions prefer: it was faster at the run's pieces for 6 of 7
+# timm models tried, and the seventh (a ViT, 10% faster contiguous) timed even at 4 images (docs/benchmarks.md). So
+# the trial stops at the first round after which channels_last would be kept; a model that looks clearly faster
+# contiguous gets more rounds, up to this many, before contiguous is kept.
+CPU_TRIAL_MAX_ROUNDS = 4
 # On the CPU the trial's passes are model work the run would not otherwise do, and a layout gains a quarter at
 # best: a run of fewer images than this many times the trial's keeps the default layout.
 CPU_PAYBACK = 10
@@ -85,7 +91,9 @@ def choose_layout(
     outputs: dict[bool, torch.Tensor] = {}
     times: dict[bool, list[float]] = {False: [], True: []}
     failed = ""
-    for _ in range(TRIAL_ROUNDS):
+    cpu = plan.device.type == "cpu"
+    margin = CPU_CONTIGUOUS_MARGIN if cpu else 1.0
+    for _ in range(CPU_TRIAL_MAX_ROUNDS if cpu else TRIAL_ROUNDS):
         for last in (False, True):
             try:
                 seconds, output = _timed_pass(model, plan, pre, images, last)
@@ -94,7 +102,7 @@ def choose_layout(
                 break
             outputs.setdefault(last, output)
             times[last].append(seconds / count)
-        if failed:
+        if failed or (cpu and min(times[True]) < margin * min(times[False])):
             break
     fastest = {last: min(each) for last, each in times.items() if each}
     ms = {LAYOUTS[last]: round(1000 * seconds, 3) for last, seconds in fastest.items()}
@@ -103,7 +111,6 @@ def choose_layout(
     elif not torch.allclose(outputs[False], outputs[True], rtol=SAME_RTOL, atol=SAME_ATOL):
         last, why = False, "channels_last gives other scores"
     else:
-        margin = CPU_CONTIGUOUS_MARGIN if plan.device.type == "cpu" else 1.0
         last = fastest[True] < margin * fastest[False]
         if last and fastest[True] >= fastest[False]:
             why = f"channels_last was within {margin - 1:.0%} of contiguous on {count} images: a close trial on the CPU"
