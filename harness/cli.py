@@ -31,6 +31,7 @@ from harness.errors import EXIT_CODES, INTERRUPTED, HarnessError
 from harness.options import config_from, given_settings, run_parser
 from harness.pipeline.files import run_files
 from harness.pipeline.headstart import start_head
+from harness.pipeline.host import shorten_omp_spin
 from harness.results.writer import check_writable, output_folder_lock, partial_path
 
 TRACEBACK_FLAG = "--traceback"
@@ -65,6 +66,7 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 def run_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     config = config_from(given_settings(build_parser().parse_args(argv)), environ)
+    shorten_omp_spin(config.omp_spin_count, environ)  # read as torch loads, below
     # One run per output folder; torchrun's other ranks write inside rank 0's.
     lock = contextlib.nullcontext() if config.rank else output_folder_lock(writable_folder(config))
     with lock:

@@ -361,6 +361,12 @@ class Config:
         "idle: the decoding processes run at the lowest CPU priority, on the cycles the model leaves; normal: as "
         "the main process (README Speed)",
     )
+    omp_spin_count: int | None = _setting(
+        30000,
+        _optional(_int(0)),
+        "rounds torch's OpenMP threads spin in a wait before they sleep, leaving the core to the idle decoders; none: "
+        "libgomp's default (300000). GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment win (README Speed)",
+    )
     world_size: int = _setting(1, _int(1), "processes sharing the images (set by torchrun)")
     rank: int = _setting(0, _int(0), "this process's place among them (set by torchrun)")
     local_rank: int = _setting(0, _int(0), "its place on this machine: the GPU it uses (set by torchrun)")

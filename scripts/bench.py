@@ -130,6 +130,10 @@ def _config(model_dir: str, data: str, harness_args: list[str]):
 
 
 def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: float) -> float:
+    from harness.pipeline.host import shorten_omp_spin
+
+    config = _config(model_dir, data, harness_args)
+    shorten_omp_spin(config.omp_spin_count, os.environ)  # as the run does, before torch loads
     import torch
 
     from harness.models.load import load_model
@@ -138,7 +142,6 @@ def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: flo
     from harness.pipeline.forward import Forward, first_piece
     from harness.pipeline.layout import settle_layout
 
-    config = _config(model_dir, data, harness_args)
     plan = plan_devices(config)
     tune_process(config)
     size = config.preprocess.input_size

@@ -1,9 +1,11 @@
-"""The speed settings: JPEG draft mode keeps the model's answers, freed memory stays in the heap, and the decoders
-run at the lowest CPU priority."""
+"""The speed settings: JPEG draft mode keeps the model's answers, freed memory stays in the heap, the decoders run
+at the lowest CPU priority, and torch's OpenMP threads spin less before they sleep."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,9 +18,9 @@ from harness.config import Preprocess, build_config
 from harness.pipeline.decode import decode
 from harness.pipeline.files import ImageFile, discover
 from harness.pipeline.headstart import HeadStart
-from harness.pipeline.host import keep_freed_memory
+from harness.pipeline.host import keep_freed_memory, shorten_omp_spin
 from harness.pipeline.loader import ImageDataset, make_loader
-from tests.helpers import SAMPLES
+from tests.helpers import REPO, SAMPLES
 
 
 def big_framed_jpegs(folder: Path) -> Path:
@@ -97,3 +99,55 @@ def test_the_decoders_run_at_the_priority_asked_and_the_main_process_at_its_own(
         head.close()
     assert len(seen) > len(files) and set(seen) == {f"policy {policy}"}
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+# Runs the harness in a fresh process and says what GOMP_SPINCOUNT held when torch was first imported (when libgomp
+# reads it).
+SPIN_AT_TORCH_IMPORT = """
+import os, sys
+seen = []
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get("GOMP_SPINCOUNT", "unset"))
+sys.meta_path.insert(0, Watch())
+from harness.cli import main
+code = main(sys.argv[1:])
+print(f"exit {code}, GOMP_SPINCOUNT {seen[0]} as torch loaded")
+"""
+
+
+def test_a_run_sets_the_omp_spin_before_torch_loads(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(next(SAMPLES.glob("*.png")), images)
+    environ = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    command = [
+        sys.executable,
+        "-c",
+        SPIN_AT_TORCH_IMPORT,
+        str(images),
+        str(tmp_path / "out.csv"),
+        "--progress",
+        "false",
+    ]
+    done = subprocess.run(command, cwd=REPO, env=environ, capture_output=True, text=True, timeout=300)
+    assert "exit 0, GOMP_SPINCOUNT 30000 as torch loaded" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("rounds", "environ", "expected"),
+    [
+        (30000, {}, "30000"),
+        (500, {}, "500"),
+        (None, {}, None),
+        (30000, {"GOMP_SPINCOUNT": "7"}, None),
+        (30000, {"OMP_WAIT_POLICY": "ACTIVE"}, None),
+    ],
+)
+def test_the_omp_spin_is_set_unless_off_or_the_user_set_one(
+    monkeypatch: pytest.MonkeyPatch, rounds: int | None, environ: dict[str, str], expected: str | None
+) -> None:
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert shorten_omp_spin(rounds, environ) is (expected is not None)
+    assert os.environ.get("GOMP_SPINCOUNT") == expected

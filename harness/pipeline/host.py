@@ -1,5 +1,5 @@
-"""What the host gives this process, read without torch: its usable cores, glibc's malloc settings, and the
-decoders' CPU priority.
+"""What the host gives this process, read without torch: its usable cores, glibc's malloc settings, the
+decoders' CPU priority, and how long torch's OpenMP threads spin.
 
 Torch-free on purpose: the head start (harness/pipeline/headstart.py) forks its decoders before torch is imported.
 """
@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Mapping
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt() parameter numbers (malloc.h)
 M_MMAP_MAX = -4
@@ -47,6 +48,20 @@ def yield_cores() -> None:
     except (AttributeError, OSError):  # not Linux, or a seccomp profile that refuses it
         with contextlib.suppress(OSError):
             os.nice(19)
+
+
+def shorten_omp_spin(rounds: int | None, environ: Mapping[str, str]) -> bool:
+    """Set how many rounds torch's OpenMP threads (libgomp) spin in a wait before they sleep, unless `rounds` is
+    None or the user's `environ` sets GOMP_SPINCOUNT or OMP_WAIT_POLICY. Returns whether it did.
+
+    libgomp reads it once, as torch loads it, so this must run before torch is imported. Its default spin
+    (300,000 rounds) keeps a waiting thread's core from the idle-priority decoders, which run only when a core is
+    free; a shorter one hands them the model threads' waits (docs/benchmarks.md).
+    """
+    if rounds is None or "GOMP_SPINCOUNT" in environ or "OMP_WAIT_POLICY" in environ:
+        return False
+    os.environ["GOMP_SPINCOUNT"] = str(rounds)
+    return True
 
 
 def usable_cpus() -> int:
