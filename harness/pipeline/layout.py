@@ -115,7 +115,8 @@ def choose_layout(
         if last and fastest[True] >= fastest[False]:
             why = f"channels_last was within {margin - 1:.0%} of contiguous on {count} images: a close trial on the CPU"
         else:
-            why = f"{LAYOUTS[last]} was faster on {count} images x {len(times[last])} timed passes"
+            passes = len(times[last])
+            why = f"{LAYOUTS[last]} was faster on {count} images x {passes} timed pass{'es' if passes > 1 else ''}"
     _put(model, last)
     return LayoutChoice(last, ms, why, round(time.perf_counter() - started, 3))
 
