@@ -53,10 +53,11 @@ def _finished(head: HeadStart) -> HeadStart:
 
 @pytest.mark.parametrize(("processes", "run_batch", "covered"), [(2, BATCH, 21), (1, BATCH, 16), (1, 3 * BATCH, 12)])
 def test_batches_equal_the_dataloaders_samples_errors_included(
-    tmp_path: Path, processes: int, run_batch: int, covered: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, processes: int, run_batch: int, covered: int
 ) -> None:
-    """Two decoders finish all 21 images; one stops at four chunks (16), of which a run with batches of 12 (three
-    GPUs under DataParallel) takes the one whole batch."""
+    """With four chunks a decoder, two decoders finish all 21 images; one stops at four chunks (16), of which a run
+    with batches of 12 (three GPUs under DataParallel) takes the one whole batch."""
+    monkeypatch.setattr(harness.pipeline.headstart, "BATCHES_PER_PROCESS", 4)
     config = _config(_folder(tmp_path))
     files = discover(config.input_dir)
     head = _finished(HeadStart(config, files, processes))
@@ -82,7 +83,8 @@ def test_batches_equal_the_dataloaders_samples_errors_included(
 def test_a_run_with_a_head_start_writes_the_same_files_as_one_without(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(harness.pipeline.headstart, "usable_cpus", lambda: 2)  # one decoder: at most four batches ahead
+    monkeypatch.setattr(harness.pipeline.headstart, "usable_cpus", lambda: 2)  # one decoder,
+    monkeypatch.setattr(harness.pipeline.headstart, "BATCHES_PER_PROCESS", 4)  # at most 16 of the 21 images ahead
     folder = _folder(tmp_path)
     outputs = {}
     for head_start in ("true", "false"):
