@@ -10,10 +10,11 @@ import struct
 import zlib
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from harness.cli import main
-from tests.helpers import SAMPLES, read_rows
+from tests.helpers import CPU_TOLERANCE, SAMPLES, compare_rows, read_rows
 
 GOOD = ["coffee.png", "grace_hopper.jpg", "chelsea.png", "9419e565a04b4fd.png"]
 AWKWARD_NAMES = ["comma,name.png", 'quote"name.png', "space name.png", "new\nline.png", "ünï.png"]
@@ -68,6 +69,7 @@ def _bad_folder(root: Path) -> tuple[dict[str, str], set[str]]:
     return copies, must_fail
 
 
+@pytest.mark.equivalence
 def test_a_folder_of_every_bad_kind_finishes_with_a_row_each(tmp_path: Path) -> None:
     copies, must_fail = _bad_folder(tmp_path / "in")
     clean_out, bad_out = tmp_path / "clean" / "p.csv", tmp_path / "bad" / "p.csv"
@@ -83,11 +85,12 @@ def test_a_folder_of_every_bad_kind_finishes_with_a_row_each(tmp_path: Path) -> 
     keys = [row[0] for row in rows]
     on_disk = sorted(os.fsdecode(name) for name in os.listdir(os.fsencode(tmp_path / "in")))
     assert keys == on_disk  # every file, once, in sorted order
+    by_key = {row[0]: row for row in rows}
+    # other images share the batches here, which moves the last digits on some CPUs: ids equal, confidences close
+    for name, original in [*((name, name) for name in GOOD), *copies.items()]:
+        problems, worst = compare_rows([name, *clean[original]], by_key[name], CPU_TOLERANCE)
+        assert not problems and worst <= CPU_TOLERANCE, (name, problems, worst)
     by_key = {row[0]: row[1:] for row in rows}
-    for name in GOOD:
-        assert by_key[name] == clean[name]
-    for name, original in copies.items():
-        assert by_key[name] == clean[original]
     for name in must_fail:
         assert by_key[name] == ["-1", "0"] * 5
     for name in set(keys) - must_fail - set(GOOD) - set(copies):  # odd but readable: real predictions

@@ -50,6 +50,7 @@ def test_a_finished_part_is_reopened_for_resume_and_a_partial_one_left_alone(tmp
     assert partial_path(part.output_file).read_text() == "a.png,1\n" and part.output_file.read_text() == "older\n"
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_write_the_single_process_csv(tmp_path: Path) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -183,6 +184,7 @@ def _finish(agents: list[subprocess.Popen], timeout: float = 300) -> list[tuple[
 SAME_AS_ONE_PROCESS = ["--progress", "false", "--device", "cpu", "--threads", "1", "--workers", "1"]
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_two_torchrun_agents_as_two_machines_write_the_single_process_csv(tmp_path: Path) -> None:
     options = [*SAME_AS_ONE_PROCESS, "--batch-size", "8"]  # 19 images: 16 + 3 across the ranks
@@ -242,6 +244,7 @@ def _kill_tree(agent: subprocess.Popen) -> None:
     agent.wait(timeout=60)
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_a_run_killed_on_one_node_resumes_each_rank_from_its_own_part(tmp_path: Path) -> None:
     images = tmp_path / "in"

@@ -80,6 +80,7 @@ def _template_rows(names: list[str]) -> dict[str, tuple[list[int], list[float]]]
     }
 
 
+@pytest.mark.equivalence
 def test_legacy_map_reproduces_the_template_rows(harness_run) -> None:
     code, rows = harness_run("--label-map", "objectnet-legacy")
     assert code == 0
@@ -92,6 +93,7 @@ def test_legacy_map_reproduces_the_template_rows(harness_run) -> None:
     assert any(-1 in expected[name][0] for name in expected)  # the legacy quirk is really exercised
 
 
+@pytest.mark.equivalence
 def test_positional_and_named_cli_write_identical_files(tmp_path: Path) -> None:
     from harness.cli import main
 

@@ -166,6 +166,7 @@ def test_6f_folders_nested_a_thousand_deep(tmp_path: Path, model: Path) -> None:
         subprocess.run(["rm", "-rf", str(tmp_path / "in")], check=True)
 
 
+@pytest.mark.equivalence
 def test_4_resume_refuses_other_settings_and_continues_the_same(
     tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -214,6 +215,7 @@ def _limited(limit: int):  # type: ignore[no-untyped-def]
     return apply
 
 
+@pytest.mark.equivalence
 def test_6a_a_full_disk_is_exit_6_and_resume_goes_on(tmp_path: Path, model: Path) -> None:
     images = image_set(tmp_path / "in", ["good"] * 20)
     options = ["--model-dir", str(model), "--progress", "false", "--batch-size", "4", "--workers", "0"]

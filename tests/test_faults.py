@@ -60,6 +60,7 @@ def _wait_for_rows(path: Path, rows: int, process: subprocess.Popen, seconds: fl
     pytest.fail(f"{path} never reached {rows} rows (run ended: {process.poll()})")
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
 def test_killed_run_resumes_to_a_byte_identical_csv(tmp_path: Path, stop: signal.Signals) -> None:

@@ -51,6 +51,7 @@ def _finished(head: HeadStart) -> HeadStart:
     return head
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize(("processes", "run_batch", "covered"), [(2, BATCH, 21), (1, BATCH, 16), (1, 3 * BATCH, 12)])
 def test_batches_equal_the_dataloaders_samples_errors_included(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, processes: int, run_batch: int, covered: int
@@ -80,6 +81,7 @@ def test_batches_equal_the_dataloaders_samples_errors_included(
         head.close()
 
 
+@pytest.mark.equivalence
 def test_a_run_with_a_head_start_writes_the_same_files_as_one_without(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

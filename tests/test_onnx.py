@@ -47,6 +47,7 @@ def test_an_onnx_folder_runs_like_a_pytorch_model(tiny_onnx: Path, tmp_path: Pat
     assert all(0 <= int(i) < 10 for row in rows for i in row[1::2])
 
 
+@pytest.mark.equivalence
 def test_dynamic_batch_and_parity_with_torch(tiny_onnx: Path) -> None:
     session = make_session(tiny_onnx / "tiny.onnx", want_cuda=False)
     images = torch.randn(7, 3, 64, 64)
@@ -72,6 +73,7 @@ def test_two_onnx_files_need_a_name_and_model_py_wins(tiny_onnx: Path) -> None:
     assert find_saved_file(build_config({"model_dir": str(tiny_onnx)}, {}), (".onnx",)) is None
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow  # exports and runs the real EfficientNet-Lite0 twice: about 40 s on two CPU cores
 def test_real_model_export_parity_and_same_top1_in_a_run(tmp_path: Path, capsys) -> None:
     folder = tmp_path / "lite0-onnx"
