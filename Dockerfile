@@ -3,20 +3,24 @@
 # build argument. Dockerfile.cpu is the same image for machines without an NVIDIA GPU.
 
 # Any image with Python >= 3.11 (python3) and torch + torchvision installed; the PyTorch images since 2.10 are
-# Ubuntu 24.04 with Python 3.12. Its CUDA major must match onnxruntime-gpu's (13 for ONNXRUNTIME_VERSION below).
+# Ubuntu 24.04 with Python 3.12. Its CUDA major must match onnxruntime-gpu's (13 for the lock's; ONNXRUNTIME_VERSION picks another).
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 
 # ---- source: the code and model as the image will hold them, checked before anything slow is built ----
 FROM ${BASE_IMAGE} AS source
 WORKDIR /src
-COPY pyproject.toml entrypoint.py ./
+COPY pyproject.toml entrypoint.py constraints.txt ./
+COPY scripts/image-requirements.py scripts/
 COPY harness/ harness/
 COPY model/ model/
 ARG MODEL_CHECKPOINT=""
+# Versions of the lock's to replace (empty: the lock's own, constraints.txt); docs/docker.md says when.
+ARG ONNXRUNTIME_VERSION=""
 # 1. Fail now, not after the dependencies, when the model folder or the checkpoint named by MODEL_CHECKPOINT is
 #    missing. 2. Readable by any user (a checkpoint saved with umask 077 would otherwise fail at run time).
-# 3. The dependency lists, written apart from the code so that a code change keeps the pip layer cached: the
-#    harness's dependencies with its `onnx-gpu` extra (onnxruntime-gpu, the image's one ONNX runtime), the model's.
+# 3. The pip files, written apart from the code so that a code change keeps the pip layer cached: the harness's
+#    dependencies with its `onnx-gpu` extra (onnxruntime-gpu, the image's one ONNX runtime), the model's, and the
+#    lock (constraints.txt) less the torch stack the base image holds and what the model or a build argument pins.
 RUN set -eu; \
     if [ ! -f model/model.py ] && [ ! -f model/model_description.py ]; then \
         echo "build error: model/ holds neither model.py nor model_description.py (the model's class)." >&2; \
@@ -32,10 +36,10 @@ RUN set -eu; \
         fi; \
     fi; \
     chmod -R a+rX /src; \
-    mkdir /requirements; \
-    if [ -f model/requirements.txt ]; then cp model/requirements.txt /requirements/model.txt; \
-    else : > /requirements/model.txt; fi; \
-    python3 -c "import sys; sys.version_info >= (3, 11) or sys.exit('build error: the base image needs Python >= 3.11'); import tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = project['dependencies'] + project['optional-dependencies']['onnx-gpu']; open('/requirements/harness.txt', 'w').write('\n'.join(deps) + '\n')"
+    python3 -c "import sys; sys.version_info >= (3, 11) or sys.exit('build error: the base image needs Python >= 3.11')"; \
+    python3 scripts/image-requirements.py --out /requirements --extra onnx-gpu --base-torch \
+        --version "onnxruntime-gpu=${ONNXRUNTIME_VERSION}"; \
+    rm -r scripts
 
 # ---- the image ----
 FROM ${BASE_IMAGE}
@@ -58,18 +62,18 @@ ARG PIP_TRUSTED_HOST=""
 ARG PIP_BREAK_SYSTEM_PACKAGES=1
 ARG PIP_ROOT_USER_ACTION=ignore
 ARG PIP_DISABLE_PIP_VERSION_CHECK=1
-ARG ONNXRUNTIME_VERSION=1.31.1
 
-# Dependencies before code: this layer is rebuilt only when a dependency list or a pip argument changes. torch and
-# torchvision come with the base image and are left as they are. Then the checks: one ONNX runtime only, the GPU
-# build (onnxruntime and onnxruntime-gpu both install the `onnxruntime` module, and with both the CUDA provider can
-# be lost), and its CUDA provider is there (get_available_providers() lists what was built in: it needs no GPU).
+# Dependencies before code: this layer is rebuilt only when a dependency list or a pip argument changes, everything
+# at the lock's versions (constraints.txt) but torch's stack, which comes with the base image (its tag pins it) and
+# is left as it is. Then the checks: one ONNX runtime only, the GPU build (onnxruntime and onnxruntime-gpu both
+# install the `onnxruntime` module, and with both the CUDA provider can be lost), and its CUDA provider is there
+# (get_available_providers() lists what was built in: it needs no GPU).
 COPY --from=source /requirements/ /tmp/requirements/
 RUN --mount=type=secret,id=pip_cert,target=/run/secrets/pip_cert \
     python3 -m pip install --no-cache-dir \
         -r /tmp/requirements/harness.txt \
         -r /tmp/requirements/model.txt \
-        "onnxruntime-gpu==${ONNXRUNTIME_VERSION}" \
+        -c /tmp/requirements/constraints.txt \
     && python3 -c "import torch, torchvision, onnxruntime, PIL, numpy, yaml, tqdm" \
     && python3 -c "import importlib.metadata as m, sys; names = {d.metadata['Name'].lower().replace('_', '-') for d in m.distributions()}; found = sorted(names & {'onnxruntime', 'onnxruntime-gpu'}); found == ['onnxruntime-gpu'] or sys.exit(f'build error: ONNX runtimes installed: {found}; want onnxruntime-gpu only (both install the onnxruntime module: does model/requirements.txt name onnxruntime?)')" \
     && python3 -c "import onnxruntime, sys; found = onnxruntime.get_available_providers(); 'CUDAExecutionProvider' in found or sys.exit(f'build error: onnxruntime has no CUDA provider, only {found}')" \

@@ -59,19 +59,6 @@ CPU_IMAGE=$PREFIX/harness:cpu
 GPU_IMAGE=$PREFIX/harness:gpu
 WHEELS=$CACHE/wheelhouse
 
-# The versions the Dockerfiles pin: the wheelhouse and the torch stand-in follow them.
-dockerfile_default() { # FILE ARG -> the ARG's default value in FILE
-    sed -n "s/^ARG $2=//p" "$REPO_ROOT/$1" | head -n 1
-}
-TORCH_VERSION=$(dockerfile_default Dockerfile.cpu TORCH_VERSION)
-TORCHVISION_VERSION=$(dockerfile_default Dockerfile.cpu TORCHVISION_VERSION)
-ORT_CPU_VERSION=$(dockerfile_default Dockerfile.cpu ONNXRUNTIME_VERSION)
-ORT_GPU_VERSION=$(dockerfile_default Dockerfile ONNXRUNTIME_VERSION)
-for value in TORCH_VERSION TORCHVISION_VERSION ORT_CPU_VERSION ORT_GPU_VERSION; do
-    [[ -n ${!value} ]] || die "cannot read $value's default from the Dockerfiles"
-done
-TORCH_BASE=$PREFIX/pytorch-standin:$TORCH_VERSION # stands in for pytorch/pytorch
-
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/container-provision.XXXXXX")
 cleanup() {
     local code=$?
@@ -82,6 +69,14 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
+
+# What the images install: the lock's versions (constraints.txt), read through the script both Dockerfiles run.
+LISTS=$WORK/lists
+"$PYTHON" "$REPO_ROOT/scripts/image-requirements.py" --root "$REPO_ROOT" --out "$LISTS" --extra onnx --extra onnx-gpu ||
+    die "cannot write the images' pip files with $PYTHON (needs Python >= 3.11)"
+TORCH_VERSION=$(sed -n 's/^torch==//p' "$LISTS/torch.txt")
+[[ -n $TORCH_VERSION ]] || die "no torch version in the lock (constraints.txt)"
+TORCH_BASE=$PREFIX/pytorch-standin:$TORCH_VERSION # stands in for pytorch/pytorch
 
 # ---- steps, each timed ----
 
@@ -170,17 +165,10 @@ make_base() {
 }
 
 # What the two builds install: the harness's dependencies with the extra each Dockerfile adds (onnx: onnxruntime for
-# the CPU image, onnx-gpu: onnxruntime-gpu for the GPU one), the model's, and the versions the Dockerfiles pin.
+# the CPU image, onnx-gpu: onnxruntime-gpu for the GPU one), the model's and torch, all at the lock's versions.
 make_wheelhouse() {
     local list=$WORK/wheelhouse-requirements.txt
-    {
-        "$PYTHON" -c "import tomllib, sys; project = tomllib.load(open(sys.argv[1], 'rb'))['project']; \
-extras = project['optional-dependencies']; print('\n'.join(project['dependencies'] + extras['onnx'] + extras['onnx-gpu']))" \
-            "$REPO_ROOT/pyproject.toml"
-        [[ ! -f $REPO_ROOT/model/requirements.txt ]] || cat "$REPO_ROOT/model/requirements.txt"
-        printf '%s\n' "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
-            "onnxruntime==$ORT_CPU_VERSION" "onnxruntime-gpu==$ORT_GPU_VERSION"
-    } >"$list" || fail "cannot read the dependencies from pyproject.toml with $PYTHON (needs Python >= 3.11)"
+    cat "$LISTS/harness.txt" "$LISTS/model.txt" "$LISTS/torch.txt" "$LISTS/constraints.txt" >"$list"
     local stamp
     stamp=$(sha256sum "$list" | cut -d' ' -f1)
     if [[ -f $WHEELS/.complete && $(cat "$WHEELS/.complete") == "$stamp" ]]; then
@@ -197,7 +185,8 @@ extras = project['optional-dependencies']; print('\n'.join(project['dependencies
     done
     "$PYTHON" -m pip download -qq --dest "$WHEELS" --only-binary=:all: \
         --python-version 3.11 --implementation cp --abi cp311 "${platforms[@]}" \
-        -r "$list" || fail "pip download into $WHEELS failed"
+        -r "$LISTS/harness.txt" -r "$LISTS/model.txt" -r "$LISTS/torch.txt" -c "$LISTS/constraints.txt" ||
+        fail "pip download into $WHEELS failed"
     printf '%s\n' "$stamp" >"$WHEELS/.complete"
     note "wheelhouse: $(find "$WHEELS" -name '*.whl' | wc -l) wheels, $(du -sh "$WHEELS" | cut -f1)"
 }
@@ -214,7 +203,7 @@ make_torch_standin() {
 # torchvision installed into it, as in the PyTorch images since 2.10.
 FROM $BASE
 RUN python3 -m pip install --no-cache-dir --break-system-packages --no-index --find-links /wheels \\
-        torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION
+        $(tr '\n' ' ' <"$LISTS/torch.txt")
 CMD ["/bin/bash"]
 EOF
     "$ENGINE" build --layers "${ENGINE_OFFLINE[@]}" -t "$TORCH_BASE" "$context" >"$WORK/torch-standin.log" 2>&1 || {

@@ -21,6 +21,7 @@ DOCKERFILES = ("Dockerfile", "Dockerfile.cpu")
 PIP_ARGS = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_CERT")
 # The harness's variables that are the model's build arguments (torchrun's, also read, are set at run time).
 BUILD_ARG_VARIABLES = ("MODEL_CLASS_NAME", "MODEL_CHECKPOINT", "WORKERS", "BATCH_SIZE", "GPUS")
+VERSION_ARGS = ["ONNXRUNTIME_VERSION", "TORCH_VERSION", "TORCHVISION_VERSION"]  # the lock's versions replaced
 
 needs_hadolint = pytest.mark.skipif(
     shutil.which("hadolint") is None,
@@ -104,9 +105,9 @@ def test_base_images() -> None:
 
 def test_onnxruntime_matches_the_base_images_cuda() -> None:
     """onnxruntime-gpu 1.31 on PyPI is built for CUDA 13, so the GPU base must be a CUDA 13 image."""
-    gpu = arg_defaults(instructions("Dockerfile"))
-    assert "-cuda13." in gpu["BASE_IMAGE"]
-    assert tuple(int(part) for part in gpu["ONNXRUNTIME_VERSION"].split(".")[:2]) >= (1, 31)
+    assert "-cuda13." in arg_defaults(instructions("Dockerfile"))["BASE_IMAGE"]
+    locked = re.search(r"^onnxruntime-gpu==(\d+)\.(\d+)", (REPO / "constraints.txt").read_text(), re.M)
+    assert locked and (int(locked.group(1)), int(locked.group(2))) >= (1, 31)
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -165,14 +166,26 @@ def pip_installs(name: str) -> str:
     return " ".join(run.split("&&")[0] for run in runs)
 
 
-def test_cpu_and_gpu_packages() -> None:
+def test_cpu_and_gpu_packages_come_from_the_lock() -> None:
     cpu = pip_installs("Dockerfile.cpu")
     gpu = pip_installs("Dockerfile")
-    assert '"onnxruntime==${ONNXRUNTIME_VERSION}"' in cpu and "onnxruntime-gpu" not in cpu
-    assert '"onnxruntime-gpu==${ONNXRUNTIME_VERSION}"' in gpu and '"onnxruntime==' not in gpu
-    assert '--index-url "${TORCH_INDEX_URL}"' in cpu
+    for installs in (cpu, gpu):
+        assert "-c /tmp/requirements/constraints.txt" in installs, "every package at the lock's version"
+        assert "-r /tmp/requirements/harness.txt -r /tmp/requirements/model.txt" in installs
+    assert '--no-deps --index-url "${TORCH_INDEX_URL}" -r /tmp/torch.txt' in cpu
     assert arg_defaults(final_stage("Dockerfile.cpu"))["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
-    assert "torch==" not in gpu, "the GPU image keeps the base image's CUDA build of torch"
+    assert "torch" not in gpu, "the GPU image keeps the base image's CUDA build of torch"
+    first = {name: source_stage_runs(name) for name in DOCKERFILES}
+    assert "--base-torch" in first["Dockerfile"] and "--base-torch" not in first["Dockerfile.cpu"]
+    for name, variables in (("Dockerfile", ["ONNXRUNTIME_VERSION"]), ("Dockerfile.cpu", VERSION_ARGS)):
+        assert all(arg_defaults(instructions(name))[variable] == "" for variable in variables), "empty: the lock's"
+        assert all(f"=${{{variable}}}" in first[name] for variable in variables), f"{name} passes each on"
+
+
+def source_stage_runs(name: str) -> str:
+    steps = instructions(name)
+    second_from = [i for i, (k, _) in enumerate(steps) if k == "FROM"][1]
+    return " ".join(rest for k, rest in steps[:second_from] if k == "RUN")
 
 
 @pytest.mark.parametrize(
@@ -192,10 +205,7 @@ def test_one_onnx_runtime_per_image(name: str, extra: str, runtime: str) -> None
     assert [r.split(">=")[0] for r in extras["onnx-gpu"]] == ["onnxruntime-gpu"]
     assert any(r.startswith("onnxruntime>=") for r in extras["dev"]), "the tests run ONNX models (CPU runtime)"
 
-    steps = instructions(name)
-    second_from = [i for i, (k, _) in enumerate(steps) if k == "FROM"][1]
-    first_stage = " ".join(rest for k, rest in steps[:second_from] if k == "RUN")
-    assert f"project['optional-dependencies']['{extra}']" in first_stage, f"{name} must install the {extra} extra"
+    assert f"--extra {extra}" in source_stage_runs(name), f"{name} must install the {extra} extra"
     checks = " ".join(rest.partition("&&")[2] for keyword, rest in final_stage(name) if keyword == "RUN")
     assert f"found == ['{runtime}'] or sys.exit(" in checks, f"{name}'s build checks for {runtime} only"
     if runtime == "onnxruntime-gpu":
@@ -211,9 +221,7 @@ def test_oci_labels(name: str) -> None:
 
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_missing_checkpoint_is_checked_in_the_first_stage(name: str) -> None:
-    steps = instructions(name)
-    second_from = [i for i, (k, _) in enumerate(steps) if k == "FROM"][1]
-    first_stage = " ".join(rest for k, rest in steps[:second_from] if k == "RUN")
+    first_stage = source_stage_runs(name)
     assert "MODEL_CHECKPOINT=${MODEL_CHECKPOINT} is not a file in model/" in first_stage
     assert "exit 1" in first_stage
 
