@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +41,10 @@ def test_default_run_writes_objectnet_rows_and_a_report(harness_run, tmp_path: P
     assert report["label_map"] == "objectnet" and report["model"]["class"] == "EfficientNetLite0"
     assert report["devices"]["device"] == "cpu" and report["config"]["preprocess"]["resize_size"] == 256
     assert report["timings"]["total_s"] > 0
+    software = report["software"]
+    for name in ("torch", "torchvision", "numpy", "pillow", "pyspng"):
+        assert software["packages"][name] == importlib.metadata.version(name)
+    assert software["python"] == platform.python_version() and software["torch_cpu_capability"]
     assert (tmp_path / "errors.csv").read_text() == ""
     assert not (tmp_path / "predictions.csv.partial").exists()
 

@@ -4,7 +4,10 @@ written at the end, also when the run stops early."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +15,40 @@ from typing import Any
 
 from harness import __version__
 from harness.results.writer import write_atomic_text
+
+# The packages whose versions can move a run's numbers or its behaviour: what run.json records, so a CSV can be
+# reproduced with the same ones (constraints.txt locks them; an unlocked install may differ).
+RECORDED_PACKAGES = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "pillow",
+    "pyspng",
+    "safetensors",
+    "pyyaml",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "timm",
+    "transformers",
+)
+
+
+def software() -> dict[str, Any]:
+    """Python, the recorded packages that are installed, and the CPU kernels torch picked (AVX2, AVX-512, ...):
+    another kernel set rounds the scores differently in their last digits."""
+    packages: dict[str, str] = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    torch = sys.modules.get("torch")
+    return {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "packages": packages,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability() if torch is not None else None,
+    }
 
 
 @dataclass
@@ -75,6 +112,7 @@ class RunReport:
             "layout": self.layout,
             "fold_batchnorm": self.fold_batchnorm,
             "world_size": self.world_size,
+            "software": software(),
             "output": self.output,
             "config": self.config,
         }
