@@ -363,22 +363,44 @@ def test_build_stops_at_once_on_a_missing_checkpoint(images: Images) -> None:
     assert time.monotonic() - start < 120
 
 
+def in_image(images: Images, image: str, *args: str) -> str:
+    """python3 ARGS in the image, with no network; its stdout."""
+    result = images.engine_run("run", "--rm", "--network", "none", "--entrypoint", "python3", image, *args)
+    assert result.returncode == 0, failed(f"python3 {' '.join(args[:3])} in {image}", result)
+    return result.stdout
+
+
+def installed(images: Images, image: str) -> dict[str, str]:
+    """name -> version of every package pip lists in the image."""
+    listed = json.loads(in_image(images, image, "-m", "pip", "list", "--format", "json", "--disable-pip-version-check"))
+    return {package["name"].lower().replace("_", "-"): package["version"] for package in listed}
+
+
 @container_test
 def test_each_image_holds_one_onnx_runtime(images: Images) -> None:
     """onnxruntime and onnxruntime-gpu install the same `onnxruntime` module, so an image with both can lose the
     CUDA provider: the GPU image holds onnxruntime-gpu only, with the CUDA provider built in (listing the providers
     needs no GPU), and the CPU image onnxruntime only."""
-
-    def in_image(image: str, *args: str) -> str:
-        result = images.engine_run("run", "--rm", "--network", "none", "--entrypoint", "python3", image, *args)
-        assert result.returncode == 0, failed(f"python3 {' '.join(args[:3])} in {image}", result)
-        return result.stdout
-
     for image, runtime in ((images.gpu, "onnxruntime-gpu"), (images.cpu, "onnxruntime")):
-        listed = json.loads(in_image(image, "-m", "pip", "list", "--format", "json", "--disable-pip-version-check"))
-        names = {package["name"].lower().replace("_", "-") for package in listed}
-        found = sorted(names & {"onnxruntime", "onnxruntime-gpu"})
+        found = sorted(set(installed(images, image)) & {"onnxruntime", "onnxruntime-gpu"})
         assert found == [runtime], f"pip list in {image} shows {found}, not {runtime} alone"
     program = "import json, onnxruntime; print(json.dumps(onnxruntime.get_available_providers()))"
-    providers = json.loads(in_image(images.gpu, "-c", program).strip().splitlines()[-1])
+    providers = json.loads(in_image(images, images.gpu, "-c", program).strip().splitlines()[-1])
     assert "CUDAExecutionProvider" in providers, f"the GPU image's onnxruntime has no CUDA provider: {providers}"
+
+
+@container_test
+def test_each_image_holds_the_locks_versions(images: Images) -> None:
+    """Every package the lock (constraints.txt) pins is installed at that version in both images (the stand-ins'
+    Python is 3.11): an image built next month holds what CI tested."""
+    pins: dict[str, str] = {}
+    for line in (REPO / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#") and ('python_version == "3.11"' in line or ";" not in line):
+            name, _, version = line.split(";")[0].strip().partition("==")
+            pins[name.lower()] = version
+    for image in (images.cpu, images.gpu):
+        present = installed(images, image)
+        drifted = {n: (present[n], v) for n, v in pins.items() if n in present and present[n].split("+")[0] != v}
+        assert not drifted, f"{image} holds other versions than the lock (installed, locked): {drifted}"
+        for name in ("numpy", "pillow", "pyspng", "torch", "safetensors"):
+            assert name in present, f"{image} lacks {name}"
