@@ -145,7 +145,8 @@ def test_on_the_cpu_contiguous_is_kept_only_after_every_round_says_so(monkeypatc
 def test_a_real_trial_times_both_layouts_and_agrees() -> None:
     model = Convolutional()
     choice = choose_layout(model, CPU, PRE, BLANK, batch_size=64)
-    assert set(choice.ms_per_image) == {"contiguous", "channels_last"} and "faster" in choice.why
+    assert set(choice.ms_per_image) == {"contiguous", "channels_last"}
+    assert "faster" in choice.why or "a close trial" in choice.why  # two layouts a tiny model runs alike
     assert _layout_of(model) is choice.channels_last
     assert choice.describe()["trial_s"] > 0
 
