@@ -21,6 +21,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 LABEL_MAPS = ("auto", "none", "objectnet", "objectnet-legacy")
+OBJECTNET_MAPS = ("objectnet", "objectnet-legacy")  # the maps whose files the ObjectNet scorer reads
+OBJECTNET_TOPK = 5  # it reads exactly five (id, confidence) pairs a row (harness/results/contract.py)
 CONFIG_FILE = "config.yaml"
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # the longest timeout the interval timer takes everywhere; none means no limit
 TRANSFORM_FILE = "data_transform_description.py"  # the ObjectNet template's preprocessing hook
@@ -219,42 +221,49 @@ def _parse_timeout(value: Any) -> float | None:
 _timeout = _shown("SECONDS|none", _parse_timeout)
 
 
-def _setting(default: Any, parse: Callable[[Any], Any], help: str) -> Any:
-    """A dataclass field that carries its parser and help text, so sources and --help cannot drift apart."""
-    return field(default=default, metadata={"parse": parse, "help": help})
+def _setting(default: Any, parse: Callable[[Any], Any], help: str, model: bool = False) -> Any:
+    """A dataclass field that carries its parser and help text, so sources and --help cannot drift apart, and
+    whether the model's own files (config.yaml, an ONNX file's metadata, a Hugging Face processor) may set it:
+    only what describes the model, never what runs it (harness/config.py: model_setting)."""
+    return field(default=default, metadata={"parse": parse, "help": help, "model": model})
+
+
+def _preprocessing(default: Any, parse: Callable[[Any], Any], help: str) -> Any:
+    """A preprocessing setting: the model's own to describe."""
+    return _setting(default, parse, help, model=True)
 
 
 @dataclass(frozen=True)
 class Preprocess:
     """What the model expects of its input: the worker half (geometry) and the device half (values)."""
 
-    border: int | str = _setting(2, _border, "pixels stripped from each side before any transform, or auto")
-    input_size: int = _setting(224, _int(1), "side of the square crop the model sees")
-    resize_size: int | None = _setting(
+    border: int | str = _preprocessing(2, _border, "pixels stripped from each side before any transform, or auto")
+    input_size: int = _preprocessing(224, _int(1), "side of the square crop the model sees")
+    resize_size: int | None = _preprocessing(
         None, _optional(_int(1)), "shorter side after resizing, before the centre crop (default: from crop_pct)"
     )
-    crop_pct: float = _setting(1.0, _float(0.05, 1.0), "input_size / resize_size when resize_size is not set")
-    resize_mode: str = _setting(
+    crop_pct: float = _preprocessing(1.0, _float(0.05, 1.0), "input_size / resize_size when resize_size is not set")
+    resize_mode: str = _preprocessing(
         "shorter",
         _choice("shorter", "squash"),
         "shorter: resize the shorter side, then centre-crop; squash: resize both sides to input_size, no crop",
     )
-    interpolation: str = _setting("bilinear", _choice(*INTERPOLATIONS), "resampling filter for the resize")
-    crop_offset: str = _setting(
+    interpolation: str = _preprocessing("bilinear", _choice(*INTERPOLATIONS), "resampling filter for the resize")
+    crop_offset: str = _preprocessing(
         "round",
         _choice("round", "floor"),
         "the centre crop's offset from an odd margin: round (torchvision, timm) or floor (Hugging Face processors)",
     )
-    channel_order: str = _setting("rgb", _choice("rgb", "bgr"), "channel order the model expects")
-    value_scale: float = _setting(1.0, _value_scale, "pixel values 0..1 (1) or 0..255 (255)")
-    mean: tuple[float, float, float] | None = _setting(
+    channel_order: str = _preprocessing("rgb", _choice("rgb", "bgr"), "channel order the model expects")
+    value_scale: float = _preprocessing(1.0, _value_scale, "pixel values 0..1 (1) or 0..255 (255)")
+    mean: tuple[float, float, float] | None = _preprocessing(
         IMAGENET_MEAN, _triple, "per-channel mean, in the units of value_scale (none: no normalisation)"
     )
-    std: tuple[float, float, float] | None = _setting(
+    std: tuple[float, float, float] | None = _preprocessing(
         IMAGENET_STD, _triple, "per-channel std, in the units of value_scale (none: no normalisation)"
     )
-    exif_transpose: bool = _setting(True, _bool, "rotate images as their EXIF orientation tag says")
-    jpeg_draft: bool = _setting(
+    exif_transpose: bool = _preprocessing(True, _bool, "rotate images as their EXIF orientation tag says")
+    jpeg_draft: bool = _preprocessing(
         False, _bool, "decode JPEGs at least twice the resize size at 1/2..1/8 scale (faster; see README Speed)"
     )
 
@@ -282,24 +291,34 @@ class Config:
         _optional(_text),
         "Python file in the model folder (default: model.py, else model_description.py), or a saved "
         ".onnx/.pt/.ts model",
+        model=True,
     )
-    class_name: str | None = _setting(None, _optional(_text), "model class in that file (default: Model)")
+    class_name: str | None = _setting(None, _optional(_text), "model class in that file (default: Model)", model=True)
     checkpoint: str | None = _setting(
         None,
         _optional(_text),
         "weights: a state_dict, training checkpoint or .safetensors file, in the model folder or a path",
+        model=True,
     )
     num_classes: int | None = _setting(
-        None, _optional(_int(1)), "classes of a timm model's head (default: from the checkpoint, else the model's)"
+        None,
+        _optional(_int(1)),
+        "classes of a timm model's head (default: from the checkpoint, else the model's)",
+        model=True,
     )
-    ema: bool = _setting(False, _bool, "load a training checkpoint's EMA weights (state_dict_ema) instead of its own")
+    ema: bool = _setting(
+        False, _bool, "load a training checkpoint's EMA weights (state_dict_ema) instead of its own", model=True
+    )
     device: str = _setting("auto", _choice("auto", "cpu", "cuda"), "auto uses CUDA when present, else the CPU")
     gpus: int | None = _setting(None, _optional(_int(0)), "GPUs to use with DataParallel (default: all)")
     workers: int | None = _setting(None, _optional(_int(0)), "decoding processes (default: usable CPU cores)")
     batch_size: int = _setting(64, _int(1), "images per batch per GPU")
-    softmax: bool = _setting(True, _bool, "turn the model's outputs into probabilities")
+    softmax: bool = _setting(True, _bool, "turn the model's outputs into probabilities", model=True)
     label_map: str = _setting(
-        "auto", _label_map, "auto, none, objectnet, objectnet-legacy, or a labels file (one class name a line)"
+        "auto",
+        _label_map,
+        "auto, none, objectnet, objectnet-legacy, or a labels file (one class name a line)",
+        model=True,
     )
     topk: int = _setting(5, _int(1), "predictions per image")
     amp: str | None = _setting(None, _amp, "mixed precision: off, bf16 or fp16")
@@ -440,6 +459,46 @@ def read_yaml(model_dir: Path) -> dict[str, Any]:
     return data
 
 
+_RUN_ONLY = (
+    "a model's own files describe the model (its preprocessing, class, weights inside its folder, label map, "
+    "softmax), not how or where it runs: set that on the command line or in the environment"
+)
+
+
+def _inside(folder: Path, value: str, source: str, name: str) -> Path:
+    """A path a model's own file names: relative, and inside the model folder once links are followed."""
+    path = Path(value)
+    resolved = (folder / path).resolve()
+    if path.is_absolute() or not resolved.is_relative_to(folder.resolve()):
+        raise ConfigError(f"{source}: '{name}' {value!r} is outside the model folder {folder}: {_RUN_ONLY}")
+    return path
+
+
+# What a model file that is itself the model (an ONNX file's metadata, a Hugging Face or timm config) may carry:
+# how to feed it and read it, not which file or class it is (that would let it swap itself for another).
+CARRIED = frozenset({"label_map", "softmax"})
+
+
+def model_setting(name: str, value: Any, source: str, folder: Path, carried: bool = False) -> Any:
+    """A setting that one of the model's own files gives (config.yaml, or with `carried` an ONNX file's metadata,
+    a Hugging Face or timm config), parsed, and refused unless it describes the model: a submission is untrusted,
+    and nothing in it may grant trust (trust_pickle), move the output, change limits or devices, or read files
+    outside its folder."""
+    fields = PREPROCESS_FIELDS if name in PREPROCESS_FIELDS else RUN_FIELDS
+    run_only = name in fields and not fields[name].metadata["model"]
+    if run_only or (carried and name in RUN_FIELDS and name not in CARRIED):
+        variable = next((v for v, field_name in ENV_FIELDS.items() if field_name == name), None)
+        where = f"--{name.replace('_', '-')}" + (f" or {variable}" if variable else "")
+        raise ConfigError(f"{source}: '{name}' is not the model's to set ({where}): {_RUN_ONLY}")
+    parsed = _parse(fields, name, value, source)
+    if parsed is not None and name in ("module", "checkpoint"):
+        inside = _inside(folder, parsed, source, name)
+        return str(inside) if name == "module" else str(folder / inside)
+    if name == "label_map" and parsed not in LABEL_MAPS:
+        return str(folder / _inside(folder, parsed, source, name))
+    return parsed
+
+
 MODEL_PREFIXES = ("timm:", "hf:")
 SAVED_MODEL_SUFFIXES = (".onnx", ".pt", ".pth", ".ts", ".torchscript")
 
@@ -504,15 +563,24 @@ def build_config(
                 raise ConfigError(f"{yaml_source}: 'preprocess' must be a mapping of setting: value")
             for pre_name, pre_value in value.items():
                 explicit.add(pre_name)
-                pre[pre_name] = _parse(PREPROCESS_FIELDS, pre_name, pre_value, f"{yaml_source} (preprocess)")
+                pre[pre_name] = model_setting(pre_name, pre_value, f"{yaml_source} (preprocess)", Path(model_dir))
         elif name in PREPROCESS_FIELDS:
             raise ConfigError(f"{yaml_source}: '{name}' belongs under 'preprocess:'")
-        elif name in ("input_dir", "output_file", "model_dir"):
-            raise ConfigError(f"{yaml_source}: '{name}' is set by the command line, not the model's config")
-        elif name == "model" and value is not None and not str(value).startswith(MODEL_PREFIXES):
-            apply("module", value, yaml_source)  # a model file in this folder
+        elif name == "model":
+            text = "" if value is None else str(value).strip()
+            if not text:
+                continue
+            if text.startswith("timm:"):
+                explicit.add("model")
+                run["model"] = _parse(RUN_FIELDS, "model", text, yaml_source)
+            elif text.startswith(MODEL_PREFIXES):
+                raise ConfigError(f"{yaml_source}: model {text!r} would take the model from elsewhere: {_RUN_ONLY}")
+            else:  # a model file in this folder
+                explicit.add("module")
+                run["module"] = model_setting("module", value, yaml_source, Path(model_dir))
         else:
-            apply(name, value, yaml_source)
+            explicit.add(name)
+            run[name] = model_setting(name, value, yaml_source, Path(model_dir))
     for variable, name in ENV_FIELDS.items():
         value = environ.get(variable, "")
         if value.strip():
@@ -540,15 +608,23 @@ def apply_model_defaults(config: Config, values: Mapping[str, Any], source: str)
     for name, value in values.items():
         if name == "labels":
             continue
-        if name in config.explicit or (value is None and name not in ("mean", "std", "resize_size")):
+        if value is None and name not in ("mean", "std", "resize_size"):
             continue
-        if name in PREPROCESS_FIELDS:
-            pre[name] = _parse(PREPROCESS_FIELDS, name, value, source)
-        else:
-            run[name] = _parse(RUN_FIELDS, name, value, source)
+        parsed = model_setting(name, value, source, config.model_dir, carried=True)  # checked even when overridden
+        if name not in config.explicit:
+            (pre if name in PREPROCESS_FIELDS else run)[name] = parsed
     updated = dataclasses.replace(config, **run, preprocess=dataclasses.replace(config.preprocess, **pre))
     _check(updated)
     return updated
+
+
+def check_objectnet_topk(label_map: str, topk: int) -> None:
+    """An ObjectNet file the scorer can read: exactly five pairs a row."""
+    if label_map in OBJECTNET_MAPS and topk != OBJECTNET_TOPK:
+        raise ConfigError(
+            f"--topk {topk} with the {label_map} label map: the ObjectNet scorer reads exactly {OBJECTNET_TOPK} "
+            "(id, confidence) pairs a row. Use --topk 5, or --label-map none for the model's own ids"
+        )
 
 
 def _check(config: Config) -> None:
@@ -569,5 +645,6 @@ def _check(config: Config) -> None:
         raise ConfigError("--save-probs cannot be resumed: the probabilities of the rows done before were not kept")
     if config.rank >= config.world_size:
         raise ConfigError(f"rank {config.rank} is not below world_size {config.world_size}")
+    check_objectnet_topk(config.label_map, config.topk)
     if config.amp == "fp16" and config.device == "cpu":
         raise ConfigError("fp16 AMP needs CUDA; on the CPU use --amp bf16 or leave AMP off")

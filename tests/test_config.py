@@ -26,19 +26,15 @@ def test_defaults_are_the_template_preprocessing() -> None:
 
 
 def test_precedence_yaml_then_env_then_cli() -> None:
-    yaml_data = {"batch_size": 8, "class_name": "FromYaml", "workers": 1, "preprocess": {"input_size": 200}}
+    yaml_data = {"class_name": "FromYaml", "softmax": False, "preprocess": {"input_size": 200}}
     config = build_config({}, {}, yaml_data)
-    assert (config.batch_size, config.class_name, config.workers, config.preprocess.input_size) == (
-        8,
-        "FromYaml",
-        1,
-        200,
-    )
+    assert (config.class_name, config.softmax, config.preprocess.input_size) == ("FromYaml", False, 200)
     env = {"BATCH_SIZE": "16", "MODEL_CLASS_NAME": "FromEnv", "WORKERS": ""}  # empty build arg = unset
     config = build_config({}, env, yaml_data)
-    assert (config.batch_size, config.class_name, config.workers) == (16, "FromEnv", 1)
-    config = build_config(_cli("--batch_size", "32", "--input-size", "160"), env, yaml_data)
+    assert (config.batch_size, config.class_name, config.workers) == (16, "FromEnv", None)
+    config = build_config(_cli("--batch_size", "32", "--input-size", "160", "--softmax"), env, yaml_data)
     assert (config.batch_size, config.class_name, config.preprocess.input_size) == (32, "FromEnv", 160)
+    assert config.softmax is True
 
 
 def test_the_example_model_folder_config_is_read() -> None:
@@ -85,7 +81,7 @@ def test_softmax_false_really_turns_it_off_and_convert_mode_maps_to_label_map() 
         ({}, {}, {"preprocess": {"mean": None}}, "both be set or both be none"),
         ({"device": "cpu", "gpus": "2"}, {}, {}, "choose one"),
         ({"amp": "fp16", "device": "cpu"}, {}, {}, "fp16 AMP needs CUDA"),
-        ({}, {}, {"input_dir": "/x"}, "set by the command line"),
+        ({}, {}, {"input_dir": "/x"}, "'input_dir' is not the model's to set"),
     ],
 )
 def test_bad_settings_name_their_source(cli: dict, env: dict, yaml_data: dict, message: str) -> None:
@@ -138,3 +134,12 @@ def test_the_run_the_tools_and_the_benchmark_read_a_command_line_alike(tmp_path:
     tool = tool_config(parser.parse_args(argv), {})
     assert (run.batch_size, run.preprocess.input_size, run.device) == (7, 200, "cpu")
     assert (tool.batch_size, tool.preprocess, tool.device) == (run.batch_size, run.preprocess, run.device)
+
+
+@pytest.mark.parametrize("label_map", ["objectnet", "objectnet-legacy"])
+def test_an_objectnet_file_has_five_pairs_a_row(label_map: str) -> None:
+    """The scorer reads exactly 11 fields: any other --topk with an ObjectNet map is refused before any work."""
+    for topk in ("1", "4", "6"):
+        with pytest.raises(ConfigError, match="reads exactly 5"):
+            build_config({"label_map": label_map, "topk": topk}, {}, {})
+    assert build_config({"label_map": label_map}, {}, {}).topk == 5

@@ -116,7 +116,8 @@ def test_the_same_checkpoint_through_a_model_py_class(timm_checkpoint, tmp_path:
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "model.py").write_text(TIMM_CLASS)
-    (folder / "config.yaml").write_text(TIMM_YAML.format(checkpoint=checkpoint))
+    shutil.copy(checkpoint, folder / "weights.pth.tar")  # a model folder's config names files inside it
+    (folder / "config.yaml").write_text(TIMM_YAML.format(checkpoint="weights.pth.tar"))
     output = tmp_path / "p.csv"
     assert main([str(SAMPLES), str(output), "--model", str(folder), "--progress", "false"]) == 0
     _assert_matches(_rows(output), _timm_reference(model), 1e-4, 5)
