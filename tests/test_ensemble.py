@@ -54,3 +54,50 @@ def test_runs_over_different_images_are_refused(tmp_path: Path, capsys) -> None:
     second = _save(tmp_path / "b.npz", ["y.png"], [[0.5, 0.5]])
     assert main(["ensemble", str(first), str(second), "--output", str(tmp_path / "p.csv")]) == 10
     assert "the runs must cover the same images" in capsys.readouterr().err
+
+
+def test_an_ensemble_is_judged_as_a_run_is(tmp_path: Path, capsys) -> None:
+    """Exit 0 only for a CSV that is right to submit: non-finite averages become failure rows (all failed: exit 7),
+    two keys sharing a basename in an ObjectNet file are exit 9, and an ObjectNet file has exactly five pairs."""
+    output = tmp_path / "p.csv"
+    infinite = _save(tmp_path / "inf.npz", ["x.png", "y.png"], [[np.inf, 0.0], [0.5, np.nan]])
+    assert main(["ensemble", str(infinite), "--output", str(output), "--label-map", "none"]) == 7
+    assert read_rows(output) == [["x.png", "-1", "0", "-1", "0"], ["y.png", "-1", "0", "-1", "0"]]
+    assert "every one of the 2 images failed" in capsys.readouterr().err
+
+    imagenet = np.full((2, 1000), 1e-3, dtype=np.float32)
+    twins = _save(tmp_path / "twins.npz", ["a/cat.png", "b/cat.png"], imagenet.tolist())
+    assert main(["ensemble", str(twins), "--output", str(output)]) == 9
+    assert "duplicate key cat.png" in capsys.readouterr().err
+    for topk in ("3", "2000"):
+        assert main(["ensemble", str(twins), "--output", str(output), "--topk", topk]) == 2
+        assert "reads exactly 5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"keys": np.array(["x.png"]), "probs": np.ones((2, 3)), "softmax": np.array(True)}, "1 keys for 2 rows"),
+        ({"keys": np.array(["x.png"]), "probs": np.ones(3), "softmax": np.array(True)}, "must be N x C"),
+        ({"keys": np.array(["x.png"]), "probs": np.ones((1, 0)), "softmax": np.array(True)}, "C >= 1"),
+        ({"keys": np.array(["x.png"]), "probs": np.ones((1, 2), dtype=complex), "softmax": np.array(True)}, "real"),
+        ({"keys": np.ones(1), "probs": np.ones((1, 2)), "softmax": np.array(True)}, "list of image names"),
+        ({"keys": np.array(["x.png"]), "probs": np.ones((1, 2))}, "softmax"),
+    ],
+)
+def test_a_file_that_is_not_a_save_probs_file_is_exit_10(tmp_path: Path, arrays: dict, message: str, capsys) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    assert main(["ensemble", str(path), "--output", str(tmp_path / "p.csv")]) == 10
+    assert message in capsys.readouterr().err
+
+
+def test_garbage_and_a_negative_topk_are_one_line(tmp_path: Path, capsys) -> None:
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"PK\x03\x04 not really a zip" * 10)
+    assert main(["ensemble", str(garbage), "--output", str(tmp_path / "p.csv")]) == 10
+    assert "is not a --save-probs file" in capsys.readouterr().err
+    good = _save(tmp_path / "a.npz", ["x.png"], [[0.5, 0.5]])
+    with pytest.raises(SystemExit) as stopped:
+        main(["ensemble", str(good), "--output", str(tmp_path / "p.csv"), "--topk", "-3"])
+    assert stopped.value.code == 2 and "must be >= 1" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from torch.utils.data import Subset
 
 from harness.config import Config
 from harness.console import progress_bar, say
-from harness.errors import CheckFailedError, OutputError, TooManyFailuresError, is_dataloader_failure
+from harness.errors import OutputError, is_dataloader_failure
 from harness.models.load import load_model
 from harness.models.python_class import load_custom_transform
 from harness.pipeline.decode import DecodeLimits
@@ -32,10 +32,10 @@ from harness.pipeline.layout import settle_layout
 from harness.pipeline.loader import Batch, ImageDataset, fit_to_shm, make_loader, shm_free_bytes
 from harness.pipeline.resume import check_identity, record_identity, record_path, resume_point, run_identity
 from harness.pipeline.tracker import DecoderTracker
-from harness.results.contract import committed_problems
 from harness.results.labels import LabelMap, make_label_map
 from harness.results.probs import ProbabilityRecorder
 from harness.results.report import RunReport
+from harness.results.verdict import judge
 from harness.results.writer import AtomicCsvWriter, check_writable, flush_together, partial_path
 
 NOT_FINITE = "the model's output is not a finite number (NaN or infinity)"
@@ -48,12 +48,6 @@ def _how_the_worker_failed(error: RuntimeError) -> str:
     cause = error.__cause__
     shown = cause if cause is not None and is_dataloader_failure(cause) else error
     return str(shown).splitlines()[0].strip()
-
-
-def failure_limit(max_failures: float | None, images: int) -> int | None:
-    if max_failures is None:
-        return None
-    return int(max_failures) if max_failures >= 1 or max_failures == 0 else int(max_failures * images)
 
 
 def loader_timeout(decode_timeout: float | None) -> float | None:
@@ -243,31 +237,18 @@ def head_batches(head: HeadStart, timeout: float | None) -> Iterator[Batch]:
 
 
 def finish(config: Config, report: RunReport, keys: list[str]) -> RunReport:
-    """Judge the run once, by whoever holds the whole run's report: the CSV it committed must hold exactly one
-    right row per image in `keys` (and pass the challenge scorer's rules when it is an ObjectNet top-5 file), and
-    the failures must be within --max-failures (with none given, not every image may fail). Writes run.json;
-    exit 0 follows only from a run that passes both."""
-    problems = committed_problems(config.output_file, keys, report.columns, report.label_map)
-    limit = failure_limit(config.max_failures, report.total)
-    all_failed = limit is None and report.total > 0 and report.failures >= report.total
-    if problems:
-        report.status = "invalid predictions"
-    elif (limit is not None and report.failures > limit) or all_failed:
-        report.status = "too many failures"
-    else:
-        report.status = "complete"
+    """Judge the run once, by whoever holds the whole run's report (harness/results/verdict.py), write run.json, and
+    raise unless the CSV is right to submit with the failures within --max-failures."""
+    verdict = judge(
+        config.output_file,
+        keys,
+        report.columns,
+        report.label_map,
+        report.failures,
+        report.total,
+        config.max_failures,
+    )
+    report.status = verdict.status
     report.write(config.run_json)
-    if problems:
-        shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
-        raise CheckFailedError(f"{config.output_file} was written but is not right to submit: {shown}")
-    if all_failed:
-        raise TooManyFailuresError(
-            f"every one of the {report.total} images failed (is the right folder mounted?); the predictions were "
-            f"written, and {config.errors_csv} says why each failed"
-        )
-    if report.status != "complete":
-        raise TooManyFailuresError(
-            f"{report.failures} of {report.total} images failed, more than --max-failures allows ({limit}); "
-            f"the predictions were written, and {config.errors_csv} says why each failed"
-        )
+    verdict.raise_unless_complete(config.output_file, config.errors_csv)
     return report
