@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, ModelError
 from harness.results.labels import ObjectNetLegacy, ObjectNetSummed, Score, TopK, imagenet_to_objectnet, make_label_map
 from tests.helpers import shared_file
 
@@ -95,10 +95,13 @@ def test_label_map_choice_and_errors(tmp_path: Path) -> None:
     label_map, warnings = make_label_map("none", 3, 5, True)
     assert label_map.topk == 3 and "writing 3" in warnings[0]
     assert label_map.failure_fields == ["-1", "0"] * 3
-    summed, warnings = make_label_map("auto", 1000, 200, True)
-    targets = len(set(MAPPING.values()))
-    assert summed.topk == targets and f"more than the {targets} ObjectNet classes" in warnings[0]
-    assert make_label_map("auto", 1000, targets, True)[1] == []
+    for label_map in ("auto", "objectnet", "objectnet-legacy"):  # the scorer reads exactly five pairs
+        for topk in (1, 4, 6, 200):
+            with pytest.raises(ConfigError, match="reads exactly 5"):
+                make_label_map(label_map, 1000, topk, True)
+    assert make_label_map("auto", 1000, 5, True)[1] == []
+    with pytest.raises(ModelError, match="0 classes"):
+        make_label_map("none", 0, 5, True)
     with pytest.raises(ConfigError, match="needs a 1000-class"):
         make_label_map("objectnet", 10, 5, True)
     with pytest.raises(ConfigError, match="nor a labels file"):

@@ -14,10 +14,11 @@ import math
 import posixpath
 from pathlib import Path
 
+from harness.config import OBJECTNET_MAPS, OBJECTNET_TOPK
 from harness.results.writer import open_csv
 
 ID_MIN, ID_MAX = -1, 312
-TOPK = 5
+TOPK = OBJECTNET_TOPK
 COLUMNS = 1 + 2 * TOPK
 BYTE_ORDER_MARK = "\ufeff"
 
@@ -90,9 +91,6 @@ def problems(rows: list[list[str]]) -> tuple[list[str], dict[str, int]]:
     return found, first_line
 
 
-SCORED_MAPS = ("objectnet", "objectnet-legacy")
-
-
 def committed_problems(path: Path, keys: list[str], columns: int, label_map: str) -> list[str]:
     """Why a run's committed CSV is not right to submit: not exactly one row per image in input order, a row of
     the wrong width, a confidence that is not a finite number; and for an ObjectNet top-5 file, any rule of the
@@ -115,6 +113,6 @@ def committed_problems(path: Path, keys: list[str], columns: int, label_map: str
             found.append(f"line {line}: {len(row)} columns, expected {columns}")
         elif not all(is_finite_number(score) for score in scores):
             found.append(f"line {line}: a confidence that is not a finite number")
-    if label_map in SCORED_MAPS and columns == COLUMNS:
+    if label_map in OBJECTNET_MAPS:
         found += problems(rows)[0]
     return found

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import ConfigError
+from harness.config import check_objectnet_topk
+from harness.errors import ConfigError, ModelError
 
 IMAGENET_CLASSES = 1000
 MAPPING_FILE = "imagenet_pytorch_id_to_objectnet_id.json"
@@ -202,6 +203,8 @@ def make_label_map(
     the class names the model carries (Hugging Face's id2label): `auto` writes them for a head that is not
     ImageNet's."""
     warnings: list[str] = []
+    if num_classes < 1:
+        raise ModelError("the model outputs 0 classes: it must return N x C scores with C >= 1")
     if num_classes == 1 and label_map in ("auto", "none"):
         return Score(), warnings
     if label_map in ("objectnet", "objectnet-legacy") or (label_map == "auto" and num_classes == IMAGENET_CLASSES):
@@ -210,14 +213,10 @@ def make_label_map(
                 f"label map {label_map} needs a 1000-class ImageNet head, but the model outputs {num_classes} "
                 "classes: use --label-map none or a labels file"
             )
+        check_objectnet_topk(label_map if label_map != "auto" else "objectnet", topk)
         if label_map == "objectnet-legacy":
-            return ObjectNetLegacy(min(topk, num_classes), softmax), warnings
-        summed = ObjectNetSummed(topk, softmax)
-        if summed.topk < topk:
-            warnings.append(
-                f"topk {topk} is more than the {summed.topk} ObjectNet classes ImageNet maps to: writing {summed.topk}"
-            )
-        return summed, warnings
+            return ObjectNetLegacy(topk, softmax), warnings
+        return ObjectNetSummed(topk, softmax), warnings
     names = model_names if label_map == "auto" and model_names and len(model_names) == num_classes else None
     if label_map not in ("auto", "none"):
         path = Path(label_map)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.config import SETTINGS, Config, Preprocess
+from harness.config import OBJECTNET_MAPS, SETTINGS, Config, Preprocess
 from harness.errors import CheckFailedError, ConfigError, ToolFileError, TooManyFailuresError
 from harness.models.onnx_runtime import OnnxModule
 from harness.models.python_class import load_custom_transform
@@ -41,7 +41,7 @@ from harness.pipeline.devices import DeviceNormalizer
 from harness.pipeline.files import ImageFile, run_files
 from harness.pipeline.host import usable_cpus
 from harness.pipeline.runner import RunPlan, finish, prepare
-from harness.results.contract import COLUMNS, SCORED_MAPS, read_rows, scorer_key
+from harness.results.contract import COLUMNS, read_rows, scorer_key
 from harness.results.labels import IMAGENET_CLASSES, LabelMap, Score, class_ids, id_names, make_label_map
 from harness.results.report import RunReport
 from harness.results.writer import check_writable, output_folder_lock
@@ -159,7 +159,7 @@ def judge_run(config: Config, report: RunReport, files: list[ImageFile]) -> tupl
         finish(config, report, [image.key for image in files])
     except (CheckFailedError, TooManyFailuresError) as error:
         problem = error
-    scored = report.label_map in SCORED_MAPS and report.columns == COLUMNS
+    scored = report.label_map in OBJECTNET_MAPS and report.columns == COLUMNS
     rules = "validate's rules hold" if scored else "not an ObjectNet top-5 file, so the scorer's rules do not apply"
     run = (
         Verdict("run", "FAIL", str(problem))
