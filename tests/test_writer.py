@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
 
+from harness.cli import main
 from harness.errors import OutputError
 from harness.pipeline.resume import resume_point
 from harness.results.writer import AtomicCsvWriter, check_writable
-from tests.helpers import read_rows
+from tests.helpers import SAMPLES, read_rows
 
 AWKWARD = [
     "plain.png",
@@ -68,3 +71,30 @@ def test_resume_keeps_awkward_rows_byte_for_byte(tmp_path: Path) -> None:
     assert resume_point(out, tmp_path / "errors.csv", [*AWKWARD, "next.png"], 3, 1) == (len(AWKWARD), 0)
     assert partial.read_bytes() == written
     assert resume_point(out, tmp_path / "errors.csv", [*AWKWARD, "next.png"], 3, 1) == (len(AWKWARD), 0)
+
+
+def test_an_output_that_is_not_a_csv_file_the_harness_writes_is_never_replaced(tmp_path: Path, capsys) -> None:
+    """An input photo given as the output, a device, a pipe or a link: exit 6 before any work, left as they were."""
+    images = tmp_path / "in"
+    images.mkdir()
+    photo = images / "rocket.jpg"
+    shutil.copy(SAMPLES / "rocket.jpg", photo)
+    before = photo.read_bytes()
+    assert main([str(images), str(photo), "--progress", "false"]) == 6
+    assert photo.read_bytes() == before and "not a .csv file name" in capsys.readouterr().err
+
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.csv"
+    link.symlink_to(tmp_path / "elsewhere.csv")
+    assert main([str(images), str(fifo), "--progress", "false"]) == 6
+    assert main([str(images), str(link), "--progress", "false"]) == 6
+    assert "is not a regular file" in capsys.readouterr().err
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and link.is_symlink() and not (tmp_path / "elsewhere.csv").exists()
+    assert main([str(images), "/dev/null", "--progress", "false"]) == 6
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    os.symlink("/dev/null", beside / "errors.csv")
+    assert main([str(images), str(beside / "predictions.csv"), "--progress", "false"]) == 6
+    assert (beside / "errors.csv").is_symlink()

@@ -14,6 +14,7 @@ import fcntl
 import io
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
@@ -61,17 +62,27 @@ def write_failed(path: Path, error: OSError) -> OutputError:
 
 
 def check_writable(path: Path, *beside: Path) -> None:
-    """Fail before any model work if the output folder cannot take the file, or the files written beside it."""
+    """Fail before any model work if the output folder cannot take the file, or the files written beside it; and
+    never replace what is not a file the harness writes: the output must be named .csv, and an existing output (or
+    a file beside it) must be a regular file, not a folder, a device, a link or a pipe (renamed over, /dev/null or
+    an input photo given as the output would be lost)."""
+    if path.is_dir():
+        raise OutputError(f"output {path} is a folder: pass a file name such as {path / 'predictions.csv'}")
+    if path.suffix.lower() != ".csv":
+        raise OutputError(
+            f"output {path} is not a .csv file name: the predictions go to a CSV (such as predictions.csv), and a "
+            "file of another kind there would be replaced"
+        )
     folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"cannot create output folder {folder}: {error.strerror}") from None
-    if path.is_dir():
-        raise OutputError(f"output {path} is a folder: pass a file name such as {path / 'predictions.csv'}")
-    for other in (partial_path(path), *beside, *map(partial_path, beside)):
-        if other.is_dir():
+    for other in (path, partial_path(path), *beside, *map(partial_path, beside)):
+        if other.is_dir() and not other.is_symlink():
             raise OutputError(f"{other} is a folder, where the run writes a file: move it away")
+        if other.is_symlink() or (other.exists() and not stat.S_ISREG(other.stat().st_mode)):
+            raise OutputError(f"{other} exists and is not a regular file (a link, a device, a pipe): move it away")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {folder} is not writable by this user (uid {os.getuid()})")
 
