@@ -309,6 +309,12 @@ class Config:
     ema: bool = _setting(
         False, _bool, "load a training checkpoint's EMA weights (state_dict_ema) instead of its own", model=True
     )
+    output_name: str | None = _setting(
+        None,
+        _optional(_text),
+        "which output of an ONNX model with several is its N x C scores (default: its only output)",
+        model=True,
+    )
     device: str = _setting("auto", _choice("auto", "cpu", "cuda"), "auto uses CUDA when present, else the CPU")
     gpus: int | None = _setting(None, _optional(_int(0)), "GPUs to use with DataParallel (default: all)")
     workers: int | None = _setting(None, _optional(_int(0)), "decoding processes (default: usable CPU cores)")
@@ -476,7 +482,7 @@ def _inside(folder: Path, value: str, source: str, name: str) -> Path:
 
 # What a model file that is itself the model (an ONNX file's metadata, a Hugging Face or timm config) may carry:
 # how to feed it and read it, not which file or class it is (that would let it swap itself for another).
-CARRIED = frozenset({"label_map", "softmax"})
+CARRIED = frozenset({"label_map", "softmax", "output_name"})
 
 
 def model_setting(name: str, value: Any, source: str, folder: Path, carried: bool = False) -> Any:

@@ -139,7 +139,7 @@ def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: flo
     from harness.models.load import load_model
     from harness.pipeline.devices import DeviceNormalizer, fold_sample, plan_devices, prepare_model, tune_process
     from harness.pipeline.files import discover
-    from harness.pipeline.forward import Forward, first_piece
+    from harness.pipeline.forward import Forward, first_piece, probe_classes
     from harness.pipeline.layout import settle_layout
 
     plan = plan_devices(config)
@@ -150,7 +150,8 @@ def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: flo
     model, _ = prepare_model(load_model(config).module, plan, fold_sample(config, plan, blank))  # as the run does
     plan, _ = settle_layout(config, model, plan, blank, batch_size, len(discover(config.input_dir)))  # as the run does
     normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
-    forward = Forward(model, normalize, plan, first_piece(plan, batch_size))  # in pieces, as the run
+    classes = probe_classes(model, normalize, blank, plan)
+    forward = Forward(model, normalize, plan, first_piece(plan, batch_size), classes)  # in pieces, as the run
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8).to(plan.device)
 
     def step() -> None:

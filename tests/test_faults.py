@@ -204,7 +204,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_results() -> None:
     model = SmallMemory()
     plan = DevicePlan(torch.device("cpu"))
     normalize = DeviceNormalizer(Preprocess(), plan.device, torch.float32, channels_last=False)
-    forward = Forward(model, normalize, plan, piece=8)
+    forward = Forward(model, normalize, plan, piece=8, classes=3)
     images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8)
     assert torch.allclose(forward(images), normalize(images).mean(dim=(2, 3)))
     assert forward.piece == 2 and model.calls == [8, 4, 2, 2, 2, 2]

@@ -46,7 +46,7 @@ def load_onnx_model(path: Path, config: Config) -> LoadedModel:
     if not path.is_file():
         raise ModelError(f"{path} does not exist (set by 'module')")
     want_cuda = config.device != "cpu" and config.gpus != 0 and torch.cuda.is_available()
-    module = OnnxModule(make_session(path, want_cuda))
+    module = OnnxModule(make_session(path, want_cuda), config.output_name)
     return LoadedModel(
         module=module,
         class_name=f"ONNX ({', '.join(module.providers)})",

@@ -56,9 +56,10 @@ def make_session(path: Path, want_cuda: bool) -> Any:
 
 
 class OnnxModule(nn.Module):
-    """One float32 N x 3 x H x W input, the first output returned as a tensor on the input's device."""
+    """One float32 N x 3 x H x W input, and the one output that holds the scores (`output_name` where the model
+    has several: the harness never guesses), returned as a tensor on the input's device."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, output_name: str | None = None) -> None:
         super().__init__()
         self.session = session
         inputs = session.get_inputs()
@@ -66,9 +67,18 @@ class OnnxModule(nn.Module):
             names = ", ".join(i.name for i in inputs)
             raise ModelError(f"the ONNX model takes {len(inputs)} inputs ({names}); the harness feeds one image batch")
         self.input_name = inputs[0].name
+        outputs = [output.name for output in session.get_outputs()]
+        if output_name is not None and output_name not in outputs:
+            raise ModelError(f"the ONNX model has no output {output_name!r}; its outputs: {', '.join(outputs)}")
+        if output_name is None and len(outputs) != 1:
+            raise ModelError(
+                f"the ONNX model has {len(outputs)} outputs ({', '.join(outputs)}): name the one that holds the "
+                "scores with --output-name"
+            )
+        self.output_name = output_name or outputs[0]
         self.providers = session.get_providers()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         array = images.detach().float().contiguous().cpu().numpy()
-        output = self.session.run(None, {self.input_name: array})[0]
+        output = self.session.run([self.output_name], {self.input_name: array})[0]
         return torch.from_numpy(output).to(images.device)

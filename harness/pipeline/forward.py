@@ -56,6 +56,7 @@ class Forward:
     normalize: DeviceNormalizer
     plan: DevicePlan
     piece: int
+    classes: int  # the output width the probe found: every batch must keep it
     pad: bool = False
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,9 @@ class Forward:
                 piece = torch.cat([piece, piece.new_zeros((self.piece - count, *piece.shape[1:]))])
             try:
                 with inference_context(self.plan):
-                    outputs.append(as_logits(self.model(self.normalize(piece)), len(piece))[:count])
+                    # a copy: a model may hand back one buffer it overwrites on its next call (as static-shape
+                    # runtimes do), which would change this piece's scores before they are read
+                    scores = as_logits(self.model(self.normalize(piece)), len(piece))[:count].clone()
             except torch.OutOfMemoryError:
                 if self.piece == 1:
                     raise ModelError("the device ran out of memory on a single image") from None
@@ -85,6 +88,12 @@ class Forward:
                     f"the model failed on a batch of {count} images: {describe_user_error(error)}; the rows of the "
                     "batches before it are kept in the .partial file"
                 ) from error
+            if scores.shape[1] != self.classes:
+                raise ModelError(
+                    f"the model returned {scores.shape[1]} classes for a batch of {count} images, after "
+                    f"{self.classes} for the first image: its output must keep one width"
+                )
+            outputs.append(scores)
             start += count
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 

@@ -187,7 +187,7 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
     batches: Iterable[Batch] = iter(loader) if len(remaining) else iter(())
     if head is not None:
         batches = itertools.chain(head_batches(head, timeout), batches)
-    forward = Forward(model, normalize, plan, first_piece(plan, batch_size))
+    forward = Forward(model, normalize, plan, first_piece(plan, batch_size), num_classes)
     if config.compile:
         forward = compiled_forward(forward, dataset.blank)
     recorder = ProbabilityRecorder(label_map.softmax) if config.save_probs else None
