@@ -137,21 +137,18 @@ def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: flo
     import torch
 
     from harness.models.load import load_model
-    from harness.pipeline.devices import DeviceNormalizer, fold_sample, plan_devices, prepare_model, tune_process
+    from harness.pipeline.decode import DecodeLimits
+    from harness.pipeline.devices import tune_process
     from harness.pipeline.files import discover
-    from harness.pipeline.forward import Forward, first_piece, probe_classes
-    from harness.pipeline.layout import settle_layout
+    from harness.pipeline.loader import ImageDataset
+    from harness.pipeline.placement import place_model
 
-    plan = plan_devices(config)
     tune_process(config)
+    files = discover(config.input_dir)
+    dataset = ImageDataset(files, config.preprocess, None, DecodeLimits.of(config))
+    placed = place_model(config, load_model(config).module, dataset, len(files))  # as the run does
+    forward, plan, batch_size = placed.forward, placed.forward.plan, placed.batch_size
     size = config.preprocess.input_size
-    batch_size = config.batch_size * max(1, len(plan.gpu_ids))
-    blank = torch.zeros((3, size, size), dtype=torch.uint8)
-    model, _ = prepare_model(load_model(config).module, plan, fold_sample(config, plan, blank))  # as the run does
-    plan, _ = settle_layout(config, model, plan, blank, batch_size, len(discover(config.input_dir)))  # as the run does
-    normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
-    classes = probe_classes(model, normalize, blank, plan)
-    forward = Forward(model, normalize, plan, first_piece(plan, batch_size), classes)  # in pieces, as the run
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8).to(plan.device)
 
     def step() -> None:

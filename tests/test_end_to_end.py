@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-import harness.pipeline.runner
+import harness.pipeline.placement
 from harness.config import Preprocess
 from harness.pipeline.decode import load_rgb
 from harness.pipeline.devices import DevicePlan
@@ -155,7 +155,9 @@ def test_data_parallel_is_built_once_for_the_whole_run(harness_run, monkeypatch)
             built.append(kwargs.get("device_ids"))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(harness.pipeline.runner, "plan_devices", lambda config: DevicePlan(torch.device("cpu"), [0, 1]))
+    monkeypatch.setattr(
+        harness.pipeline.placement, "plan_devices", lambda config: DevicePlan(torch.device("cpu"), [0, 1])
+    )
     monkeypatch.setattr(nn, "DataParallel", CountingDataParallel)
     code, rows = harness_run("--batch_size", "2", "--workers", "0")  # 19 images in batches of 4: 5 batches
     assert code == 0 and len(rows) == 19

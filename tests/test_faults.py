@@ -220,3 +220,29 @@ def test_a_workers_death_is_told_by_the_signal_whichever_way_pytorch_raised_it()
     except RuntimeError as reraised:
         assert harness.pipeline.runner._how_the_worker_failed(reraised) == str(killed)
     assert harness.pipeline.runner._how_the_worker_failed(killed) == str(killed)
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        ("return image", "returned Image, not a 3 x H x W tensor"),
+        ("return __import__('numpy').asarray(image)", "returned ndarray"),
+        ("raise ValueError('no such size')", "failed on a blank image: "),
+    ],
+)
+def test_a_model_folders_transform_that_gives_no_tensor_is_exit_4(tmp_path: Path, body: str, said: str, capsys) -> None:
+    folder = _model_folder(tmp_path, body)
+    argv = [str(SAMPLES), str(tmp_path / "p.csv"), "--model-dir", str(folder), "--progress", "false"]
+    assert main(argv) == 4
+    assert said in capsys.readouterr().err
+
+
+def test_a_transform_that_changes_size_on_one_image_fails_that_image_alone(tmp_path: Path) -> None:
+    body = """if image.size == (447, 296):  # chelsea.png less its border
+    return T.ToTensor()(image)"""
+    folder = _model_folder(tmp_path, body)
+    output = tmp_path / "p.csv"
+    assert main([str(SAMPLES), str(output), "--model-dir", str(folder), "--progress", "false"]) == 0
+    reasons = dict(read_rows(tmp_path / "errors.csv"))
+    assert "every image must come out the same size" in reasons["chelsea.png"]
+    assert len(read_rows(output)) == 19

@@ -23,7 +23,7 @@ from tests.helpers import SAMPLES
 
 CPU = DevicePlan(torch.device("cpu"))
 PRE = Preprocess(input_size=16, resize_size=16)
-BLANK = torch.zeros(3, 16, 16, dtype=torch.uint8)
+SAMPLE = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
 class Convolutional(nn.Module):
@@ -79,7 +79,7 @@ def test_the_faster_layout_is_kept_and_the_model_left_in_it(
         harness.pipeline.layout, "_timed_pass", _timed({True: 1.0, False: 2.0 if channels_last_faster else 0.5})
     )
     model = Convolutional()
-    choice = choose_layout(model, CPU, PRE, BLANK, batch_size=64)
+    choice = choose_layout(model, CPU, PRE, SAMPLE, batch_size=64)
     assert choice.channels_last is channels_last_faster
     assert choice.ms_per_image == {"contiguous": 2000.0 if channels_last_faster else 500.0, "channels_last": 1000.0}
     assert _layout_of(model) is channels_last_faster
@@ -108,7 +108,7 @@ def test_a_cold_first_pass_does_not_decide_the_faster_of_each_counts(
     # contiguous, channels_last (cold), contiguous, channels_last (warm)
     monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _passes([1.0, 3.0, 1.0, 0.5], calls))
     monkeypatch.setattr(harness.pipeline.layout, "_put", lambda model, channels_last: None)
-    choice = choose_layout(Convolutional(), plan, PRE, BLANK, batch_size=64)
+    choice = choose_layout(Convolutional(), plan, PRE, SAMPLE, batch_size=64)
     assert calls == [False, True, False, True]
     assert choice.channels_last and choice.ms_per_image == {"contiguous": 1000.0, "channels_last": 500.0}
 
@@ -116,14 +116,14 @@ def test_a_cold_first_pass_does_not_decide_the_faster_of_each_counts(
 def test_on_the_cpu_the_trial_stops_once_channels_last_would_be_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bool] = []
     monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _passes([1.0, 0.9], calls))
-    choice = choose_layout(Convolutional(), CPU, PRE, BLANK, batch_size=64)
+    choice = choose_layout(Convolutional(), CPU, PRE, SAMPLE, batch_size=64)
     assert calls == [False, True]
     assert choice.channels_last and choice.why.endswith("on 4 images x 1 timed pass")
 
     calls.clear()  # elsewhere every round runs
     monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _passes([1.0, 0.9, 1.0, 0.9], calls))
     monkeypatch.setattr(harness.pipeline.layout, "_put", lambda model, channels_last: None)
-    choose_layout(Convolutional(), DevicePlan(torch.device("meta")), PRE, BLANK, batch_size=64)
+    choose_layout(Convolutional(), DevicePlan(torch.device("meta")), PRE, SAMPLE, batch_size=64)
     assert calls == [False, True, False, True]
 
 
@@ -132,19 +132,19 @@ def test_on_the_cpu_contiguous_is_kept_only_after_every_round_says_so(monkeypatc
     rounds = harness.pipeline.layout.CPU_TRIAL_MAX_ROUNDS
     calls: list[bool] = []
     monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _passes([0.5, 1.0, 0.8, 0.6] * rounds, calls))
-    choice = choose_layout(Convolutional(), CPU, PRE, BLANK, batch_size=64)
+    choice = choose_layout(Convolutional(), CPU, PRE, SAMPLE, batch_size=64)
     assert calls == [False, True] * rounds
     assert not choice.channels_last and choice.ms_per_image == {"contiguous": 500.0, "channels_last": 600.0}
 
     calls.clear()  # a later round that shows channels_last faster ends the trial there, in its favour
     monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _passes([0.5, 1.0, 0.8, 0.45], calls))
-    assert choose_layout(Convolutional(), CPU, PRE, BLANK, batch_size=64).channels_last
+    assert choose_layout(Convolutional(), CPU, PRE, SAMPLE, batch_size=64).channels_last
     assert calls == [False, True, False, True]
 
 
 def test_a_real_trial_times_both_layouts_and_agrees() -> None:
     model = Convolutional()
-    choice = choose_layout(model, CPU, PRE, BLANK, batch_size=64)
+    choice = choose_layout(model, CPU, PRE, SAMPLE, batch_size=64)
     assert set(choice.ms_per_image) == {"contiguous", "channels_last"}
     assert "faster" in choice.why or "a close trial" in choice.why  # two layouts a tiny model runs alike
     assert _layout_of(model) is choice.channels_last
@@ -153,7 +153,7 @@ def test_a_real_trial_times_both_layouts_and_agrees() -> None:
 
 @pytest.mark.parametrize(("model", "why"), [(Views(), "channels_last failed"), (ReadsMemory(), "other scores")])
 def test_a_model_channels_last_breaks_keeps_the_default_layout(model: nn.Module, why: str) -> None:
-    choice = choose_layout(model, CPU, PRE, BLANK, batch_size=8)
+    choice = choose_layout(model, CPU, PRE, SAMPLE, batch_size=8)
     assert not choice.channels_last and why in choice.why
     assert not _layout_of(model)
     model(torch.zeros(2, 3, 16, 16))  # still runs as it was written
@@ -168,7 +168,7 @@ def test_an_explicit_setting_is_obeyed_without_a_trial(monkeypatch: pytest.Monke
     monkeypatch.setattr(harness.pipeline.layout, "choose_layout", _no_trial)
     config = build_config({"channels_last": setting}, {}, {})
     plan = DevicePlan(torch.device("cpu"), channels_last=config.channels_last)
-    settled, choice = settle_layout(config, Convolutional(), plan, BLANK, 64, images=10**6)
+    settled, choice = settle_layout(config, Convolutional(), plan, SAMPLE, 64, images=10**6)
     assert settled.channels_last is choice.channels_last is (setting == "true") and choice.why.startswith("set")
 
 
@@ -176,7 +176,7 @@ def test_auto_is_the_default_and_a_few_images_on_the_cpu_get_no_trial(monkeypatc
     monkeypatch.setattr(harness.pipeline.layout, "choose_layout", _no_trial)
     config = build_config({}, {}, {})
     assert config.channels_last == "auto"
-    settled, choice = settle_layout(config, Convolutional(), CPU, BLANK, 64, images=19)
+    settled, choice = settle_layout(config, Convolutional(), CPU, SAMPLE, 64, images=19)
     assert not settled.channels_last and "too few" in choice.why
 
 
@@ -186,7 +186,7 @@ def test_a_resumed_run_keeps_the_layout_the_first_run_chose(tmp_path: Path, monk
     partial_path(config.output_file).write_text("")
     record_path(config.output_file).write_text(json.dumps({"channels_last": True}))
     model = Convolutional()
-    settled, choice = settle_layout(config, model, CPU, BLANK, 64, images=10**6)
+    settled, choice = settle_layout(config, model, CPU, SAMPLE, 64, images=10**6)
     assert settled.channels_last and "resumes" in choice.why and _layout_of(model)
 
 
@@ -218,6 +218,6 @@ def test_on_the_cpu_contiguous_must_be_clearly_faster_to_be_kept(
 ) -> None:
     """A few images rank the layouts less clearly than the run's pieces: within 5%, the CPU keeps channels_last."""
     monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _timed({True: 1.0, False: contiguous_s}))
-    choice = choose_layout(Convolutional(), CPU, PRE, BLANK, batch_size=64)
+    choice = choose_layout(Convolutional(), CPU, PRE, SAMPLE, batch_size=64)
     assert choice.channels_last is channels_last
     assert ("close trial" in choice.why) is channels_last

@@ -2,12 +2,15 @@
 
 In eval mode a BatchNorm is an affine per channel, y = (x - mean) / sqrt(var + eps) * gamma + beta; after a
 convolution it can live in the convolution's own weights and bias, which saves a pass over every activation: a
-large share of a convolutional model's time on the CPU (docs/benchmarks.md). The pairs are found by watching one
-forward pass (a BatchNorm whose input is the very tensor a convolution returned), not by guessing from names, and
-every fold is checked: each folded convolution must give its BatchNorm's old output on the same input, and the
-whole model its old scores, or the model is put back as it was written. A convolution whose output something else
-also reads, a weight-standardising convolution, a BatchNorm subclass that does more than normalise: none of these
-is folded, or the check puts it back.
+large share of a convolutional model's time on the CPU (docs/benchmarks.md). Folding changes what the
+convolution returns, so it is done only where that can change nothing else, as seen by watching one forward pass
+with every torch call recorded: the BatchNorm reads the very tensor the convolution returned and nothing else
+reads it (no residual branch, no `y - 1.8` beside it, no in-place change), both are called once, the weight is the
+convolution's own, and neither has hooks (a hook on the BatchNorm would stop firing; one on the convolution would
+see other numbers). Every fold is then checked: each folded convolution must give its BatchNorm's old output on
+the same input, and the whole model its old scores on several real images of the run, or the model is put back as
+it was written. A failure anywhere in that check means "as written". Where a folded BatchNorm sat, a stand-in
+passes its input on and still answers for the BatchNorm's attributes (`num_features`, `eps`, ...).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from harness.models.outputs import SAME_ATOL, SAME_RTOL
 
@@ -70,16 +75,19 @@ def _foldable_conv(module: nn.Module) -> bool:
 
 
 def fold_batchnorm(model: nn.Module, sample: torch.Tensor, scores: Callable[[object], torch.Tensor]) -> FoldResult:
-    """Fold what can be folded in `model` (in eval mode, on its device), checked on `sample` (model inputs);
-    `scores` turns the model's output into an N x C tensor. The model is changed in place, or left as it was."""
+    """Fold what can be folded in `model` (in eval mode, on its device), checked on `sample` (model inputs: real
+    images of the run, a few); `scores` turns the model's output into an N x C tensor. The model is changed in
+    place, or left as it was."""
     if not any(_foldable_norm(m) for m in model.modules()):
         return FoldResult(0, "no BatchNorm to fold")
+    if _global_hooks():
+        return FoldResult(0, "not folded: module hooks are registered globally (they would see other numbers)")
     try:
         pairs, reference = _watch(model, sample, scores)
     except (Exception, SystemExit):  # the model's own failure: the probe after this reports it to the user
-        return FoldResult(0, "not folded: the model failed on a random input")
+        return FoldResult(0, "not folded: the model failed on the check images")
     if not pairs:
-        return FoldResult(0, "no BatchNorm directly after a convolution")
+        return FoldResult(0, "no BatchNorm that only a convolution's output feeds, and nothing else reads")
     undo: list[_Undo] = []
     kept = 0
     for pair in pairs:
@@ -92,8 +100,12 @@ def fold_batchnorm(model: nn.Module, sample: torch.Tensor, scores: Callable[[obj
     del pairs
     if not undo:
         return FoldResult(0, f"none folded: {kept} folds changed their layer's output")
-    with torch.inference_mode():
-        folded = scores(model(sample)).float()
+    try:
+        with torch.inference_mode():
+            folded = scores(model(sample)).float()
+    except (Exception, SystemExit) as error:  # the folded model read something the fold took away
+        _restore(undo)
+        return FoldResult(0, f"none folded: the folded model failed ({type(error).__name__})")
     scale = float(reference.abs().max()) if reference.numel() else 1.0
     if folded.shape != reference.shape or not torch.allclose(
         folded, reference, rtol=SAME_RTOL, atol=SAME_ATOL * max(1.0, scale)
@@ -104,31 +116,123 @@ def fold_batchnorm(model: nn.Module, sample: torch.Tensor, scores: Callable[[obj
     return FoldResult(len(undo), f"{len(undo)} BatchNorms folded into their convolutions{note}")
 
 
+def _global_hooks() -> bool:
+    """Whether any forward hook is registered for every module (torch.nn.modules.module's globals)."""
+    from torch.nn.modules import module as torch_module
+
+    names = ("_global_forward_hooks", "_global_forward_pre_hooks")
+    return any(bool(getattr(torch_module, name, None)) for name in names)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+# Calls that read a tensor's metadata, not its values: they are no other reader of a convolution's output.
+_METADATA_CALLS = frozenset(
+    {
+        "dim",
+        "size",
+        "stride",
+        "numel",
+        "nelement",
+        "ndimension",
+        "element_size",
+        "is_contiguous",
+        "is_floating_point",
+        "is_complex",
+        "get_device",
+        "storage_offset",
+    }
+)
+_METADATA_ATTRIBUTES = frozenset(
+    {
+        "shape",
+        "dtype",
+        "device",
+        "ndim",
+        "layout",
+        "is_cuda",
+        "is_cpu",
+        "is_meta",
+        "requires_grad",
+        "is_sparse",
+        "is_quantized",
+        "names",
+        "grad_fn",
+        "is_leaf",
+    }
+)
+
+
+def _reads_values(func: Callable[..., object]) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", "") not in _METADATA_ATTRIBUTES
+    return name not in _METADATA_CALLS
+
+
+class _Readers(TorchFunctionMode):
+    """Records every torch call that reads the values of a watched tensor (a convolution's output), and which
+    BatchNorm was running when it did."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: dict[int, torch.Tensor] = {}
+        self.reads: dict[int, list[tuple[str, nn.Module | None]]] = {}
+        self.norm: nn.Module | None = None  # the BatchNorm whose forward is running
+        self.paused = False  # our own hooks' copies are no reads
+
+    def watch(self, tensor: torch.Tensor) -> None:
+        self.watched[id(tensor)] = tensor  # held, so its id is not reused while the pass runs
+        self.reads[id(tensor)] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if not self.paused and _reads_values(func):
+            for leaf in tree_flatten((args, kwargs))[0]:
+                if isinstance(leaf, torch.Tensor) and self.watched.get(id(leaf)) is leaf:
+                    self.reads[id(leaf)].append((getattr(func, "__name__", ""), self.norm))
+        return func(*args, **kwargs)
+
+
 def _watch(
     model: nn.Module, sample: torch.Tensor, scores: Callable[[object], torch.Tensor]
 ) -> tuple[list[_Pair], torch.Tensor]:
-    """One forward pass with hooks: each (convolution, BatchNorm) where the BatchNorm read exactly the tensor the
-    convolution returned, both called once, the convolution's weight its own; and the model's scores."""
+    """One forward pass with hooks and every torch call recorded: each (convolution, BatchNorm) where the BatchNorm
+    read exactly the tensor the convolution returned and nothing else read it, both called once, the convolution's
+    weight its own and neither hooked by anyone else; and the model's scores."""
+    convs = [m for m in model.modules() if _foldable_conv(m) and not m._forward_hooks]
+    norms = [m for m in model.modules() if _foldable_norm(m) and not _hooked(m)]
     calls: Counter[nn.Module] = Counter()
     produced: dict[int, tuple[_ConvNd, torch.Tensor, torch.Tensor]] = {}
-    seen: list[_Pair] = []
+    seen: list[tuple[_Pair, int]] = []
+    readers = _Readers()
 
     def after_conv(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         calls[module] += 1
         if isinstance(output, torch.Tensor) and inputs and isinstance(inputs[0], torch.Tensor):
             produced[id(output)] = (module, inputs[0], output)  # type: ignore[assignment]
+            readers.watch(output)
+
+    def before_norm(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        readers.norm = module
 
     def after_norm(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        readers.norm = None
         calls[module] += 1
         entry = produced.get(id(inputs[0])) if inputs else None
         if entry is not None and entry[2] is inputs[0] and isinstance(output, torch.Tensor):
             # copies: an in-place activation after the BatchNorm (ReLU(inplace=True)) would change them
-            seen.append(_Pair(entry[0], module, entry[1].clone(), output.clone()))  # type: ignore[arg-type]
+            readers.paused = True
+            seen.append((_Pair(entry[0], module, entry[1].clone(), output.clone()), id(inputs[0])))  # type: ignore[arg-type]
+            readers.paused = False
 
-    hooks = [m.register_forward_hook(after_conv) for m in model.modules() if _foldable_conv(m)]
-    hooks += [m.register_forward_hook(after_norm) for m in model.modules() if _foldable_norm(m)]
+    hooks = [m.register_forward_hook(after_conv) for m in convs]
+    hooks += [m.register_forward_pre_hook(before_norm) for m in norms]
+    hooks += [m.register_forward_hook(after_norm) for m in norms]
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), readers:
             reference = scores(model(sample)).float()
     finally:
         for hook in hooks:
@@ -137,13 +241,29 @@ def _watch(
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     pairs = [
         pair
-        for pair in seen
+        for pair, watched in seen
         if calls[pair.conv] == 1
         and calls[pair.norm] == 1
         and owners[id(pair.conv.weight)] == 1
         and pair.norm.num_features == pair.conv.out_channels
+        and readers.reads[watched] == [("batch_norm", pair.norm)]  # its BatchNorm, and nothing else, read it
     ]
     return pairs, reference
+
+
+class FoldedBatchNorm(nn.Identity):
+    """Where a folded BatchNorm sat: its input passes on unchanged (the convolution before it now does the
+    BatchNorm's work), and the BatchNorm's attributes still answer (`self.bn.num_features` in a model's forward)."""
+
+    def __init__(self, norm: _BatchNorm) -> None:
+        super().__init__()
+        object.__setattr__(self, "folded", norm)  # not a submodule: its parameters are inside the convolution now
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "folded"), name)
 
 
 def _fold(model: nn.Module, pair: _Pair) -> _Undo:
@@ -166,7 +286,7 @@ def _fold(model: nn.Module, pair: _Pair) -> _Undo:
             ((bias - norm.running_mean.double()) * scale + shift).to(conv.weight.dtype), requires_grad=False
         )
     for parent, attribute in places:
-        setattr(parent, attribute, nn.Identity())
+        setattr(parent, attribute, FoldedBatchNorm(norm))
     return undo
 
 

@@ -106,14 +106,14 @@ def seeded_images(blank: torch.Tensor, count: int) -> torch.Tensor:
     return torch.rand(shape, generator=seeded).to(blank.dtype)
 
 
-def fold_sample(config: Config, plan: DevicePlan, blank: torch.Tensor) -> torch.Tensor | None:
-    """One seeded random input as the model receives it, to check the BatchNorm folds on; None where
-    fold_batchnorm is off. float32 whatever the AMP: the folds are checked without autocast, in the weights' own
-    precision."""
+def fold_sample(config: Config, plan: DevicePlan, sample: torch.Tensor) -> torch.Tensor | None:
+    """The check images (harness/pipeline/loader.py: check_sample) as the model receives them, to check the
+    BatchNorm folds on; None where fold_batchnorm is off. float32 whatever the AMP: the folds are checked without
+    autocast, in the weights' own precision."""
     if not config.fold_batchnorm:
         return None
     normalize = DeviceNormalizer(config.preprocess, plan.device, torch.float32, plan.channels_last)
-    return normalize(seeded_images(blank, 1).to(plan.device))
+    return normalize(sample.to(plan.device))
 
 
 @contextlib.contextmanager

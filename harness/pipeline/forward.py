@@ -14,7 +14,7 @@ from torch import nn
 from harness.console import say
 from harness.errors import HarnessError, ModelError, describe_user_error, is_dataloader_failure
 from harness.models.onnx_runtime import OnnxModule
-from harness.models.outputs import as_logits
+from harness.models.outputs import SAME_ATOL, SAME_RTOL, as_logits
 from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context
 
 
@@ -98,20 +98,29 @@ class Forward:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
-def compiled_forward(forward: Forward, blank: torch.Tensor) -> Forward:
-    """`forward` with its model under torch.compile, compiled now on a blank batch so the wait and any failure
-    come before the first image; where it cannot compile, the eager `forward` with a one-line warning."""
+def compiled_forward(forward: Forward, sample: torch.Tensor) -> Forward:
+    """`forward` with its model under torch.compile, compiled now on the check images (harness/pipeline/loader.py:
+    check_sample) padded to the piece size, so the wait and any failure come before the first image; kept only
+    where the compiled model gives the eager model's scores on them. Otherwise the eager `forward`, with one line."""
     if isinstance(forward.model, (nn.DataParallel, OnnxModule)):
         say("--compile applies to one PyTorch model on one device: running eagerly (use torchrun for several GPUs)")
         return forward
     started = time.perf_counter()
+    images = forward.normalize(
+        sample.repeat(-(-forward.piece // len(sample)), 1, 1, 1)[: forward.piece].to(forward.plan.device)
+    )
     try:  # the compiler's own error, not Forward's message for a model failing on real images
         model = torch.compile(forward.model)  # refuses at once where dynamo cannot run (an unsupported Python)
         with inference_context(forward.plan):
-            model(forward.normalize(blank.expand(forward.piece, *blank.shape).to(forward.plan.device)))
+            compiled = as_logits(model(images), len(images)).float()
+            eager = as_logits(forward.model(images), len(images)).float()
     except Exception as error:  # a missing C++ compiler, an operator the compiler cannot take, ...
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         say(f"torch.compile failed ({type(error).__name__}: {first_line[:200]}): running eagerly")
+        return forward
+    scale = max(1.0, float(eager.abs().max()))
+    if not torch.allclose(compiled, eager, rtol=SAME_RTOL, atol=SAME_ATOL * scale):
+        say("torch.compile changed the model's scores on the check images: running eagerly")
         return forward
     say(f"compiled the model in {time.perf_counter() - started:.1f} s")
     return dataclasses.replace(forward, model=model, pad=True)

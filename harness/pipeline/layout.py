@@ -20,7 +20,7 @@ from harness.config import Config, Preprocess
 from harness.errors import describe_user_error
 from harness.models.onnx_runtime import OnnxModule
 from harness.models.outputs import SAME_ATOL, SAME_RTOL, as_logits
-from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context, seeded_images
+from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context
 from harness.pipeline.resume import recorded_layout
 
 # Timed passes per layout on a GPU (on the CPU see CPU_TRIAL_MAX_ROUNDS), alternating; the faster of each layout's
@@ -59,7 +59,7 @@ class LayoutChoice:
 
 
 def settle_layout(
-    config: Config, model: nn.Module, plan: DevicePlan, blank: torch.Tensor, batch_size: int, images: int
+    config: Config, model: nn.Module, plan: DevicePlan, sample: torch.Tensor, batch_size: int, images: int
 ) -> tuple[DevicePlan, LayoutChoice]:
     """The layout for a run of `images`, the model put in it: as `channels_last` says, or for `auto` as the run a
     resumed one continues chose, or the default where a trial cannot pay on the CPU, or else as measured now."""
@@ -73,21 +73,22 @@ def settle_layout(
     elif plan.device.type == "cpu" and images < CPU_PAYBACK * cpu_trial_images:
         choice = LayoutChoice(False, {}, f"{images} images are too few to pay for a trial on the CPU")
     else:
-        choice = choose_layout(model, plan, config.preprocess, blank, batch_size)
+        choice = choose_layout(model, plan, config.preprocess, sample, batch_size)
     return dataclasses.replace(plan, channels_last=choice.channels_last), choice
 
 
 def choose_layout(
-    model: nn.Module, plan: DevicePlan, pre: Preprocess, blank: torch.Tensor, batch_size: int
+    model: nn.Module, plan: DevicePlan, pre: Preprocess, sample: torch.Tensor, batch_size: int
 ) -> LayoutChoice:
     """Time the model in both layouts and leave it in the faster, or in the default (contiguous) one where
     channels_last fails or gives other scores (a model that .view()s its activations). `model` is in the default
-    layout on `plan.device`; `blank` is one input as the decoders make it (uint8, or a model folder's floats)."""
+    layout on `plan.device`; `sample` is the check images as the decoders make them (uint8, or a model folder's
+    floats; harness/pipeline/loader.py: check_sample), repeated to the trial's count."""
     if isinstance(model, OnnxModule):
         return LayoutChoice(False, {}, "an ONNX model: its runtime chooses the layout")
     started = time.perf_counter()
     count = batch_size if plan.device.type == "cuda" else min(batch_size, CPU_TRIAL_IMAGES)
-    images = seeded_images(blank, count).to(plan.device)
+    images = sample.repeat(-(-count // len(sample)), 1, 1, 1)[:count].to(plan.device)
     outputs: dict[bool, torch.Tensor] = {}
     times: dict[bool, list[float]] = {False: [], True: []}
     failed = ""

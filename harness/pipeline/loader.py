@@ -15,8 +15,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from harness.config import Preprocess
+from harness.config import TRANSFORM_FILE, Preprocess
+from harness.errors import ModelError, describe_user_error
 from harness.pipeline.decode import DecodeLimits, decode_sample
+from harness.pipeline.devices import seeded_images
 from harness.pipeline.files import ImageFile
 from harness.pipeline.host import yield_cores
 from harness.pipeline.tracker import DecoderTracker
@@ -51,7 +53,11 @@ class ImageDataset(Dataset):
         self.limits = limits or DecodeLimits()
         # Drafting needs to know the size the image is cut to, which a model folder's own transform hides.
         self._draft_to = pre.resize_to if pre.jpeg_draft and custom is None else None
-        self.blank = torch.zeros_like(self._transform(Image.new("RGB", (pre.resize_to, pre.resize_to))))
+        self.blank: torch.Tensor | None = None
+        try:
+            self.blank = torch.zeros_like(self._transform(Image.new("RGB", (pre.resize_to, pre.resize_to))))
+        except Exception as error:  # only a model folder's own transform can fail here
+            raise ModelError(f"the model folder's {TRANSFORM_FILE} failed on a blank image: {error}") from error
         self.tracker: DecoderTracker | None = None
 
     def watch(self, workers: int) -> DecoderTracker:
@@ -61,9 +67,27 @@ class ImageDataset(Dataset):
         return self.tracker
 
     def _transform(self, image: Image.Image) -> torch.Tensor:
-        if self.custom is not None:
-            return self.custom(image)
-        return torch.from_numpy(geometry(image, self.pre))
+        if self.custom is None:
+            return torch.from_numpy(geometry(image, self.pre))
+        try:
+            out = self.custom(image)
+        except Exception as error:
+            raise ValueError(f"{TRANSFORM_FILE}'s transform failed: {describe_user_error(error)}") from error
+        if (
+            not isinstance(out, torch.Tensor)
+            or out.dim() != 3
+            or not (out.is_floating_point() or out.dtype == torch.uint8)
+        ):
+            shown = f"{out.dtype} of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"{TRANSFORM_FILE}'s transform returned {shown}, not a 3 x H x W tensor (end it with ToTensor())"
+            )
+        if self.blank is not None and out.shape != self.blank.shape:
+            raise ValueError(
+                f"{TRANSFORM_FILE}'s transform gave {tuple(out.shape)} for this image, {tuple(self.blank.shape)} for a "
+                "blank one: every image must come out the same size (end it with a crop to a fixed size)"
+            )
+        return out
 
     def __len__(self) -> int:
         return len(self.files)
@@ -77,6 +101,20 @@ class ImageDataset(Dataset):
         if self.tracker is not None:
             self.tracker.release(slot)
         return index, (self.blank if image is None else image), error
+
+
+CHECK_IMAGES = 4  # of the run's own images, on which every speed-up must leave the scores as they were
+
+
+def check_sample(dataset: ImageDataset, count: int = CHECK_IMAGES) -> torch.Tensor:
+    """What each speed-up (BatchNorm folding, the memory layout, --compile) is checked on, N x 3 x H x W as the
+    decoders make it: up to `count` of the run's own images spread over its list, decoded as the workers decode
+    them (unreadable ones skipped), and one seeded random image. Real images reach the branches a model takes on
+    real input, which one random tensor may never do."""
+    total = len(dataset)
+    picks = sorted({round(i * (total - 1) / max(1, count - 1)) for i in range(count)}) if total else []
+    decoded = [image for _, image, error in (dataset[index] for index in picks) if not error]
+    return torch.stack([*decoded, seeded_images(dataset.blank, 1)[0]])
 
 
 def collate(samples: list[tuple[int, torch.Tensor, str]]) -> Batch:

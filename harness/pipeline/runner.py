@@ -23,13 +23,13 @@ from harness.errors import OutputError, is_dataloader_failure
 from harness.models.load import load_model
 from harness.models.python_class import load_custom_transform
 from harness.pipeline.decode import DecodeLimits
-from harness.pipeline.devices import DeviceNormalizer, fold_sample, plan_devices, prepare_model, tune_process
+from harness.pipeline.devices import tune_process
 from harness.pipeline.files import Discovery, ImageFile
-from harness.pipeline.forward import Forward, compiled_forward, first_piece, probe_classes
+from harness.pipeline.forward import Forward, compiled_forward
 from harness.pipeline.headstart import HeadStart
 from harness.pipeline.host import usable_cpus
-from harness.pipeline.layout import settle_layout
 from harness.pipeline.loader import Batch, ImageDataset, fit_to_shm, make_loader, shm_free_bytes
+from harness.pipeline.placement import place_model
 from harness.pipeline.resume import check_identity, record_identity, record_path, resume_point, run_identity
 from harness.pipeline.tracker import DecoderTracker
 from harness.results.labels import LabelMap, make_label_map
@@ -149,20 +149,14 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
 
     loaded = load_model(config)
     custom = load_custom_transform(config)
-    plan = plan_devices(config)
-    normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
     dataset = ImageDataset(files, config.preprocess, custom, DecodeLimits.of(config))
-    model, folded = prepare_model(loaded.module, plan, fold_sample(config, plan, dataset.blank))
-    report.fold_batchnorm = folded.describe()
-    num_classes = probe_classes(model, normalize, dataset.blank, plan)
+    # folded, probed and its layout timed while the head start still decodes, before the DataLoader's workers start
+    placed = place_model(config, loaded.module, dataset, len(files))
+    plan, num_classes, batch_size = placed.forward.plan, placed.classes, placed.batch_size
+    report.fold_batchnorm, report.layout = placed.folded.describe(), placed.layout.describe()
     label_map, warnings = make_label_map(config.label_map, num_classes, config.topk, config.softmax, loaded.labels)
     for warning in warnings:
         say(warning)
-    batch_size = config.batch_size * max(1, len(plan.gpu_ids))
-    # timed while the head start still decodes, before the DataLoader's workers compete for the cores
-    plan, layout = settle_layout(config, model, plan, dataset.blank, batch_size, len(files))
-    normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
-    report.layout = layout.describe()
     head_images = head.stop(batch_size) if head is not None else 0  # none when resuming: it never runs then
     workers, prefetch = _decoders(config, dataset, batch_size)
     report.model = loaded.describe(num_classes, "model folder's data_transform_description.py" if custom else "harness")
@@ -187,9 +181,7 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
     batches: Iterable[Batch] = iter(loader) if len(remaining) else iter(())
     if head is not None:
         batches = itertools.chain(head_batches(head, timeout), batches)
-    forward = Forward(model, normalize, plan, first_piece(plan, batch_size), num_classes)
-    if config.compile:
-        forward = compiled_forward(forward, dataset.blank)
+    forward = compiled_forward(placed.forward, placed.sample) if config.compile else placed.forward
     recorder = ProbabilityRecorder(label_map.softmax) if config.save_probs else None
     return RunPlan(
         config, files, found.unreadable, done, batches, forward, label_map, tracker, recorder, report, started, clock

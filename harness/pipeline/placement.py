@@ -1,0 +1,44 @@
+"""The model put where it runs, ready for the first batch: on its device(s), its BatchNorms folded where that is
+proven to change nothing, its output width probed, its memory layout settled, and the forward pass that feeds it
+batches. The run and scripts/bench.py place a model through this one function, so what is measured is what runs.
+
+Every speed-up is checked on the same few real images of the run (loader.check_sample), not on a random tensor:
+a model's branches follow its input, and random pixels may never reach the branch a speed-up would break.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from harness.config import Config
+from harness.models.fold import FoldResult
+from harness.pipeline.devices import DeviceNormalizer, fold_sample, plan_devices, prepare_model
+from harness.pipeline.forward import Forward, first_piece, probe_classes
+from harness.pipeline.layout import LayoutChoice, settle_layout
+from harness.pipeline.loader import ImageDataset, check_sample
+
+
+@dataclass(frozen=True)
+class Placement:
+    forward: Forward  # the model, its device plan (forward.plan) and its input normaliser, in pieces
+    classes: int  # the output width every batch must keep
+    batch_size: int  # images a step takes, over every GPU
+    folded: FoldResult
+    layout: LayoutChoice
+    sample: object  # the check images (N x 3 x H x W as the decoders make them), for --compile's check after
+
+
+def place_model(config: Config, module: nn.Module, dataset: ImageDataset, images: int) -> Placement:
+    """`module` (a loaded model) made ready for a run of `images` images drawn from `dataset`."""
+    plan = plan_devices(config)
+    sample = check_sample(dataset)
+    model, folded = prepare_model(module, plan, fold_sample(config, plan, sample))
+    probe = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
+    classes = probe_classes(model, probe, dataset.blank, plan)
+    batch_size = config.batch_size * max(1, len(plan.gpu_ids))
+    plan, layout = settle_layout(config, model, plan, sample, batch_size, images)
+    normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
+    forward = Forward(model, normalize, plan, first_piece(plan, batch_size), classes)
+    return Placement(forward, classes, batch_size, folded, layout, sample)
