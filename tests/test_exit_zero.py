@@ -217,22 +217,22 @@ def _limited(limit: int):  # type: ignore[no-untyped-def]
 
 @pytest.mark.equivalence
 def test_6a_a_full_disk_is_exit_6_and_resume_goes_on(tmp_path: Path, model: Path) -> None:
-    images = image_set(tmp_path / "in", ["good"] * 20)
+    images = image_set(tmp_path / "in", ["good"] * 40)
     options = ["--model-dir", str(model), "--progress", "false", "--batch-size", "4", "--workers", "0"]
     reference = tmp_path / "ref" / "p.csv"
     assert main([str(images), str(reference), *options]) == 0
     output = tmp_path / "out" / "p.csv"
     command = [sys.executable, "entrypoint.py", str(images), str(output), *options]
     env = env_without_build_args()
-    # Files may grow to 1000 bytes (Python ignores SIGXFSZ, so writing past it fails as a full disk does):
-    # two batches of about 350 bytes fit, the third does not.
-    full = subprocess.run(command, cwd=REPO, env=env, preexec_fn=_limited(1000), capture_output=True, text=True)
+    # Files may grow to 2400 bytes (Python ignores SIGXFSZ, so writing past it fails as a full disk does): the
+    # resume record (about 1600 bytes) and six batches of about 350 bytes fit, the seventh does not.
+    full = subprocess.run(command, cwd=REPO, env=env, preexec_fn=_limited(2400), capture_output=True, text=True)
     assert full.returncode == 6, full.stderr
     assert full.stderr.strip().splitlines()[-1].startswith("harness: error: cannot write") and "free on" in full.stderr
     assert "Traceback" not in full.stderr
     partial = output.with_name("p.csv.partial")
     assert partial.read_bytes() == reference.read_bytes()[: len(partial.read_bytes())]
-    assert len(read_rows(partial)) == 8 and partial.read_bytes().endswith(b"\n")
+    assert len(read_rows(partial)) == 24 and partial.read_bytes().endswith(b"\n")
     assert not output.with_name("run.json.partial").exists()
     resumed = subprocess.run([*command, "--resume"], cwd=REPO, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr

@@ -209,7 +209,7 @@ def test_run_json_and_the_resume_record_carry_the_choice(tmp_path: Path, monkeyp
 
 def test_the_resume_record_holds_the_layout_chosen_not_auto() -> None:
     model = {"class": "Model", "source": None, "checkpoint": None}
-    assert run_identity(build_config({}, {}, {}), model, 64, "cpu", channels_last=True)["channels_last"] is True
+    assert run_identity(build_config({}, {}, {}), model, [], 64, "cpu", channels_last=True)["channels_last"] is True
 
 
 @pytest.mark.parametrize(("contiguous_s", "channels_last"), [(0.97, True), (0.9, False)])

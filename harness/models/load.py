@@ -4,7 +4,7 @@ module. Every kind comes back as an `nn.Module` the pipeline calls alike."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from harness.models.checkpoint import load_weights, read_state_dict, resolve_che
 from harness.models.hf_model import load_hf_model
 from harness.models.onnx_runtime import OnnxModule, make_session
 from harness.models.python_class import DEFAULT_CLASS, create_model, find_module_file
+from harness.models.reads import watch_reads
 from harness.models.saved import load_saved_model
 from harness.models.source import HF_CONFIG, ONNX_SUFFIXES, SAVED_SUFFIXES, find_saved_file, model_kind
 from harness.models.timm_model import load_timm_model
@@ -29,6 +30,7 @@ class LoadedModel:
     checkpoint: str | None
     parameters: int | None  # None for an ONNX model: onnxruntime does not expose its weights
     labels: list[str] | None = None  # class names the model carries (Hugging Face id2label, an exported ONNX file)
+    files_read: list[str] = field(default_factory=list)  # every file loading it read (harness/models/reads.py)
 
     def describe(self, classes: int, transform: str) -> dict[str, object]:
         """The model as run.json records it."""
@@ -113,6 +115,13 @@ def load_hf(config: Config) -> LoadedModel:
 
 
 def load_model(config: Config) -> LoadedModel:
+    with watch_reads() as files_read:
+        loaded = _load_model(config)
+    loaded.files_read = sorted(files_read)
+    return loaded
+
+
+def _load_model(config: Config) -> LoadedModel:
     kind = model_kind(config)
     if kind == "timm":
         return load_timm(config)

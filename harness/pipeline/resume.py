@@ -22,6 +22,7 @@ from typing import Any
 
 from harness.config import Config
 from harness.errors import ConfigError
+from harness.results.report import software
 from harness.results.writer import open_csv, partial_path, row_writer, write_atomic_text
 
 
@@ -44,11 +45,21 @@ def _rewrite(path: Path, rows: list[list[str]]) -> None:
             write(row)
 
 
-def resume_point(output: Path, errors: Path, keys: list[str], row_width: int, batch_size: int) -> tuple[int, int]:
-    """Leave the partial files holding exactly the rows to keep; return (rows kept, failures among them)."""
+LOST_REASON = "failed in the interrupted run; its reason was not saved before it stopped"
+
+
+def resume_point(
+    output: Path, errors: Path, keys: list[str], failure_fields: list[str], batch_size: int
+) -> tuple[int, int]:
+    """Leave the partial files holding exactly the rows to keep; return (rows kept, failures among them).
+
+    The failures are counted from the predictions' own failure rows, the file that is submitted: errors.csv is
+    flushed first, so a run stopped between the two writes leaves a reason too many (dropped here), never one too
+    few; a failure row whose reason is missing all the same still counts, with a line saying its reason was lost."""
     partial = partial_path(output)
     if not partial.exists():
         return 0, 0
+    row_width = 1 + len(failure_fields)
     rows, last_whole = _read_rows(partial)
     if rows and not last_whole:
         rows.pop()
@@ -63,16 +74,13 @@ def resume_point(output: Path, errors: Path, keys: list[str], row_width: int, ba
             )
     kept = len(rows) - len(rows) % batch_size
     _rewrite(partial, rows[:kept])
-    done = set(keys[:kept])
-    failures = 0
+    failed = [row[0] for row in rows[:kept] if row[1:] == failure_fields]
     errors_partial = partial_path(errors)
+    reasons = {}
     if errors_partial.exists():
-        error_rows = [row for row in _read_rows(errors_partial)[0] if len(row) == 2 and row[0] in done]
-        _rewrite(errors_partial, error_rows)
-        failures = len(error_rows)
-    else:
-        _rewrite(errors_partial, [])
-    return kept, failures
+        reasons = {row[0]: row[1] for row in _read_rows(errors_partial)[0] if len(row) == 2}
+    _rewrite(errors_partial, [[key, reasons.get(key, LOST_REASON)] for key in failed])
+    return kept, len(failed)
 
 
 def record_path(output: Path) -> Path:
@@ -90,14 +98,50 @@ def file_digest(path: str | Path | None) -> str | None:
     return digest.hexdigest()
 
 
+FOLDER_FILES_MAX = 2000  # a model folder with more is someone's whole tree: only the files the load read count
+FOLDER_BYTES_MAX = 16 * 2**30
+
+
+def model_files(folder: Path, files_read: list[str]) -> dict[str, str | None]:
+    """The contents of everything the model is made of: each file in its folder (by path inside it, hidden files
+    and bytecode caches aside) and each file loading it read from elsewhere (by absolute path)."""
+    chosen: dict[str, Path] = {}
+    if folder.is_dir():
+        listed, size = [], 0
+        for path in sorted(folder.rglob("*")):
+            inside = path.relative_to(folder).parts
+            if any(part.startswith(".") or part == "__pycache__" for part in inside) or not path.is_file():
+                continue
+            listed.append(path)
+            size += path.stat().st_size
+            if len(listed) > FOLDER_FILES_MAX or size > FOLDER_BYTES_MAX:
+                listed = []
+                break
+        chosen.update((path.relative_to(folder).as_posix(), path) for path in listed)
+    resolved = folder.resolve()
+    for name in files_read:
+        path = Path(name)
+        key = path.relative_to(resolved).as_posix() if path.is_relative_to(resolved) else name
+        chosen.setdefault(key, path)
+    return {key: file_digest(path) for key, path in sorted(chosen.items())}
+
+
 def run_identity(
-    config: Config, model: dict[str, Any], batch_size: int, device_type: str, channels_last: bool
+    config: Config,
+    model: dict[str, Any],
+    files_read: list[str],
+    batch_size: int,
+    device_type: str,
+    channels_last: bool,
 ) -> dict[str, Any]:
-    """What shapes this run's rows; `model` is run.json's description of the loaded model, `channels_last` the
-    layout it runs in (chosen at start-up under `channels_last: auto`)."""
+    """What shapes this run's rows; `model` is run.json's description of the loaded model, `files_read` what
+    loading it read, `channels_last` the layout it runs in (chosen at start-up under `channels_last: auto`)."""
     label_map = config.label_map
+    installed = software()
     return {
         "model_class": model["class"],
+        "model_files": model_files(config.model_dir, files_read),
+        "software": {"python": installed["python"], "packages": installed["packages"]},
         "model_source": file_digest(model["source"]),
         "checkpoint": file_digest(model["checkpoint"]),
         "transform_file": file_digest(config.transform_file),
@@ -138,18 +182,31 @@ def check_identity(output: Path, identity: dict[str, Any]) -> None:
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        recorded = None
+    if not isinstance(recorded, dict):
         raise ConfigError(
             f"--resume: {partial_path(output)} has no readable record of the model and settings that wrote it "
             f"({path}), so it cannot be continued safely. Delete it, or run without --resume to start over."
-        ) from None
-    current = json.loads(json.dumps(identity, default=str))
-    differ = sorted(key for key in recorded.keys() | current.keys() if recorded.get(key) != current.get(key))
+        )
+    differ = _differences(recorded, json.loads(json.dumps(identity, default=str)))
     if differ:
-        shown = "; ".join(f"{key}: {_short(recorded.get(key))} then, {_short(current.get(key))} now" for key in differ)
+        shown = "; ".join(f"{key}: {_short(then)} then, {_short(now)} now" for key, then, now in differ[:4])
         raise ConfigError(
             f"--resume: {partial_path(output)} was written by another model or other settings ({shown}). Resume "
             "with the same ones, or run without --resume to start over."
         )
+
+
+def _differences(recorded: dict[str, Any], current: dict[str, Any], within: str = "") -> list[tuple[str, Any, Any]]:
+    """(name, then, now) for each difference, naming the file or package inside a nested record."""
+    found = []
+    for key in sorted(recorded.keys() | current.keys()):
+        then, now, name = recorded.get(key), current.get(key), f"{within}{key}"
+        if isinstance(then, dict) and isinstance(now, dict):
+            found.extend(_differences(then, now, f"{name} "))
+        elif then != now:
+            found.append((name, then, now))
+    return found
 
 
 def _short(value: Any) -> str:

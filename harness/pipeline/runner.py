@@ -119,7 +119,7 @@ class RunPlan:
                         report.failures += 1
                     else:
                         predictions.write([key, *fields])
-                flush_together((predictions, errors))
+                flush_together((errors, predictions))  # a reason is never missing
                 report.images += len(batch.indices)
                 bar.update(len(batch.indices))
             for folder, reason in self.unreadable:
@@ -160,7 +160,7 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
     head_images = head.stop(batch_size) if head is not None else 0  # none when resuming: it never runs then
     workers, prefetch = _decoders(config, dataset, batch_size)
     report.model = loaded.describe(num_classes, "model folder's data_transform_description.py" if custom else "harness")
-    identity = run_identity(config, report.model, batch_size, plan.device.type, plan.channels_last)
+    identity = run_identity(config, report.model, loaded.files_read, batch_size, plan.device.type, plan.channels_last)
     done = _resume_or_start(config, files, identity, label_map, batch_size, report)
     report.label_map, report.columns = label_map.name, 1 + len(label_map.failure_fields)
     report.devices, report.batch_size_total, report.world_size = plan.describe(), batch_size, config.world_size
@@ -212,8 +212,8 @@ def _resume_or_start(
     if config.resume and partial_path(config.output_file).exists():
         check_identity(config.output_file, identity)
         keys = [image.key for image in files]
-        row_width = 1 + len(label_map.failure_fields)
-        done, report.failures = resume_point(config.output_file, config.errors_csv, keys, row_width, batch_size)
+        fields = label_map.failure_fields
+        done, report.failures = resume_point(config.output_file, config.errors_csv, keys, fields, batch_size)
         say(f"resuming after {done} of {len(files)} images" if done else "nothing to resume: starting afresh")
     elif partial_path(config.output_file).exists():
         say("replacing an earlier run's partial file (--resume would have continued it)")

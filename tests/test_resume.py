@@ -1,0 +1,137 @@
+"""--resume continues only the model that wrote the partial file: every file of the model folder and every file
+loading it read count (a helper module, weights a class loads itself), and the failures it carries over are the
+predictions' own failure rows."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.cli import main
+from harness.pipeline.resume import LOST_REASON
+from tests.helpers import SAMPLES, read_rows
+
+MODEL = """import os
+import torch
+from made_helper import GAIN
+
+
+class Made(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 1000)
+        self.fc.load_state_dict(torch.load(WEIGHTS))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if os.environ.get("MADE_FAIL_FROM") and self.calls > int(os.environ["MADE_FAIL_FROM"]):
+            raise ValueError("stopped on purpose")
+        return self.fc(x.float().mean((2, 3))) * GAIN
+"""
+
+
+@pytest.fixture
+def made(tmp_path: Path) -> tuple[Path, Path]:
+    """(the model folder, the weights file its class loads from outside it)."""
+    weights = tmp_path / "elsewhere" / "fc.pt"
+    weights.parent.mkdir()
+    torch.manual_seed(0)
+    torch.save(torch.nn.Linear(3, 1000).state_dict(), weights)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.py").write_text(MODEL.replace("WEIGHTS", repr(str(weights))))
+    (folder / "made_helper.py").write_text("GAIN = 1.0\n")
+    (folder / "config.yaml").write_text("class_name: Made\n")
+    return folder, weights
+
+
+def images(folder: Path, bad: tuple[int, ...] = ()) -> Path:
+    folder.mkdir()
+    for index in range(8):
+        path = folder / f"{index}.png"
+        if index in bad:
+            path.write_bytes(b"not a png")
+        else:
+            shutil.copy(SAMPLES / "coffee.png", path)
+    return folder
+
+
+def run(inputs: Path, output: Path, model: Path, *options: str) -> int:
+    common = ["--batch-size", "4", "--workers", "0", "--progress", "false"]
+    return main([str(inputs), str(output), "--model-dir", str(model), *common, *options])
+
+
+def interrupted(inputs: Path, output: Path, model: Path, monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """Run until the model fails after its first batch: the partial file keeps that batch's 4 rows."""
+    monkeypatch.setenv("MADE_FAIL_FROM", "2")
+    assert run(inputs, output, model) == 4
+    monkeypatch.delenv("MADE_FAIL_FROM")
+    partial = output.with_name(output.name + ".partial")
+    assert len(read_rows(partial)) == 4
+    return partial.read_bytes()
+
+
+def test_resume_refuses_an_edited_helper_or_outside_weights_and_continues_the_same(
+    tmp_path: Path, made: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder, weights = made
+    inputs = images(tmp_path / "in")
+    reference = tmp_path / "ref" / "p.csv"
+    assert run(inputs, reference, folder) == 0
+    output = tmp_path / "out" / "p.csv"
+    kept = interrupted(inputs, output, folder, monkeypatch)
+    partial = output.with_name("p.csv.partial")
+    original = weights.read_bytes()
+    for edit, named in [
+        (lambda: (folder / "made_helper.py").write_text("GAIN = 2.0\n"), "made_helper.py"),
+        (lambda: torch.save(torch.nn.Linear(3, 1000).state_dict(), weights), str(weights.resolve())),
+        (lambda: (folder / "notes.txt").write_text("a file the class never reads is part of the model too"), "notes"),
+    ]:
+        edit()
+        capsys.readouterr()
+        assert run(inputs, output, folder, "--resume") == 2
+        assert named in capsys.readouterr().err and partial.read_bytes() == kept
+        (folder / "made_helper.py").write_text("GAIN = 1.0\n")
+        weights.write_bytes(original)
+        (folder / "notes.txt").unlink(missing_ok=True)
+    assert run(inputs, output, folder, "--resume") == 0
+    assert output.read_bytes() == reference.read_bytes()
+
+
+def test_failures_carried_over_are_the_predictions_failure_rows(
+    tmp_path: Path, made: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed between its two writes left the failure row but not its reason: the resumed run still counts
+    it (exit 7 with --max-failures 0) and errors.csv says the reason was lost."""
+    folder, _ = made
+    inputs = images(tmp_path / "in", bad=(1,))
+    output = tmp_path / "out" / "p.csv"
+    interrupted(inputs, output, folder, monkeypatch)
+    errors_partial = output.with_name("errors.csv.partial")
+    errors_partial.write_text("")
+    assert run(inputs, output, folder, "--resume", "--max-failures", "0") == 7
+    assert read_rows(output.with_name("errors.csv")) == [["1.png", LOST_REASON]]
+    assert read_rows(output)[1] == ["1.png", *["-1", "0"] * 5]
+
+
+@pytest.mark.parametrize("record", ["null", "[]", '"x"', "{", "7"])
+def test_a_resume_record_that_is_not_one_is_exit_2(
+    tmp_path: Path,
+    made: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    record: str,
+) -> None:
+    folder, _ = made
+    inputs = images(tmp_path / "in")
+    output = tmp_path / "out" / "p.csv"
+    kept = interrupted(inputs, output, folder, monkeypatch)
+    output.with_name("p.csv.resume.json").write_text(record)
+    capsys.readouterr()
+    assert run(inputs, output, folder, "--resume") == 2
+    assert "no readable record" in capsys.readouterr().err
+    assert output.with_name("p.csv.partial").read_bytes() == kept
