@@ -163,5 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_traceback(error)
         print(f"harness: error: {error}", file=sys.stderr)
         return error.exit_code
+    except KeyboardInterrupt as stop:  # a tool stopped by Ctrl-C or docker stop (a run says what it kept itself)
+        print(f"harness: {'terminated' if isinstance(stop, _Terminated) else 'interrupted'}", file=sys.stderr)
+        return INTERRUPTED
+    except SystemExit as stop:  # argparse's refusal of an option (2), or --help (0): the same codes, returned
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or 0
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -131,6 +131,18 @@ def test_answers_need_the_images_they_answer(tmp_path: Path, capsys) -> None:
     assert "--answers needs --images" in capsys.readouterr().err
 
 
+def test_answers_that_name_none_of_the_images_are_exit_9(tmp_path: Path, capsys) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(SAMPLES / "coffee.png", images / "coffee.png")
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps({"someone_else.png": "banana"}))
+    out = tmp_path / "out"
+    assert main(["check", "--images", str(images), "--answers", str(answers), "--output", str(out), *FAST]) == 9
+    assert "names none of the 1 images" in capsys.readouterr().err
+    assert not (out / "predictions.csv").exists()
+
+
 def test_time_per_image_adds_up_on_the_cpu_and_overlaps_on_a_gpu() -> None:
     assert seconds_per_image(0.02, 0.01, "cpu", workers=2, cpus=2) == pytest.approx(0.025)
     assert seconds_per_image(0.02, 0.01, "cpu", workers=0, cpus=2) == pytest.approx(0.03)

@@ -246,3 +246,41 @@ def test_a_transform_that_changes_size_on_one_image_fails_that_image_alone(tmp_p
     reasons = dict(read_rows(tmp_path / "errors.csv"))
     assert "every image must come out the same size" in reasons["chelsea.png"]
     assert len(read_rows(output)) == 19
+
+
+SLOW_TO_LOAD = """import pathlib
+import time
+
+import torch
+
+
+class Slow(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        pathlib.Path(MARK).touch()
+        time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("tool", ["check-model", "export-onnx", "check"])
+def test_a_tool_stopped_by_docker_stop_is_exit_130_in_one_line(tmp_path: Path, tool: str) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    mark = tmp_path / "loading"
+    (folder / "model.py").write_text(SLOW_TO_LOAD.replace("MARK", repr(str(mark))))
+    (folder / "config.yaml").write_text("class_name: Slow\n")
+    command = [sys.executable, "-m", "harness", tool, "--model-dir", str(folder)]
+    if tool == "export-onnx":
+        command += ["--output", str(tmp_path / "m.onnx")]
+    if tool == "check":
+        command += ["--output", str(tmp_path / "check")]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env_without_build_args(), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while not mark.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("harness: terminated") and "Traceback" not in err

@@ -90,3 +90,62 @@ def test_real_model_export_parity_and_same_top1_in_a_run(tmp_path: Path, capsys)
     onnx_rows, torch_rows = read_rows(tmp_path / "onnx.csv"), read_rows(tmp_path / "torch.csv")
     assert [r[:2] for r in onnx_rows] == [r[:2] for r in torch_rows]
     assert max(abs(float(a[2]) - float(b[2])) for a, b in zip(onnx_rows, torch_rows, strict=True)) < 1e-4
+
+
+EXPORTED = """import torch
+
+
+class Small(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(3, CLASSES)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3))) + NOISE * torch.rand(x.shape[0], CLASSES)
+"""
+
+
+def _export_folder(tmp_path: Path, classes: int = 10, noise: float = 0.0) -> Path:
+    folder = tmp_path / "small"
+    folder.mkdir()
+    (folder / "model.py").write_text(EXPORTED.replace("CLASSES", str(classes)).replace("NOISE", str(noise)))
+    (folder / "config.yaml").write_text("class_name: Small\nlabel_map: none\npreprocess:\n  input_size: 32\n")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "said"),
+    [
+        ("unreadable", 3, "none of the 2 images"),
+        ("no classes", 4, "no classes"),
+        ("differs", 9, "nothing written to"),
+        ("tolerance nan", 2, "argument --tolerance: nan: give a finite number above 0"),
+        ("onto a photo", 6, "not a .onnx file name"),
+        ("onto a folder", 6, "is a folder"),
+    ],
+)
+def test_a_failed_export_is_its_exit_code_and_leaves_no_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, code: int, said: str
+) -> None:
+    folder = _export_folder(tmp_path, classes=0 if case == "no classes" else 10, noise=10.0 if case == "differs" else 0)
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        (images / name).write_bytes(b"not a png" if case == "unreadable" else (SAMPLES / "coffee.png").read_bytes())
+    output = {"onto a photo": images / "a.png", "onto a folder": images}.get(case, tmp_path / "out" / "m.onnx")
+    before = sorted(tmp_path.rglob("*"))
+    options = ["--tolerance", "nan"] if case == "tolerance nan" else []
+    argv = ["export-onnx", "--model", str(folder), "--output", str(output), "--images", str(images), *options]
+    assert main(argv) == code
+    assert said in capsys.readouterr().err
+    new = set(tmp_path.rglob("*")) - set(before)
+    assert all(path.is_dir() or "__pycache__" in path.parts for path in new), new
+    assert (images / "a.png").read_bytes()[:9] == (b"not a png" if case == "unreadable" else b"\x89PNG\r\n\x1a\n\x00")
+
+
+def test_a_matching_export_is_written_with_its_parity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "out" / "m.onnx"
+    assert main(["export-onnx", "--model", str(_export_folder(tmp_path)), "--output", str(output)]) == 0
+    assert f"written to {output}" in capsys.readouterr().out
+    assert sorted(path.name for path in output.parent.iterdir()) == ["m.onnx"]

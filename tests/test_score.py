@@ -93,3 +93,34 @@ def test_score_files_keyed_by_any_file_name_are_read(tmp_path: Path) -> None:
         paths.append(tmp_path / name)
     assert read_scores(paths[0]) == dict(zip(names, [1.0, 2.0, 3.0, 4.0], strict=True))
     assert main(["score", str(paths[0]), "--compare", str(paths[1])]) == 0
+
+
+@pytest.mark.parametrize("answer", ['"banana"', "null", "true", "1.5", "[1]"])
+def test_an_answer_that_is_not_an_objectnet_id_is_exit_10(tmp_path: Path, answer: str, capsys) -> None:
+    answers = _write(tmp_path / "answers.json", '{"a.png": ' + answer + "}")
+    predictions = _write(tmp_path / "p.csv", "a.png,1,.5,9,.1,9,.1,9,.1,9,.1\n")
+    assert main(["score", str(predictions), "--answers", str(answers)]) == 10
+    assert f"the answer for a.png is {json.dumps(json.loads(answer))}" in capsys.readouterr().err
+
+
+def test_an_undefined_correlation_is_null_never_nan(tmp_path: Path, capsys) -> None:
+    first = _write(tmp_path / "a.csv", "a.png,1\nb.png,1\n")
+    second = _write(tmp_path / "b.csv", "a.png,2\nb.png,3\n")
+    assert main(["score", str(first), "--compare", str(second)]) == 0
+    text = capsys.readouterr().out
+    assert "NaN" not in text and json.loads(text)["kendall_tau_b"] is None
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["check-model", "--max-params", "nan"],
+        ["check-model", "--max-gflops", "inf"],
+        ["check-model", "--max-gmacs", "-1"],
+        ["export-onnx", "--tolerance", "nan"],
+        ["score", "p.csv", "--labels", "l.json", "--macs", "nan"],
+    ],
+)
+def test_a_limit_that_is_not_a_finite_positive_number_is_exit_2(argv: list[str], capsys) -> None:
+    assert main(argv) == 2
+    assert "give a finite number above 0" in capsys.readouterr().err

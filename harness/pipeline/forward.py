@@ -106,12 +106,11 @@ def compiled_forward(forward: Forward, sample: torch.Tensor) -> Forward:
         say("--compile applies to one PyTorch model on one device: running eagerly (use torchrun for several GPUs)")
         return forward
     started = time.perf_counter()
-    images = forward.normalize(
-        sample.repeat(-(-forward.piece // len(sample)), 1, 1, 1)[: forward.piece].to(forward.plan.device)
-    )
+    pieces = sample.repeat(-(-forward.piece // len(sample)), 1, 1, 1)[: forward.piece].to(forward.plan.device)
     try:  # the compiler's own error, not Forward's message for a model failing on real images
         model = torch.compile(forward.model)  # refuses at once where dynamo cannot run (an unsupported Python)
         with inference_context(forward.plan):
+            images = forward.normalize(pieces)  # made as a run makes its batches: the compiled guards hold then
             compiled = as_logits(model(images), len(images)).float()
             eager = as_logits(forward.model(images), len(images)).float()
     except Exception as error:  # a missing C++ compiler, an operator the compiler cannot take, ...

@@ -61,17 +61,18 @@ def write_failed(path: Path, error: OSError) -> OutputError:
     return OutputError(f"cannot write {path}: {error.strerror or error} ({_space_left(path.parent)})")
 
 
-def check_writable(path: Path, *beside: Path) -> None:
+def check_writable(path: Path, *beside: Path, suffix: str = ".csv", what: str = "the predictions go to a CSV") -> None:
     """Fail before any model work if the output folder cannot take the file, or the files written beside it; and
-    never replace what is not a file the harness writes: the output must be named .csv, and an existing output (or
-    a file beside it) must be a regular file, not a folder, a device, a link or a pipe (renamed over, /dev/null or
-    an input photo given as the output would be lost)."""
+    never replace what is not a file the harness writes: the output must be named with `suffix`, and an existing
+    output (or a file beside it) must be a regular file, not a folder, a device, a link or a pipe (renamed over,
+    /dev/null or an input photo given as the output would be lost)."""
+    example = f"such as {'predictions' if suffix == '.csv' else 'model'}{suffix}"
     if path.is_dir():
-        raise OutputError(f"output {path} is a folder: pass a file name such as {path / 'predictions.csv'}")
-    if path.suffix.lower() != ".csv":
+        raise OutputError(f"output {path} is a folder: pass a file name {example}")
+    if path.suffix.lower() != suffix:
         raise OutputError(
-            f"output {path} is not a .csv file name: the predictions go to a CSV (such as predictions.csv), and a "
-            "file of another kind there would be replaced"
+            f"output {path} is not a {suffix} file name: {what} ({example}), and a file of another kind there "
+            "would be replaced"
         )
     folder = path.parent
     try:

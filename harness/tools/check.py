@@ -326,7 +326,8 @@ def preprocessing_verdict(
         message = f"the photos are labelled in ImageNet's 1000 classes, the model has {classes}: pass --images and "
         return Verdict("preprocessing", "skip", message + "--answers in its own labels"), []
     if isinstance(judge.label_map, Score) or not judged:
-        return Verdict("preprocessing", "skip", "no image has an answer that the model's classes include"), []
+        none = "no image has an answer that the model's classes include"
+        return Verdict("preprocessing", "skip" if imagenet_ids else "FAIL", none), []
     configured = judge.tally(seen.outputs, skip)
     results = audit(plan.forward, judge, configured, pre, decoder, skip)
     space = "ImageNet's ids" if imagenet_ids else "the ids the CSV holds"
@@ -341,6 +342,12 @@ def run_checks(
 ) -> tuple[list[Verdict], Preview]:
     found = run_files(config.input_dir, config.skip_unreadable_folders)
     files = found.files
+    if answers is not None and not imagenet_ids and not any(scorer_key(image.key) in answers for image in files):
+        example = next(iter(answers), "none")
+        raise CheckFailedError(
+            f"--answers {args.answers} names none of the {len(files)} images in {config.input_dir} (it names "
+            f"{len(answers)}, such as {example!r}, by file name): pass the answers for these images"
+        )
     plan = prepare(config, found)
     report = plan.classify()
     verdicts = list(judge_run(config, report, files))

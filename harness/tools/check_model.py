@@ -24,6 +24,7 @@ from harness.models.onnx_runtime import OnnxModule
 from harness.models.outputs import as_logits
 from harness.options import add_model_options, tool_config
 from harness.pipeline.devices import DevicePlan, inference_context, plan_devices, prepare_model
+from harness.tools.arguments import positive_number
 
 CHANNELS = 3
 
@@ -108,9 +109,11 @@ def broken_limits(
 def add_measure_options(parser: argparse.ArgumentParser) -> None:
     """The timing and the limits, as check-model and check both take them."""
     parser.add_argument("--repeats", type=int, default=3, help="timed batches (default 3; the median is shown)")
-    parser.add_argument("--max-params", type=float, help="fail above this many parameters (e.g. 30e6)")
-    parser.add_argument("--max-gflops", type=float, help="fail above this many GFLOPs per image (2 per multiply-add)")
-    parser.add_argument("--max-gmacs", type=float, help="fail above this many GMACs per image")
+    parser.add_argument("--max-params", type=positive_number, help="fail above this many parameters (e.g. 30e6)")
+    parser.add_argument(
+        "--max-gflops", type=positive_number, help="fail above this many GFLOPs per image (2 per multiply-add)"
+    )
+    parser.add_argument("--max-gmacs", type=positive_number, help="fail above this many GMACs per image")
 
 
 def check_model_command(argv: Sequence[str], environ: dict[str, str]) -> int:

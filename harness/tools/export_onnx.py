@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from harness.config import Config
-from harness.errors import CheckFailedError, ConfigError, InputError, ModelError, is_onnx_package_missing
+from harness.errors import (
+    CheckFailedError,
+    ConfigError,
+    InputError,
+    ModelError,
+    describe_user_error,
+    is_onnx_package_missing,
+)
 from harness.models.load import load_model
 from harness.models.onnx_metadata import METADATA_KEY, settings_text
 from harness.models.onnx_runtime import OnnxModule, make_session
@@ -33,8 +40,11 @@ from harness.pipeline.devices import DeviceNormalizer
 from harness.pipeline.files import discover
 from harness.pipeline.loader import ImageDataset
 from harness.results.labels import read_labels_file
+from harness.results.writer import check_writable, partial_path
+from harness.tools.arguments import positive_number
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
+MIN_OPSET, MAX_OPSET = 7, 23  # what torch.onnx.export writes
 
 
 class _Logits(nn.Module):
@@ -59,6 +69,13 @@ class Parity:
 def export(model: nn.Module, path: Path, input_size: int, opset: int) -> None:
     blank = torch.zeros(1, 3, input_size, input_size)
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    try:
+        with torch.inference_mode():
+            as_logits(model(blank), 1)  # an output a run would refuse is refused before it is exported
+    except ModelError:
+        raise
+    except Exception as error:
+        raise ModelError(f"the model failed on a blank image before export: {describe_user_error(error)}") from error
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
@@ -111,7 +128,13 @@ def sample_batch(config: Config, images_dir: Path, limit: int) -> torch.Tensor:
     if not files:
         raise InputError(f"no images in {images_dir} for the parity check")
     dataset = ImageDataset(files, config.preprocess, load_custom_transform(config), DecodeLimits.of(config))
-    batch = torch.stack([dataset[i][1] for i in range(len(dataset))])
+    decoded = [image for _, image, error in (dataset[i] for i in range(len(dataset))) if not error]
+    if not decoded:
+        raise InputError(
+            f"none of the {len(files)} images in {images_dir} could be read: the parity check needs real images "
+            "(pass --images DIR)"
+        )
+    batch = torch.stack(decoded)
     return DeviceNormalizer(config.preprocess, torch.device("cpu"), torch.float32, False)(batch)
 
 
@@ -134,27 +157,42 @@ def export_onnx_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     parser.add_argument("--images", type=Path, default=Path("sample-images"), help="images for the parity check")
     parser.add_argument("--parity-images", type=int, default=64, help="at most this many images are compared")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest probability difference allowed")
+    parser.add_argument(
+        "--tolerance", type=positive_number, default=1e-4, help="largest probability difference allowed"
+    )
     args = parser.parse_args(argv)
+    if args.parity_images < 1:
+        raise ConfigError(f"--parity-images {args.parity_images}: give a number of images, at least 1")
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        raise ConfigError(f"--opset {args.opset}: give an ONNX opset from {MIN_OPSET} to {MAX_OPSET}")
     config = tool_config(args, environ)
+    check_writable(args.output, suffix=".onnx", what="export-onnx writes an ONNX file")
     loaded = load_model(config)
     if isinstance(loaded.module, OnnxModule):
         raise ConfigError(f"{loaded.source} is already ONNX: export-onnx exports a PyTorch model folder")
-    size = config.preprocess.input_size
-    export(loaded.module, args.output, size, args.opset)
-    store_settings(args.output, carried_settings(config, loaded.labels))
     images = sample_batch(config, args.images, args.parity_images)
-    parity = check_parity(
-        loaded.module, OnnxModule(make_session(args.output, want_cuda=False)), images, config.batch_size
-    )
+    size = config.preprocess.input_size
+    written = partial_path(args.output)  # renamed to --output only once it matches the PyTorch model
+    try:
+        export(loaded.module, written, size, args.opset)
+        store_settings(written, carried_settings(config, loaded.labels))
+        parity = check_parity(
+            loaded.module, OnnxModule(make_session(written, want_cuda=False)), images, config.batch_size
+        )
+        matches = parity.top1_agree == parity.images and parity.max_prob_diff < args.tolerance
+        if matches:
+            written.replace(args.output)
+    finally:
+        written.unlink(missing_ok=True)
     print(
-        f"harness: exported {loaded.class_name} to {args.output} (opset {args.opset}, dynamic batch, "
-        f"{size} x {size}); onnxruntime vs PyTorch on {parity.images} images: top-1 agrees on "
-        f"{parity.top1_agree}, max |probability difference| {parity.max_prob_diff:.2e}, "
-        f"max |logit difference| {parity.max_logit_diff:.2e}"
+        f"harness: exported {loaded.class_name} (opset {args.opset}, dynamic batch, {size} x {size}); onnxruntime "
+        f"vs PyTorch on {parity.images} images: top-1 agrees on {parity.top1_agree}, max |probability difference| "
+        f"{parity.max_prob_diff:.2e}, max |logit difference| {parity.max_logit_diff:.2e}"
+        + (f"; written to {args.output}" if matches else "")
     )
-    if parity.top1_agree != parity.images or parity.max_prob_diff >= args.tolerance:
+    if not matches:
         raise CheckFailedError(
-            f"{args.output} does not match the PyTorch model (tolerance {args.tolerance:g}): do not use it"
+            f"the export does not match the PyTorch model (tolerance {args.tolerance:g}): nothing written to "
+            f"{args.output}"
         )
     return 0

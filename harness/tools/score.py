@@ -22,6 +22,7 @@ import numpy as np
 from harness.errors import CheckFailedError, ConfigError, ToolFileError
 from harness.results.contract import TOPK, problems, scorer_key
 from harness.results.labels import imagenet_to_objectnet
+from harness.tools.arguments import positive_number
 from harness.tools.validate import read_predictions_file
 
 PAIR_CHUNK = 2048  # rows of the pairwise sign matrix built at once for Kendall's tau
@@ -40,6 +41,22 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ToolFileError(f"{path} must hold a JSON object of image name: answer")
     return data
+
+
+def read_answer_ids(path: Path) -> dict[str, int]:
+    """Image name -> ObjectNet id, each an integer (or its digits): anything else is named, exit 10."""
+    answers = {}
+    for key, value in read_json_object(path).items():
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+            raise ToolFileError(f"{path}: the answer for {key} is {json.dumps(value)}, not an ObjectNet id (0..312)")
+        answers[scorer_key(key)] = int(value)
+    return answers
+
+
+def _nan_as_null(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _nan_as_null(item) for key, item in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def read_predictions(path: Path) -> dict[str, list[int]]:
@@ -153,14 +170,18 @@ def score_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     mode.add_argument("--answers", type=Path, help="ObjectNet answers JSON: image name -> ObjectNet id")
     mode.add_argument("--labels", type=Path, help="JSON: image name -> 0 or 1, for a key,score file")
     mode.add_argument("--compare", type=Path, help="a second key,score file: Kendall tau-b and Pearson r")
-    parser.add_argument("--macs", type=float, help="the model's MACs per image (harness check-model prints them)")
-    parser.add_argument("--baseline-f1", type=float, help="the baseline model's F1")
-    parser.add_argument("--baseline-macs", type=float, help="the baseline model's MACs per image")
-    parser.add_argument("--mac-weight", type=float, default=0.5, help="exponent of the MACs ratio (default 0.5)")
+    parser.add_argument(
+        "--macs", type=positive_number, help="the model's MACs per image (harness check-model prints them)"
+    )
+    parser.add_argument("--baseline-f1", type=positive_number, help="the baseline model's F1")
+    parser.add_argument("--baseline-macs", type=positive_number, help="the baseline model's MACs per image")
+    parser.add_argument(
+        "--mac-weight", type=positive_number, default=0.5, help="exponent of the MACs ratio (default 0.5)"
+    )
     args = parser.parse_args(argv)
     result: dict[str, Any]
     if args.answers:
-        answers = {scorer_key(k): int(v) for k, v in read_json_object(args.answers).items()}
+        answers = read_answer_ids(args.answers)
         result = score_objectnet(read_predictions(args.predictions), answers)
     elif args.labels:
         truth = {scorer_key(k): v for k, v in read_json_object(args.labels).items()}
@@ -178,5 +199,6 @@ def score_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     else:
         x, y = _paired(read_scores(args.predictions), read_scores(args.compare), "the two score files")
         result = {"kendall_tau_b": kendall_tau_b(x, y), "pearson_r": pearson(x, y), "images": len(x)}
-    print(json.dumps(result, indent=2, sort_keys=True))
+    # JSON has no NaN: a correlation that is undefined (every score tied) is null
+    print(json.dumps(_nan_as_null(result), indent=2, sort_keys=True, allow_nan=False))
     return 0
