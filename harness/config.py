@@ -24,6 +24,9 @@ LABEL_MAPS = ("auto", "none", "objectnet", "objectnet-legacy")
 OBJECTNET_MAPS = ("objectnet", "objectnet-legacy")  # the maps whose files the ObjectNet scorer reads
 OBJECTNET_TOPK = 5  # it reads exactly five (id, confidence) pairs a row (harness/results/contract.py)
 CONFIG_FILE = "config.yaml"
+FLOAT32_MAX = 3.4028234663852886e38  # the model's input is float32: a normalised pixel must stay below it
+MAX_BATCH = 65536  # a larger batch is a typo: its shared-memory buffers alone would not be allocated
+MAX_PROCESSES = 1024  # decoders or torch threads: beyond any machine's cores (torch crashes on 100,000 threads)
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # the longest timeout the interval timer takes everywhere; none means no limit
 TRANSFORM_FILE = "data_transform_description.py"  # the ObjectNet template's preprocessing hook
 
@@ -39,6 +42,8 @@ ENV_FIELDS = {
     "RANK": "rank",
     "LOCAL_RANK": "local_rank",
     "LOCAL_WORLD_SIZE": "local_world_size",
+    "MASTER_ADDR": "master_addr",
+    "MASTER_PORT": "master_port",
 }
 
 
@@ -60,13 +65,15 @@ def metavar(parse: Parse) -> str:
     return getattr(parse, "metavar", "VALUE")
 
 
-def _int(minimum: int) -> Callable[[Any], int]:
+def _int(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool):
             raise ValueError("expected an integer")
         number = int(value) if isinstance(value, int) else int(str(value).strip())
         if number < minimum:
             raise ValueError(f"must be >= {minimum}")
+        if maximum is not None and number > maximum:
+            raise ValueError(f"must be <= {maximum:,}")
         return number
 
     return _shown("N", parse)
@@ -317,8 +324,10 @@ class Config:
     )
     device: str = _setting("auto", _choice("auto", "cpu", "cuda"), "auto uses CUDA when present, else the CPU")
     gpus: int | None = _setting(None, _optional(_int(0)), "GPUs to use with DataParallel (default: all)")
-    workers: int | None = _setting(None, _optional(_int(0)), "decoding processes (default: usable CPU cores)")
-    batch_size: int = _setting(64, _int(1), "images per batch per GPU")
+    workers: int | None = _setting(
+        None, _optional(_int(0, MAX_PROCESSES)), "decoding processes (default: usable CPU cores)"
+    )
+    batch_size: int = _setting(64, _int(1, MAX_BATCH), "images per batch per GPU")
     softmax: bool = _setting(True, _bool, "turn the model's outputs into probabilities", model=True)
     label_map: str = _setting(
         "auto",
@@ -365,7 +374,7 @@ class Config:
     )
     threads: int | None = _setting(
         None,
-        _optional(_int(1)),
+        _optional(_int(1, MAX_PROCESSES)),
         "torch threads in the main process (default: one per usable core, as torch counts them)",
     )
     keep_freed_memory: bool = _setting(
@@ -392,6 +401,13 @@ class Config:
         "rounds torch's OpenMP threads spin in a wait before they sleep, leaving the core to the idle decoders; none: "
         "libgomp's default (300000). GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment win (README Speed)",
     )
+    dist_timeout: float = _setting(
+        300.0,
+        _float(1.0, MAX_TIMEOUT_S),
+        "seconds torchrun's processes wait for each other to start; a missing one is then exit 2, not a hang",
+    )
+    master_addr: str | None = _setting(None, _optional(_text), "where the ranks meet (set by torchrun)")
+    master_port: int | None = _setting(None, _optional(_int(1, 65535)), "the port they meet on (set by torchrun)")
     world_size: int = _setting(1, _int(1), "processes sharing the images (set by torchrun)")
     rank: int = _setting(0, _int(0), "this process's place among them (set by torchrun)")
     local_rank: int = _setting(0, _int(0), "its place on this machine: the GPU it uses (set by torchrun)")
@@ -456,8 +472,12 @@ def read_yaml(model_dir: Path) -> dict[str, Any]:
         return {}
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {error.problem or error.context}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -643,14 +663,24 @@ def _check(config: Config) -> None:
         )
     if (pre.mean is None) != (pre.std is None):
         raise ConfigError("mean and std must both be set or both be none")
-    if pre.std is not None and any(value == 0 for value in pre.std):
-        raise ConfigError("std must not contain 0")
+    if pre.std is not None and pre.mean is not None:
+        for mean, std in zip(pre.mean, pre.std, strict=True):
+            if std == 0 or max(abs(value - mean) / abs(std) for value in (0.0, pre.value_scale)) > FLOAT32_MAX:
+                raise ConfigError(
+                    f"std {std:g} with mean {mean:g}: pixels would normalise to infinity (every image would fail); "
+                    "give the std the model was trained with, in the same units as the pixels (value_scale)"
+                )
     if config.device == "cpu" and config.gpus:
         raise ConfigError(f"--device cpu with --gpus {config.gpus}: choose one (use --gpus 0 or --device cuda)")
     if config.resume and config.save_probs:
         raise ConfigError("--save-probs cannot be resumed: the probabilities of the rows done before were not kept")
     if config.rank >= config.world_size:
         raise ConfigError(f"rank {config.rank} is not below world_size {config.world_size}")
+    if config.world_size > 1 and (config.master_addr is None or config.master_port is None):
+        raise ConfigError(
+            f"WORLD_SIZE={config.world_size} without MASTER_ADDR and MASTER_PORT: the ranks would have nowhere to "
+            "meet. Start the processes with torchrun (README), or unset WORLD_SIZE for one process"
+        )
     check_objectnet_topk(config.label_map, config.topk)
     if config.amp == "fp16" and config.device == "cpu":
         raise ConfigError("fp16 AMP needs CUDA; on the CPU use --amp bf16 or leave AMP off")

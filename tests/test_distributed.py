@@ -37,7 +37,8 @@ def test_shards_are_whole_batches_that_partition_the_list_in_order(count: int, w
 
 
 def test_a_finished_part_is_reopened_for_resume_and_a_partial_one_left_alone(tmp_path: Path) -> None:
-    config = build_config({"output_file": str(tmp_path / "p.csv"), "world_size": "2", "rank": "1"}, {}, {})
+    given = {"output_file": str(tmp_path / "p.csv"), "world_size": "2", "rank": "1"}
+    config = build_config({**given, "master_addr": "127.0.0.1", "master_port": "29500"}, {}, {})
     part = part_config(config)
     part.output_file.parent.mkdir(parents=True)
     part.output_file.write_text("a.png,1\n")
@@ -285,3 +286,38 @@ def test_a_run_killed_on_one_node_resumes_each_rank_from_its_own_part(tmp_path: 
     )
     assert output.read_bytes() == single.read_bytes()
     assert sorted(p.name for p in output.parent.iterdir()) == ["errors.csv", "predictions.csv", "run.json"]
+
+
+def test_world_size_without_a_place_to_meet_is_exit_2(tmp_path: Path) -> None:
+    env = {**env_without_build_args(), "WORLD_SIZE": "2", "RANK": "0"}
+    env.pop("MASTER_ADDR", None)
+    env.pop("MASTER_PORT", None)
+    command = [sys.executable, "entrypoint.py", str(SAMPLES), str(tmp_path / "p.csv"), "--progress", "false"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "WORLD_SIZE=2 without MASTER_ADDR and MASTER_PORT" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("stop", ["timeout", "SIGTERM"])
+def test_a_rank_whose_peer_never_comes_ends_instead_of_hanging(tmp_path: Path, stop: str) -> None:
+    """Its rendezvous ends after --dist-timeout as exit 2, and docker stop (SIGTERM) ends the wait at once: 130."""
+    env = {**env_without_build_args(), "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = str(_free_port())
+    output = tmp_path / "p.csv"
+    timeout = "4" if stop == "timeout" else "600"
+    command = [sys.executable, "entrypoint.py", str(SAMPLES), str(output), "--progress", "false"]
+    process = subprocess.Popen(
+        [*command, "--dist-timeout", timeout], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+    )
+    lines = []
+    if stop == "SIGTERM":
+        assert process.stderr is not None
+        while not any("meeting the others" in line for line in lines) and process.poll() is None:
+            lines.append(process.stderr.readline())
+        time.sleep(1)  # inside the wait
+        process.send_signal(signal.SIGTERM)
+    err = "".join(lines) + process.communicate(timeout=120)[1]
+    assert process.returncode == (2 if stop == "timeout" else 130), err
+    assert "Traceback" not in err
+    if stop == "timeout":
+        assert "could not meet the others" in err and "--dist-timeout 4 s" in err

@@ -135,7 +135,12 @@ def test_close_before_stop_ends_a_stuck_decoder_at_once(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "settings",
-    [{"head_start": "false"}, {"resume": "true"}, {"workers": "0"}, {"world_size": "2", "rank": "1"}],
+    [
+        {"head_start": "false"},
+        {"resume": "true"},
+        {"workers": "0"},
+        {"world_size": "2", "rank": "1", "master_addr": "127.0.0.1", "master_port": "29500"},
+    ],
 )
 def test_no_head_start_where_it_does_not_apply(tmp_path: Path, settings: dict[str, str]) -> None:
     assert start_head(_config(SAMPLES, **settings), discover(SAMPLES)) is None

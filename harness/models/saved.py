@@ -26,6 +26,18 @@ def is_torchscript(path: Path) -> bool:
         return False
 
 
+def holds_weights_only(path: Path) -> bool:
+    """Whether the file is a state_dict or training checkpoint: it loads with weights_only=True (which runs no
+    code from the file) and holds no module."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    return isinstance(data, dict) and not any(isinstance(value, nn.Module) for value in data.values())
+
+
 def load_saved_model(path: Path, trust_pickle: bool) -> tuple[nn.Module, str]:
     """(module, kind) for a TorchScript archive, or a pickled module when trusted."""
     if is_torchscript(path):
@@ -35,6 +47,12 @@ def load_saved_model(path: Path, trust_pickle: bool) -> tuple[nn.Module, str]:
                 return torch.jit.load(str(path), map_location="cpu"), "TorchScript"
         except Exception as error:
             raise ModelError(f"{path} is not a loadable TorchScript archive: {error}") from None
+    if holds_weights_only(path):
+        raise ModelError(
+            f"{path} holds weights only (a state_dict), not a model: give the code that builds the model too, as "
+            f"--model model.py --checkpoint {path} (a model.py with the class), or --model timm:NAME --checkpoint "
+            f"{path} for a timm model"
+        )
     if not trust_pickle:
         raise ModelError(
             f"{path} is not TorchScript, so it may be a whole pickled model, which runs code from the file as it "

@@ -132,11 +132,18 @@ def hf_preprocess(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot read {path}: {error}") from None
     settings: dict[str, Any] = {"channel_order": "rgb", "crop_offset": "floor"}
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path} must hold a JSON object, not {type(cfg).__name__}")
     if cfg.get("do_resize", True) and cfg.get("size"):
         settings.update(_hf_geometry(cfg, path))
     if "resample" in cfg:
-        settings["interpolation"] = PIL_RESAMPLE.get(int(cfg["resample"]), "bilinear")
-    factor = cfg.get("rescale_factor", 1 / 255)
+        resample = cfg["resample"]
+        if isinstance(resample, bool) or resample not in PIL_RESAMPLE:
+            raise ModelError(
+                f"{path}: resample {json.dumps(resample)} is not one of Pillow's filter numbers {sorted(PIL_RESAMPLE)}"
+            )
+        settings["interpolation"] = PIL_RESAMPLE[resample]
+    factor = _number(cfg.get("rescale_factor", 1 / 255), path, "rescale_factor")
     if cfg.get("do_rescale", True) and not math.isclose(factor, 1 / 255, rel_tol=1e-6):
         raise ModelError(f"{path}: rescale_factor {factor} is not 1/255; set value_scale, mean and std yourself")
     settings["value_scale"] = 1 if cfg.get("do_rescale", True) else 255
@@ -147,22 +154,37 @@ def hf_preprocess(path: Path) -> dict[str, Any]:
     return settings
 
 
+def _number(value: Any, path: Path, what: str, low: float = 0.0, high: float = math.inf) -> float:
+    """A number from a model's own JSON, within (low, high]: anything else is that file's mistake, exit 4."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low < value <= high:
+        shown = f"a number in ({low:g}, {high:g}]" if high < math.inf else f"a number above {low:g}"
+        raise ModelError(f"{path}: {what} {json.dumps(value)} is not {shown}")
+    return float(value)
+
+
+def _pixels(value: Any, path: Path, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelError(f"{path}: {what} {json.dumps(value)} is not a whole number of pixels")
+    return value
+
+
 def _side(value: Any, path: Path, what: str) -> int:
-    if isinstance(value, int):
-        return value
-    if isinstance(value, dict) and value.get("height") == value.get("width") and value.get("height"):
-        return int(value["height"])
-    raise ModelError(f"{path}: {what} {value} is not square; set input_size and resize_size yourself")
+    if isinstance(value, dict) and value.get("height") == value.get("width") and value.get("height") is not None:
+        return _pixels(value["height"], path, f"{what} height")
+    if isinstance(value, dict):
+        raise ModelError(f"{path}: {what} {json.dumps(value)} is not square; set input_size and resize_size yourself")
+    return _pixels(value, path, what)
 
 
 def _hf_geometry(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
     size = cfg["size"]
     crop = cfg.get("crop_size") if cfg.get("do_center_crop") else None
     if isinstance(size, dict) and "shortest_edge" in size:
-        edge = int(size["shortest_edge"])
+        edge = _pixels(size["shortest_edge"], path, "shortest_edge")
         if cfg.get("crop_pct") is not None:  # ConvNeXt: crop below 384, squash from there
+            crop_pct = _number(cfg["crop_pct"], path, "crop_pct", high=1.0)
             if edge < HF_CROP_PCT_UNTIL:
-                return {"resize_mode": "shorter", "resize_size": int(edge / cfg["crop_pct"]), "input_size": edge}
+                return {"resize_mode": "shorter", "resize_size": int(edge / crop_pct), "input_size": edge}
             return {"resize_mode": "squash", "resize_size": edge, "input_size": edge}
         if crop is None:
             raise ModelError(f"{path}: a shortest-edge resize with no centre crop gives non-square images")

@@ -25,6 +25,7 @@ MAX_ENTRIES = 10_000
 MAX_RATIO = 200  # uncompressed : compressed; real weights compress by less than 2, text by about 10
 RATIO_FROM_BYTES = 2**20  # small entries may compress as they like
 CHUNK = 1024 * 1024
+ENCRYPTED = 0x1  # the zip flag bit of an encrypted entry
 
 
 def _checked_name(info: zipfile.ZipInfo, zip_path: Path) -> PurePosixPath:
@@ -74,6 +75,12 @@ def extract_submission(zip_path: Path, destination: Path, max_bytes: int = MAX_B
         if len(entries) > MAX_ENTRIES:
             raise ModelError(f"{zip_path} is refused: {len(entries)} entries, more than {MAX_ENTRIES}")
         names = [_checked_name(info, zip_path) for info in entries]  # every entry checked before any is written
+        locked = next((info.filename for info in entries if info.flag_bits & ENCRYPTED), None)
+        if locked is not None:
+            raise ModelError(
+                f"{zip_path} is refused: entry {locked!r} is encrypted (password-protected); zip it again without a "
+                "password"
+            )
         _check_sizes(entries, zip_path, max_bytes)
         for info, name in zip(entries, names, strict=True):
             target = destination.joinpath(*name.parts)

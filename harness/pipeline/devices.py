@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from harness.config import Config, Preprocess
-from harness.errors import DeviceError
+from harness.errors import ConfigError, DeviceError
 from harness.models.fold import FoldResult, fold_batchnorm
 from harness.models.outputs import as_logits
 from harness.pipeline.host import keep_freed_memory, usable_cpus
@@ -64,6 +64,10 @@ def plan_devices(config: Config) -> DevicePlan:
     if not wants_cuda:
         if config.gpus:
             raise DeviceError(f"--gpus {config.gpus} asked for, but no CUDA GPU is visible (found 0)")
+        if config.amp == "fp16":
+            raise ConfigError(
+                "--amp fp16 needs a CUDA GPU and this run is on the CPU: use --amp bf16, or leave AMP off"
+            )
         return DevicePlan(torch.device("cpu"), [], config.amp, config.channels_last is True)
     if available == 0:
         raise DeviceError("--device cuda asked for, but no CUDA GPU is visible: use --device auto or cpu")

@@ -15,13 +15,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import shutil
+import threading
 from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
 
 from harness.config import Config
-from harness.errors import HarnessError, error_type
+from harness.console import say
+from harness.errors import ConfigError, HarnessError, describe_user_error, error_type
 from harness.pipeline.files import Discovery, shard
 from harness.pipeline.host import usable_cpus
 from harness.pipeline.runner import finish, prepare
@@ -55,10 +57,44 @@ def reopen_finished_part(part: Config) -> None:
             path.replace(partial_path(path))
 
 
+FINISH_TIMEOUT = timedelta(hours=6)  # how long a rank that finished its share waits for the slowest one
+
+
+def _meet(config: Config) -> dist.ProcessGroup:
+    """Join the other ranks, waiting at most --dist-timeout for them (a missing one is exit 2, never a hang), in a
+    thread: the main thread stays free to take SIGTERM (docker stop) while it waits. The group returned, for the
+    final exchange, waits up to FINISH_TIMEOUT: the ranks finish their shares at different times."""
+    joined: dict[str, object] = {}
+
+    def join() -> None:
+        try:
+            dist.init_process_group("gloo", timeout=timedelta(seconds=config.dist_timeout))
+            joined["group"] = dist.new_group(backend="gloo", timeout=FINISH_TIMEOUT)
+        except Exception as error:  # the store's or gloo's own timeout or refusal
+            joined["error"] = error
+
+    where = f"{config.master_addr}:{config.master_port}"
+    who = f"rank {config.rank} of {config.world_size}"
+    say(f"{who}: meeting the others at {where} (--dist-timeout {config.dist_timeout:g} s)")
+    thread = threading.Thread(target=join, name="rendezvous", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in joined:
+        raise ConfigError(
+            f"{who} could not meet the others at {where} within --dist-timeout "
+            f"{config.dist_timeout:g} s ({describe_user_error(joined['error'])}): start every rank (torchrun), or "
+            "give them longer"
+        )
+    group = joined["group"]
+    assert isinstance(group, dist.ProcessGroup)
+    return group
+
+
 def run_sharded(config: Config, found: Discovery) -> RunReport:
     """Classify this rank's share of the files (every rank found the same sorted list); rank 0 then merges the
     parts and judges the whole run. A rank that failed makes every rank fail with its error and exit code."""
-    dist.init_process_group("gloo", timeout=timedelta(hours=6))
+    group = _meet(config)
     try:
         part = part_config(config)
         try:
@@ -73,7 +109,7 @@ def run_sharded(config: Config, found: Discovery) -> RunReport:
         if report is not None:
             outcome.update(images=report.images, failures=report.failures)
         outcomes: list[dict] = [{} for _ in range(config.world_size)]
-        dist.all_gather_object(outcomes, outcome)
+        dist.all_gather_object(outcomes, outcome, group=group)
         if error is not None:
             raise error
         failed = [o for o in outcomes if o["error"]]
@@ -82,10 +118,11 @@ def run_sharded(config: Config, found: Discovery) -> RunReport:
         assert report is not None
         if config.rank == 0:
             report = merge(config, report, outcomes, found)
-        dist.barrier()
+        dist.barrier(group=group)
         return report
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def merge(config: Config, report: RunReport, outcomes: list[dict], found: Discovery) -> RunReport:
