@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.config import ENV_FIELDS
+from harness.results.rows import Layout
 from harness.results.writer import open_csv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,10 +53,12 @@ def compare_rows(want: list[str], got: list[str], tolerance: float) -> tuple[lis
     """
     if len(want) != len(got):
         return [f"{want[0]}: {len(want)} fields vs {len(got)}"], 0.0
-    want_ids, got_ids = want[1::2], got[1::2]
+    layout = Layout.of_columns(len(want))
+    wanted, gotten = layout.split(want), layout.split(got)
+    want_ids, got_ids = wanted.ids, gotten.ids
     try:
-        want_conf = [float(value) for value in want[2::2]]
-        got_conf = [float(value) for value in got[2::2]]
+        want_conf = [float(value) for value in wanted.scores]
+        got_conf = [float(value) for value in gotten.scores]
     except ValueError:
         return ([] if want == got else [f"{want[0]}: {want[1:]} vs {got[1:]}"]), 0.0
     worst = max((abs(a - b) for a, b in zip(want_conf, got_conf, strict=True)), default=0.0)

@@ -10,6 +10,7 @@ import torch
 
 from harness.errors import ConfigError, ModelError
 from harness.results.labels import ObjectNetLegacy, ObjectNetSummed, Score, TopK, imagenet_to_objectnet, make_label_map
+from harness.results.rows import Prediction
 from tests.helpers import shared_file
 
 MAPPING = imagenet_to_objectnet()
@@ -44,8 +45,9 @@ def _logits(*hot: tuple[int, float]) -> torch.Tensor:
     return logits
 
 
-def _ids(row: list[str]) -> list[int]:
-    return [int(x) for x in row[0::2]]
+def _ids(prediction: Prediction) -> list[int]:
+    assert prediction.ids is not None
+    return [int(x) for x in prediction.ids]
 
 
 def test_legacy_maps_each_imagenet_id_and_writes_minus_one_for_the_rest() -> None:
@@ -54,7 +56,7 @@ def test_legacy_maps_each_imagenet_id_and_writes_minus_one_for_the_rest() -> Non
     (row,) = ObjectNetLegacy(5, softmax=True)(_logits((mapped[0], 9), (unmapped, 8), (mapped[1], 7), (mapped[2], 6)))
     ids = _ids(row)
     assert ids[:4] == [MAPPING[mapped[0]], -1, MAPPING[mapped[1]], MAPPING[mapped[2]]]
-    assert float(row[1]) > float(row[3]) > float(row[5])
+    assert row.scores[0] > row.scores[1] > row.scores[2]
 
 
 def test_summed_map_adds_the_probabilities_of_shared_classes() -> None:
@@ -71,9 +73,9 @@ def test_summed_map_adds_the_probabilities_of_shared_classes() -> None:
     assert ids[:2] == [shared_id, MAPPING[single]]
     assert len(set(ids)) == 5 and all(0 <= i <= 312 for i in ids)
     probabilities = logits.softmax(1)[0]
-    assert float(row[1]) == pytest.approx(float(probabilities[members[0]] + probabilities[members[1]]), rel=1e-5)
+    assert row.scores[0] == pytest.approx(float(probabilities[members[0]] + probabilities[members[1]]), rel=1e-5)
     (row,) = ObjectNetSummed(5, softmax=False)(logits)  # no probabilities: the best logit of each class
-    assert _ids(row)[0] == MAPPING[single] and float(row[1]) == pytest.approx(5.0)
+    assert _ids(row)[0] == MAPPING[single] and row.scores[0] == pytest.approx(5.0)
 
 
 def test_topk_with_names_and_score_head(tmp_path: Path) -> None:
@@ -81,11 +83,13 @@ def test_topk_with_names_and_score_head(tmp_path: Path) -> None:
     labels.write_text("cat\ndog\nbird\n\n")
     label_map, _ = make_label_map(str(labels), 3, 2, softmax=False)
     assert isinstance(label_map, TopK)
-    assert label_map(torch.tensor([[0.1, 2.0, 1.0]])) == [["dog", "2", "bird", "1"]]
+    (prediction,) = label_map(torch.tensor([[0.1, 2.0, 1.0]]))
+    assert label_map.layout.format("a.png", prediction) == ["a.png", "dog", "2", "bird", "1"]
     score, _ = make_label_map("auto", 1, 5, softmax=True)
     assert isinstance(score, Score)
-    assert score(torch.tensor([[0.25], [-3.0]])) == [["0.25"], ["-3"]]
-    assert score.failure_fields == ["0"]
+    rows = [score.layout.format("k", p) for p in score(torch.tensor([[0.25], [-3.0]]))]
+    assert rows == [["k", "0.25"], ["k", "-3"]]
+    assert score.layout.failure("k") == ["k", "0"] and score.layout.columns == 2
 
 
 def test_label_map_choice_and_errors(tmp_path: Path) -> None:
@@ -94,7 +98,7 @@ def test_label_map_choice_and_errors(tmp_path: Path) -> None:
     assert isinstance(make_label_map("auto", 10, 5, True)[0], TopK)
     label_map, warnings = make_label_map("none", 3, 5, True)
     assert label_map.topk == 3 and "writing 3" in warnings[0]
-    assert label_map.failure_fields == ["-1", "0"] * 3
+    assert label_map.layout.failure("k") == ["k", *["-1", "0"] * 3] and label_map.layout.columns == 7
     for label_map in ("auto", "objectnet", "objectnet-legacy"):  # the scorer reads exactly five pairs
         for topk in (1, 4, 6, 200):
             with pytest.raises(ConfigError, match="reads exactly 5"):

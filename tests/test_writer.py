@@ -12,6 +12,7 @@ import pytest
 from harness.cli import main
 from harness.errors import OutputError
 from harness.pipeline.resume import resume_point
+from harness.results.rows import Layout
 from harness.results.writer import AtomicCsvWriter, check_writable
 from tests.helpers import SAMPLES, read_rows
 
@@ -68,9 +69,9 @@ def test_resume_keeps_awkward_rows_byte_for_byte(tmp_path: Path) -> None:
         writer.flush()
     partial = out.with_name("p.csv.partial")
     written = partial.read_bytes()
-    assert resume_point(out, tmp_path / "errors.csv", [*AWKWARD, "next.png"], ["-1", "0"], 1) == (len(AWKWARD), 0)
+    assert resume_point(out, tmp_path / "errors.csv", [*AWKWARD, "next.png"], Layout(1), 1) == (len(AWKWARD), 0)
     assert partial.read_bytes() == written
-    assert resume_point(out, tmp_path / "errors.csv", [*AWKWARD, "next.png"], ["-1", "0"], 1) == (len(AWKWARD), 0)
+    assert resume_point(out, tmp_path / "errors.csv", [*AWKWARD, "next.png"], Layout(1), 1) == (len(AWKWARD), 0)
 
 
 def test_an_output_that_is_not_a_csv_file_the_harness_writes_is_never_replaced(tmp_path: Path, capsys) -> None:

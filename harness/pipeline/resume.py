@@ -23,6 +23,7 @@ from typing import Any
 from harness.config import Config
 from harness.errors import ConfigError
 from harness.results.report import software
+from harness.results.rows import Layout
 from harness.results.writer import open_csv, partial_path, row_writer, write_atomic_text
 
 
@@ -48,9 +49,7 @@ def _rewrite(path: Path, rows: list[list[str]]) -> None:
 LOST_REASON = "failed in the interrupted run; its reason was not saved before it stopped"
 
 
-def resume_point(
-    output: Path, errors: Path, keys: list[str], failure_fields: list[str], batch_size: int
-) -> tuple[int, int]:
+def resume_point(output: Path, errors: Path, keys: list[str], layout: Layout, batch_size: int) -> tuple[int, int]:
     """Leave the partial files holding exactly the rows to keep; return (rows kept, failures among them).
 
     The failures are counted from the predictions' own failure rows, the file that is submitted: errors.csv is
@@ -59,7 +58,7 @@ def resume_point(
     partial = partial_path(output)
     if not partial.exists():
         return 0, 0
-    row_width = 1 + len(failure_fields)
+    row_width = layout.columns
     rows, last_whole = _read_rows(partial)
     if rows and not last_whole:
         rows.pop()
@@ -74,7 +73,7 @@ def resume_point(
             )
     kept = len(rows) - len(rows) % batch_size
     _rewrite(partial, rows[:kept])
-    failed = [row[0] for row in rows[:kept] if row[1:] == failure_fields]
+    failed = [row[0] for row in rows[:kept] if layout.is_failure(row)]
     errors_partial = partial_path(errors)
     reasons = {}
     if errors_partial.exists():

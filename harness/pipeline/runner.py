@@ -98,6 +98,7 @@ class RunPlan:
 
     def _write_rows(self) -> None:
         config, files, report, label_map = self.config, self.files, self.report, self.label_map
+        layout = label_map.layout
         with (
             AtomicCsvWriter(config.output_file, append=self.done > 0) as predictions,
             AtomicCsvWriter(config.errors_csv, append=self.done > 0) as errors,
@@ -108,17 +109,17 @@ class RunPlan:
                 outputs = self.forward(batch.images.to(self.forward.plan.device, non_blocking=True))
                 finite = torch.isfinite(outputs).all(dim=1).tolist()
                 failed = [error or ("" if ok else NOT_FINITE) for error, ok in zip(batch.errors, finite, strict=True)]
-                rows = label_map(outputs)
+                predicted = label_map(outputs)
                 if self.recorder is not None:
                     self.recorder.add([files[i].key for i in batch.indices], label_map.scores(outputs), failed)
-                for index, error, fields in zip(batch.indices, failed, rows, strict=True):
+                for index, error, prediction in zip(batch.indices, failed, predicted, strict=True):
                     key = files[index].key
                     if error:
-                        predictions.write([key, *label_map.failure_fields])
+                        predictions.write(layout.failure(key))
                         errors.write([key, error])
                         report.failures += 1
                     else:
-                        predictions.write([key, *fields])
+                        predictions.write(layout.format(key, prediction))
                 flush_together((errors, predictions))  # a reason is never missing
                 report.images += len(batch.indices)
                 bar.update(len(batch.indices))
@@ -162,7 +163,7 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
     report.model = loaded.describe(num_classes, "model folder's data_transform_description.py" if custom else "harness")
     identity = run_identity(config, report.model, loaded.files_read, batch_size, plan.device.type, plan.channels_last)
     done = _resume_or_start(config, files, identity, label_map, batch_size, report)
-    report.label_map, report.columns = label_map.name, 1 + len(label_map.failure_fields)
+    report.label_map, report.columns = label_map.name, label_map.layout.columns
     report.devices, report.batch_size_total, report.world_size = plan.describe(), batch_size, config.world_size
     report.workers, report.prefetch_batches, report.head_start_images = workers, prefetch if workers else 0, head_images
     clock = report.timed("load_model_s", clock)
@@ -212,8 +213,8 @@ def _resume_or_start(
     if config.resume and partial_path(config.output_file).exists():
         check_identity(config.output_file, identity)
         keys = [image.key for image in files]
-        fields = label_map.failure_fields
-        done, report.failures = resume_point(config.output_file, config.errors_csv, keys, fields, batch_size)
+        layout = label_map.layout
+        done, report.failures = resume_point(config.output_file, config.errors_csv, keys, layout, batch_size)
         say(f"resuming after {done} of {len(files)} images" if done else "nothing to resume: starting afresh")
     elif partial_path(config.output_file).exists():
         say("replacing an earlier run's partial file (--resume would have continued it)")

@@ -15,11 +15,12 @@ import posixpath
 from pathlib import Path
 
 from harness.config import OBJECTNET_MAPS, OBJECTNET_TOPK
+from harness.results.rows import Layout
 from harness.results.writer import open_csv
 
 ID_MIN, ID_MAX = -1, 312
 TOPK = OBJECTNET_TOPK
-COLUMNS = 1 + 2 * TOPK
+SCORER_LAYOUT = Layout(TOPK)
 BYTE_ORDER_MARK = "\ufeff"
 
 
@@ -53,20 +54,21 @@ def is_finite_number(text: str) -> bool:
 def row_problems(row: list[str], line: int) -> list[str]:
     if not row or not row[0]:
         return [f"line {line}: empty row or empty key (a blank line, e.g. at the end of the file, counts)"]
-    if len(row) != COLUMNS:
+    try:
+        parts = SCORER_LAYOUT.split(row)
+    except ValueError as error:
         hint = " (a header row?)" if line == 1 and row and not _is_int(row[1] if len(row) > 1 else "") else ""
-        return [f"line {line}: {len(row)} columns, expected {COLUMNS} (key and {TOPK} id,confidence pairs){hint}"]
+        return [f"line {line}: {error} (key and {TOPK} id,confidence pairs){hint}"]
     problems = []
-    for column in range(1, COLUMNS, 2):
-        text = row[column].strip()
+    for pair, (id_text, confidence_text) in enumerate(zip(parts.ids, parts.scores, strict=True)):
+        column, text, confidence = 2 + 2 * pair, id_text.strip(), confidence_text.strip()
         if text and not _is_int(text):
             hint = " (a header row?)" if line == 1 else ""
-            problems.append(f"line {line}, column {column + 1}: id {text!r} is not an integer{hint}")
+            problems.append(f"line {line}, column {column}: id {text!r} is not an integer{hint}")
         elif text and not ID_MIN <= int(text) <= ID_MAX:
-            problems.append(f"line {line}, column {column + 1}: id {text} is outside {ID_MIN}..{ID_MAX}")
-        confidence = row[column + 1].strip()
+            problems.append(f"line {line}, column {column}: id {text} is outside {ID_MIN}..{ID_MAX}")
         if not is_finite_number(confidence):
-            problems.append(f"line {line}, column {column + 2}: confidence {confidence!r} is not a finite number")
+            problems.append(f"line {line}, column {column + 1}: confidence {confidence!r} is not a finite number")
     return problems
 
 
@@ -107,11 +109,14 @@ def committed_problems(path: Path, keys: list[str], columns: int, label_map: str
         want = repr(keys[first]) if first < len(keys) else "the end of the file"
         return [f"it holds {len(written)} rows for {len(keys)} images; line {first + 1} is {got}, expected {want}"]
     found = []
+    layout = Layout.of_columns(columns)
     for line, row in enumerate(rows, start=1):
-        scores = row[2::2] if columns > 2 else row[1:]
-        if len(row) != columns:
-            found.append(f"line {line}: {len(row)} columns, expected {columns}")
-        elif not all(is_finite_number(score) for score in scores):
+        try:
+            scores = layout.split(row).scores
+        except ValueError as error:
+            found.append(f"line {line}: {error}")
+            continue
+        if not all(is_finite_number(score) for score in scores):
             found.append(f"line {line}: a confidence that is not a finite number")
     if label_map in OBJECTNET_MAPS:
         found += problems(rows)[0]

@@ -1,7 +1,7 @@
-"""From model outputs to CSV fields: the model's own ids, ObjectNet ids (two ways), names from a file, or a score.
+"""From model outputs to predictions: the model's own ids, ObjectNet ids (two ways), names from a file, or a score.
 
-Each map turns an N x C output batch into N lists of fields (id, confidence, id, confidence, ...), computed on
-the output's device so only the top-k values cross to the host.
+Each map turns an N x C output batch into N `Prediction`s (ids best first and their scores), computed on the
+output's device so only the top-k values cross to the host; harness/results/rows.py makes them CSV rows.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from harness.config import check_objectnet_topk
 from harness.errors import ConfigError, ModelError
+from harness.results.rows import Layout, Prediction
 
 IMAGENET_CLASSES = 1000
 MAPPING_FILE = "imagenet_pytorch_id_to_objectnet_id.json"
@@ -41,20 +42,14 @@ def objectnet_names() -> list[str]:
     return _data_text(OBJECTNET_NAMES_FILE).splitlines()
 
 
-def format_score(value: float) -> str:
-    return f"{value:.6g}"
-
-
-def _interleave(ids: list[list[str]], scores: torch.Tensor) -> list[list[str]]:
-    values = scores.tolist()
+def _predictions(ids: list[list[str]], scores: torch.Tensor) -> list[Prediction]:
     return [
-        [field for pair in zip(row_ids, map(format_score, row_values), strict=True) for field in pair]
-        for row_ids, row_values in zip(ids, values, strict=True)
+        Prediction(tuple(row_ids), tuple(row_values)) for row_ids, row_values in zip(ids, scores.tolist(), strict=True)
     ]
 
 
 class LabelMap:
-    """Base: `topk` (id, confidence) pairs per image; `failure_fields` is the row an unreadable image gets."""
+    """Base: `topk` (id, confidence) pairs per image, written in `layout`."""
 
     name = "base"
 
@@ -66,12 +61,12 @@ class LabelMap:
         outputs = outputs.float()
         return outputs.softmax(dim=1) if self.softmax else outputs
 
-    def __call__(self, outputs: torch.Tensor) -> list[list[str]]:
+    def __call__(self, outputs: torch.Tensor) -> list[Prediction]:
         raise NotImplementedError
 
     @property
-    def failure_fields(self) -> list[str]:
-        return ["-1", "0"] * self.topk
+    def layout(self) -> Layout:
+        return Layout(self.topk)
 
 
 class TopK(LabelMap):
@@ -85,12 +80,12 @@ class TopK(LabelMap):
         if names:
             self.name = "names"
 
-    def __call__(self, outputs: torch.Tensor) -> list[list[str]]:
+    def __call__(self, outputs: torch.Tensor) -> list[Prediction]:
         values, indices = self.scores(outputs).topk(self.topk, dim=1)
         rows = indices.cpu().tolist()
         lookup = self.names
         ids = [[lookup[i] if lookup else str(i) for i in row] for row in rows]
-        return _interleave(ids, values.cpu())
+        return _predictions(ids, values.cpu())
 
 
 class ObjectNetLegacy(LabelMap):
@@ -108,10 +103,10 @@ class ObjectNetLegacy(LabelMap):
             table[imagenet_id] = objectnet_id
         self.table = table
 
-    def __call__(self, outputs: torch.Tensor) -> list[list[str]]:
+    def __call__(self, outputs: torch.Tensor) -> list[Prediction]:
         values, indices = self.scores(outputs).topk(self.topk, dim=1)
         ids = [[str(i) for i in row] for row in self.table[indices.cpu()].tolist()]
-        return _interleave(ids, values.cpu())
+        return _predictions(ids, values.cpu())
 
 
 class ObjectNetSummed(LabelMap):
@@ -133,7 +128,7 @@ class ObjectNetSummed(LabelMap):
         self.groups = torch.tensor([targets.index(mapping[c]) for c in columns])
         self.targets = torch.tensor(targets)
 
-    def __call__(self, outputs: torch.Tensor) -> list[list[str]]:
+    def __call__(self, outputs: torch.Tensor) -> list[Prediction]:
         device = outputs.device
         chosen = self.scores(outputs)[:, self.columns.to(device)]
         groups = self.groups.to(device).expand_as(chosen)
@@ -144,7 +139,7 @@ class ObjectNetSummed(LabelMap):
             summed = empty.scatter_reduce_(1, groups, chosen, reduce="amax")
         values, indices = summed.topk(self.topk, dim=1)
         ids = [[str(i) for i in row] for row in self.targets[indices.cpu()].tolist()]
-        return _interleave(ids, values.cpu())
+        return _predictions(ids, values.cpu())
 
 
 class Score(LabelMap):
@@ -155,12 +150,12 @@ class Score(LabelMap):
     def __init__(self) -> None:
         super().__init__(1, softmax=False)
 
-    def __call__(self, outputs: torch.Tensor) -> list[list[str]]:
-        return [[format_score(v)] for v in outputs.float().reshape(-1).cpu().tolist()]
+    def __call__(self, outputs: torch.Tensor) -> list[Prediction]:
+        return [Prediction(None, (value,)) for value in outputs.float().reshape(-1).cpu().tolist()]
 
     @property
-    def failure_fields(self) -> list[str]:
-        return ["0"]
+    def layout(self) -> Layout:
+        return Layout(None)
 
 
 def class_ids(label_map: LabelMap, num_classes: int) -> list[str]:

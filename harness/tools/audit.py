@@ -161,8 +161,8 @@ class Judge:
         """How `outputs` (one row per file) do on the judged images, leaving out the positions in `skip`."""
         keep = [n for n, index in enumerate(self.indices) if index not in skip]
         chosen = outputs[[self.indices[n] for n in keep]].float().cpu()
-        rows = self.label_map(chosen)
-        top1 = tuple(row[0] in self.answers[n] for row, n in zip(rows, keep, strict=True))
+        predicted = self.label_map(chosen)
+        top1 = tuple(p.ids is not None and p.ids[0] in self.answers[n] for p, n in zip(predicted, keep, strict=True))
         log_probs = log_probabilities(chosen).masked_fill(~self.truth[keep], float("-inf")).logsumexp(1)
         floored = torch.nan_to_num(log_probs, nan=LOG_FLOOR).clamp_min(LOG_FLOOR)
         return Tally(top1, tuple(floored.tolist()))

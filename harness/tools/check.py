@@ -41,7 +41,7 @@ from harness.pipeline.devices import DeviceNormalizer
 from harness.pipeline.files import ImageFile, run_files
 from harness.pipeline.host import usable_cpus
 from harness.pipeline.runner import RunPlan, finish, prepare
-from harness.results.contract import COLUMNS, read_rows, scorer_key
+from harness.results.contract import SCORER_LAYOUT, read_rows, scorer_key
 from harness.results.labels import IMAGENET_CLASSES, LabelMap, Score, class_ids, id_names, make_label_map
 from harness.results.report import RunReport
 from harness.results.writer import check_writable, output_folder_lock
@@ -159,7 +159,7 @@ def judge_run(config: Config, report: RunReport, files: list[ImageFile]) -> tupl
         finish(config, report, [image.key for image in files])
     except (CheckFailedError, TooManyFailuresError) as error:
         problem = error
-    scored = report.label_map in OBJECTNET_MAPS and report.columns == COLUMNS
+    scored = report.label_map in OBJECTNET_MAPS and report.columns == SCORER_LAYOUT.columns
     rules = "validate's rules hold" if scored else "not an ObjectNet top-5 file, so the scorer's rules do not apply"
     run = (
         Verdict("run", "FAIL", str(problem))
@@ -275,17 +275,18 @@ def preview_items(
     answers: dict[str, frozenset[str]] | None,
     config: Config,
 ) -> list[Item]:
-    rows = display(seen.outputs)
     items = []
-    for image, model_input, row, error in zip(files, seen.inputs, rows, seen.errors, strict=True):
+    for image, model_input, prediction, error in zip(
+        files, seen.inputs, display(seen.outputs), seen.errors, strict=True
+    ):
         right = (answers or {}).get(scorer_key(image.key), frozenset())
         try:
             original = load_rgb(image.path, config.preprocess.exif_transpose, config.max_pixels)
         except Exception:  # the run's decoder already said why (`error`)
             original = None
         labels = [
-            Label(f"{label} {names.get(label, '')}".strip(), float(confidence), label in right)
-            for label, confidence in zip(row[0::2], row[1::2], strict=True)
+            Label(f"{label} {names.get(label, '')}".strip(), confidence, label in right)
+            for label, confidence in zip(prediction.ids or ("score",), prediction.scores, strict=True)
         ]
         note = error or (
             f"input values {float(model_input.min()):.2f}..{float(model_input.max()):.2f}, "

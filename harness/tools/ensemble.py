@@ -77,12 +77,12 @@ def ensemble_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     scores = torch.from_numpy(np.where(failed[:, None], 0.0, mean))
     outputs = scores.log() if softmax else scores
     with AtomicCsvWriter(args.output) as writer:
-        for key, bad, fields in zip(keys, failed, label_map(outputs), strict=True):
-            writer.write([key, *(label_map.failure_fields if bad else fields)])
+        layout = label_map.layout
+        for key, bad, prediction in zip(keys, failed, label_map(outputs), strict=True):
+            writer.write(layout.failure(key) if bad else layout.format(key, prediction))
         writer.commit()
     # The same last word as a run's: one right row per image, the scorer's rules for an ObjectNet file.
-    columns = 1 + len(label_map.failure_fields)
-    verdict = judge(args.output, keys, columns, label_map.name, int(failed.sum()), len(keys), None)
+    verdict = judge(args.output, keys, label_map.layout.columns, label_map.name, int(failed.sum()), len(keys), None)
     verdict.raise_unless_complete(args.output, None)
     print(f"harness: {len(args.probs)} runs averaged over {len(keys)} images -> {args.output}")
     return 0

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from harness.errors import CheckFailedError, ConfigError, ToolFileError
-from harness.results.contract import TOPK, problems, scorer_key
+from harness.results.contract import SCORER_LAYOUT, problems, scorer_key
 from harness.results.labels import imagenet_to_objectnet
 from harness.tools.arguments import positive_number
 from harness.tools.validate import read_predictions_file
@@ -65,7 +65,8 @@ def read_predictions(path: Path) -> dict[str, list[int]]:
     rejected, _ = problems(rows)
     if rejected:
         raise CheckFailedError(f"{path} would be rejected by the scorer: {rejected[0]} (harness validate lists all)")
-    return {scorer_key(row[0]): [int(x) if x.strip() else -1 for x in row[1 : 2 * TOPK : 2]] for row in rows}
+    parts = [SCORER_LAYOUT.split(row) for row in rows]
+    return {scorer_key(part.key): [int(x) if x.strip() else -1 for x in part.ids] for part in parts}
 
 
 def topk_accuracy(predictions: dict[str, list[int]], answers: dict[str, int]) -> dict[str, float | int]:
