@@ -644,6 +644,12 @@ def apply_model_defaults(config: Config, values: Mapping[str, Any], source: str)
     return updated
 
 
+def check_label_map(label_map: str) -> None:
+    """A label map is one of LABEL_MAPS or a labels file: a typo is refused before the model loads."""
+    if label_map not in LABEL_MAPS and not Path(label_map).is_file():
+        raise ConfigError(f"--label-map {label_map}: not one of {', '.join(LABEL_MAPS)}, nor a labels file")
+
+
 def check_objectnet_topk(label_map: str, topk: int) -> None:
     """An ObjectNet file the scorer can read: exactly five pairs a row."""
     if label_map in OBJECTNET_MAPS and topk != OBJECTNET_TOPK:
@@ -681,6 +687,7 @@ def _check(config: Config) -> None:
             f"WORLD_SIZE={config.world_size} without MASTER_ADDR and MASTER_PORT: the ranks would have nowhere to "
             "meet. Start the processes with torchrun (README), or unset WORLD_SIZE for one process"
         )
+    check_label_map(config.label_map)
     check_objectnet_topk(config.label_map, config.topk)
     if config.amp == "fp16" and config.device == "cpu":
         raise ConfigError("fp16 AMP needs CUDA; on the CPU use --amp bf16 or leave AMP off")

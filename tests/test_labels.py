@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.cli import main
 from harness.errors import ConfigError, ModelError
 from harness.results.labels import ObjectNetLegacy, ObjectNetSummed, Score, TopK, imagenet_to_objectnet, make_label_map
 from harness.results.rows import Prediction
-from tests.helpers import shared_file
+from tests.helpers import SAMPLES, shared_file
 
 MAPPING = imagenet_to_objectnet()
 
@@ -113,3 +114,10 @@ def test_label_map_choice_and_errors(tmp_path: Path) -> None:
     (tmp_path / "two.txt").write_text("a\nb\n")
     with pytest.raises(ConfigError, match="has 2 names but the model outputs 10"):
         make_label_map(str(tmp_path / "two.txt"), 10, 5, True)
+
+
+def test_a_misspelt_label_map_is_refused_before_the_model_loads(tmp_path: Path, capsys) -> None:
+    output = tmp_path / "out" / "p.csv"
+    assert main([str(SAMPLES), str(output), "--label-map", "objectnot", "--model", "timm:no_such_model"]) == 2
+    assert "--label-map objectnot: not one of auto, none, objectnet, objectnet-legacy" in capsys.readouterr().err
+    assert not output.parent.exists()

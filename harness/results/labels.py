@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from harness.config import check_objectnet_topk
+from harness.config import OBJECTNET_MAPS, check_label_map, check_objectnet_topk
 from harness.errors import ConfigError, ModelError
 from harness.results.rows import Layout, Prediction
 
@@ -202,23 +202,20 @@ def make_label_map(
         raise ModelError("the model outputs 0 classes: it must return N x C scores with C >= 1")
     if num_classes == 1 and label_map in ("auto", "none"):
         return Score(), warnings
-    if label_map in ("objectnet", "objectnet-legacy") or (label_map == "auto" and num_classes == IMAGENET_CLASSES):
+    check_label_map(label_map)
+    if label_map in OBJECTNET_MAPS or (label_map == "auto" and num_classes == IMAGENET_CLASSES):
         if num_classes != IMAGENET_CLASSES:
             raise ConfigError(
                 f"label map {label_map} needs a 1000-class ImageNet head, but the model outputs {num_classes} "
                 "classes: use --label-map none or a labels file"
             )
-        check_objectnet_topk(label_map if label_map != "auto" else "objectnet", topk)
-        if label_map == "objectnet-legacy":
+        check_objectnet_topk(label_map if label_map != "auto" else ObjectNetSummed.name, topk)
+        if label_map == ObjectNetLegacy.name:
             return ObjectNetLegacy(topk, softmax), warnings
         return ObjectNetSummed(topk, softmax), warnings
     names = model_names if label_map == "auto" and model_names and len(model_names) == num_classes else None
     if label_map not in ("auto", "none"):
         path = Path(label_map)
-        if not path.is_file():
-            raise ConfigError(
-                f"--label-map {label_map}: not one of auto, none, objectnet, objectnet-legacy, nor a labels file"
-            )
         names = read_labels_file(path)
         if len(names) != num_classes:
             raise ConfigError(f"labels file {path} has {len(names)} names but the model outputs {num_classes} classes")
