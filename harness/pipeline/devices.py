@@ -34,6 +34,10 @@ class DevicePlan:
             return AMP_DTYPES[self.amp]
         return torch.float32
 
+    def normalizer(self, pre: Preprocess) -> DeviceNormalizer:
+        """The model's input made on this plan's device, in its input dtype and memory layout."""
+        return DeviceNormalizer(pre, self.device, self.input_dtype, self.channels_last)
+
     def describe(self) -> dict[str, object]:
         names = [torch.cuda.get_device_name(i) for i in self.gpu_ids] if self.device.type == "cuda" else []
         return {

@@ -14,7 +14,7 @@ from torch import nn
 
 from harness.config import Config
 from harness.models.fold import FoldResult
-from harness.pipeline.devices import DeviceNormalizer, fold_sample, plan_devices, prepare_model
+from harness.pipeline.devices import fold_sample, plan_devices, prepare_model
 from harness.pipeline.forward import Forward, first_piece, probe_classes
 from harness.pipeline.layout import LayoutChoice, settle_layout
 from harness.pipeline.loader import ImageDataset, check_sample
@@ -35,10 +35,8 @@ def place_model(config: Config, module: nn.Module, dataset: ImageDataset, images
     plan = plan_devices(config)
     sample = check_sample(dataset)
     model, folded = prepare_model(module, plan, fold_sample(config, plan, sample))
-    probe = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
-    classes = probe_classes(model, probe, dataset.blank, plan)
+    classes = probe_classes(model, plan.normalizer(config.preprocess), dataset.blank, plan)
     batch_size = config.batch_size * max(1, len(plan.gpu_ids))
     plan, layout = settle_layout(config, model, plan, sample, batch_size, images)
-    normalize = DeviceNormalizer(config.preprocess, plan.device, plan.input_dtype, plan.channels_last)
-    forward = Forward(model, normalize, plan, first_piece(plan, batch_size), classes)
+    forward = Forward(model, plan.normalizer(config.preprocess), plan, first_piece(plan, batch_size), classes)
     return Placement(forward, classes, batch_size, folded, layout, sample)

@@ -20,7 +20,7 @@ from torch.utils.data import Subset
 from harness.config import Config
 from harness.console import progress_bar, say
 from harness.errors import OutputError, is_dataloader_failure
-from harness.models.load import load_model
+from harness.models.load import LoadedModel, load_model
 from harness.models.python_class import load_custom_transform
 from harness.pipeline.decode import DecodeLimits
 from harness.pipeline.devices import tune_process
@@ -29,7 +29,7 @@ from harness.pipeline.forward import Forward, compiled_forward
 from harness.pipeline.headstart import HeadStart
 from harness.pipeline.host import usable_cpus
 from harness.pipeline.loader import Batch, ImageDataset, fit_to_shm, make_loader, shm_free_bytes
-from harness.pipeline.placement import place_model
+from harness.pipeline.placement import Placement, place_model
 from harness.pipeline.resume import check_identity, record_identity, record_path, resume_point, run_identity
 from harness.pipeline.tracker import DecoderTracker
 from harness.results.labels import LabelMap, make_label_map
@@ -137,8 +137,9 @@ class RunPlan:
 
 
 def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> RunPlan:
-    """Check the output, load the model, plan the devices and the decoding, and find where a resumed run goes on.
-    With a head start (already decoding the files, see harness/pipeline/headstart.py) its batches come first."""
+    """Check the output, load and place the model, choose the label map and the decoding, and find where a resumed
+    run goes on. With a head start (already decoding the files, see harness/pipeline/headstart.py) its batches
+    come first."""
     files = found.files
     report = RunReport(
         config=config.to_dict(), output=str(config.output_file), total=len(files) + len(found.unreadable)
@@ -148,45 +149,113 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
     report.tuning = tune_process(config)
     clock = report.timed("discover_s", clock)
 
+    loaded, dataset, placed = _load_and_place(config, files, report)
+    label_map = _label_map(config, placed.classes, loaded.labels)
+    head_images = head.stop(placed.batch_size) if head is not None else 0  # none when resuming: it never runs then
+    workers, prefetch = _decoders(config, dataset, placed.batch_size)
+    identity = run_identity(
+        config,
+        report.model,
+        loaded.files_read,
+        placed.batch_size,
+        placed.forward.plan.device.type,
+        placed.forward.plan.channels_last,
+    )
+    done = _resume_or_start(config, files, identity, label_map, placed.batch_size, report)
+    _describe(report, config, label_map, placed, workers=workers, prefetch=prefetch, head_images=head_images)
+    clock = report.timed("load_model_s", clock)
+    plan = placed.forward.plan
+    say(
+        f"{len(files)} images, model {loaded.class_name} ({placed.classes} classes), {plan.device}"
+        f"{f' x{len(plan.gpu_ids)}' if len(plan.gpu_ids) > 1 else ''}, batch {placed.batch_size}, {workers} workers, "
+        f"label map {label_map.name}"
+    )
+    batches, tracker = _batches(
+        config,
+        dataset,
+        start=done + head_images,
+        batch_size=placed.batch_size,
+        workers=workers,
+        prefetch=prefetch,
+        pin=plan.device.type == "cuda",
+        head=head,
+    )
+    forward = compiled_forward(placed.forward, placed.sample) if config.compile else placed.forward
+    return RunPlan(
+        config=config,
+        files=files,
+        unreadable=found.unreadable,
+        done=done,
+        batches=batches,
+        forward=forward,
+        label_map=label_map,
+        tracker=tracker,
+        recorder=ProbabilityRecorder(label_map.softmax) if config.save_probs else None,
+        report=report,
+        started=started,
+        clock=clock,
+    )
+
+
+def _load_and_place(
+    config: Config, files: list[ImageFile], report: RunReport
+) -> tuple[LoadedModel, ImageDataset, Placement]:
+    """The model loaded, and placed on its device(s) while the head start still decodes, before the DataLoader's
+    workers start (harness/pipeline/placement.py); run.json's description of it."""
     loaded = load_model(config)
     custom = load_custom_transform(config)
     dataset = ImageDataset(files, config.preprocess, custom, DecodeLimits.of(config))
-    # folded, probed and its layout timed while the head start still decodes, before the DataLoader's workers start
     placed = place_model(config, loaded.module, dataset, len(files))
-    plan, num_classes, batch_size = placed.forward.plan, placed.classes, placed.batch_size
     report.fold_batchnorm, report.layout = placed.folded.describe(), placed.layout.describe()
-    label_map, warnings = make_label_map(config.label_map, num_classes, config.topk, config.softmax, loaded.labels)
+    transform = "model folder's data_transform_description.py" if custom else "harness"
+    report.model = loaded.describe(placed.classes, transform)
+    return loaded, dataset, placed
+
+
+def _label_map(config: Config, classes: int, model_labels: list[str] | None) -> LabelMap:
+    label_map, warnings = make_label_map(config.label_map, classes, config.topk, config.softmax, model_labels)
     for warning in warnings:
         say(warning)
-    head_images = head.stop(batch_size) if head is not None else 0  # none when resuming: it never runs then
-    workers, prefetch = _decoders(config, dataset, batch_size)
-    report.model = loaded.describe(num_classes, "model folder's data_transform_description.py" if custom else "harness")
-    identity = run_identity(config, report.model, loaded.files_read, batch_size, plan.device.type, plan.channels_last)
-    done = _resume_or_start(config, files, identity, label_map, batch_size, report)
-    report.label_map, report.columns = label_map.name, label_map.layout.columns
-    report.devices, report.batch_size_total, report.world_size = plan.describe(), batch_size, config.world_size
-    report.workers, report.prefetch_batches, report.head_start_images = workers, prefetch if workers else 0, head_images
-    clock = report.timed("load_model_s", clock)
-    say(
-        f"{len(files)} images, model {loaded.class_name} ({num_classes} classes), {plan.device}"
-        f"{f' x{len(plan.gpu_ids)}' if len(plan.gpu_ids) > 1 else ''}, batch {batch_size}, {workers} workers, "
-        f"label map {label_map.name}"
-    )
+    return label_map
 
-    remaining = Subset(dataset, range(done + head_images, len(files)))  # keeps the indices rows are keyed by
+
+def _describe(
+    report: RunReport,
+    config: Config,
+    label_map: LabelMap,
+    placed: Placement,
+    *,
+    workers: int,
+    prefetch: int,
+    head_images: int,
+) -> None:
+    report.label_map, report.columns = label_map.name, label_map.layout.columns
+    report.devices, report.batch_size_total = placed.forward.plan.describe(), placed.batch_size
+    report.world_size, report.workers = config.world_size, workers
+    report.prefetch_batches, report.head_start_images = prefetch if workers else 0, head_images
+
+
+def _batches(
+    config: Config,
+    dataset: ImageDataset,
+    *,
+    start: int,
+    batch_size: int,
+    workers: int,
+    prefetch: int,
+    pin: bool,
+    head: HeadStart | None,
+) -> tuple[Iterable[Batch], DecoderTracker]:
+    """The batches from image `start` on: the head start's first, then the DataLoader's workers, which start now,
+    beside the head start's last batches (none to start when it covered every image)."""
+    remaining = Subset(dataset, range(start, len(dataset)))  # keeps the indices rows are keyed by
     timeout = loader_timeout(config.decode_timeout)
-    cuda = plan.device.type == "cuda"
-    loader = make_loader(remaining, batch_size, workers, prefetch, cuda, timeout, config.idle_decoders)
+    loader = make_loader(remaining, batch_size, workers, prefetch, pin, timeout, config.idle_decoders)
     tracker = dataset.watch(workers)
-    # The workers start now, beside the head start's last batches (none to start when it covered every image).
     batches: Iterable[Batch] = iter(loader) if len(remaining) else iter(())
     if head is not None:
         batches = itertools.chain(head_batches(head, timeout), batches)
-    forward = compiled_forward(placed.forward, placed.sample) if config.compile else placed.forward
-    recorder = ProbabilityRecorder(label_map.softmax) if config.save_probs else None
-    return RunPlan(
-        config, files, found.unreadable, done, batches, forward, label_map, tracker, recorder, report, started, clock
-    )
+    return batches, tracker
 
 
 def _decoders(config: Config, dataset: ImageDataset, batch_size: int) -> tuple[int, int]:

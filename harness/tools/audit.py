@@ -31,7 +31,6 @@ import torch
 
 from harness.config import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from harness.pipeline.decode import DecodeLimits
-from harness.pipeline.devices import DeviceNormalizer
 from harness.pipeline.files import ImageFile
 from harness.pipeline.forward import Forward
 from harness.pipeline.loader import ImageDataset, Transform
@@ -202,9 +201,7 @@ class Decoder:
 def with_preprocessing(forward: Forward, pre: Preprocess) -> Forward:
     """The run's forward pass with another preprocessing's values step."""
     plan = forward.plan
-    return dataclasses.replace(
-        forward, normalize=DeviceNormalizer(pre, plan.device, plan.input_dtype, plan.channels_last)
-    )
+    return dataclasses.replace(forward, normalize=plan.normalizer(pre))
 
 
 def outputs_for(forward: Forward, pre: Preprocess, inputs: Inputs) -> torch.Tensor:

@@ -37,7 +37,6 @@ from harness.models.onnx_runtime import OnnxModule
 from harness.models.python_class import load_custom_transform
 from harness.options import add_settings, config_from, given_settings
 from harness.pipeline.decode import DecodeLimits, load_rgb
-from harness.pipeline.devices import DeviceNormalizer
 from harness.pipeline.files import ImageFile, run_files
 from harness.pipeline.host import usable_cpus
 from harness.pipeline.runner import RunPlan, finish, prepare
@@ -222,7 +221,7 @@ class Seen:
 def look(plan: RunPlan, decoder: Decoder, pre: Preprocess) -> Seen:
     inputs = decoder(pre)
     devices = plan.forward.plan
-    normalize = DeviceNormalizer(pre, devices.device, devices.input_dtype, devices.channels_last)
+    normalize = devices.normalizer(pre)
     model_inputs = normalize(inputs.images.to(devices.device)).float().cpu()
     return Seen(
         model_inputs, outputs_for(plan.forward, pre, inputs).float().cpu(), inputs.errors, inputs.seconds_per_image
