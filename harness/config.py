@@ -48,21 +48,27 @@ ENV_FIELDS = {
 
 
 # ---- value parsers: each takes a YAML value or a string and returns the typed value or raises ValueError ----
-# Each carries the metavar its command-line option shows (`_shown`), so --help follows the parsers.
 
 Parse = Callable[[Any], Any]
 
 
-def _shown(metavar: str, parse: Parse) -> Parse:
-    def shown(value: Any) -> Any:
-        return parse(value)
+@dataclass(frozen=True)
+class Parser:
+    """A setting's parser with the metavar its command-line option shows, so --help follows the parsers."""
 
-    shown.metavar = metavar  # type: ignore[attr-defined]
-    return shown
+    metavar: str
+    parse: Parse
+
+    def __call__(self, value: Any) -> Any:
+        return self.parse(value)
+
+
+def _shown(metavar: str, parse: Parse) -> Parser:
+    return Parser(metavar, parse)
 
 
 def metavar(parse: Parse) -> str:
-    return getattr(parse, "metavar", "VALUE")
+    return parse.metavar if isinstance(parse, Parser) else "VALUE"
 
 
 def _int(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
@@ -414,7 +420,6 @@ class Config:
     local_world_size: int = _setting(1, _int(1), "processes on this machine, sharing its cores (set by torchrun)")
     preprocess: Preprocess = field(default_factory=Preprocess)
     explicit: frozenset[str] = frozenset()  # settings a source gave (not defaults): a model's own config yields to them
-    model_labels: tuple[str, ...] | None = None  # class names the model file carries (an exported ONNX file's)
 
     @property
     def run_json(self) -> Path:
@@ -438,7 +443,6 @@ class Config:
         """Plain values for run.json."""
         data = dataclasses.asdict(self)
         data.pop("explicit")
-        data.pop("model_labels")
         return {key: (str(value) if isinstance(value, Path) else value) for key, value in data.items()}
 
 
@@ -623,14 +627,9 @@ def build_config(
 def apply_model_defaults(config: Config, values: Mapping[str, Any], source: str) -> Config:
     """The config with a model's own settings (its preprocessing, label map) wherever no source set them: the
     model's config ranks above the harness's defaults and below model/config.yaml, the environment and the
-    command line. Class names (`labels`) are no setting: they go to `model_labels` for the label map."""
+    command line. Class names (`labels`) are no setting: the model's loader reads them with the model."""
     run: dict[str, Any] = {}
     pre: dict[str, Any] = {}
-    labels = values.get("labels")
-    if labels is not None:
-        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-            raise ConfigError(f"{source}: labels must be a list of class names")
-        run["model_labels"] = tuple(labels)
     for name, value in values.items():
         if name == "labels":
             continue

@@ -14,6 +14,7 @@ from harness.config import Config
 from harness.errors import ModelError
 from harness.models.checkpoint import load_weights, read_state_dict, resolve_checkpoint
 from harness.models.hf_model import load_hf_model
+from harness.models.onnx_metadata import read_labels
 from harness.models.onnx_runtime import OnnxModule, make_session
 from harness.models.python_class import DEFAULT_CLASS, create_model, find_module_file
 from harness.models.reads import watch_reads
@@ -55,7 +56,7 @@ def load_onnx_model(path: Path, config: Config) -> LoadedModel:
         source=str(path),
         checkpoint=None,
         parameters=None,
-        labels=list(config.model_labels) if config.model_labels else None,  # read with its settings (source.py)
+        labels=read_labels(path),
     )
 
 

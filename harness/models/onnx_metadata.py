@@ -10,6 +10,8 @@ import mmap
 from pathlib import Path
 from typing import Any
 
+from harness.errors import ModelError
+
 METADATA_KEY = "harness.settings"
 METADATA_PROPS_FIELD = 14  # ModelProto.metadata_props (onnx.proto)
 LENGTH_DELIMITED, VARINT, FIXED64, FIXED32 = 2, 0, 1, 5
@@ -72,6 +74,16 @@ def read_settings(path: Path) -> dict[str, Any]:
     except ValueError:
         return {}
     return settings if isinstance(settings, dict) else {}
+
+
+def read_labels(path: Path) -> list[str] | None:
+    """The class names an exported ONNX file carries in its metadata, or None."""
+    labels = read_settings(path).get("labels")
+    if labels is None:
+        return None
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise ModelError(f"{path} (its metadata): labels must be a list of class names")
+    return labels
 
 
 def settings_text(settings: dict[str, Any]) -> str:
