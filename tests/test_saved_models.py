@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -53,6 +54,16 @@ def test_a_pickled_module_needs_trust_pickle(tmp_path: Path, capsys) -> None:
 
 def test_a_pickled_non_module_is_refused_even_when_trusted(tmp_path: Path, capsys) -> None:
     path = _folder(tmp_path, "weights.pt")
-    torch.save(_tiny().state_dict(), path)
+    torch.save([_tiny()], path)
     assert _run(tmp_path, path.parent, "--trust-pickle") == 4
-    assert "holds a OrderedDict, not a model" in capsys.readouterr().err
+    assert "holds a list, not a model" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+@pytest.mark.parametrize("trust", [(), ("--trust-pickle",)])
+def test_a_state_dict_given_as_the_model_is_told_how_to_run_it(tmp_path: Path, capsys, trust: tuple) -> None:
+    path = _folder(tmp_path, "weights.pt")
+    torch.save(_tiny().state_dict(), path)
+    assert _run(tmp_path, path.parent, *trust) == 4
+    error = capsys.readouterr().err
+    assert "holds weights only (a state_dict)" in error and f"--checkpoint {path}" in error
