@@ -43,6 +43,12 @@ def env_without_build_args() -> dict[str, str]:
 CPU_TOLERANCE = 2e-5
 
 
+def ids_and_confidences(row: list[str]) -> tuple[list[int], list[float]]:
+    """A written row's ids and confidences, read as harness/results/rows.py reads a row."""
+    parts = Layout.of_columns(len(row)).split(row)
+    return [int(x) for x in parts.ids], [float(x) for x in parts.scores]
+
+
 def compare_rows(want: list[str], got: list[str], tolerance: float) -> tuple[list[str], float]:
     """What differs between two rows of the same key, and the largest confidence difference.
 

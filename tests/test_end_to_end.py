@@ -21,7 +21,7 @@ from harness.pipeline.devices import DevicePlan
 from harness.pipeline.files import ImageFile
 from harness.pipeline.loader import ImageDataset
 from harness.results.labels import imagenet_to_objectnet
-from tests.helpers import OBJECTNET_SAMPLES, REPO, SAMPLES, env_without_build_args
+from tests.helpers import OBJECTNET_SAMPLES, REPO, SAMPLES, env_without_build_args, ids_and_confidences
 
 sys.path.insert(0, str(REPO / "model"))
 from model import EfficientNetLite0
@@ -33,7 +33,7 @@ def test_default_run_writes_objectnet_rows_and_a_report(harness_run, tmp_path: P
     assert [row[0] for row in rows] == sorted(p.name for p in SAMPLES.iterdir() if p.suffix in (".png", ".jpg"))
     for row in rows:
         assert len(row) == 11
-        ids, confidences = [int(x) for x in row[1::2]], [float(x) for x in row[2::2]]
+        ids, confidences = ids_and_confidences(row)
         assert len(set(ids)) == 5 and all(0 <= i <= 312 for i in ids)
         assert all(0 <= c <= 1 for c in confidences) and confidences == sorted(confidences, reverse=True)
     report = json.loads((tmp_path / "run.json").read_text())
@@ -55,7 +55,7 @@ def test_mode_zero_gives_imagenet_ids(harness_run) -> None:
     assert code == 0
     assert top1["coffee.png"] == 967  # espresso
     assert top1["chelsea.png"] in (281, 282, 285)  # tabby / tiger cat / Egyptian cat
-    assert 652 in [int(x) for x in next(r for r in rows if r[0] == "grace_hopper.jpg")[1::2]]  # military uniform
+    assert 652 in ids_and_confidences(next(r for r in rows if r[0] == "grace_hopper.jpg"))[0]  # military uniform
 
 
 def _template_rows(names: list[str]) -> dict[str, tuple[list[int], list[float]]]:
@@ -94,8 +94,8 @@ def test_legacy_map_reproduces_the_template_rows(harness_run) -> None:
     for row in rows:
         if row[0] in expected:
             ids, confidences = expected[row[0]]
-            assert [int(x) for x in row[1::2]] == ids
-            assert [float(x) for x in row[2::2]] == pytest.approx(confidences, abs=1e-4)
+            assert ids_and_confidences(row)[0] == ids
+            assert ids_and_confidences(row)[1] == pytest.approx(confidences, abs=1e-4)
     assert any(-1 in expected[name][0] for name in expected)  # the legacy quirk is really exercised
 
 
@@ -132,8 +132,8 @@ def test_positional_and_named_cli_write_identical_files(tmp_path: Path) -> None:
 def test_softmax_false_writes_logits_with_the_same_ranking(harness_run) -> None:
     _, probabilities = harness_run("--label-map", "none")
     _, logits = harness_run("--label-map", "none", "--softmax", "false", name="logits.csv")
-    assert [row[1::2] for row in probabilities] == [row[1::2] for row in logits]
-    assert any(float(x) > 1 for row in logits for x in row[2::2])
+    assert [ids_and_confidences(row)[0] for row in probabilities] == [ids_and_confidences(row)[0] for row in logits]
+    assert any(x > 1 for row in logits for x in ids_and_confidences(row)[1])
 
 
 def test_environment_and_cli_precedence_in_a_real_run(harness_run, tmp_path: Path, monkeypatch) -> None:

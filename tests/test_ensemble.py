@@ -9,7 +9,7 @@ import pytest
 
 from harness.cli import main
 from harness.tools.ensemble import average
-from tests.helpers import read_rows
+from tests.helpers import ids_and_confidences, read_rows
 
 
 def _save(path: Path, keys: list[str], probs: list[list[float]], softmax: bool = True) -> Path:
@@ -28,10 +28,11 @@ def test_the_real_model_ensembled_with_itself_is_the_model(harness_run, tmp_path
     output = tmp_path / "ensemble.csv"
     assert main(["ensemble", str(probs), str(probs), "--output", str(output)]) == 0
     ensembled = read_rows(output)
-    assert [[row[0], *row[1::2]] for row in ensembled] == [[row[0], *row[1::2]] for row in rows]
+    assert [row[0] for row in ensembled] == [row[0] for row in rows]
+    assert [ids_and_confidences(row)[0] for row in ensembled] == [ids_and_confidences(row)[0] for row in rows]
     # the same confidences to the CSV's 6 digits, give or take the last one (float32 log/softmax round trip)
-    got = [float(c) for row in ensembled for c in row[2::2]]
-    assert got == pytest.approx([float(c) for row in rows for c in row[2::2]], rel=1e-5)
+    got = [c for row in ensembled for c in ids_and_confidences(row)[1]]
+    assert got == pytest.approx([c for row in rows for c in ids_and_confidences(row)[1]], rel=1e-5)
 
 
 def test_averaging_by_hand_and_failed_rows(tmp_path: Path) -> None:

@@ -1,103 +1,223 @@
-"""The package's architecture, checked: subpackages by role, imports one way (entry points and tools above the
-pipeline, the pipeline above the model loaders and result writers, config and errors at the bottom), no cycles."""
+"""channels_last: auto chooses the model's memory layout by timing both on the run's device, keeps the default where
+channels_last fails or changes the scores, obeys an explicit setting, and a resumed run keeps the first run's
+choice. Tiny models, so the tests are fast; which layout is really faster is scripts/bench.py's to measure."""
 
 from __future__ import annotations
 
-import ast
+import json
+from collections.abc import Callable
 from pathlib import Path
 
-from tests.helpers import REPO
+import pytest
+import torch
+from torch import nn
 
-PACKAGE = REPO / "harness"
-# Each module's layer; a module may import from its own layer's package or any lower layer, never upward, and
-# models and results (one layer) do not import each other.
-LAYERS = {
-    "harness": 0,  # __version__
-    "harness.errors": 0,
-    "harness.config": 1,
-    "harness.console": 1,
-    "harness.data": 1,
-    "harness.models": 2,
-    "harness.results": 2,
-    "harness.pipeline": 3,
-    "harness.options": 4,
-    "harness.tools": 5,
-    "harness.cli": 6,
-    "harness.__main__": 7,
-}
+import harness.pipeline.layout
+from harness.cli import main
+from harness.config import Preprocess, build_config
+from harness.pipeline.devices import DevicePlan
+from harness.pipeline.layout import choose_layout, settle_layout
+from harness.pipeline.resume import record_path, run_identity
+from harness.results.writer import partial_path
+from tests.helpers import SAMPLES
+
+CPU = DevicePlan(torch.device("cpu"))
+PRE = Preprocess(input_size=16, resize_size=16)
+SAMPLE = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(REPO).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+class Convolutional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean((2, 3)))
 
 
-def _group(module: str) -> str:
-    """The LAYERS key a module belongs to: its subpackage, or the module itself at the top."""
-    parts = module.split(".")
-    candidate = ".".join(parts[:2])
-    return candidate if candidate in LAYERS else "harness"
+class Views(Convolutional):
+    """Flattens with .view(), which a channels-last activation refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8 * 14 * 14, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).view(x.shape[0], -1))
 
 
-def _imports(path: Path) -> set[str]:
-    """Every harness module `path` imports, at the top or inside functions (the lazy imports count too)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("harness"):
-            found.add(node.module)
-        elif isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names if alias.name.startswith("harness"))
-    return found
+class ReadsMemory(Convolutional):
+    """Reads its activations in memory order: other scores in the other layout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.fc(y.as_strided((y.shape[0], 8), (y.stride(0), 1)))
 
 
-def _graph() -> dict[str, set[str]]:
-    return {_module_name(path): _imports(path) for path in PACKAGE.rglob("*.py")}
+def _layout_of(model: nn.Module) -> bool:
+    return model.conv.weight.is_contiguous(memory_format=torch.channels_last) and not model.conv.weight.is_contiguous()
 
 
-def test_imports_run_one_way() -> None:
-    wrong = []
-    for module, imported in _graph().items():
-        for target in imported:
-            here, there = _group(module), _group(target)
-            if LAYERS[there] > LAYERS[here] or (here != there and LAYERS[there] == LAYERS[here] and here != "harness"):
-                wrong.append(f"{module} imports {target}")
-    assert not wrong, wrong
+def _timed(times: dict[bool, float]) -> Callable[..., tuple[float, torch.Tensor]]:
+    """A stand-in for one timed pass: `times` seconds per image for each layout, the same scores."""
+
+    def timed_pass(
+        model: nn.Module, plan: DevicePlan, pre: Preprocess, images: torch.Tensor, channels_last: bool
+    ) -> tuple[float, torch.Tensor]:
+        return times[channels_last] * len(images), torch.zeros(len(images), 5)
+
+    return timed_pass
 
 
-def test_no_import_cycles() -> None:
-    graph = _graph()
-    state: dict[str, str] = {}
-
-    def visit(module: str, path: list[str]) -> None:
-        state[module] = "open"
-        for target in graph.get(module, ()):
-            if state.get(target) == "open":
-                raise AssertionError(" -> ".join([*path, module, target]))
-            if target not in state and target in graph:
-                visit(target, [*path, module])
-        state[module] = "done"
-
-    for module in graph:
-        if module not in state:
-            visit(module, [])
+@pytest.mark.parametrize("channels_last_faster", [True, False])
+def test_the_faster_layout_is_kept_and_the_model_left_in_it(
+    monkeypatch: pytest.MonkeyPatch, channels_last_faster: bool
+) -> None:
+    monkeypatch.setattr(
+        harness.pipeline.layout, "_timed_pass", _timed({True: 1.0, False: 2.0 if channels_last_faster else 0.5})
+    )
+    model = Convolutional()
+    choice = choose_layout(model, CPU, PRE, SAMPLE, batch_size=64)
+    assert choice.channels_last is channels_last_faster
+    assert choice.ms_per_image == {"contiguous": 2000.0 if channels_last_faster else 500.0, "channels_last": 1000.0}
+    assert _layout_of(model) is channels_last_faster
 
 
-def test_subpackages_by_role_with_empty_inits() -> None:
-    for name in ("pipeline", "models", "results", "tools"):
-        init = PACKAGE / name / "__init__.py"
-        assert init.is_file() and init.read_text() == "", init
-    assert sorted(p.name for p in PACKAGE.glob("*.py")) == [
-        "__init__.py",
-        "__main__.py",
-        "cli.py",
-        "config.py",
-        "console.py",
-        "errors.py",
-        "options.py",
-    ]
+def _passes(seconds: list[float], calls: list[bool]) -> Callable[..., tuple[float, torch.Tensor]]:
+    """A stand-in for the timed passes: each takes the next of `seconds` per image; `calls` gets their layouts."""
+    each = iter(seconds)
+
+    def timed_pass(
+        model: nn.Module, plan: DevicePlan, pre: Preprocess, images: torch.Tensor, channels_last: bool
+    ) -> tuple[float, torch.Tensor]:
+        calls.append(channels_last)
+        return next(each) * len(images), torch.zeros(len(images), 5)
+
+    return timed_pass
 
 
-def test_every_module_says_what_it_is_for() -> None:
-    modules = [path for path in PACKAGE.rglob("*.py") if path.name not in ("__init__.py", "__main__.py")]
-    missing = [_module_name(path) for path in modules if not ast.get_docstring(ast.parse(path.read_text()))]
-    assert not missing, missing
+# "meta" stands in for a GPU: any device but the CPU times a fixed TRIAL_ROUNDS
+@pytest.mark.parametrize("plan", [CPU, DevicePlan(torch.device("meta"))], ids=["cpu", "not-cpu"])
+def test_a_cold_first_pass_does_not_decide_the_faster_of_each_counts(
+    monkeypatch: pytest.MonkeyPatch, plan: DevicePlan
+) -> None:
+    """The first pass of each layout also warms it up: a cold, slow first channels_last pass gets a second."""
+    calls: list[bool] = []
+    # contiguous, channels_last (cold), contiguous, channels_last (warm)
+    monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _passes([1.0, 3.0, 1.0, 0.5], calls))
+    monkeypatch.setattr(harness.pipeline.layout, "_put", lambda model, channels_last: None)
+    choice = choose_layout(Convolutional(), plan, PRE, SAMPLE, batch_size=64)
+    assert calls == [False, True, False, True]
+    assert choice.channels_last and choice.ms_per_image == {"contiguous": 1000.0, "channels_last": 500.0}
+
+
+def test_on_the_cpu_the_trial_stops_once_channels_last_would_be_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+    monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _passes([1.0, 0.9], calls))
+    choice = choose_layout(Convolutional(), CPU, PRE, SAMPLE, batch_size=64)
+    assert calls == [False, True]
+    assert choice.channels_last and choice.why.endswith("on 4 images x 1 timed pass")
+
+    calls.clear()  # elsewhere every round runs
+    monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _passes([1.0, 0.9, 1.0, 0.9], calls))
+    monkeypatch.setattr(harness.pipeline.layout, "_put", lambda model, channels_last: None)
+    choose_layout(Convolutional(), DevicePlan(torch.device("meta")), PRE, SAMPLE, batch_size=64)
+    assert calls == [False, True, False, True]
+
+
+def test_on_the_cpu_contiguous_is_kept_only_after_every_round_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that looks faster contiguous is timed up to CPU_TRIAL_MAX_ROUNDS, its fastest passes deciding."""
+    rounds = harness.pipeline.layout.CPU_TRIAL_MAX_ROUNDS
+    calls: list[bool] = []
+    monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _passes([0.5, 1.0, 0.8, 0.6] * rounds, calls))
+    choice = choose_layout(Convolutional(), CPU, PRE, SAMPLE, batch_size=64)
+    assert calls == [False, True] * rounds
+    assert not choice.channels_last and choice.ms_per_image == {"contiguous": 500.0, "channels_last": 600.0}
+
+    calls.clear()  # a later round that shows channels_last faster ends the trial there, in its favour
+    monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _passes([0.5, 1.0, 0.8, 0.45], calls))
+    assert choose_layout(Convolutional(), CPU, PRE, SAMPLE, batch_size=64).channels_last
+    assert calls == [False, True, False, True]
+
+
+def test_a_real_trial_times_both_layouts_and_agrees() -> None:
+    model = Convolutional()
+    choice = choose_layout(model, CPU, PRE, SAMPLE, batch_size=64)
+    assert set(choice.ms_per_image) == {"contiguous", "channels_last"}
+    assert "faster" in choice.why or "a close trial" in choice.why  # two layouts a tiny model runs alike
+    assert _layout_of(model) is choice.channels_last
+    assert choice.describe()["trial_s"] > 0
+
+
+@pytest.mark.parametrize(("model", "why"), [(Views(), "channels_last failed"), (ReadsMemory(), "other scores")])
+def test_a_model_channels_last_breaks_keeps_the_default_layout(model: nn.Module, why: str) -> None:
+    choice = choose_layout(model, CPU, PRE, SAMPLE, batch_size=8)
+    assert not choice.channels_last and why in choice.why
+    assert not _layout_of(model)
+    model(torch.zeros(2, 3, 16, 16))  # still runs as it was written
+
+
+def _no_trial(*args: object) -> None:
+    raise AssertionError("no trial expected")
+
+
+@pytest.mark.parametrize("setting", ["true", "false"])
+def test_an_explicit_setting_is_obeyed_without_a_trial(monkeypatch: pytest.MonkeyPatch, setting: str) -> None:
+    monkeypatch.setattr(harness.pipeline.layout, "choose_layout", _no_trial)
+    config = build_config({"channels_last": setting}, {}, {})
+    plan = DevicePlan(torch.device("cpu"), channels_last=config.channels_last)
+    settled, choice = settle_layout(config, Convolutional(), plan, SAMPLE, 64, images=10**6)
+    assert settled.channels_last is choice.channels_last is (setting == "true") and choice.why.startswith("set")
+
+
+def test_auto_is_the_default_and_a_few_images_on_the_cpu_get_no_trial(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness.pipeline.layout, "choose_layout", _no_trial)
+    config = build_config({}, {}, {})
+    assert config.channels_last == "auto"
+    settled, choice = settle_layout(config, Convolutional(), CPU, SAMPLE, 64, images=19)
+    assert not settled.channels_last and "too few" in choice.why
+
+
+def test_a_resumed_run_keeps_the_layout_the_first_run_chose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness.pipeline.layout, "choose_layout", _no_trial)
+    config = build_config({"output_file": str(tmp_path / "p.csv"), "resume": "true"}, {}, {})
+    partial_path(config.output_file).write_text("")
+    record_path(config.output_file).write_text(json.dumps({"channels_last": True}))
+    model = Convolutional()
+    settled, choice = settle_layout(config, model, CPU, SAMPLE, 64, images=10**6)
+    assert settled.channels_last and "resumes" in choice.why and _layout_of(model)
+
+
+def test_run_json_and_the_resume_record_carry_the_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness.pipeline.layout, "CPU_PAYBACK", 0)  # a trial even for 19 images
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.py").write_text(
+        "import torch\n\n\nclass Model(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.conv = torch.nn.Conv2d(3, 4, 3)\n\n    def forward(self, x):\n"
+        "        return self.conv(x).mean((2, 3))\n"
+    )
+    output = tmp_path / "out" / "p.csv"
+    argv = [str(SAMPLES), str(output), "--model-dir", str(folder), "--label-map", "none", "--progress", "false"]
+    assert main([*argv, "--input-size", "32", "--resize-size", "32"]) == 0
+    layout = json.loads(output.with_name("run.json").read_text())["layout"]
+    assert set(layout["ms_per_image"]) == {"contiguous", "channels_last"}
+    assert json.loads(output.with_name("run.json").read_text())["devices"]["channels_last"] is layout["channels_last"]
+
+
+def test_the_resume_record_holds_the_layout_chosen_not_auto() -> None:
+    model = {"class": "Model", "source": None, "checkpoint": None}
+    assert run_identity(build_config({}, {}, {}), model, [], 64, "cpu", channels_last=True)["channels_last"] is True
+
+
+@pytest.mark.parametrize(("contiguous_s", "channels_last"), [(0.97, True), (0.9, False)])
+def test_on_the_cpu_contiguous_must_be_clearly_faster_to_be_kept(
+    monkeypatch: pytest.MonkeyPatch, contiguous_s: float, channels_last: bool
+) -> None:
+    """A few images rank the layouts less clearly than the run's pieces: within 5%, the CPU keeps channels_last."""
+    monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", _timed({True: 1.0, False: contiguous_s}))
+    choice = choose_layout(Convolutional(), CPU, PRE, SAMPLE, batch_size=64)
+    assert choice.channels_last is channels_last
+    assert ("close trial" in choice.why) is channels_last

@@ -14,7 +14,7 @@ import torch
 
 from harness.cli import main
 from harness.pipeline.decode import load_rgb
-from tests.helpers import REPO, SAMPLES, compare_predictions, read_rows
+from tests.helpers import REPO, SAMPLES, compare_predictions, ids_and_confidences, read_rows
 
 timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.equivalence  # outputs pinned against a reference: run again under other CPU kernels
@@ -22,17 +22,19 @@ IMAGES = sorted(p for p in SAMPLES.iterdir() if p.suffix in (".png", ".jpg"))
 
 
 def _rows(path: Path) -> dict[str, list[str]]:
-    return {row[0]: row[1:] for row in read_rows(path)}
+    return {row[0]: ids_and_confidences(row) for row in read_rows(path)}
 
 
-def _assert_matches(rows: dict[str, list[str]], reference: dict[str, torch.Tensor], tolerance: float, k: int) -> None:
+def _assert_matches(
+    rows: dict[str, tuple[list[int], list[float]]], reference: dict[str, torch.Tensor], tolerance: float, k: int
+) -> None:
     """Each image's top-k ids equal the reference's, their probabilities within `tolerance`."""
     assert sorted(rows) == sorted(reference)
     for key, probs in reference.items():
         values, ids = probs.topk(k)
-        row = rows[key]
-        assert [int(x) for x in row[0::2]] == ids.tolist(), key
-        assert max(abs(float(a) - b) for a, b in zip(row[1::2], values.tolist(), strict=True)) < tolerance, key
+        row_ids, confidences = rows[key]
+        assert row_ids == ids.tolist(), key
+        assert max(abs(a - b) for a, b in zip(confidences, values.tolist(), strict=True)) < tolerance, key
 
 
 # ---- timm ----
@@ -208,9 +210,10 @@ def test_a_hugging_face_folder_equals_transformers_own_processor_and_model(tmp_p
         assert main([str(SAMPLES), str(output), "--model", spec, "--border", "0", "--progress", "false"]) == 0
         rows = _rows(output)
         for key, probs in reference.items():
-            assert int(rows[key][0]) == int(probs.argmax()), (spec, key)
-            for class_id, confidence in zip(rows[key][0::2], rows[key][1::2], strict=True):
-                assert abs(float(confidence) - float(probs[int(class_id)])) < 1e-3, (spec, key)
+            row_ids, confidences = rows[key]
+            assert row_ids[0] == int(probs.argmax()), (spec, key)
+            for class_id, confidence in zip(row_ids, confidences, strict=True):
+                assert abs(confidence - float(probs[class_id])) < 1e-3, (spec, key)
 
 
 def _named_hf_folder(tmp_path: Path) -> Path:

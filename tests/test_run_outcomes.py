@@ -1,5 +1,6 @@
-"""Exit 0 means the CSV is right to submit: every way a run used to exit 0 with a wrong or incomplete CSV, or exit
-1 with a traceback for a fault the user can fix, now ends with its documented exit code and one line."""
+"""Each way a run can end has its documented exit code and one line: exit 0 only with a CSV right to submit; a
+fault the user can fix (numbers that are not numbers, unlistable folders, a full disk, damaged zips, a failing
+model) is never a traceback, and never a wrong CSV that looks fine."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def model(tmp_path: Path) -> Path:
     return tiny_model(tmp_path / "model")
 
 
-def test_1_non_finite_outputs_are_failure_rows(tmp_path: Path, model: Path) -> None:
+def test_non_finite_outputs_are_failure_rows(tmp_path: Path, model: Path) -> None:
     images = image_set(tmp_path / "in", ["good", "white", "good"])
     output = tmp_path / "out" / "p.csv"
     assert run(images, output, model, "--max-failures", "1") == 0
@@ -103,7 +104,7 @@ def test_1_non_finite_outputs_are_failure_rows(tmp_path: Path, model: Path) -> N
         ("--decode-timeout", "0"),
     ],
 )
-def test_1_2_6d_numbers_that_are_not_numbers_are_refused_before_any_work(
+def test_numbers_that_are_not_numbers_are_refused_before_any_work(
     tmp_path: Path, model: Path, option: str, value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     output = tmp_path / "out" / "p.csv"
@@ -112,7 +113,7 @@ def test_1_2_6d_numbers_that_are_not_numbers_are_refused_before_any_work(
     assert option.strip("-").replace("-", "_") in capsys.readouterr().err
 
 
-def test_2_a_timeout_of_none_switches_it_off(tmp_path: Path, model: Path) -> None:
+def test_a_timeout_of_none_switches_it_off(tmp_path: Path, model: Path) -> None:
     assert run(image_set(tmp_path / "in", ["good"]), tmp_path / "p.csv", model, "--decode-timeout", "none") == 0
 
 
@@ -128,7 +129,7 @@ def _unlistable(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setattr(harness.pipeline.files.os, "scandir", scandir)
 
 
-def test_3_a_folder_that_cannot_be_listed_stops_the_run_or_is_skipped_and_counted(
+def test_a_folder_that_cannot_be_listed_stops_the_run_or_is_skipped_and_counted(
     tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     images = image_set(tmp_path / "in", ["good", "good"])
@@ -147,7 +148,7 @@ def test_3_a_folder_that_cannot_be_listed_stops_the_run_or_is_skipped_and_counte
         assert run(images, output, model) == 3
 
 
-def test_6f_folders_nested_a_thousand_deep(tmp_path: Path, model: Path) -> None:
+def test_folders_nested_a_thousand_deep(tmp_path: Path, model: Path) -> None:
     (tmp_path / "in").mkdir()
     fd = os.open(tmp_path / "in", os.O_RDONLY)
     for _ in range(1000):  # relative to the last folder: pathlib and os.makedirs recurse per level themselves
@@ -167,7 +168,7 @@ def test_6f_folders_nested_a_thousand_deep(tmp_path: Path, model: Path) -> None:
 
 
 @pytest.mark.equivalence
-def test_4_resume_refuses_other_settings_and_continues_the_same(
+def test_resume_refuses_other_settings_and_continues_the_same(
     tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     images = image_set(tmp_path / "in", ["good"] * 10)
@@ -201,7 +202,7 @@ def test_4_resume_refuses_other_settings_and_continues_the_same(
     assert not output.with_name("p.csv.resume.json").exists()
 
 
-def test_5_every_image_unreadable_is_exit_7_with_the_csv_written(tmp_path: Path, model: Path) -> None:
+def test_every_image_unreadable_is_exit_7_with_the_csv_written(tmp_path: Path, model: Path) -> None:
     output = tmp_path / "p.csv"
     assert run(image_set(tmp_path / "in", ["bad", "bad"]), output, model) == 7
     assert read_rows(output) == [[f"00{i}-bad.png", *["-1", "0"] * 5] for i in range(2)]
@@ -216,7 +217,7 @@ def _limited(limit: int):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.equivalence
-def test_6a_a_full_disk_is_exit_6_and_resume_goes_on(tmp_path: Path, model: Path) -> None:
+def test_a_full_disk_is_exit_6_and_resume_goes_on(tmp_path: Path, model: Path) -> None:
     images = image_set(tmp_path / "in", ["good"] * 40)
     options = ["--model-dir", str(model), "--progress", "false", "--batch-size", "4", "--workers", "0"]
     reference = tmp_path / "ref" / "p.csv"
@@ -239,7 +240,7 @@ def test_6a_a_full_disk_is_exit_6_and_resume_goes_on(tmp_path: Path, model: Path
     assert output.read_bytes() == reference.read_bytes()
 
 
-def test_6b_damaged_zips_are_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_damaged_zips_are_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "good.zip"
     with zipfile.ZipFile(good, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr("model/model.py", TINY_MODEL)
@@ -257,7 +258,7 @@ def test_6b_damaged_zips_are_refused_in_one_line(tmp_path: Path, capsys: pytest.
         assert code == 4 and message in err and "Traceback" not in err, err
 
 
-def test_7_a_zip_bomb_is_refused_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_zip_bomb_is_refused_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bomb = tmp_path / "bomb.zip"
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("model/model.py", TINY_MODEL)
@@ -273,7 +274,7 @@ def test_7_a_zip_bomb_is_refused_before_anything_is_written(tmp_path: Path, caps
     assert sum(f.stat().st_size for f in temporary.rglob("*") if f.is_file()) == 0
 
 
-def test_6c_a_model_that_fails_after_the_first_batch(
+def test_a_model_that_fails_after_the_first_batch(
     tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("TINY_FAIL_FROM", "2")  # the probe's blank image, then one batch
@@ -284,14 +285,14 @@ def test_6c_a_model_that_fails_after_the_first_batch(
     assert len(read_rows(output.with_name("p.csv.partial"))) == 2 and not output.exists()
 
 
-def test_6e_a_folder_where_a_file_is_written_is_found_before_any_work(tmp_path: Path, model: Path) -> None:
+def test_a_folder_where_a_file_is_written_is_found_before_any_work(tmp_path: Path, model: Path) -> None:
     output = tmp_path / "out" / "p.csv"
     (output.parent / "errors.csv").mkdir(parents=True)
     assert run(image_set(tmp_path / "in", ["good"]), output, model) == 6
     assert not output.exists() and not output.with_name("p.csv.partial").exists()
 
 
-def test_6g_a_second_run_on_the_same_output_is_refused_at_once(
+def test_a_second_run_on_the_same_output_is_refused_at_once(
     tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     output = tmp_path / "out" / "p.csv"
@@ -301,7 +302,7 @@ def test_6g_a_second_run_on_the_same_output_is_refused_at_once(
     assert "another harness run is writing" in capsys.readouterr().err and not output.exists()
 
 
-def test_6h_a_model_calling_sys_exit_is_a_model_error(
+def test_a_model_calling_sys_exit_is_a_model_error(
     tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("TINY_EXIT", "3")
@@ -313,7 +314,7 @@ def _validated(path: Path, images: Path | None = None) -> tuple[list[str], list[
     return validate_predictions(path, images)[1:]
 
 
-def test_8_validate_and_score_agree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_and_score_agree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     row = "a.png,1,0.5,2,0.2,3,0.1,4,0.1,5,0.1"
     answers = tmp_path / "answers.json"
     answers.write_text(json.dumps({"a.png": 1, "b.png": 2}))
