@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-from PIL import ExifTags, Image, ImageColor, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from harness.errors import describe_user_error
+from harness.pipeline.decode_options import DEFAULT_OPTIONS, DecodeOptions
 from harness.pipeline.png import open_png
 
 if TYPE_CHECKING:
@@ -35,30 +36,6 @@ Image.MAX_IMAGE_PIXELS = None
 
 class ImageTooLarge(Exception):
     """More pixels than max_pixels: refused before decoding, as a decompression bomb would be."""
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """How a file's pixels become RGB (the preprocessing settings alpha, exif_transpose and sixteen_bit). The
-    defaults give `Image.open(path).convert("RGB")`, pixel for pixel: what torchvision's ImageFolder, timm's datasets,
-    the ObjectNet template and Hugging Face's training scripts feed a model, so the harness predicts what the
-    model's own pipeline would. The others show an image as a viewer does, for models trained that way."""
-
-    alpha: str = "drop"  # drop, or the colour transparent pixels are composited onto (white, black, #rrggbb)
-    exif_transpose: bool = False
-    sixteen_bit: str = "clip"  # clip (Pillow's convert) or scale (16-bit grey by its high byte)
-
-    @classmethod
-    def of(cls, pre: Preprocess) -> DecodeOptions:
-        return cls(pre.alpha, pre.exif_transpose, pre.sixteen_bit)
-
-    @property
-    def background(self) -> tuple[int, int, int] | None:
-        """The colour to composite onto, or None where the alpha channel is dropped."""
-        return None if self.alpha == "drop" else ImageColor.getrgb(self.alpha)[:3]
-
-
-DEFAULT_OPTIONS = DecodeOptions()
 
 
 def load_rgb(path: str, options: DecodeOptions = DEFAULT_OPTIONS, max_pixels: int | None = None) -> Image.Image:

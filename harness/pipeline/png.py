@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 if TYPE_CHECKING:
-    from harness.pipeline.decode import DecodeOptions
+    from harness.pipeline.decode_options import DecodeOptions
 
 try:
     import pyspng
