@@ -106,7 +106,6 @@ def test_the_runs_tensor_is_image_folders(corpus: dict[str, Path]) -> None:
         assert np.abs(normalise(ours_uint8.unsqueeze(0))[0].numpy() - theirs.numpy()).max() <= 1e-6, path
 
 
-@pytest.mark.slow
 def test_a_large_photograph_decodes_and_crops_as_image_folder(tmp_path: Path) -> None:
     path = write_corpus(tmp_path / "images", large=True)["large.png"]
     assert np.array_equal(np.asarray(decode(str(path))), _reference(path))
