@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +191,17 @@ def _parse_border(value: Any) -> int | str:
 _border = _shown("N|auto", _parse_border)
 
 
+def _parse_alpha(value: Any) -> str:
+    """drop, or the colour transparent pixels are composited onto: white, black or #RRGGBB."""
+    text = str(value).strip().lower()
+    if text in ("drop", "white", "black") or re.fullmatch(r"#[0-9a-f]{6}", text):
+        return text
+    raise ValueError("expected drop, white, black or #RRGGBB")
+
+
+_alpha = _shown("drop|white|black|#RRGGBB", _parse_alpha)
+
+
 def _parse_value_scale(value: Any) -> float:
     number = _finite(value)
     if number not in (1.0, 255.0):
@@ -275,7 +287,22 @@ class Preprocess:
     std: tuple[float, float, float] | None = _preprocessing(
         IMAGENET_STD, _triple, "per-channel std, in the units of value_scale (none: no normalisation)"
     )
-    exif_transpose: bool = _preprocessing(True, _bool, "rotate images as their EXIF orientation tag says")
+    # How pixels become RGB: the defaults are Image.open(path).convert("RGB"), what torchvision's ImageFolder, timm's
+    # datasets, the ObjectNet template and Hugging Face's scripts train on; the rest show images as a viewer does.
+    alpha: str = _preprocessing(
+        "drop",
+        _alpha,
+        "transparency: drop the alpha channel (as training loaders do), or composite onto white, black or #RRGGBB "
+        "(README Images)",
+    )
+    exif_transpose: bool = _preprocessing(
+        False, _bool, "rotate images as their EXIF orientation tag says (training loaders do not)"
+    )
+    sixteen_bit: str = _preprocessing(
+        "clip",
+        _choice("clip", "scale"),
+        "16-bit and 32-bit grey: clip to 255 (as training loaders do) or scale to 8 bits (README Images)",
+    )
     jpeg_draft: bool = _preprocessing(
         False, _bool, "decode JPEGs at least twice the resize size at 1/2..1/8 scale (faster; see README Speed)"
     )

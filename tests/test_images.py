@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from harness.errors import InputError
-from harness.pipeline.decode import detect_border, load_rgb, strip_border
+from harness.pipeline.decode import DecodeOptions, detect_border, load_rgb, strip_border
 from harness.pipeline.files import discover
 from tests.helpers import OBJECTNET_SAMPLES, SAMPLES
 
@@ -60,7 +60,7 @@ def test_sample_folder_keys_are_basenames() -> None:
     [
         ("L", 77, (77, 77, 77)),
         ("RGBA", (10, 20, 30, 255), (10, 20, 30)),
-        ("RGBA", (0, 0, 0, 0), (255, 255, 255)),  # fully transparent: white, as a viewer shows it
+        ("RGBA", (0, 0, 0, 0), (0, 0, 0)),  # fully transparent: its colour, as convert("RGB") drops alpha
         ("LA", (100, 255), (100, 100, 100)),
         ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
         ("1", 1, (255, 255, 255)),
@@ -75,30 +75,32 @@ def test_modes_convert_to_rgb(tmp_path: Path, mode: str, colour: object, expecte
     assert np.abs(np.asarray(image, dtype=int)[1, 1] - np.array(expected)).max() <= 2
 
 
-def test_palette_with_transparency_composites_on_white(tmp_path: Path) -> None:
+def test_palette_with_transparency_keeps_its_colour_unless_composited(tmp_path: Path) -> None:
     image = Image.new("P", (4, 4), 1)
     image.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
-    image.info["transparency"] = 1
     image.save(tmp_path / "p.png", transparency=1)
-    assert load_rgb(str(tmp_path / "p.png")).getpixel((0, 0)) == (255, 255, 255)
+    assert load_rgb(str(tmp_path / "p.png")).getpixel((0, 0)) == (200, 10, 10)
+    assert load_rgb(str(tmp_path / "p.png"), DecodeOptions(alpha="white")).getpixel((0, 0)) == (255, 255, 255)
 
 
-def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path: Path) -> None:
+def test_sixteen_bit_grey_is_clipped_unless_scaled(tmp_path: Path) -> None:
     values = np.full((4, 4), 32768, dtype=np.uint16)  # mid-grey in 16 bits
     Image.fromarray(values).save(tmp_path / "g16.png")
     assert Image.open(tmp_path / "g16.png").mode.startswith("I")
-    assert load_rgb(str(tmp_path / "g16.png")).getpixel((0, 0)) == (128, 128, 128)
+    assert load_rgb(str(tmp_path / "g16.png")).getpixel((0, 0)) == (255, 255, 255)
+    scaled = load_rgb(str(tmp_path / "g16.png"), DecodeOptions(sixteen_bit="scale"))
+    assert scaled.getpixel((0, 0)) == (128, 128, 128)
 
 
-def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+def test_exif_orientation_is_applied_only_when_asked(tmp_path: Path) -> None:
     image = Image.new("RGB", (6, 2), (0, 0, 0))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 clockwise to display
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", exif=exif)
     (tmp_path / "r.jpg").write_bytes(buffer.getvalue())
-    assert load_rgb(str(tmp_path / "r.jpg")).size == (2, 6)
-    assert load_rgb(str(tmp_path / "r.jpg"), exif_transpose=False).size == (6, 2)
+    assert load_rgb(str(tmp_path / "r.jpg")).size == (6, 2)
+    assert load_rgb(str(tmp_path / "r.jpg"), DecodeOptions(exif_transpose=True)).size == (2, 6)
 
 
 def _red_ring_share(image: Image.Image) -> float:

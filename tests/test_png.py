@@ -6,10 +6,10 @@ included."""
 from __future__ import annotations
 
 import contextlib
-import random
 import struct
 import tempfile
 import time
+import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,88 +22,15 @@ from PIL import Image
 
 import harness.pipeline.png
 from harness.config import Preprocess
-from harness.pipeline.decode import DecodeLimits, ImageTooLarge, decode, decode_sample
+from harness.pipeline.decode import DEFAULT_OPTIONS as DEFAULT
+from harness.pipeline.decode import DecodeLimits, DecodeOptions, ImageTooLarge, decode, decode_sample
 from harness.pipeline.png import open_png
 from tests.helpers import SAMPLES
+from tests.image_corpus import CHANNELS, chunk, write_png
 
 pytest.importorskip("pyspng")
 
-CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel of each PNG colour type
 DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
-ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def _paeth(a: int, b: int, c: int) -> int:
-    p = a + b - c
-    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-    return a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-
-
-def _filtered(rows: list[bytes], step: int, rng: random.Random) -> bytes:
-    """Scanlines each under a random one of the five PNG filters, so both decoders' unfiltering is exercised."""
-    out, previous = bytearray(), bytes(len(rows[0]) if rows else 0)
-    for row in rows:
-        kind = rng.randrange(5)
-        line = bytearray([kind])
-        for i, x in enumerate(row):
-            a = row[i - step] if i >= step else 0
-            b = previous[i]
-            c = previous[i - step] if i >= step else 0
-            predictor = (0, a, b, (a + b) // 2, _paeth(a, b, c))[kind]
-            line.append((x - predictor) % 256)
-        out += line
-        previous = row
-    return bytes(out)
-
-
-def _scanlines(samples: np.ndarray, depth: int) -> list[bytes]:
-    """Rows of H x W x C samples packed at `depth` bits, big-endian, each row padded to a whole byte."""
-    if depth == 16:
-        return [row.astype(">u2").tobytes() for row in samples]
-    if depth == 8:
-        return [row.astype(np.uint8).tobytes() for row in samples]
-    rows = []
-    for row in samples.reshape(samples.shape[0], -1):
-        bits = np.unpackbits(row.astype(np.uint8)[:, None], axis=1)[:, 8 - depth :].reshape(-1)
-        rows.append(np.packbits(bits).tobytes())
-    return rows
-
-
-def write_png(
-    path: Path,
-    samples: np.ndarray,
-    colour: int,
-    depth: int,
-    *,
-    interlace: bool = False,
-    palette: np.ndarray | None = None,
-    before: tuple[bytes, ...] = (),
-    after: tuple[bytes, ...] = (),
-    seed: int = 0,
-) -> Path:
-    """A PNG of H x W x C `samples` (palette indices for colour type 3), every filter type used, Adam7 when asked;
-    `before` and `after` are extra chunks around the image data."""
-    rng = random.Random(seed)
-    height, width = samples.shape[:2]
-    step = max(1, CHANNELS[colour] * depth // 8)
-    if interlace:
-        passes = [samples[y0::dy, x0::dx] for x0, y0, dx, dy in ADAM7]
-        raw = b"".join(_filtered(_scanlines(p, depth), step, rng) for p in passes if p.size)
-    else:
-        raw = _filtered(_scanlines(samples, depth), step, rng)
-    body = zlib.compress(raw)
-    chunks = [_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, int(interlace)))]
-    if palette is not None:
-        chunks.append(_chunk(b"PLTE", palette.astype(np.uint8).tobytes()))
-    chunks += list(before)
-    chunks += [_chunk(b"IDAT", body[: len(body) // 2]), _chunk(b"IDAT", body[len(body) // 2 :])]
-    chunks += [*after, _chunk(b"IEND", b"")]
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"".join(chunks))
-    return path
 
 
 def _random_png(path: Path, colour: int, depth: int, size: tuple[int, int], interlace: bool, **extra: object) -> Path:
@@ -131,19 +58,36 @@ def pillow_alone() -> Iterator[None]:
         harness.pipeline.png.pyspng = saved
 
 
-def _pillow(path: Path, exif_transpose: bool = True, border: int | str = 0) -> np.ndarray:
+def _pillow(path: Path, options: DecodeOptions = DEFAULT, border: int | str = 0) -> np.ndarray:
     with pillow_alone():
-        return np.asarray(decode(str(path), exif_transpose, border=border))
+        return np.asarray(decode(str(path), options, border=border))
+
+
+# the default (Image.open(path).convert("RGB")), and each option on its own
+OPTIONS = [
+    DEFAULT,
+    DecodeOptions(alpha="white"),
+    DecodeOptions(exif_transpose=True),
+    DecodeOptions(sixteen_bit="scale"),
+]
 
 
 def _assert_libspng_gives_pillows_rgb(path: Path) -> None:
-    """Frame stripped or not, found or not, and wider than a tiny image allows."""
-    png = open_png(str(path), exif_transpose=True)
-    assert png is not None and png.pixels() is not None, f"{path.name} did not take the libspng path"
-    for border in (0, 2, "auto", 5):
-        image = decode(str(path), border=border)
-        assert image.mode == "RGB"
-        assert np.array_equal(np.asarray(image), _pillow(path, border=border)), (path.name, border)
+    """Under the default and each option; frame stripped or not, found or not, and wider than a tiny image allows.
+    libspng takes every file but 16-bit grey, which it cuts to the high byte where convert("RGB") clips: that is
+    libspng's only under sixteen_bit scale."""
+    with Image.open(path) as image:
+        clipped = image.mode.startswith("I;16")
+        reference = np.asarray(image.convert("RGB"))
+    assert np.array_equal(np.asarray(decode(str(path))), reference), path.name
+    for options in OPTIONS:
+        png = open_png(str(path), options)
+        taken = png is not None and png.pixels() is not None
+        assert taken != (clipped and options.sixteen_bit == "clip"), (path.name, options)
+        for border in (0, 2, "auto", 5):
+            image = decode(str(path), options, border=border)
+            assert image.mode == "RGB"
+            assert np.array_equal(np.asarray(image), _pillow(path, options, border)), (path.name, options, border)
 
 
 # chelsea.png carries XMP metadata, which Pillow reads an orientation from: Pillow's (see below)
@@ -180,44 +124,63 @@ def test_an_opaque_rgba_png_and_a_sixteen_bit_one_saved_by_pillow(tmp_path: Path
 
 def _trns(colour: int, depth: int) -> bytes:
     if colour == 3:
-        return _chunk(b"tRNS", bytes([0, 128, 255]))
-    return _chunk(b"tRNS", struct.pack(">HHH" if colour == 2 else ">H", *([1] * (3 if colour == 2 else 1))))
+        return chunk(b"tRNS", bytes([0, 128, 255]))
+    return chunk(b"tRNS", struct.pack(">HHH" if colour == 2 else ">H", *([1] * (3 if colour == 2 else 1))))
 
 
 EXIF_ROTATED = Image.Exif()
 EXIF_ROTATED[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
 
 
+COMPOSITED = DecodeOptions(alpha="white")
+TURNED = DecodeOptions(exif_transpose=True)
+
+
 @pytest.mark.parametrize(
-    ("name", "colour", "depth", "extra", "exif_transpose"),
+    ("name", "colour", "depth", "extra", "options"),
     [
-        ("palette-trns", 3, 4, {"before": (_trns(3, 4),)}, True),
-        ("grey-trns", 0, 8, {"before": (_trns(0, 8),)}, True),
-        ("rgb-trns", 2, 8, {"before": (_trns(2, 8),)}, True),
-        ("exif-before", 2, 8, {"before": (_chunk(b"eXIf", EXIF_ROTATED.tobytes()),)}, True),
-        ("exif-after", 2, 8, {"after": (_chunk(b"eXIf", EXIF_ROTATED.tobytes()),)}, True),
-        ("exif-text-after", 2, 8, {"after": (_chunk(b"tEXt", b"Raw profile type exif\0exif"),)}, True),
-        ("ztxt-after", 2, 8, {"after": (_chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"written last")),)}, True),
-        ("xmp", 2, 8, {"before": (_chunk(b"iTXt", b'XML:com.adobe.xmp\0\0\0\0\0<x tiff:Orientation="6"/>'),)}, True),
+        ("palette-trns", 3, 4, {"before": (_trns(3, 4),)}, COMPOSITED),
+        ("grey-trns", 0, 8, {"before": (_trns(0, 8),)}, COMPOSITED),
+        ("rgb-trns", 2, 8, {"before": (_trns(2, 8),)}, COMPOSITED),
+        ("exif-before", 2, 8, {"before": (chunk(b"eXIf", EXIF_ROTATED.tobytes()),)}, TURNED),
+        ("exif-after", 2, 8, {"after": (chunk(b"eXIf", EXIF_ROTATED.tobytes()),)}, TURNED),
+        ("exif-text-after", 2, 8, {"after": (chunk(b"tEXt", b"Raw profile type exif\0exif"),)}, TURNED),
+        ("ztxt-after", 2, 8, {"after": (chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"written last")),)}, DEFAULT),
+        ("xmp", 2, 8, {"before": (chunk(b"iTXt", b'XML:com.adobe.xmp\0\0\0\0\0<x tiff:Orientation="6"/>'),)}, TURNED),
     ],
 )
 def test_what_libspng_does_not_take_is_pillows(
-    tmp_path: Path, name: str, colour: int, depth: int, extra: dict, exif_transpose: bool
+    tmp_path: Path, name: str, colour: int, depth: int, extra: dict, options: DecodeOptions
 ) -> None:
     path = _random_png(tmp_path / f"{name}.png", colour, depth, (6, 11), False, **extra)
-    assert open_png(str(path), exif_transpose) is None
-    assert np.array_equal(np.asarray(decode(str(path), exif_transpose)), _pillow(path, exif_transpose))
+    assert open_png(str(path), options) is None
+    assert np.array_equal(np.asarray(decode(str(path), options)), _pillow(path, options))
 
 
-def test_pillow_rotates_by_a_pngs_exif_and_so_does_the_harness(tmp_path: Path) -> None:
-    path = _random_png(tmp_path / "r.png", 2, 8, (6, 11), False, after=(_chunk(b"eXIf", EXIF_ROTATED.tobytes()),))
-    assert decode(str(path)).size == (6, 11) and decode(str(path), exif_transpose=False).size == (11, 6)
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency:UserWarning")  # the reference's convert
+@pytest.mark.parametrize(("colour", "depth"), [(3, 4), (3, 8), (0, 8), (2, 8), (2, 16)])
+def test_transparency_that_is_dropped_is_libspngs(tmp_path: Path, colour: int, depth: int) -> None:
+    """libspng ignores tRNS, as convert("RGB") does: such a file is libspng's unless its transparency is
+    composited. Pillow's path drops it too, without Pillow's warning for each palette image."""
+    path = _random_png(tmp_path / "t.png", colour, depth, (6, 11), False, before=(_trns(colour, depth),))
+    assert "transparency" in Image.open(path).info
+    assert open_png(str(path), DEFAULT) is not None
+    assert np.array_equal(np.asarray(decode(str(path))), np.asarray(Image.open(path).convert("RGB")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(_pillow(path), np.asarray(decode(str(path))))
+
+
+def test_pillow_rotates_by_a_pngs_exif_when_asked_and_so_does_the_harness(tmp_path: Path) -> None:
+    path = _random_png(tmp_path / "r.png", 2, 8, (6, 11), False, after=(chunk(b"eXIf", EXIF_ROTATED.tobytes()),))
+    assert decode(str(path)).size == (11, 6) and decode(str(path), TURNED).size == (6, 11)
 
 
 def test_orientation_metadata_is_libspngs_when_exif_transpose_is_off(tmp_path: Path) -> None:
-    path = _random_png(tmp_path / "r.png", 2, 8, (6, 11), False, before=(_chunk(b"eXIf", EXIF_ROTATED.tobytes()),))
-    assert open_png(str(path), exif_transpose=False) is not None
-    assert np.array_equal(np.asarray(decode(str(path), False)), _pillow(path, False))
+    path = _random_png(tmp_path / "r.png", 2, 8, (6, 11), False, before=(chunk(b"eXIf", EXIF_ROTATED.tobytes()),))
+    assert open_png(str(path), DEFAULT) is not None
+    assert np.array_equal(np.asarray(decode(str(path))), _pillow(path))
+    assert open_png(str(SAMPLES / "chelsea.png"), DEFAULT) is not None  # its XMP carries an orientation
 
 
 def _outcome(path: Path) -> tuple[np.ndarray | None, str]:
@@ -270,7 +233,7 @@ def test_max_pixels_refuses_from_the_header(tmp_path: Path) -> None:
 
 def test_without_pyspng_every_png_is_pillows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(harness.pipeline.png, "pyspng", None)
-    assert open_png(str(SAMPLES / "coffee.png"), True) is None
+    assert open_png(str(SAMPLES / "coffee.png"), DEFAULT) is None
     assert decode(str(SAMPLES / "coffee.png")).size == (600, 400)
 
 

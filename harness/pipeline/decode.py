@@ -7,6 +7,7 @@ import contextlib
 import math
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -15,6 +16,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from harness.errors import describe_user_error
+from harness.pipeline.decode_options import DEFAULT_OPTIONS, DecodeOptions
 from harness.pipeline.png import open_png
 
 if TYPE_CHECKING:
@@ -24,7 +26,8 @@ AUTO_BORDER_MAX = 8  # widest frame `auto` will strip, in pixels
 AUTO_BORDER_TOLERANCE = 40  # per-channel distance from the frame colour still counted as frame (JPEG smear)
 T = TypeVar("T")
 TURNED = range(2, 9)  # the EXIF orientations ImageOps.exif_transpose turns or flips the image for
-SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+DEEP_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})  # grey beyond 8 bits: what sixteen_bit scales
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa"})
 
 # The harness enforces its own, configurable pixel cap in `decode` (from the header, before any pixel is
 # decoded); Pillow's process-wide one would warn below it and raise above twice it, whatever the setting says.
@@ -35,18 +38,15 @@ class ImageTooLarge(Exception):
     """More pixels than max_pixels: refused before decoding, as a decompression bomb would be."""
 
 
-def load_rgb(path: str, exif_transpose: bool = True, max_pixels: int | None = None) -> Image.Image:
-    """Decode one file to an 8-bit RGB image, whatever its mode.
-
-    Transparent pixels are composited onto white, as an image viewer shows them; 16-bit images are scaled to
-    8 bits rather than clipped; animated and multi-page files give their first frame.
-    """
-    return decode(path, exif_transpose, max_pixels=max_pixels)
+def load_rgb(path: str, options: DecodeOptions = DEFAULT_OPTIONS, max_pixels: int | None = None) -> Image.Image:
+    """Decode one file to an 8-bit RGB image, whatever its mode, as `options` say; animated and multi-page files
+    give their first frame."""
+    return decode(path, options, max_pixels=max_pixels)
 
 
 def decode(
     path: str,
-    exif_transpose: bool = True,
+    options: DecodeOptions = DEFAULT_OPTIONS,
     draft_to: int | None = None,
     max_pixels: int | None = None,
     border: int | str = 0,
@@ -55,12 +55,12 @@ def decode(
     that decodes at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's draft mode), its sides still >=
     `draft_to`, and its frame shrinks with it. `max_pixels` is checked on the file's own size, before any drafting
     or decoding. PNGs go to libspng where it gives Pillow's pixels (harness/pipeline/png.py), the rest to Pillow."""
-    png = open_png(path, exif_transpose)
+    png = open_png(path, options)
     if png is not None:
         check_pixels(png.size, max_pixels)
         pixels = png.pixels()
         if pixels is not None:
-            return framed_rgb(pixels, border)
+            return framed_rgb(pixels, border, options)
     with Image.open(path) as opened:
         check_pixels(opened.size, max_pixels)
         full_width = opened.width
@@ -71,9 +71,9 @@ def decode(
             border = math.ceil(border * scale)
         opened.load()
         # exif_transpose copies the whole image even when there is nothing to turn: only called when there is
-        turned = exif_transpose and opened.getexif().get(ExifTags.Base.Orientation, 1) in TURNED
+        turned = options.exif_transpose and opened.getexif().get(ExifTags.Base.Orientation, 1) in TURNED
         image = ImageOps.exif_transpose(opened) if turned else opened
-        rgb = strip_border(to_rgb(image), border)
+        rgb = strip_border(to_rgb(image, options), border)
         # Leaving the `with` closes `opened`, which would invalidate it if it were also the result.
         return rgb.copy() if rgb is opened else rgb
 
@@ -83,11 +83,13 @@ def check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
         raise ImageTooLarge(f"{size[0]}x{size[1]} pixels is more than max_pixels ({max_pixels})")
 
 
-def framed_rgb(pixels: np.ndarray, border: int | str) -> Image.Image:
-    """`strip_border(to_rgb(image), border)` of libspng's H x W (grey), H x W x 3 or H x W x 4 pixels. An opaque
-    colour image (a photograph) is copied once: the frame is cut and any alpha dropped as Pillow reads its rows."""
-    if pixels.ndim == 2 or (pixels.shape[2] == 4 and int(pixels[..., 3].min()) < 255):
-        return strip_border(to_rgb(Image.fromarray(pixels)), border)
+def framed_rgb(pixels: np.ndarray, border: int | str, options: DecodeOptions) -> Image.Image:
+    """`strip_border(to_rgb(image, options), border)` of libspng's H x W (grey), H x W x 3 or H x W x 4 pixels. A
+    colour image whose alpha is dropped (or opaque) is copied once: the frame is cut and any alpha dropped as Pillow
+    reads its rows."""
+    has_alpha = pixels.ndim == 3 and pixels.shape[2] == 4
+    if pixels.ndim == 2 or (has_alpha and options.background is not None and int(pixels[..., 3].min()) < 255):
+        return strip_border(to_rgb(Image.fromarray(pixels), options), border)
     height, width, channels = pixels.shape
     cut = border_width(pixels[..., :3], border)
     # the rows start at the first pixel inside the frame and lie one source row apart
@@ -97,29 +99,39 @@ def framed_rgb(pixels: np.ndarray, border: int | str) -> Image.Image:
     return Image.frombytes("RGB", (width - 2 * cut, height - 2 * cut), rows, "raw", rawmode, width * channels, 1)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in SIXTEEN_BIT_MODES:
-        values = np.asarray(image, dtype=np.uint32)
-        return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), "L").convert("RGB")
-    if mode == "F":
+def to_rgb(image: Image.Image, options: DecodeOptions = DEFAULT_OPTIONS) -> Image.Image:
+    """`image.convert("RGB")`, with the options that differ from it: deep grey scaled, transparency composited."""
+    if options.sixteen_bit == "scale" and image.mode in DEEP_MODES:
+        rgb = scaled_to_rgb(image)
+    elif image.mode == "RGB":
+        rgb = image
+    elif "transparency" in image.info:
+        with warnings.catch_warnings():  # Pillow warns that it drops a palette's transparency: as asked
+            warnings.filterwarnings("ignore", "Palette images with Transparency", UserWarning)
+            rgb = image.convert("RGB")
+    else:
+        rgb = image.convert("RGB")
+    background = options.background
+    if background is None or not (image.mode in ALPHA_MODES or "transparency" in image.info):
+        return rgb
+    # the alpha of a mode that has one, or of the transparent colour or palette entries (tRNS) Pillow keeps aside
+    alpha = (image if image.mode in ALPHA_MODES else image.convert("RGBA")).getchannel("A")
+    if alpha.getextrema()[0] == 255:  # opaque: compositing would give the same pixels, slower
+        return rgb
+    rgba = Image.merge("RGBA", (*rgb.split(), alpha))
+    return Image.alpha_composite(Image.new("RGBA", rgb.size, (*background, 255)), rgba).convert("RGB")
+
+
+def scaled_to_rgb(image: Image.Image) -> Image.Image:
+    """Deep grey to 8 bits by scaling, not clipping: 16-bit (and 32-bit integer) values by their high byte, float
+    values 0..1 (or 0..255) to 0..255."""
+    if image.mode == "F":
         values = np.asarray(image, dtype=np.float32)
         top = 1.0 if values.size and float(values.max()) <= 1.0 else 255.0
-        scaled = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(scaled, "L").convert("RGB")
-    if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        alpha = rgba.getchannel("A")
-        if alpha.getextrema()[0] == 255:
-            return rgba.convert("RGB")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+        grey = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    else:
+        grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
 
 
 def strip_border(image: Image.Image, border: int | str) -> Image.Image:
@@ -210,6 +222,6 @@ def decode_sample(
     sample and "", or None and why the file failed: one bad file must cost one row, never the run."""
     try:
         with time_limit(limits.timeout):
-            return transform(decode(path, pre.exif_transpose, draft_to, limits.max_pixels, pre.border)), ""
+            return transform(decode(path, DecodeOptions.of(pre), draft_to, limits.max_pixels, pre.border)), ""
     except Exception as error:
         return None, describe_user_error(error)

@@ -1,12 +1,13 @@
 """PNG files decoded by libspng (the pyspng package): about twice Pillow's speed on photographs, and ObjectNet is
 all PNG.
 
-Taken only where the result is exactly Pillow's. Pillow still reads the header, so a file it refuses there is
-refused in its own words; and every file this module is not sure of goes back to Pillow whole: palette
-transparency (libspng, as pyspng calls it, ignores tRNS), animation, orientation metadata (Pillow rotates by it),
-chunks after the image data that Pillow would parse (and could fail on), damaged image data (libspng, as pyspng
-sets it up, checks neither CRCs nor the zlib checksum, so the CRCs are checked here), anything libspng rejects,
-and every file when pyspng is not installed.
+Taken only where the result is exactly Pillow's under the run's DecodeOptions. Pillow still reads the header, so a
+file it refuses there is refused in its own words; and every file this module is not sure of goes back to Pillow
+whole: transparency kept aside (tRNS, which libspng as pyspng calls it ignores) when it is composited, 16-bit grey
+unless it is scaled (libspng keeps the high byte where Pillow's convert clips), animation, orientation metadata
+when exif_transpose is on (Pillow rotates by it), chunks after the image data that Pillow would parse (and could
+fail on), damaged image data (libspng, as pyspng sets it up, checks neither CRCs nor the zlib checksum, so the CRCs
+are checked here), anything libspng rejects, and every file when pyspng is not installed.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, PngImagePlugin
+
+if TYPE_CHECKING:
+    from harness.pipeline.decode_options import DecodeOptions
 
 try:
     import pyspng
@@ -25,8 +30,8 @@ except ImportError:  # a speed-up only: Pillow decodes every file without it
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # (bit depth, colour type) -> the pixels pyspng is asked for: libspng scales low bit depths to 0..255 (as Pillow
-# unpacks them) and cuts 16 bits to their high byte (as Pillow and to_rgb do); grey with alpha comes as RGBA, which
-# to_rgb composites as it does Pillow's LA.
+# unpacks them) and cuts 16 bits to their high byte (as Pillow does for colour and alpha, and sixteen_bit: scale for
+# grey); grey with alpha comes as RGBA, whose alpha framed_rgb drops or composites as to_rgb does Pillow's LA.
 FORMATS = {
     (1, 0): "L",
     (2, 0): "L",
@@ -58,17 +63,18 @@ class FastPng:
         self.colour = colour
 
     def pixels(self) -> np.ndarray | None:
-        """H x W (grey), H x W x 3 or H x W x 4 uint8, which `decode.to_rgb` would turn into exactly the RGB it makes
-        of Pillow's image; None when libspng cannot decode the file (Pillow then decodes it, or says why not)."""
+        """H x W (grey), H x W x 3 or H x W x 4 uint8, which `decode.framed_rgb` turns into exactly the RGB
+        `decode.to_rgb` makes of Pillow's image; None when libspng cannot decode the file (Pillow then decodes it,
+        or says why not)."""
         try:
             return pyspng.load(self.data, FORMATS[(self.depth, self.colour)])
         except RuntimeError:
             return None
 
 
-def open_png(path: str, exif_transpose: bool) -> FastPng | None:
-    """The file as a FastPng, or None when Pillow is to decode it: not a PNG, not pyspng's to take, or unreadable
-    here (Pillow then raises its own error for it)."""
+def open_png(path: str, options: DecodeOptions) -> FastPng | None:
+    """The file as a FastPng, or None when Pillow is to decode it: not a PNG, not pyspng's to take under `options`,
+    or unreadable here (Pillow then raises its own error for it)."""
     if pyspng is None:
         return None
     try:
@@ -88,11 +94,13 @@ def open_png(path: str, exif_transpose: bool) -> FastPng | None:
     if data[12:16] != b"IHDR" or frames != 1 or len(tile) != 1 or tuple(tile[0][1]) != (0, 0, *size):
         return None
     depth, colour = data[24], data[25]
-    if (depth, colour) not in FORMATS or "transparency" in info:
+    if (depth, colour) not in FORMATS or ((depth, colour) == (16, 0) and options.sixteen_bit != "scale"):
         return None
-    if exif_transpose and any(key in info for key in ORIENTATION_KEYS):
+    if "transparency" in info and options.background is not None:
         return None
-    if not _pillow_reads_nothing_after(data, tile[0][2] - 8, text_memory, exif_transpose):
+    if options.exif_transpose and any(key in info for key in ORIENTATION_KEYS):
+        return None
+    if not _pillow_reads_nothing_after(data, tile[0][2] - 8, text_memory, options.exif_transpose):
         return None
     return FastPng(data, size, depth, colour)
 

@@ -36,7 +36,7 @@ from harness.errors import CheckFailedError, ConfigError, ToolFileError, TooMany
 from harness.models.onnx_runtime import OnnxModule
 from harness.models.python_class import load_custom_transform
 from harness.options import add_settings, config_from, given_settings
-from harness.pipeline.decode import DecodeLimits, load_rgb
+from harness.pipeline.decode import DecodeLimits, DecodeOptions, load_rgb
 from harness.pipeline.files import ImageFile, run_files
 from harness.pipeline.host import usable_cpus
 from harness.pipeline.runner import RunPlan, finish, prepare
@@ -280,7 +280,7 @@ def preview_items(
     ):
         right = (answers or {}).get(scorer_key(image.key), frozenset())
         try:
-            original = load_rgb(image.path, config.preprocess.exif_transpose, config.max_pixels)
+            original = load_rgb(image.path, DecodeOptions.of(config.preprocess), config.max_pixels)
         except Exception:  # the run's decoder already said why (`error`)
             original = None
         labels = [
