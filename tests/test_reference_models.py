@@ -15,7 +15,10 @@ import torch
 from PIL import Image
 
 from harness.cli import main
+from harness.config import build_config
+from harness.errors import ConfigError
 from harness.pipeline.decode import load_rgb
+from harness.pipeline.resume import check_identity, record_identity, run_identity
 from harness.tools.parity import judge
 from tests.helpers import REPO, SAMPLES, read_rows
 
@@ -109,6 +112,15 @@ def test_ema_true_needs_ema_weights(timm_checkpoint: Path, tmp_path: Path, capsy
     assert main([*argv, "--ema", "true", *COMMON]) == 4
     err = capsys.readouterr().err
     assert "holds no EMA weights" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_refuses_the_checkpoints_other_weights(tmp_path: Path) -> None:
+    config, output = build_config({}, {}), tmp_path / "p.csv"
+    model = {"class": "timm", "source": None, "checkpoint": None, "weights": "state_dict_ema"}
+    record_identity(output, run_identity(config, model, 64, "cpu", channels_last=False))
+    own = run_identity(config, {**model, "weights": "state_dict"}, 64, "cpu", channels_last=False)
+    with pytest.raises(ConfigError, match='weights: "state_dict_ema" then, "state_dict" now'):
+        check_identity(output, own)
 
 
 def _hf_vit(folder: Path) -> Path:
