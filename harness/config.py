@@ -163,6 +163,9 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return _shown(metavar(parse), parse_optional)
 
 
+_optional_bool = _optional(_bool)  # a switch that can also be left unset (none)
+
+
 def _parse_triple(value: Any) -> tuple[float, float, float] | None:
     """Per-channel mean or std: three numbers, one number for all channels, or none to skip normalisation."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
@@ -346,8 +349,12 @@ class Config:
         "classes of a timm model's head (default: from the checkpoint, else the model's)",
         model=True,
     )
-    ema: bool = _setting(
-        False, _bool, "load a training checkpoint's EMA weights (state_dict_ema) instead of its own", model=True
+    ema: bool | None = _setting(
+        None,
+        _optional_bool,
+        "a training checkpoint's EMA weights (state_dict_ema, model_ema): true = required, false = its own weights; "
+        "unset = timm's rule, the EMA weights where the checkpoint holds them",
+        model=True,
     )
     output_name: str | None = _setting(
         None,
@@ -480,7 +487,7 @@ SETTINGS = {**RUN_FIELDS, **PREPROCESS_FIELDS}
 
 def is_switch(name: str) -> bool:
     """A true/false setting: on the command line, `--name` alone means true."""
-    return SETTINGS[name].metadata["parse"] in (_bool, _bool_or_auto)
+    return SETTINGS[name].metadata["parse"] in (_bool, _optional_bool, _bool_or_auto)
 
 
 def setting_metavar(name: str) -> str:

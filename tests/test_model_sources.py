@@ -71,28 +71,33 @@ def _timm_reference(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_a_timm_training_checkpoint_runs_by_name_and_equals_timms_forward(timm_checkpoint, tmp_path: Path) -> None:
-    checkpoint, model, _ = timm_checkpoint
+    """As timm's create_model(checkpoint_path=...) loads it: its EMA weights, since it holds them."""
+    checkpoint, _, ema = timm_checkpoint
     output = tmp_path / "p.csv"
     common = ["--checkpoint", str(checkpoint), "--border", "0", "--progress", "false", "--device", "cpu"]
     assert main([str(SAMPLES), str(output), "--model", "timm:resnet18", *common]) == 0
-    _assert_matches(_rows(output), _timm_reference(model), 1e-4, 5)
+    _assert_matches(_rows(output), _timm_reference(ema), 1e-4, 5)
     run = (output.parent / "run.json").read_text()
     assert '"classes": 10' in run and '"resize_size": 235' in run and '"interpolation": "bicubic"' in run
+    assert '"weights": "state_dict_ema"' in run
 
 
-def test_ema_picks_the_ema_weights(timm_checkpoint, tmp_path: Path) -> None:
-    checkpoint, _, ema = timm_checkpoint
+def test_ema_true_and_false_choose(timm_checkpoint, tmp_path: Path) -> None:
+    checkpoint, model, ema = timm_checkpoint
     output = tmp_path / "p.csv"
     options = ["--model", "timm:resnet18", "--checkpoint", str(checkpoint), "--border", "0", "--progress", "false"]
     assert main([str(SAMPLES), str(output), *options, "--ema"]) == 0
     _assert_matches(_rows(output), _timm_reference(ema), 1e-4, 5)
-    assert _rows(output) != _rows_of_plain(checkpoint, tmp_path)
+    plain = _rows_of_plain(checkpoint, tmp_path)
+    _assert_matches(plain, _timm_reference(model), 1e-4, 5)
+    assert _rows(output) != plain
 
 
 def _rows_of_plain(checkpoint: Path, tmp_path: Path) -> dict[str, list[str]]:
+    """The checkpoint's own weights (`--ema false`)."""
     output = tmp_path / "plain.csv"
     options = ["--model", "timm:resnet18", "--checkpoint", str(checkpoint), "--border", "0", "--progress", "false"]
-    assert main([str(SAMPLES), str(output), *options]) == 0
+    assert main([str(SAMPLES), str(output), *options, "--ema", "false"]) == 0
     return _rows(output)
 
 
@@ -114,7 +119,8 @@ preprocess:
 
 
 def test_the_same_checkpoint_through_a_model_py_class(timm_checkpoint, tmp_path: Path) -> None:
-    checkpoint, model, _ = timm_checkpoint
+    """The same rule for a class of one's own: the file's EMA weights, as timm would load them."""
+    checkpoint, _, model = timm_checkpoint
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "model.py").write_text(TIMM_CLASS)

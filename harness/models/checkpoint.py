@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,12 @@ import torch
 from torch import nn
 
 from harness.config import Config
+from harness.console import say
 from harness.errors import ModelError, refused_pickle_globals
 
 NESTED_KEYS = ("state_dict", "model", "model_state_dict")
 EMA_KEYS = ("state_dict_ema", "model_ema")
+WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_orig_mod.")  # torch.compile around DDP, DDP, torch.compile
 SAFE_CLASSES = [argparse.Namespace]  # a training checkpoint's `args`, as timm allows it
 
 
@@ -67,25 +70,44 @@ def _load_file(path: Path) -> Any:
         raise ModelError(f"{path} is not a PyTorch checkpoint: {type(error).__name__}: {error}") from error
 
 
-def read_state_dict(path: Path, ema: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint, unwrapped from a training checkpoint's dict (its EMA weights with `ema`) and
-    DataParallel's prefix."""
+@dataclass(frozen=True)
+class Weights:
+    """A checkpoint's tensors and which of its entries they are (None for a bare state_dict), for run.json."""
+
+    state: dict[str, torch.Tensor]
+    entry: str | None
+
+
+def read_state_dict(path: Path, ema: bool | None = None) -> Weights:
+    """The tensors of a checkpoint, unwrapped from a training checkpoint's dict and DataParallel's prefix. Which
+    weights follow timm's load_checkpoint(use_ema=True), as `create_model(checkpoint_path=...)` and timm's
+    inference.py load them: the EMA weights where the file holds them (`ema` unset), unless `ema` is False; `ema`
+    True requires them. When the file holds both, one line says which were used."""
     data: Any = _load_file(path)
-    if ema:
-        key = next((k for k in EMA_KEYS if isinstance(data, dict) and isinstance(data.get(k), dict)), None)
-        if key is None:
-            held = ", ".join(sorted(map(str, data))[:10]) if isinstance(data, dict) else type(data).__name__
-            raise ModelError(f"--ema: {path} holds no EMA weights ({' or '.join(EMA_KEYS)}); it holds: {held}")
+    entries = data if isinstance(data, dict) else {}
+    ema_key = next((k for k in EMA_KEYS if isinstance(entries.get(k), dict)), None)
+    own_key = next((k for k in NESTED_KEYS if isinstance(entries.get(k), dict)), None)
+    if ema and ema_key is None:
+        held = ", ".join(sorted(map(str, data))[:10]) if isinstance(data, dict) else type(data).__name__
+        raise ModelError(f"--ema: {path} holds no EMA weights ({' or '.join(EMA_KEYS)}); it holds: {held}")
+    key = ema_key if ema_key is not None and ema is not False else own_key
+    if ema_key is not None and own_key is not None:
+        rule = "--ema false" if ema is False else "--ema true" if ema else "timm's rule; --ema false for its own"
+        say(f"{path.name} holds its own weights ({own_key}) and EMA weights ({ema_key}): using {key} ({rule})")
+    if key is not None:
         data = data[key]
-    for key in NESTED_KEYS:
-        if isinstance(data, dict) and isinstance(data.get(key), dict):
-            data = data[key]
-            break
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ModelError(f"{path} does not hold a state_dict (a mapping of parameter names to tensors)")
-    if data and all(k.startswith("module.") for k in data):
-        data = {k[len("module.") :]: v for k, v in data.items()}
-    return data
+    if data and all(k.startswith(WRAPPER_PREFIXES) for k in data):  # a wrapper prefixes every name
+        data = {_unwrapped(k): v for k, v in data.items()}
+    return Weights(data, key)
+
+
+def _unwrapped(key: str) -> str:
+    """A parameter's name without the prefixes DataParallel and torch.compile add, as timm's clean_state_dict."""
+    for prefix in WRAPPER_PREFIXES:
+        key = key.removeprefix(prefix)
+    return key
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

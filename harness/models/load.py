@@ -32,6 +32,7 @@ class LoadedModel:
     parameters: int | None  # None for an ONNX model: onnxruntime does not expose its weights
     labels: list[str] | None = None  # class names the model carries (Hugging Face id2label, an exported ONNX file)
     files_read: list[str] = field(default_factory=list)  # every file loading it read (harness/models/reads.py)
+    weights: str | None = None  # the training checkpoint's entry loaded (state_dict_ema, ...); None for a bare one
 
     def describe(self, classes: int, transform: str) -> dict[str, object]:
         """The model as run.json records it."""
@@ -39,6 +40,7 @@ class LoadedModel:
             "class": self.class_name,
             "source": self.source,
             "checkpoint": self.checkpoint,
+            "weights": self.weights,
             "parameters": self.parameters,
             "classes": classes,
             "transform": transform,
@@ -79,8 +81,10 @@ def load_class_model(config: Config) -> LoadedModel:
     class_name = config.class_name or DEFAULT_CLASS
     model = create_model(path, class_name)
     checkpoint = resolve_checkpoint(config)
+    weights = None
     if checkpoint is not None:
-        load_weights(model, read_state_dict(checkpoint, config.ema), checkpoint)
+        weights = read_state_dict(checkpoint, config.ema)
+        load_weights(model, weights.state, checkpoint)
     model.eval()
     return LoadedModel(
         module=model,
@@ -88,17 +92,19 @@ def load_class_model(config: Config) -> LoadedModel:
         source=str(path),
         checkpoint=str(checkpoint) if checkpoint else None,
         parameters=sum(p.numel() for p in model.parameters()),
+        weights=weights.entry if weights is not None else None,
     )
 
 
 def load_timm(config: Config) -> LoadedModel:
-    model, description, checkpoint = load_timm_model(config)
+    model, description, checkpoint, weights = load_timm_model(config)
     return LoadedModel(
         module=model,
         class_name=description,
         source=config.model or "",
-        checkpoint=str(checkpoint) if checkpoint else None,
+        checkpoint=str(checkpoint),
         parameters=sum(p.numel() for p in model.parameters()),
+        weights=weights.entry,
     )
 
 

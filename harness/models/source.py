@@ -14,6 +14,7 @@ its head-start decoders fork, and those must fork before torch loads wherever th
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from pathlib import Path
@@ -91,12 +92,34 @@ def model_defaults(config: Config) -> tuple[dict[str, Any], str]:
 
 
 def timm_pretrained_cfg(name: str) -> Any:
-    """timm's pretrained config for NAME (its preprocessing, its classifier's name), or None where it has none."""
+    """timm's pretrained config for NAME (its preprocessing, its classifier's name), or None where it has none. An
+    unknown name or tag is one line naming the close ones."""
     timm = import_timm()
-    if not timm.is_model(name):
-        similar = ", ".join(timm.list_models(f"*{name.split('.')[0][:6]}*")[:8])
-        raise ModelError(f"timm has no model {name!r}" + (f"; similar names: {similar}" if similar else ""))
-    return timm.models.get_pretrained_cfg(name)
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        similar = ", ".join(similar_timm_names(timm.list_models(), arch))
+        raise ModelError(f"timm has no model {arch!r}" + (f"; similar names: {similar}" if similar else ""))
+    try:
+        return timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # timm's complaint about an unknown tag
+        tags = [known.partition(".")[2] for known in timm.list_pretrained(f"{arch}.*")]
+        raise ModelError(
+            f"timm has no pretrained config {tag!r} for {arch}; its tags: {', '.join(tags) or 'none'} "
+            f"(or timm:{arch} alone)"
+        ) from None
+
+
+def similar_timm_names(names: list[str], wanted: str, count: int = 8) -> list[str]:
+    """The names closest to `wanted`, spelled alike once case, `_` and `-` are set aside (resnet_18: resnet18)."""
+    by_key: dict[str, str] = {}
+    for name in names:
+        by_key.setdefault(_name_key(name), name)
+    close = difflib.get_close_matches(_name_key(wanted), list(by_key), n=count, cutoff=0.6)
+    return [by_key[key] for key in close]
+
+
+def _name_key(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
 
 
 def timm_preprocess(name: str) -> dict[str, Any]:

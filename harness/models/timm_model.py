@@ -1,6 +1,8 @@
 """A timm model by name (`--model timm:NAME`), built offline (no pretrained download) and filled from a checkpoint:
-a state_dict, a .safetensors file, or a training checkpoint as timm's train.py saves it (`--ema` for its EMA
-weights). With no `--num-classes`, the head is sized from the checkpoint's classifier, else timm's default."""
+a state_dict, a .safetensors file, or a training checkpoint as timm's train.py saves it, its EMA weights chosen as
+timm chooses them (harness/models/checkpoint.py). With no `--num-classes`, the head is sized from the checkpoint's
+classifier, else timm's default. Weights are never downloaded, so a model with no checkpoint is refused: random
+weights would give a CSV that looks right and means nothing."""
 
 from __future__ import annotations
 
@@ -10,9 +12,8 @@ import torch
 from torch import nn
 
 from harness.config import Config
-from harness.console import say
 from harness.errors import ModelError, describe_user_error
-from harness.models.checkpoint import load_weights, read_state_dict, resolve_checkpoint
+from harness.models.checkpoint import Weights, load_weights, read_state_dict, resolve_checkpoint
 from harness.models.source import import_timm, timm_name, timm_pretrained_cfg
 
 
@@ -28,20 +29,20 @@ def _head_classes(name: str, state: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
-def load_timm_model(config: Config) -> tuple[nn.Module, str, Path | None]:
-    """(model in eval mode, its description, the checkpoint used)."""
+def load_timm_model(config: Config) -> tuple[nn.Module, str, Path, Weights]:
+    """(model in eval mode, its description, the checkpoint used, the weights read from it)."""
     timm = import_timm()
     name = timm_name(config)
     checkpoint = resolve_checkpoint(config)
-    state = read_state_dict(checkpoint, config.ema) if checkpoint is not None else None
-    classes = config.num_classes or (_head_classes(name, state) if state is not None else None)
+    if checkpoint is None:
+        raise ModelError(f"timm:{name} needs its weights: pass --checkpoint FILE (the harness never downloads them)")
+    weights = read_state_dict(checkpoint, config.ema)
+    classes = config.num_classes or _head_classes(name, weights.state)
     extra = {"num_classes": classes} if classes else {}
     try:
         model = timm.create_model(name, pretrained=False, **extra)
     except Exception as error:  # an unknown name was caught earlier; this is timm refusing the arguments
         raise ModelError(f"timm could not build {name}: {describe_user_error(error)}") from error
-    if state is not None and checkpoint is not None:
-        load_weights(model, state, checkpoint)
-    if checkpoint is None:
-        say(f"WARNING: timm:{name} has no checkpoint: its weights are random. Pass the weights with --checkpoint")
-    return model.eval(), f"timm {name}" + (" (EMA weights)" if config.ema else ""), checkpoint
+    load_weights(model, weights.state, checkpoint)
+    ema = weights.entry is not None and weights.entry.endswith("_ema")
+    return model.eval(), f"timm {name}" + (" (EMA weights)" if ema else ""), checkpoint, weights

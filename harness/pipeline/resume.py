@@ -5,10 +5,11 @@ back to a batch boundary: each later batch then holds the same images as in an u
 gives the same numbers, so the final CSV is byte-identical to one written in a single go.
 
 That holds only for the same model and the same settings. So a run records, when it starts, what shapes its rows
-(the model's files by content, its class, preprocessing, label map, softmax, top-k, precision, memory format,
-device type and batch size) in `<output>.resume.json` beside the partial file; `--resume` compares and refuses
-any difference, naming it, before anything is overwritten. A different batch size is refused too: the batches
-would hold other images, and the model's numbers can depend on what else is in its batch.
+(the model's files by content, which weights of its checkpoint, its class, preprocessing, label map, softmax,
+top-k, precision, memory format, device type and batch size) in `<output>.resume.json` beside the partial file;
+`--resume` compares and refuses any difference, naming it, before anything is overwritten. A different batch size
+is refused too: the batches would hold other images, and the model's numbers can depend on what else is in its
+batch.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ def run_identity(
         "software": {"python": installed["python"], "packages": installed["packages"]},
         "model_source": file_digest(model["source"]),
         "checkpoint": file_digest(model["checkpoint"]),
+        "weights": model.get("weights"),  # a training checkpoint's own or EMA weights
         "transform_file": file_digest(config.transform_file),
         "preprocess": config.to_dict()["preprocess"],
         "label_map": label_map,

@@ -13,7 +13,9 @@ CSV holds, through the label map. One report, a verdict a line:
 - preprocessing: the audit of harness/tools/audit.py; it fails when a variant does clearly better;
 - model size: parameters and MACs (check-model's), against any limits given;
 - time: per image here, and an estimate for --estimate N images;
-- preview: preview.png and preview.html (harness/tools/preview.py says how the model's input is drawn).
+- preview: preview.png and preview.html (harness/tools/preview.py says how the model's input is drawn);
+- parity (`--parity`, a timm or Hugging Face model): its framework's own pipeline on the same images, top-5 ids
+  and probabilities compared image by image (harness/tools/parity.py).
 Exit 0 when no check fails, 9 when one does.
 """
 
@@ -55,6 +57,7 @@ from harness.tools.audit import (
     raised_and_lowered,
 )
 from harness.tools.check_model import CHANNELS, add_measure_options, broken_limits, measure, time_batches
+from harness.tools.parity import compare, require_parity_model
 from harness.tools.preview import Item, Label, Preview, standard_view, write_preview
 from harness.tools.score import read_json_object
 from harness.tools.validate import read_predictions_file
@@ -337,8 +340,20 @@ def preprocessing_verdict(
     return audit_verdict(pre, configured, results), [(caption, audit_table(configured, results))]
 
 
+def parity_verdict(
+    config: Config, kind: str, files: list[ImageFile], seen: Seen, classes: int
+) -> tuple[Verdict, tuple[str, list[list[str]]]]:
+    """--parity: the model's own framework beside the harness on the same images (harness/tools/parity.py)."""
+    result = compare(config, kind, files, seen.outputs, seen.errors, classes)
+    return Verdict("parity", "pass" if result.agrees else "FAIL", result.detail), (result.caption, result.rows)
+
+
 def run_checks(
-    config: Config, args: argparse.Namespace, answers: dict[str, frozenset[str]] | None, imagenet_ids: bool
+    config: Config,
+    args: argparse.Namespace,
+    answers: dict[str, frozenset[str]] | None,
+    imagenet_ids: bool,
+    parity_kind: str | None = None,
 ) -> tuple[list[Verdict], Preview]:
     found = run_files(config.input_dir, config.skip_unreadable_folders)
     files = found.files
@@ -363,6 +378,10 @@ def run_checks(
     judge = Judge.of(display, class_ids(display, classes), files, answers or {})
     verdict, tables = preprocessing_verdict(plan, judge, decoder, seen, answers, imagenet_ids, custom is not None)
     verdicts.append(verdict)
+    if parity_kind is not None:
+        parity, table = parity_verdict(config, parity_kind, files, seen, classes)
+        verdicts.append(parity)
+        tables.append(table)
     verdicts += measure_verdicts(plan, args, seen.decode_s, config)
 
     names = id_names(display, classes)
@@ -407,6 +426,11 @@ def check_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     check.add_argument(
         "--estimate", type=int, default=ESTIMATE, metavar="N", help=f"images to estimate the time of ({ESTIMATE:,})"
     )
+    check.add_argument(
+        "--parity",
+        action="store_true",
+        help="also run a timm or Hugging Face model through its own framework's pipeline and compare, image by image",
+    )
     add_measure_options(check)
     add_settings(parser, LEFT_OUT)
     args = parser.parse_args(argv)
@@ -421,9 +445,10 @@ def check_command(argv: Sequence[str], environ: dict[str, str]) -> int:
         images = args.images or photos
         output = args.output / "predictions.csv"
         config = config_from({**settings, "input_dir": images, "output_file": output, "progress": False}, environ)
+        parity_kind = require_parity_model(config) if args.parity else None
         check_writable(config.output_file, config.errors_csv, config.run_json)
         with output_folder_lock(args.output):
-            verdicts, preview = run_checks(config, args, answers, imagenet_ids=args.images is None)
+            verdicts, preview = run_checks(config, args, answers, args.images is None, parity_kind)
             png, page = args.output / "preview.png", args.output / "preview.html"
             verdicts.append(Verdict("preview", "info", f"{png}, {page}"))
             preview.verdicts = [(v.check, v.verdict, v.detail) for v in verdicts]
