@@ -20,7 +20,7 @@ from harness.errors import ConfigError
 from harness.pipeline.decode import load_rgb
 from harness.pipeline.resume import check_identity, record_identity, run_identity
 from harness.tools.parity import judge
-from tests.helpers import REPO, SAMPLES, read_rows
+from tests.helpers import REPO, SAMPLES, ids_and_confidences, read_rows
 
 timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.equivalence
@@ -80,12 +80,13 @@ def _timm_pipeline(checkpoint: Path, folder: Path, use_ema: bool) -> dict[str, t
 
 def _assert_same(output: Path, reference: dict[str, torch.Tensor]) -> None:
     """Every image's top-5 ids are the reference's and their probabilities within 1e-4."""
-    rows = {row[0]: row[1:] for row in read_rows(output)}
+    rows = {row[0]: ids_and_confidences(row) for row in read_rows(output)}
     assert sorted(rows) == sorted(reference)
     for key, probs in reference.items():
         values, ids = probs.topk(5)
-        assert [int(x) for x in rows[key][0::2]] == ids.tolist(), key
-        assert max(abs(float(a) - b) for a, b in zip(rows[key][1::2], values.tolist(), strict=True)) < 1e-4, key
+        got_ids, got_values = rows[key]
+        assert got_ids == ids.tolist(), key
+        assert max(abs(a - b) for a, b in zip(got_values, values.tolist(), strict=True)) < 1e-4, key
 
 
 @pytest.mark.slow
