@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from harness.errors import ConfigError, ModelError
+from harness.errors import ConfigError
+from harness.models.kinds import MODEL_PREFIXES, locate_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -561,37 +562,6 @@ def model_setting(name: str, value: Any, source: str, folder: Path, carried: boo
     if name == "label_map" and parsed not in LABEL_MAPS:
         return str(folder / _inside(folder, parsed, source, name))
     return parsed
-
-
-MODEL_PREFIXES = ("timm:", "hf:")
-SAVED_MODEL_SUFFIXES = (".onnx", ".pt", ".pth", ".ts", ".torchscript")
-
-
-def locate_model(model: str | None, model_dir: str | None) -> tuple[dict[str, Any], bool]:
-    """Where `--model` (or `--model-dir`) points, as the settings it implies, and whether that folder's config.yaml
-    applies: a folder is the model folder; a .onnx or TorchScript file is that file in its folder; `hf:FOLDER` is
-    a Hugging Face folder; `timm:NAME` needs no folder (its config.yaml is read only with --model-dir)."""
-    spec = model or model_dir
-    if spec is None:
-        return {}, True
-    text = str(spec).strip()
-    if text.startswith("timm:"):
-        return ({"model_dir": model_dir} if model_dir else {}), model_dir is not None
-    if text.startswith("hf:"):
-        return {"model_dir": text[len("hf:") :]}, True
-    path = Path(text)
-    if path.is_file() and path.suffix.lower() in SAVED_MODEL_SUFFIXES:
-        return {"model_dir": str(path.parent), "module": path.name}, True
-    if path.is_file():
-        raise ModelError(
-            f"model {path} is a file the harness does not run directly: pass its folder, a .zip, a "
-            f"{'/'.join(SAVED_MODEL_SUFFIXES)} file, timm:NAME or hf:FOLDER"
-        )
-    if model is not None and not path.exists():
-        raise ModelError(
-            f"model {path} does not exist: pass a model folder, a .zip, a model file, timm:NAME or hf:FOLDER"
-        )
-    return {"model_dir": text}, True
 
 
 def build_config(

@@ -20,7 +20,7 @@ from harness.config import (
     setting_metavar,
 )
 from harness.errors import ConfigError
-from harness.models.source import model_defaults
+from harness.models.kinds import kind_of
 from harness.models.submission import open_submission
 
 POSITIONALS = (  # the template's order
@@ -111,7 +111,7 @@ def config_from(given: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     settings the model itself carries (timm's or Hugging Face's preprocessing, an exported ONNX file's) wherever
     no source set them."""
     config = build_config(open_submission(dict(given)), environ)
-    defaults, source = model_defaults(config)
+    defaults, source = kind_of(config).carried_settings(config)
     return apply_model_defaults(config, defaults, source) if defaults else config
 
 

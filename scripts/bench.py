@@ -146,7 +146,7 @@ def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: flo
     tune_process(config)
     files = discover(config.input_dir)
     dataset = ImageDataset(files, config.preprocess, None, DecodeLimits.of(config))
-    placed = place_model(config, load_model(config).module, dataset, len(files))  # as the run does
+    placed = place_model(config, load_model(config), dataset, len(files))  # as the run does
     forward, plan, batch_size = placed.forward, placed.forward.plan, placed.batch_size
     size = config.preprocess.input_size
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8).to(plan.device)

@@ -1,5 +1,7 @@
 """The package's architecture, checked: subpackages by role, imports one way (entry points and tools above the
-pipeline, the pipeline above the model loaders and result writers, config and errors at the bottom), no cycles."""
+pipeline, the pipeline above the model loaders and result writers, config and errors at the bottom), no cycles;
+model kinds in one registry, nothing outside harness/models testing for a runtime's class; the CSV row in one
+module."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ PACKAGE = REPO / "harness"
 LAYERS = {
     "harness": 0,  # __version__
     "harness.errors": 0,
+    "harness.models.kinds": 0.5,  # the registry of model kinds: torch-free data the config locates a model by
     "harness.config": 1,
     "harness.console": 1,
     "harness.data": 1,
@@ -34,15 +37,22 @@ def _module_name(path: Path) -> str:
 
 def _group(module: str) -> str:
     """The LAYERS key a module belongs to: its subpackage, or the module itself at the top."""
+    if module in LAYERS:
+        return module
     parts = module.split(".")
     candidate = ".".join(parts[:2])
     return candidate if candidate in LAYERS else "harness"
 
 
 def _imports(path: Path) -> set[str]:
-    """Every harness module `path` imports, at the top or inside functions (the lazy imports count too)."""
+    """Every harness module `path` imports, at the top or inside functions (the lazy imports count too); imports
+    for type checkers only (under `if TYPE_CHECKING:`) never run, so they are no dependency."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            node.body = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("harness"):
             found.add(node.module)
         elif isinstance(node, ast.Import):
@@ -117,3 +127,52 @@ def test_the_csv_row_has_one_owner() -> None:
         if text in path.read_text(encoding="utf-8")
     ]
     assert not wrong, wrong
+
+
+def _runtime_classes() -> set[str]:
+    """The classes harness/models defines that a model comes back as (nn.Module subclasses: OnnxModule, ...)."""
+    names = set()
+    for path in (PACKAGE / "models").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef) and any(ast.unparse(base).endswith("Module") for base in node.bases):
+                names.add(node.name)
+    return names
+
+
+def test_no_runtime_class_is_tested_outside_models() -> None:
+    """What the harness may do to a model is its kind's to say (harness/models/kinds.py: torch_graph), so nothing
+    outside harness/models names the class a runtime wraps a model in."""
+    classes = _runtime_classes()
+    assert "OnnxModule" in classes
+    outside = [
+        path for path in [*PACKAGE.rglob("*.py"), *(REPO / "scripts").glob("*.py")] if "models" not in path.parts
+    ]
+    wrong = [
+        f"{path.relative_to(REPO)}: {name}"
+        for path in outside
+        for name in classes | {"onnx_runtime"}
+        if name in path.read_text(encoding="utf-8")
+    ]
+    assert not wrong, wrong
+
+
+def test_model_kinds_are_one_registry() -> None:
+    """Each kind is recognised one way, loads through a loader that exists, and is in the README's table; the
+    kinds' file suffixes do not overlap (a new suffix cannot fall to another kind's loader)."""
+    from harness.models.kinds import DEFAULT_KIND, KINDS, _resolve
+
+    suffixes = [suffix for kind in KINDS for suffix in kind.suffixes]
+    assert len(suffixes) == len(set(suffixes)), suffixes
+    assert len({kind.name for kind in KINDS}) == len(KINDS)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for kind in KINDS:
+        assert callable(_resolve(kind.loader)), kind.name
+        assert kind.settings is None or callable(_resolve(kind.settings)), kind.name
+        assert kind is DEFAULT_KIND or kind.prefix or kind.suffixes or kind.marker, kind.name
+        assert f"| `{kind.name}` |" in readme, f"README's model-sources table lacks the {kind.name} kind"
+    spelled = [
+        path.relative_to(REPO)
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "kinds.py" and any(f'"{suffix}"' in path.read_text() for suffix in (".pt", ".torchscript"))
+    ]
+    assert not spelled, f"model suffixes spelled outside harness/models/kinds.py: {spelled}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,9 +14,9 @@ from torch import nn
 from harness.cli import main
 from harness.config import build_config
 from harness.errors import ModelError
+from harness.models.kinds import find_saved_file
 from harness.models.load import load_model
 from harness.models.onnx_runtime import CUDA_PROVIDER, OnnxModule, make_session
-from harness.models.source import find_saved_file
 from harness.tools.export_onnx import check_parity, export
 from tests.helpers import REPO, SAMPLES, ids_and_confidences, read_rows
 
@@ -71,6 +72,22 @@ def test_two_onnx_files_need_a_name_and_model_py_wins(tiny_onnx: Path) -> None:
     assert isinstance(loaded.module, OnnxModule) and loaded.source.endswith("other.onnx")
     (tiny_onnx / "model.py").write_text("")
     assert find_saved_file(build_config({"model_dir": str(tiny_onnx)}, {}), (".onnx",)) is None
+
+
+@pytest.mark.parametrize("tool", ["check-model", "export-onnx"])
+def test_tools_for_pytorch_models_refuse_an_onnx_one_by_its_kind(tool: str, tiny_onnx: Path, tmp_path, capsys) -> None:
+    extra = ["--output", str(tmp_path / "again.onnx")] if tool == "export-onnx" else []
+    assert main([tool, "--model", str(tiny_onnx / "tiny.onnx"), *extra]) == 2
+    assert "(onnx) is not a PyTorch model" in capsys.readouterr().err
+    assert not (tmp_path / "again.onnx").exists()
+
+
+def test_an_onnx_run_leaves_the_layout_to_its_runtime(tiny_onnx: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out" / "predictions.csv"
+    options = ["--model-dir", str(tiny_onnx), "--label-map", "none", "--channels-last", "auto", "--progress", "false"]
+    assert main([str(SAMPLES), str(output), *options]) == 0
+    layout = json.loads((output.parent / "run.json").read_text())["layout"]
+    assert layout["channels_last"] is False and "runs the model and chooses its layout" in layout["why"]
 
 
 @pytest.mark.equivalence

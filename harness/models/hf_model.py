@@ -1,6 +1,6 @@
 """A Hugging Face image classifier from a local folder saved with `save_pretrained` (config.json, the weights,
 preprocessor_config.json): loaded with local files only, so nothing is ever downloaded. Its image processor's
-settings become the run's preprocessing (harness/models/source.py) and its `id2label` the class names."""
+settings become the run's preprocessing (harness/models/preprocessing.py) and its `id2label` the class names."""
 
 from __future__ import annotations
 

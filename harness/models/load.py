@@ -1,6 +1,6 @@
-"""Loading the model of whichever kind the configuration names (harness/models/source.py tells which): a Python
-class with its checkpoint, a timm model, a Hugging Face folder, an ONNX file, a saved TorchScript or pickled
-module. Every kind comes back as an `nn.Module` the pipeline calls alike."""
+"""The loaders of the kinds in harness/models/kinds.py: a Python class with its checkpoint, a timm model, a Hugging
+Face folder, an ONNX file, a saved TorchScript or pickled module. Every kind comes back as an `nn.Module` the
+pipeline calls alike, with its kind, so what the harness may do to it is the kind's to say."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import torch
 from torch import nn
 
 from harness.config import Config
-from harness.errors import ModelError
 from harness.models.checkpoint import load_weights, read_state_dict, resolve_checkpoint
 from harness.models.hf_model import load_hf_model
+from harness.models.kinds import DEFAULT_KIND, ModelKind, kind_file, kind_named, kind_of
 from harness.models.onnx_metadata import read_labels
 from harness.models.onnx_runtime import OnnxModule, make_session
+from harness.models.preprocessing import HF_CONFIG
 from harness.models.python_class import DEFAULT_CLASS, create_model, find_module_file
 from harness.models.reads import watch_reads
 from harness.models.saved import load_saved_model
-from harness.models.source import HF_CONFIG, ONNX_SUFFIXES, SAVED_SUFFIXES, find_saved_file, model_kind
 from harness.models.timm_model import load_timm_model
 
 
@@ -33,6 +33,7 @@ class LoadedModel:
     labels: list[str] | None = None  # class names the model carries (Hugging Face id2label, an exported ONNX file)
     files_read: list[str] = field(default_factory=list)  # every file loading it read (harness/models/reads.py)
     weights: str | None = None  # the training checkpoint's entry loaded (state_dict_ema, ...); None for a bare one
+    kind: ModelKind = DEFAULT_KIND  # set by load_model
 
     def describe(self, classes: int, transform: str) -> dict[str, object]:
         """The model as run.json records it."""
@@ -47,9 +48,13 @@ class LoadedModel:
         }
 
 
-def load_onnx_model(path: Path, config: Config) -> LoadedModel:
-    if not path.is_file():
-        raise ModelError(f"{path} does not exist (set by 'module')")
+def open_onnx(path: Path, want_cuda: bool, output_name: str | None = None) -> nn.Module:
+    """An ONNX file as a module the pipeline calls (onnxruntime runs it)."""
+    return OnnxModule(make_session(path, want_cuda), output_name)
+
+
+def load_onnx(config: Config) -> LoadedModel:
+    path = kind_file(config, kind_named("onnx"))
     want_cuda = config.device != "cpu" and config.gpus != 0 and torch.cuda.is_available()
     module = OnnxModule(make_session(path, want_cuda), config.output_name)
     return LoadedModel(
@@ -62,9 +67,8 @@ def load_onnx_model(path: Path, config: Config) -> LoadedModel:
     )
 
 
-def load_whole_model(path: Path, config: Config) -> LoadedModel:
-    if not path.is_file():
-        raise ModelError(f"{path} does not exist (set by 'module')")
+def load_saved(config: Config) -> LoadedModel:
+    path = kind_file(config, kind_named("saved"))
     model, kind = load_saved_model(path, config.trust_pickle)
     model.eval()
     return LoadedModel(
@@ -76,7 +80,7 @@ def load_whole_model(path: Path, config: Config) -> LoadedModel:
     )
 
 
-def load_class_model(config: Config) -> LoadedModel:
+def load_class(config: Config) -> LoadedModel:
     path = find_module_file(config)
     class_name = config.class_name or DEFAULT_CLASS
     model = create_model(path, class_name)
@@ -122,20 +126,9 @@ def load_hf(config: Config) -> LoadedModel:
 
 
 def load_model(config: Config) -> LoadedModel:
+    kind = kind_of(config)
     with watch_reads() as files_read:
-        loaded = _load_model(config)
+        loaded = kind.load(config)
     loaded.files_read = sorted(files_read)
+    loaded.kind = kind
     return loaded
-
-
-def _load_model(config: Config) -> LoadedModel:
-    kind = model_kind(config)
-    if kind == "timm":
-        return load_timm(config)
-    if kind == "hf":
-        return load_hf(config)
-    if kind == "onnx":
-        return load_onnx_model(find_saved_file(config, ONNX_SUFFIXES) or config.model_dir, config)
-    if kind == "saved":
-        return load_whole_model(find_saved_file(config, SAVED_SUFFIXES) or config.model_dir, config)
-    return load_class_model(config)

@@ -20,7 +20,7 @@ from torch import nn
 
 from harness.config import Config
 from harness.errors import ModelError, describe_user_error
-from harness.models.source import MODULE_FILES
+from harness.models.kinds import MODULE_FILES
 
 DEFAULT_CLASS = "Model"
 

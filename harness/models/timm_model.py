@@ -14,7 +14,7 @@ from torch import nn
 from harness.config import Config
 from harness.errors import ModelError, describe_user_error
 from harness.models.checkpoint import Weights, load_weights, read_state_dict, resolve_checkpoint
-from harness.models.source import import_timm, timm_name, timm_pretrained_cfg
+from harness.models.preprocessing import import_timm, timm_name, timm_pretrained_cfg
 
 
 def _head_classes(name: str, state: dict[str, torch.Tensor]) -> int | None:

@@ -13,7 +13,6 @@ from torch import nn
 
 from harness.console import say
 from harness.errors import HarnessError, ModelError, describe_user_error, is_dataloader_failure
-from harness.models.onnx_runtime import OnnxModule
 from harness.models.outputs import SAME_ATOL, SAME_RTOL, as_logits
 from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context
 
@@ -58,6 +57,7 @@ class Forward:
     piece: int
     classes: int  # the output width the probe found: every batch must keep it
     pad: bool = False
+    torch_graph: bool = True  # the model's layers are PyTorch's (its kind says: harness/models/kinds.py)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         outputs, start = [], 0
@@ -102,7 +102,7 @@ def compiled_forward(forward: Forward, sample: torch.Tensor) -> Forward:
     """`forward` with its model under torch.compile, compiled now on the check images (harness/pipeline/loader.py:
     check_sample) padded to the piece size, so the wait and any failure come before the first image; kept only
     where the compiled model gives the eager model's scores on them. Otherwise the eager `forward`, with one line."""
-    if isinstance(forward.model, (nn.DataParallel, OnnxModule)):
+    if not forward.torch_graph or isinstance(forward.model, nn.DataParallel):
         say("--compile applies to one PyTorch model on one device: running eagerly (use torchrun for several GPUs)")
         return forward
     started = time.perf_counter()

@@ -18,7 +18,6 @@ from torch import nn
 
 from harness.config import Config, Preprocess
 from harness.errors import describe_user_error
-from harness.models.onnx_runtime import OnnxModule
 from harness.models.outputs import SAME_ATOL, SAME_RTOL, as_logits
 from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context
 from harness.pipeline.resume import recorded_layout
@@ -59,10 +58,17 @@ class LayoutChoice:
 
 
 def settle_layout(
-    config: Config, model: nn.Module, plan: DevicePlan, sample: torch.Tensor, batch_size: int, images: int
+    config: Config,
+    model: nn.Module,
+    plan: DevicePlan,
+    sample: torch.Tensor,
+    batch_size: int,
+    images: int,
+    runtime: str | None = None,
 ) -> tuple[DevicePlan, LayoutChoice]:
     """The layout for a run of `images`, the model put in it: as `channels_last` says, or for `auto` as the run a
-    resumed one continues chose, or the default where a trial cannot pay on the CPU, or else as measured now."""
+    resumed one continues chose, or the default where a trial cannot pay on the CPU or another `runtime` than
+    PyTorch runs the model (its kind says: harness/models/kinds.py), or else as measured now."""
     if config.channels_last != "auto":
         return plan, LayoutChoice(plan.channels_last, {}, f"set: channels_last {str(plan.channels_last).lower()}")
     recorded = recorded_layout(config.output_file) if config.resume else None
@@ -70,6 +76,8 @@ def settle_layout(
     if recorded is not None:
         choice = LayoutChoice(recorded, {}, "the choice of the run this one resumes")
         _put(model, recorded)
+    elif runtime is not None:
+        choice = LayoutChoice(False, {}, f"{runtime} runs the model and chooses its layout")
     elif plan.device.type == "cpu" and images < CPU_PAYBACK * cpu_trial_images:
         choice = LayoutChoice(False, {}, f"{images} images are too few to pay for a trial on the CPU")
     else:
@@ -84,8 +92,6 @@ def choose_layout(
     channels_last fails or gives other scores (a model that .view()s its activations). `model` is in the default
     layout on `plan.device`; `sample` is the check images as the decoders make them (uint8, or a model folder's
     floats; harness/pipeline/loader.py: check_sample), repeated to the trial's count."""
-    if isinstance(model, OnnxModule):
-        return LayoutChoice(False, {}, "an ONNX model: its runtime chooses the layout")
     started = time.perf_counter()
     count = batch_size if plan.device.type == "cuda" else min(batch_size, CPU_TRIAL_IMAGES)
     images = sample.repeat(-(-count // len(sample)), 1, 1, 1)[:count].to(plan.device)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from harness.config import Config
 from harness.models.fold import FoldResult
+from harness.models.load import LoadedModel
 from harness.pipeline.devices import fold_sample, plan_devices, prepare_model
 from harness.pipeline.forward import Forward, first_piece, probe_classes
 from harness.pipeline.layout import LayoutChoice, settle_layout
@@ -30,13 +29,17 @@ class Placement:
     sample: object  # the check images (N x 3 x H x W as the decoders make them), for --compile's check after
 
 
-def place_model(config: Config, module: nn.Module, dataset: ImageDataset, images: int) -> Placement:
-    """`module` (a loaded model) made ready for a run of `images` images drawn from `dataset`."""
+def place_model(config: Config, loaded: LoadedModel, dataset: ImageDataset, images: int) -> Placement:
+    """The loaded model made ready for a run of `images` images drawn from `dataset`: what may be done to it is
+    its kind's to say (harness/models/kinds.py)."""
     plan = plan_devices(config)
     sample = check_sample(dataset)
-    model, folded = prepare_model(module, plan, fold_sample(config, plan, sample))
+    model, folded = prepare_model(loaded.module, plan, fold_sample(config, plan, sample))
     classes = probe_classes(model, plan.normalizer(config.preprocess), dataset.blank, plan)
     batch_size = config.batch_size * max(1, len(plan.gpu_ids))
-    plan, layout = settle_layout(config, model, plan, sample, batch_size, images)
-    forward = Forward(model, plan.normalizer(config.preprocess), plan, first_piece(plan, batch_size), classes)
+    graph = loaded.kind.torch_graph
+    runtime = None if graph else loaded.class_name
+    plan, layout = settle_layout(config, model, plan, sample, batch_size, images, runtime)
+    normalize = plan.normalizer(config.preprocess)
+    forward = Forward(model, normalize, plan, first_piece(plan, batch_size), classes, torch_graph=graph)
     return Placement(forward, classes, batch_size, folded, layout, sample)

@@ -205,7 +205,7 @@ def _load_and_place(
     loaded = load_model(config)
     custom = load_custom_transform(config)
     dataset = ImageDataset(files, config.preprocess, custom, DecodeLimits.of(config))
-    placed = place_model(config, loaded.module, dataset, len(files))
+    placed = place_model(config, loaded, dataset, len(files))
     report.fold_batchnorm, report.layout = placed.folded.describe(), placed.layout.describe()
     transform = "model folder's data_transform_description.py" if custom else "harness"
     report.model = loaded.describe(placed.classes, transform)

@@ -35,7 +35,6 @@ from torch import nn
 
 from harness.config import OBJECTNET_MAPS, SETTINGS, Config, Preprocess
 from harness.errors import CheckFailedError, ConfigError, ToolFileError, TooManyFailuresError
-from harness.models.onnx_runtime import OnnxModule
 from harness.models.python_class import load_custom_transform
 from harness.options import add_settings, config_from, given_settings
 from harness.pipeline.decode import DecodeLimits, DecodeOptions, load_rgb
@@ -238,9 +237,9 @@ def measure_verdicts(
     report, forward = plan.report, plan.forward
     batch, size = report.batch_size_total, config.preprocess.input_size
     model = _bare(forward.model)
-    if isinstance(model, OnnxModule):
+    if not forward.torch_graph:
         _, seconds = time_batches(model, forward.plan, batch, size, max(1, args.repeats))
-        cost = Verdict("model size", "skip", "an ONNX model: check-model measures the PyTorch folder it came from")
+        cost = Verdict("model size", "skip", "not a PyTorch model: check-model measures the folder it came from")
     else:
         measured = measure(model, forward.plan, batch, size, max(1, args.repeats))
         # the model as written counts (its BatchNorms' parameters too), not the run's folded one

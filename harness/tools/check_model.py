@@ -20,7 +20,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from harness.errors import CheckFailedError, ConfigError, ModelError
 from harness.models.load import load_model
-from harness.models.onnx_runtime import OnnxModule
 from harness.models.outputs import as_logits
 from harness.options import add_model_options, tool_config
 from harness.pipeline.devices import DevicePlan, inference_context, plan_devices, prepare_model
@@ -123,8 +122,10 @@ def check_model_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     args = parser.parse_args(argv)
     config = tool_config(args, environ)
     loaded = load_model(config)
-    if isinstance(loaded.module, OnnxModule):
-        raise ConfigError(f"{loaded.source} is ONNX: check-model measures the PyTorch model folder it came from")
+    if not loaded.kind.torch_graph:
+        raise ConfigError(
+            f"{loaded.source} ({loaded.kind.name}) is not a PyTorch model: check-model measures the folder it came from"
+        )
     plan = plan_devices(config)
     size = config.preprocess.input_size
     cost = measure(loaded.module, plan, config.batch_size, size, max(1, args.repeats))

@@ -29,9 +29,8 @@ from harness.errors import (
     describe_user_error,
     is_onnx_package_missing,
 )
-from harness.models.load import load_model
+from harness.models.load import load_model, open_onnx
 from harness.models.onnx_metadata import METADATA_KEY, settings_text
-from harness.models.onnx_runtime import OnnxModule, make_session
 from harness.models.outputs import as_logits
 from harness.models.python_class import load_custom_transform
 from harness.options import add_model_options, tool_config
@@ -138,7 +137,7 @@ def sample_batch(config: Config, images_dir: Path, limit: int) -> torch.Tensor:
     return DeviceNormalizer(config.preprocess, torch.device("cpu"), torch.float32, False)(batch)
 
 
-def check_parity(model: nn.Module, onnx_model: OnnxModule, images: torch.Tensor, batch_size: int) -> Parity:
+def check_parity(model: nn.Module, onnx_model: nn.Module, images: torch.Tensor, batch_size: int) -> Parity:
     with torch.inference_mode():
         expected = torch.cat([as_logits(model(part), len(part)) for part in images.split(batch_size)]).float()
         got = torch.cat([onnx_model(part) for part in images.split(batch_size)]).float()
@@ -168,17 +167,17 @@ def export_onnx_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     config = tool_config(args, environ)
     check_writable(args.output, suffix=".onnx", what="export-onnx writes an ONNX file")
     loaded = load_model(config)
-    if isinstance(loaded.module, OnnxModule):
-        raise ConfigError(f"{loaded.source} is already ONNX: export-onnx exports a PyTorch model folder")
+    if not loaded.kind.torch_graph:
+        raise ConfigError(
+            f"{loaded.source} ({loaded.kind.name}) is not a PyTorch model: export-onnx exports a PyTorch model folder"
+        )
     images = sample_batch(config, args.images, args.parity_images)
     size = config.preprocess.input_size
     written = partial_path(args.output)  # renamed to --output only once it matches the PyTorch model
     try:
         export(loaded.module, written, size, args.opset)
         store_settings(written, carried_settings(config, loaded.labels))
-        parity = check_parity(
-            loaded.module, OnnxModule(make_session(written, want_cuda=False)), images, config.batch_size
-        )
+        parity = check_parity(loaded.module, open_onnx(written, want_cuda=False), images, config.batch_size)
         matches = parity.top1_agree == parity.images and parity.max_prob_diff < args.tolerance
         if matches:
             written.replace(args.output)

@@ -24,7 +24,8 @@ from PIL import Image
 from harness.config import Config
 from harness.errors import ConfigError, describe_user_error
 from harness.models.checkpoint import resolve_checkpoint
-from harness.models.source import import_timm, model_kind, timm_name
+from harness.models.kinds import kind_of
+from harness.models.preprocessing import import_timm, timm_name
 from harness.pipeline.decode import strip_border
 from harness.pipeline.files import ImageFile
 
@@ -46,7 +47,7 @@ class Parity:
 
 def require_parity_model(config: Config) -> str:
     """The model's kind, when parity can compare it with its framework; otherwise exit 2 before any work."""
-    kind = model_kind(config)
+    kind = kind_of(config).name
     if kind not in KINDS:
         raise ConfigError(f"--parity needs a timm (timm:NAME) or Hugging Face model; this is a {kind} model")
     return kind

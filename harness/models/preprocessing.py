@@ -1,12 +1,6 @@
-"""Which kind of model a configuration names, and the settings that kind of model carries with it.
-
-| kind | recognised by | its own preprocessing and labels |
-|---|---|---|
-| timm | `--model timm:NAME` (`model:` in config.yaml) | timm's pretrained config for NAME |
-| hf | `--model hf:FOLDER`, or a folder with config.json and no model.py | preprocessor_config.json; id2label |
-| onnx | a .onnx file named, or the folder's only one | what `harness export-onnx` stored in the file |
-| saved | a TorchScript (or trusted pickled) file named, or the folder's only one | none |
-| class | the folder's model.py / model_description.py | none (config.yaml says) |
+"""The settings a model carries with it, read as its own framework reads them: timm's pretrained config, a Hugging
+Face folder's preprocessor_config.json, what `harness export-onnx` stored in an ONNX file. Each kind's reader is
+named in harness/models/kinds.py.
 
 Torch-free except for a timm model, whose config only timm knows: the run reads a model's preprocessing before
 its head-start decoders fork, and those must fork before torch loads wherever they can.
@@ -21,47 +15,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from harness.config import SAVED_MODEL_SUFFIXES, Config
+from harness.config import Config
 from harness.errors import ModelError
+from harness.models.kinds import find_saved_file, kind_named
 from harness.models.onnx_metadata import read_settings
 
-MODULE_FILES = ("model.py", "model_description.py")  # ours / the AISafety contract, then the ObjectNet template's
-ONNX_SUFFIXES = (".onnx",)
-SAVED_SUFFIXES = tuple(suffix for suffix in SAVED_MODEL_SUFFIXES if suffix not in ONNX_SUFFIXES)
 HF_CONFIG = "config.json"
 HF_PREPROCESSOR = "preprocessor_config.json"
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 HF_CROP_PCT_UNTIL = 384  # ConvNeXt's processor crops below this size and squashes from it on
-
-
-def find_saved_file(config: Config, suffixes: tuple[str, ...]) -> Path | None:
-    """A saved model (ONNX, TorchScript, pickle): named by `module`, or the folder's only file with one of
-    `suffixes` when the folder holds no Python model file."""
-    folder = config.model_dir
-    if config.module:
-        return folder / config.module if config.module.lower().endswith(suffixes) else None
-    if not folder.is_dir() or any((folder / name).is_file() for name in MODULE_FILES):
-        return None
-    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
-    if len(found) > 1:
-        raise ModelError(f"model folder {folder} holds {len(found)} {'/'.join(suffixes)} files: name one with --module")
-    return found[0] if found else None
-
-
-def model_kind(config: Config) -> str:
-    model = config.model or ""
-    if model.startswith("timm:"):
-        return "timm"
-    if model.startswith("hf:"):
-        return "hf"
-    if find_saved_file(config, ONNX_SUFFIXES) is not None:
-        return "onnx"
-    if find_saved_file(config, SAVED_SUFFIXES) is not None:
-        return "saved"
-    folder = config.model_dir
-    if not config.module and (folder / HF_CONFIG).is_file() and not any((folder / n).is_file() for n in MODULE_FILES):
-        return "hf"
-    return "class"
 
 
 def timm_name(config: Config) -> str:
@@ -76,19 +38,18 @@ def import_timm() -> ModuleType:
     return timm
 
 
-def model_defaults(config: Config) -> tuple[dict[str, Any], str]:
-    """(settings, where they came from) that the configured model carries: its preprocessing, and for an exported
-    ONNX file its label map; ({}, "") for a model that carries none."""
-    kind = model_kind(config)
-    if kind == "timm":
-        return timm_preprocess(timm_name(config)), f"timm's pretrained config for {timm_name(config)}"
-    if kind == "hf":
-        path = config.model_dir / HF_PREPROCESSOR
-        return hf_preprocess(path), str(path)
-    if kind == "onnx":
-        path = find_saved_file(config, ONNX_SUFFIXES)
-        return (read_settings(path) if path is not None and path.is_file() else {}), f"{path} (its metadata)"
-    return {}, ""
+def timm_settings(config: Config) -> tuple[dict[str, Any], str]:
+    return timm_preprocess(timm_name(config)), f"timm's pretrained config for {timm_name(config)}"
+
+
+def hf_settings(config: Config) -> tuple[dict[str, Any], str]:
+    path = config.model_dir / HF_PREPROCESSOR
+    return hf_preprocess(path), str(path)
+
+
+def onnx_settings(config: Config) -> tuple[dict[str, Any], str]:
+    path = find_saved_file(config, kind_named("onnx").suffixes)
+    return (read_settings(path) if path is not None and path.is_file() else {}), f"{path} (its metadata)"
 
 
 def timm_pretrained_cfg(name: str) -> Any:
