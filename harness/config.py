@@ -297,7 +297,7 @@ class Preprocess:
         "drop",
         _alpha,
         "transparency: drop the alpha channel (as training loaders do), or composite onto white, black or #RRGGBB "
-        "(README Images)",
+        "(docs/running.md: Images)",
     )
     exif_transpose: bool = _preprocessing(
         False, _bool, "rotate images as their EXIF orientation tag says (training loaders do not)"
@@ -305,10 +305,10 @@ class Preprocess:
     sixteen_bit: str = _preprocessing(
         "clip",
         _choice("clip", "scale"),
-        "16-bit and 32-bit grey: clip to 255 (as training loaders do) or scale to 8 bits (README Images)",
+        "16-bit and 32-bit grey: clip to 255 (as training loaders do) or scale to 8 bits (docs/running.md: Images)",
     )
     jpeg_draft: bool = _preprocessing(
-        False, _bool, "decode JPEGs at least twice the resize size at 1/2..1/8 scale (faster; see README Speed)"
+        False, _bool, "decode JPEGs at least twice the resize size at 1/2..1/8 scale (faster; docs/speed.md)"
     )
 
     @property
@@ -327,7 +327,7 @@ class Config:
     model: str | None = _setting(
         None,
         _optional(_text),
-        "the model: a folder, a .zip, a .onnx or TorchScript file, timm:NAME, or hf:FOLDER (README: Your model)",
+        "the model: a folder, a .zip, a .onnx or TorchScript file, timm:NAME, or hf:FOLDER (docs/models.md)",
     )
     model_dir: Path = _setting(Path("model"), _path, "folder holding the model's code, weights and config.yaml")
     module: str | None = _setting(
@@ -382,13 +382,13 @@ class Config:
         "auto",
         _bool_or_auto,
         "run the model in channels-last memory format; auto: time both layouts on a few batches at start-up and "
-        "keep the faster where the outputs agree (README Speed)",
+        "keep the faster where the outputs agree (docs/speed.md)",
     )
     fold_batchnorm: bool = _setting(
         True,
         _bool,
         "fold each BatchNorm into the convolution that feeds it, each fold checked at start-up against the model "
-        "as written (README Speed)",
+        "as written (docs/speed.md)",
     )
     max_failures: float | None = _setting(
         None, _max_failures, "unreadable images allowed before the run fails: a count or a fraction"
@@ -425,22 +425,22 @@ class Config:
         False,
         _bool,
         "torch.compile the model (needs a C++ compiler on the CPU): a one-off compile, then faster batches; the last "
-        "batch is padded so it never recompiles (README Speed)",
+        "batch is padded so it never recompiles (docs/speed.md)",
     )
     head_start: bool = _setting(
-        True, _bool, "decode the first batches in forked processes while torch and the model load (README Speed)"
+        True, _bool, "decode the first batches in forked processes while torch and the model load (docs/speed.md)"
     )
     decoder_priority: str = _setting(
         "idle",
         _choice("idle", "normal"),
         "idle: the decoding processes run at the lowest CPU priority, on the cycles the model leaves; normal: as "
-        "the main process (README Speed)",
+        "the main process (docs/speed.md)",
     )
     omp_spin_count: int | None = _setting(
         30000,
         _optional(_int(0)),
         "rounds torch's OpenMP threads spin in a wait before they sleep, leaving the core to the idle decoders; none: "
-        "libgomp's default (300000). GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment win (README Speed)",
+        "libgomp's default (300000). GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment win (docs/speed.md)",
     )
     dist_timeout: float = _setting(
         300.0,
@@ -688,7 +688,7 @@ def _check(config: Config) -> None:
     if config.world_size > 1 and (config.master_addr is None or config.master_port is None):
         raise ConfigError(
             f"WORLD_SIZE={config.world_size} without MASTER_ADDR and MASTER_PORT: the ranks would have nowhere to "
-            "meet. Start the processes with torchrun (README), or unset WORLD_SIZE for one process"
+            "meet. Start the processes with torchrun (docs/running.md), or unset WORLD_SIZE for one process"
         )
     check_label_map(config.label_map)
     check_objectnet_topk(config.label_map, config.topk)

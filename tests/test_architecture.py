@@ -176,3 +176,13 @@ def test_model_kinds_are_one_registry() -> None:
         if path.name != "kinds.py" and any(f'"{suffix}"' in path.read_text() for suffix in (".pt", ".torchscript"))
     ]
     assert not spelled, f"model suffixes spelled outside harness/models/kinds.py: {spelled}"
+
+
+def test_the_readme_maps_every_module() -> None:
+    """README's How it works names every module of the package, so a newcomer finds each one's job there."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## How it works") :]
+    section = section[: section.index("\n## ", 1)]
+    modules = [path for path in PACKAGE.rglob("*.py") if path.name not in ("__init__.py", "__main__.py")]
+    missing = [str(path.relative_to(PACKAGE)) for path in modules if f"`{path.name}`" not in section]
+    assert not missing, f"README's How it works lacks {missing}"

@@ -333,8 +333,8 @@ def test_validate_and_score_agree(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["validate", str(tmp_path / "plain.csv"), "--images", str(images)]) == 9
     err = capsys.readouterr().err
     assert "b.png has no row (scored as wrong)" in err and "would accept the file" in err and "reject" not in err
-    readme = (REPO / "README.md").read_text()
-    assert "trailing blank line" in readme and "byte-order mark" in readme
+    documented = (REPO / "docs" / "tools.md").read_text()
+    assert "trailing blank line" in documented and "byte-order mark" in documented
 
 
 KINDS = st.lists(st.sampled_from(["good", "bad", "white"]), min_size=1, max_size=6)

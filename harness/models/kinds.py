@@ -27,7 +27,6 @@ MODULE_FILES = ("model.py", "model_description.py")  # ours / the AISafety contr
 @dataclass(frozen=True)
 class ModelKind:
     name: str
-    recognised_by: str  # as the README's model-sources table and the errors say it
     loader: str  # "module:function": Config -> LoadedModel
     settings: str | None = None  # "module:function": Config -> (settings the model carries, where they came from)
     prefix: str | None = None  # `--model PREFIX...` names this kind
@@ -52,14 +51,12 @@ def _resolve(target: str) -> Callable[..., Any]:
 KINDS = (
     ModelKind(
         "timm",
-        "`--model timm:NAME` (`model:` in config.yaml) with `--checkpoint`",
         "harness.models.load:load_timm",
         "harness.models.preprocessing:timm_settings",
         prefix="timm:",
     ),
     ModelKind(
         "hf",
-        "`--model hf:FOLDER`, or a folder with config.json and no model.py",
         "harness.models.load:load_hf",
         "harness.models.preprocessing:hf_settings",
         prefix="hf:",
@@ -67,7 +64,6 @@ KINDS = (
     ),
     ModelKind(
         "onnx",
-        "a .onnx file named, or the folder's only one",
         "harness.models.load:load_onnx",
         "harness.models.preprocessing:onnx_settings",
         suffixes=(".onnx",),
@@ -75,13 +71,11 @@ KINDS = (
     ),
     ModelKind(
         "saved",
-        "a TorchScript (or trusted pickled) file named, or the folder's only one",
         "harness.models.load:load_saved",
         suffixes=(".pt", ".pth", ".ts", ".torchscript"),
     ),
     ModelKind(
         "class",
-        "the folder's model.py or model_description.py, with its checkpoint",
         "harness.models.load:load_class",
     ),
 )

@@ -17,7 +17,7 @@ Each guards against another way a handful of images misleads: (1) a top-1 that f
 (2) confidence bought with wrong answers, (3) a mean carried by one image. A log-probability below LOG_FLOOR, or
 none (a non-finite output), counts as LOG_FLOOR, so one hopeless image cannot outweigh the rest. On the example
 model and the shipped photos, the channel swap costs 0.18 nats and one top-1, a value scale of 1 about 6 nats and
-every top-1, while leaving the border on moves 0.02 nats: README, "Look before you submit", has the table.
+every top-1, while leaving the border on moves 0.02 nats: docs/check.md has the table.
 """
 
 from __future__ import annotations
