@@ -122,8 +122,8 @@ def load_command(name: str) -> Command:
 
 
 def exit_process(code: int) -> NoReturn:
-    """End the process without Python's teardown, which takes 0.75 s once torch is loaded (measured on the
-    2-core benchmark machine, each run): the atexit handlers still run (multiprocessing reaps its children, a
+    """End the process without Python's teardown, which takes most of a second once torch is loaded
+    (docs/speed.md), on every run: the atexit handlers still run (multiprocessing reaps its children, a
     submission's unpacked folder is removed) and the standard streams are flushed; every output file has already
     been committed and closed by then."""
     atexit._run_exitfuncs()

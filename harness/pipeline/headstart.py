@@ -1,6 +1,6 @@
 """The head start: the first batches are decoded while torch and the model load.
 
-Importing torch takes seconds on one core (2.6 s on the 2-core benchmark machine) while the other cores idle. So
+Importing torch takes seconds on one core (docs/benchmarks.md) while the other cores idle. So
 the run forks decoders before that import (this module and everything it imports are torch-free) and lets them
 fill the first batches into shared memory; the DataLoader then starts where they stopped. Batches keep their
 usual boundaries (multiples of the batch size) and every image goes through the same `decode_sample` as in the

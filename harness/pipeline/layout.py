@@ -31,14 +31,14 @@ TRIAL_ROUNDS = 2
 # run's threads (one thread alone ranked ResNet-50's layouts nearly even, which the run does not). 8 a pass ranked
 # them more clearly but doubled the trial's cost (docs/benchmarks.md).
 CPU_TRIAL_IMAGES = 4
-# A few images rank the layouts less clearly than the run's pieces do: ResNet-50 on the CPU was 1.01..1.1x faster
-# in channels_last at 4 images, 1.35x at 32, and the 4-image trial now and then ranked it the other way round
-# (docs/benchmarks.md). So on the CPU the default layout is kept only when it was this much faster.
+# A few images rank the layouts less clearly than the run's pieces do, and a 4-image trial now and then ranked
+# ResNet-50's the wrong way round (docs/benchmarks.md). So on the CPU the default layout is kept only when it was
+# this much faster.
 CPU_CONTIGUOUS_MARGIN = 1.05
-# On the CPU channels_last is the layout oneDNN's convolutions prefer: it was faster at the run's pieces for 6 of 7
-# timm models tried, and the seventh (a ViT, 10% faster contiguous) timed even at 4 images (docs/benchmarks.md). So
-# the trial stops at the first round after which channels_last would be kept; a model that looks clearly faster
-# contiguous gets more rounds, up to this many, before contiguous is kept.
+# On the CPU channels_last is the layout oneDNN's convolutions prefer: it was the faster at the run's pieces for
+# most timm models tried (docs/benchmarks.md). So the trial stops at the first round after which channels_last
+# would be kept; a model that looks clearly faster contiguous gets more rounds, up to this many, before contiguous
+# is kept.
 CPU_TRIAL_MAX_ROUNDS = 4
 # On the CPU the trial's passes are model work the run would not otherwise do, and a layout gains a quarter at
 # best: a run of fewer images than this many times the trial's keeps the default layout.

@@ -43,8 +43,8 @@ class ModelCost:
 def count_flops(model: nn.Module, input_size: int) -> int:
     """FLOPs for one image (a multiply-add counts 2).
 
-    Counted on a copy on the meta device, which tracks shapes without computing (ResNet-50: 1 s, not 5 s, on
-    two CPU cores); a model that cannot run there (data-dependent code) is counted by a real CPU pass.
+    Counted on a copy on the meta device, which tracks shapes without computing (a fraction of a real pass's
+    time); a model that cannot run there (data-dependent code) is counted by a real CPU pass.
     """
     try:
         return _flops_on(copy.deepcopy(model).to("meta"), torch.device("meta"), input_size)
