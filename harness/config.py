@@ -454,7 +454,6 @@ class Config:
     local_rank: int = _setting(0, _int(0), "its place on this machine: the GPU it uses (set by torchrun)")
     local_world_size: int = _setting(1, _int(1), "processes on this machine, sharing its cores (set by torchrun)")
     preprocess: Preprocess = field(default_factory=Preprocess)
-    explicit: frozenset[str] = frozenset()  # settings a source gave (not defaults): a model's own config yields to them
 
     @property
     def run_json(self) -> Path:
@@ -477,7 +476,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain values for run.json."""
         data = dataclasses.asdict(self)
-        data.pop("explicit")
         return {key: (str(value) if isinstance(value, Path) else value) for key, value in data.items()}
 
 
@@ -564,14 +562,20 @@ def model_setting(name: str, value: Any, source: str, folder: Path, carried: boo
     return parsed
 
 
+Carried = Callable[["Config"], tuple[Mapping[str, Any], str]]
+
+
 def build_config(
-    cli: Mapping[str, Any], environ: Mapping[str, str], yaml_data: Mapping[str, Any] | None = None
+    cli: Mapping[str, Any],
+    environ: Mapping[str, str],
+    yaml_data: Mapping[str, Any] | None = None,
+    carried: Carried | None = None,
 ) -> Config:
     """Merge the sources in order of precedence; `cli` holds only the options the user actually gave.
 
     `cli` may carry preprocessing settings at its top level; they are routed to `Config.preprocess`. When
     `yaml_data` is None the model folder's config.yaml is read (the folder itself may come from the CLI, through
-    --model or --model-dir).
+    --model or --model-dir). `carried` reads the settings the model itself carries, which fill what no source set.
     """
     run: dict[str, Any] = {}
     pre: dict[str, Any] = {}
@@ -623,15 +627,16 @@ def build_config(
         if value is not None and name not in located:
             apply(name, value, "command line")
 
-    config = Config(**run, preprocess=Preprocess(**pre), explicit=frozenset(explicit))
+    config = Config(**run, preprocess=Preprocess(**pre))
     _check(config)
-    return config
+    values, source = carried(config) if carried is not None else ({}, "")
+    return _with_model_settings(config, values, source, frozenset(explicit)) if values else config
 
 
-def apply_model_defaults(config: Config, values: Mapping[str, Any], source: str) -> Config:
-    """The config with a model's own settings (its preprocessing, label map) wherever no source set them: the
-    model's config ranks above the harness's defaults and below model/config.yaml, the environment and the
-    command line. Class names (`labels`) are no setting: the model's loader reads them with the model."""
+def _with_model_settings(config: Config, values: Mapping[str, Any], source: str, given: frozenset[str]) -> Config:
+    """The config with a model's own settings (its preprocessing, label map) wherever no source `given` set
+    them: the model's config ranks above the harness's defaults and below model/config.yaml, the environment and
+    the command line. Class names (`labels`) are no setting: the model's loader reads them with the model."""
     run: dict[str, Any] = {}
     pre: dict[str, Any] = {}
     for name, value in values.items():
@@ -640,7 +645,7 @@ def apply_model_defaults(config: Config, values: Mapping[str, Any], source: str)
         if value is None and name not in ("mean", "std", "resize_size"):
             continue
         parsed = model_setting(name, value, source, config.model_dir, carried=True)  # checked even when overridden
-        if name not in config.explicit:
+        if name not in given:
             (pre if name in PREPROCESS_FIELDS else run)[name] = parsed
     updated = dataclasses.replace(config, **run, preprocess=dataclasses.replace(config.preprocess, **pre))
     _check(updated)

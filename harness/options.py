@@ -14,13 +14,12 @@ from harness.config import (
     PREPROCESS_FIELDS,
     RUN_FIELDS,
     Config,
-    apply_model_defaults,
     build_config,
     is_switch,
     setting_metavar,
 )
 from harness.errors import ConfigError
-from harness.models.kinds import kind_of
+from harness.models.kinds import carried_settings
 from harness.models.submission import open_submission
 
 POSITIONALS = (  # the template's order
@@ -110,9 +109,7 @@ def config_from(given: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     """The Config for settings given by name: a zipped model folder unpacked, every source merged, then the
     settings the model itself carries (timm's or Hugging Face's preprocessing, an exported ONNX file's) wherever
     no source set them."""
-    config = build_config(open_submission(dict(given)), environ)
-    defaults, source = kind_of(config).carried_settings(config)
-    return apply_model_defaults(config, defaults, source) if defaults else config
+    return build_config(open_submission(dict(given)), environ, carried=carried_settings)
 
 
 def run_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:

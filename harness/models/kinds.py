@@ -105,6 +105,11 @@ def kind_of(config: Config) -> ModelKind:
     return DEFAULT_KIND
 
 
+def carried_settings(config: Config) -> tuple[dict[str, Any], str]:
+    """The settings the configured model carries, and where they came from (config.build_config's `carried`)."""
+    return kind_of(config).carried_settings(config)
+
+
 def has_module_file(folder: Path) -> bool:
     return any((folder / name).is_file() for name in MODULE_FILES)
 
