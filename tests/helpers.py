@@ -102,3 +102,24 @@ def compare_predictions(expected: Path, actual: Path, tolerance: float = CPU_TOL
     if worst > tolerance:
         problems.append(f"confidences differ by up to {worst:.2e} (more than {tolerance:g}), in {worst_key}")
     return problems
+
+
+def tiny_hf_vit(folder: Path, classes: int = 10, image_size: int = 224) -> Path:
+    """A small Hugging Face ViT with random (seeded) weights and its image processor, saved as save_pretrained
+    saves them: a real folder for the `hf` kind, nothing downloaded."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=image_size,
+        patch_size=16,
+        num_labels=classes,
+    )
+    transformers.ViTForImageClassification(config).eval().save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return folder

@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from harness.cli import main
-from tests.helpers import REPO, SAMPLES
-
-HF_CONFIG = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+from tests.helpers import REPO, SAMPLES, tiny_hf_vit
 
 
 def _run(tmp_path: Path, *options: str) -> int:
@@ -28,12 +26,7 @@ def _one_error_line(err: str, *said: str) -> None:
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("hf")
-    config = transformers.ViTConfig(image_size=32, patch_size=16, num_labels=5, **HF_CONFIG)
-    transformers.ViTForImageClassification(config).save_pretrained(folder)
-    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
+    return tiny_hf_vit(tmp_path_factory.mktemp("hf"), classes=5, image_size=32)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import torch
 
 from harness.cli import main
 from harness.pipeline.decode import load_rgb
-from tests.helpers import REPO, SAMPLES, compare_predictions, ids_and_confidences, read_rows
+from tests.helpers import REPO, SAMPLES, compare_predictions, ids_and_confidences, read_rows, tiny_hf_vit
 
 timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.equivalence  # outputs pinned against a reference: run again under other CPU kernels
@@ -178,17 +178,7 @@ def _hf_folder(tmp_path: Path, kind: str) -> Path:
         model = transformers.ConvNextForImageClassification(config)
         processor = transformers.ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875)
     else:
-        config = transformers.ViTConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=224,
-            patch_size=16,
-            num_labels=10,
-        )
-        model = transformers.ViTForImageClassification(config)
-        processor = transformers.ViTImageProcessor(size={"height": 224, "width": 224})
+        return tiny_hf_vit(tmp_path / kind)
     folder = tmp_path / kind
     model.eval().save_pretrained(folder)
     processor.save_pretrained(folder)

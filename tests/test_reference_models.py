@@ -20,7 +20,7 @@ from harness.errors import ConfigError
 from harness.pipeline.decode import load_rgb
 from harness.pipeline.resume import check_identity, record_identity, run_identity
 from harness.tools.parity import judge
-from tests.helpers import REPO, SAMPLES, ids_and_confidences, read_rows
+from tests.helpers import REPO, SAMPLES, ids_and_confidences, read_rows, tiny_hf_vit
 
 timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.equivalence
@@ -123,27 +123,9 @@ def test_resume_refuses_the_checkpoints_other_weights(tmp_path: Path) -> None:
         check_identity(output, own)
 
 
-def _hf_vit(folder: Path) -> Path:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=224,
-        patch_size=16,
-        num_labels=CLASSES,
-    )
-    transformers.ViTForImageClassification(config).eval().save_pretrained(folder)
-    transformers.ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(folder)
-    assert (folder / "preprocessor_config.json").is_file()
-    return folder
-
-
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _hf_vit(tmp_path_factory.mktemp("hf") / "vit")
+    return tiny_hf_vit(tmp_path_factory.mktemp("hf") / "vit", CLASSES)
 
 
 def test_a_hugging_face_vit_gives_transformers_answers(hf_folder: Path, images: Path, tmp_path: Path) -> None:
