@@ -31,7 +31,7 @@ from harness.pipeline.files import ImageFile
 
 TOLERANCE = 1e-4  # on probabilities
 TOP = 5
-KINDS = {"timm": "timm's own pipeline", "hf": "transformers' image processor and model"}
+FRAMEWORKS = {"timm": "timm's own pipeline", "hf": "transformers' image processor and model"}
 Reference = Callable[[Image.Image], torch.Tensor]  # an RGB image -> the framework's probabilities
 
 
@@ -48,7 +48,7 @@ class Parity:
 def require_parity_model(config: Config) -> str:
     """The model's kind, when parity can compare it with its framework; otherwise exit 2 before any work."""
     kind = kind_of(config).name
-    if kind not in KINDS:
+    if kind not in FRAMEWORKS:
         raise ConfigError(f"--parity needs a timm (timm:NAME) or Hugging Face model; this is a {kind} model")
     return kind
 
@@ -125,7 +125,7 @@ def compare(
             top, gap, problem = "", "", f"the reference failed: {describe_user_error(failure)}"
         rows.append([image.key, top, gap, f"FAIL: {problem}" if problem else "pass"])
         first = first or (f"{image.key}: {problem}" if problem else "")
-    against = KINDS[kind]
+    against = FRAMEWORKS[kind]
     caption = f"parity with {against} ({pipeline}); images opened with .convert('RGB'), border "
     caption += f"{config.preprocess.border} stripped from each as the run strips it"
     if first:
