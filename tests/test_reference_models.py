@@ -79,14 +79,17 @@ def _timm_pipeline(checkpoint: Path, folder: Path, use_ema: bool) -> dict[str, t
 
 
 def _assert_same(output: Path, reference: dict[str, torch.Tensor]) -> None:
-    """Every image's top-5 ids are the reference's and their probabilities within 1e-4."""
+    """Every image's top-5 are the reference's: the confidences written are its five highest probabilities within
+    1e-4, and each id written has that probability there. Two classes within 1e-4 of each other may be written in
+    either order (CPU kernel sets round them apart differently: ATEN_CPU_CAPABILITY)."""
     rows = {row[0]: ids_and_confidences(row) for row in read_rows(output)}
     assert sorted(rows) == sorted(reference)
     for key, probs in reference.items():
-        values, ids = probs.topk(5)
         got_ids, got_values = rows[key]
-        assert got_ids == ids.tolist(), key
-        assert max(abs(a - b) for a, b in zip(got_values, values.tolist(), strict=True)) < 1e-4, key
+        top = probs.topk(5).values.tolist()
+        assert max(abs(a - b) for a, b in zip(got_values, top, strict=True)) < 1e-4, key
+        assert max(abs(float(probs[i]) - value) for i, value in zip(got_ids, got_values, strict=True)) < 1e-4, key
+        assert len(set(got_ids)) == 5, key
 
 
 @pytest.mark.slow
