@@ -294,10 +294,7 @@ class Preprocess:
     # How pixels become RGB: the defaults are Image.open(path).convert("RGB"), what torchvision's ImageFolder, timm's
     # datasets, the ObjectNet template and Hugging Face's scripts train on; the rest show images as a viewer does.
     alpha: str = _preprocessing(
-        "drop",
-        _alpha,
-        "transparency: drop the alpha channel (as training loaders do), or composite onto white, black or #RRGGBB "
-        "(docs/running.md: Images)",
+        "drop", _alpha, "transparency: drop it (as training loaders do), or composite onto a colour (docs/running.md)"
     )
     exif_transpose: bool = _preprocessing(
         False, _bool, "rotate images as their EXIF orientation tag says (training loaders do not)"
