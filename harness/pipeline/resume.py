@@ -18,6 +18,7 @@ import csv
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,26 @@ FOLDER_FILES_MAX = 2000  # a model folder with more is someone's whole tree: onl
 FOLDER_BYTES_MAX = 16 * 2**30
 
 
-def model_files(folder: Path, files_read: list[str]) -> dict[str, str | None]:
+Digest = Callable[[str | Path | None], str | None]
+
+
+def _digests_once() -> Digest:
+    """file_digest for one record: a file it names twice (the checkpoint and model.py also lie in the model
+    folder) is read once. Not kept across records, so an edit between two of them is always seen."""
+    seen: dict[Path, str | None] = {}
+
+    def digest(path: str | Path | None) -> str | None:
+        if path is None:
+            return None
+        resolved = Path(path).resolve()
+        if resolved not in seen:
+            seen[resolved] = file_digest(resolved)
+        return seen[resolved]
+
+    return digest
+
+
+def model_files(folder: Path, files_read: list[str], digest: Digest = file_digest) -> dict[str, str | None]:
     """The contents of everything the model is made of: each file in its folder (by path inside it, hidden files
     and bytecode caches aside) and each file loading it read from elsewhere (by absolute path)."""
     chosen: dict[str, Path] = {}
@@ -123,7 +143,7 @@ def model_files(folder: Path, files_read: list[str]) -> dict[str, str | None]:
         path = Path(name)
         key = path.relative_to(resolved).as_posix() if path.is_relative_to(resolved) else name
         chosen.setdefault(key, path)
-    return {key: file_digest(path) for key, path in sorted(chosen.items())}
+    return {key: digest(path) for key, path in sorted(chosen.items())}
 
 
 def run_identity(
@@ -138,17 +158,18 @@ def run_identity(
     loading it read, `channels_last` the layout it runs in (chosen at start-up under `channels_last: auto`)."""
     label_map = config.label_map
     installed = software()
+    digest = _digests_once()
     return {
         "model_class": model["class"],
-        "model_files": model_files(config.model_dir, files_read),
+        "model_files": model_files(config.model_dir, files_read, digest),
         "software": {"python": installed["python"], "packages": installed["packages"]},
-        "model_source": file_digest(model["source"]),
-        "checkpoint": file_digest(model["checkpoint"]),
+        "model_source": digest(model["source"]),
+        "checkpoint": digest(model["checkpoint"]),
         "weights": model.get("weights"),  # a training checkpoint's own or EMA weights
-        "transform_file": file_digest(config.transform_file),
+        "transform_file": digest(config.transform_file),
         "preprocess": config.to_dict()["preprocess"],
         "label_map": label_map,
-        "labels_file": file_digest(label_map) if Path(label_map).is_file() else None,
+        "labels_file": digest(label_map) if Path(label_map).is_file() else None,
         "softmax": config.softmax,
         "topk": config.topk,
         "amp": config.amp,
