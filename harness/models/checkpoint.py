@@ -77,6 +77,10 @@ class Weights:
     state: dict[str, torch.Tensor]
     entry: str | None
 
+    @property
+    def is_ema(self) -> bool:
+        return self.entry in EMA_KEYS
+
 
 def read_state_dict(path: Path, ema: bool | None = None) -> Weights:
     """The tensors of a checkpoint, unwrapped from a training checkpoint's dict and DataParallel's prefix. Which

@@ -48,7 +48,7 @@ class LoadedModel:
         }
 
 
-def open_onnx(path: Path, want_cuda: bool, output_name: str | None = None) -> nn.Module:
+def open_onnx(path: Path, want_cuda: bool, output_name: str | None = None) -> OnnxModule:
     """An ONNX file as a module the pipeline calls (onnxruntime runs it)."""
     return OnnxModule(make_session(path, want_cuda), output_name)
 
@@ -56,7 +56,7 @@ def open_onnx(path: Path, want_cuda: bool, output_name: str | None = None) -> nn
 def load_onnx(config: Config) -> LoadedModel:
     path = kind_file(config, kind_named("onnx"))
     want_cuda = config.device != "cpu" and config.gpus != 0 and torch.cuda.is_available()
-    module = OnnxModule(make_session(path, want_cuda), config.output_name)
+    module = open_onnx(path, want_cuda, config.output_name)
     return LoadedModel(
         module=module,
         class_name=f"ONNX ({', '.join(module.providers)})",

@@ -44,5 +44,4 @@ def load_timm_model(config: Config) -> tuple[nn.Module, str, Path, Weights]:
     except Exception as error:  # an unknown name was caught earlier; this is timm refusing the arguments
         raise ModelError(f"timm could not build {name}: {describe_user_error(error)}") from error
     load_weights(model, weights.state, checkpoint)
-    ema = weights.entry is not None and weights.entry.endswith("_ema")
-    return model.eval(), f"timm {name}" + (" (EMA weights)" if ema else ""), checkpoint, weights
+    return model.eval(), f"timm {name}" + (" (EMA weights)" if weights.is_ema else ""), checkpoint, weights

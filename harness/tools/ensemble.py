@@ -76,13 +76,13 @@ def ensemble_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     failed = ~np.isfinite(mean).all(axis=1)  # an image unreadable in any run, or a run's NaN or infinity
     scores = torch.from_numpy(np.where(failed[:, None], 0.0, mean))
     outputs = scores.log() if softmax else scores
+    layout = label_map.layout
     with AtomicCsvWriter(args.output) as writer:
-        layout = label_map.layout
         for key, bad, prediction in zip(keys, failed, label_map(outputs), strict=True):
             writer.write(layout.failure(key) if bad else layout.format(key, prediction))
         writer.commit()
     # The same last word as a run's: one right row per image, the scorer's rules for an ObjectNet file.
-    verdict = judge(args.output, keys, label_map.layout.columns, label_map.name, int(failed.sum()), len(keys), None)
+    verdict = judge(args.output, keys, layout.columns, label_map.name, int(failed.sum()), len(keys), None)
     verdict.raise_unless_complete(args.output, None)
     print(f"harness: {len(args.probs)} runs averaged over {len(keys)} images -> {args.output}")
     return 0
