@@ -65,10 +65,6 @@ class Parser:
         return self.parse(value)
 
 
-def _shown(metavar: str, parse: Parse) -> Parser:
-    return Parser(metavar, parse)
-
-
 def metavar(parse: Parse) -> str:
     return parse.metavar if isinstance(parse, Parser) else "VALUE"
 
@@ -84,7 +80,7 @@ def _int(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
             raise ValueError(f"must be <= {maximum:,}")
         return number
 
-    return _shown("N", parse)
+    return Parser("N", parse)
 
 
 def _finite(value: Any) -> float:
@@ -107,7 +103,7 @@ def _float(low: float, high: float | None = None) -> Callable[[Any], float]:
             raise ValueError(f"must be in [{low}, {high}]" if high is not None else f"must be >= {low}")
         return number
 
-    return _shown("X", parse)
+    return Parser("X", parse)
 
 
 def _parse_bool(value: Any) -> bool:
@@ -121,7 +117,7 @@ def _parse_bool(value: Any) -> bool:
     raise ValueError("expected true or false")
 
 
-_bool = _shown("true|false", _parse_bool)
+_bool = Parser("true|false", _parse_bool)
 
 
 def _parse_bool_or_auto(value: Any) -> bool | str:
@@ -130,7 +126,7 @@ def _parse_bool_or_auto(value: Any) -> bool | str:
     return _parse_bool(value)
 
 
-_bool_or_auto = _shown("true|false|auto", _parse_bool_or_auto)
+_bool_or_auto = Parser("true|false|auto", _parse_bool_or_auto)
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
@@ -140,7 +136,7 @@ def _choice(*choices: str) -> Callable[[Any], str]:
             return text.lower()
         raise ValueError(f"expected one of {', '.join(choices)}")
 
-    return _shown("|".join(choices), parse)
+    return Parser("|".join(choices), parse)
 
 
 def _parse_text(value: Any) -> str:
@@ -150,9 +146,9 @@ def _parse_text(value: Any) -> str:
     return text
 
 
-_text = _shown("TEXT", _parse_text)
-_label_map = _shown("MAP", _parse_text)
-_path = _shown("PATH", lambda value: Path(_parse_text(value)))
+_text = Parser("TEXT", _parse_text)
+_label_map = Parser("MAP", _parse_text)
+_path = Parser("PATH", lambda value: Path(_parse_text(value)))
 
 
 def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -161,7 +157,7 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
             return None
         return parse(value)
 
-    return _shown(metavar(parse), parse_optional)
+    return Parser(metavar(parse), parse_optional)
 
 
 _optional_bool = _optional(_bool)  # a switch that can also be left unset (none)
@@ -180,7 +176,7 @@ def _parse_triple(value: Any) -> tuple[float, float, float] | None:
     return (numbers[0], numbers[1], numbers[2])
 
 
-_triple = _shown("V[,V,V]", _parse_triple)
+_triple = Parser("V[,V,V]", _parse_triple)
 
 
 def _parse_border(value: Any) -> int | str:
@@ -192,7 +188,7 @@ def _parse_border(value: Any) -> int | str:
         raise ValueError("expected a number of pixels (>= 0) or auto") from None
 
 
-_border = _shown("N|auto", _parse_border)
+_border = Parser("N|auto", _parse_border)
 
 
 def _parse_alpha(value: Any) -> str:
@@ -203,7 +199,7 @@ def _parse_alpha(value: Any) -> str:
     raise ValueError("expected drop, white, black or #RRGGBB")
 
 
-_alpha = _shown("drop|white|black|#RRGGBB", _parse_alpha)
+_alpha = Parser("drop|white|black|#RRGGBB", _parse_alpha)
 
 
 def _parse_value_scale(value: Any) -> float:
@@ -213,7 +209,7 @@ def _parse_value_scale(value: Any) -> float:
     return number
 
 
-_value_scale = _shown("1|255", _parse_value_scale)
+_value_scale = Parser("1|255", _parse_value_scale)
 
 
 def _parse_amp(value: Any) -> str | None:
@@ -221,7 +217,7 @@ def _parse_amp(value: Any) -> str | None:
     return {"off": None, "none": None, "bfloat16": "bf16", "float16": "fp16"}.get(parsed, parsed)
 
 
-_amp = _shown("off|bf16|fp16", _parse_amp)
+_amp = Parser("off|bf16|fp16", _parse_amp)
 
 
 def _parse_max_failures(value: Any) -> float | None:
@@ -234,7 +230,7 @@ def _parse_max_failures(value: Any) -> float | None:
     return number
 
 
-_max_failures = _shown("N|FRACTION", _parse_max_failures)
+_max_failures = Parser("N|FRACTION", _parse_max_failures)
 
 
 def _parse_timeout(value: Any) -> float | None:
@@ -247,7 +243,7 @@ def _parse_timeout(value: Any) -> float | None:
     return number
 
 
-_timeout = _shown("SECONDS|none", _parse_timeout)
+_timeout = Parser("SECONDS|none", _parse_timeout)
 
 
 def _setting(default: Any, parse: Callable[[Any], Any], help: str, model: bool = False) -> Any:
