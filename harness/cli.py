@@ -27,11 +27,12 @@ from typing import Any, NoReturn
 
 from harness import __version__
 from harness.config import ENV_FIELDS, Config
-from harness.errors import EXIT_CODES, INTERRUPTED, HarnessError
-from harness.options import config_from, given_settings, run_parser
-from harness.pipeline.files import run_files
-from harness.pipeline.headstart import start_head
+from harness.errors import BUG, EXIT_CODES, INTERRUPTED, HarnessError, ModelError
+from harness.options import given_settings, run_parser, sources_from, with_model_settings
+from harness.pipeline.confine import confined, denial, own_process, prepare_process
+from harness.pipeline.files import Discovery, run_files
 from harness.pipeline.host import shorten_omp_spin
+from harness.results.outputs import run_outputs
 from harness.results.writer import check_writable, output_folder_lock, partial_path
 
 TRACEBACK_FLAG = "--traceback"
@@ -65,41 +66,55 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 def run_command(argv: Sequence[str], environ: dict[str, str]) -> int:
-    config = config_from(given_settings(build_parser().parse_args(argv)), environ)
+    given = given_settings(build_parser().parse_args(argv))
+    prepare_process()
+    sources = sources_from(given, environ)
+    config = sources.config
     shorten_omp_spin(config.omp_spin_count, environ)  # read as torch loads, below
     # One run per output folder; torchrun's other ranks write inside rank 0's.
     lock = contextlib.nullcontext() if config.rank else output_folder_lock(writable_folder(config))
     with lock:
         found = run_files(config.input_dir, config.skip_unreadable_folders)  # chosen once, for every step after
-        head = start_head(config, found.files)
-        try:
-            # Imported only now: torch takes seconds to load, and the head start decodes meanwhile.
-            if config.world_size > 1:
-                from harness.pipeline.distributed import run_sharded
+        with confined(config, environ, run_outputs(config), found.linked):
+            return _classify(with_model_settings(sources), found)
 
-                report = run_sharded(config, found)
-            else:
-                from harness.pipeline.runner import finish, prepare
 
-                keys = [image.key for image in found.files]
-                report = finish(config, prepare(config, found, head).classify(), keys)
-        except KeyboardInterrupt as stop:
-            reason = "terminated" if isinstance(stop, _Terminated) else "interrupted"
-            print(
-                f"harness: {reason}; the rows finished so far are in {partial_path(config.output_file)}",
-                file=sys.stderr,
-            )
-            return INTERRUPTED
-        finally:
-            if head is not None:
-                head.close()
+def _classify(config: Config, found: Discovery) -> int:
+    """The confined part of a run: its decoders, torch, the model, the rows."""
+    from harness.pipeline.headstart import start_head
+
+    head = start_head(config, found.files)
+    try:
+        # Imported only now: torch takes seconds to load, and the head start decodes meanwhile.
+        if config.world_size > 1:
+            from harness.pipeline.distributed import run_sharded
+
+            report = run_sharded(config, found)
+        else:
+            from harness.pipeline.runner import finish, prepare
+
+            keys = [image.key for image in found.files]
+            report = finish(config, prepare(config, found, head).classify(), keys)
+    except KeyboardInterrupt as stop:
+        reason = "terminated" if isinstance(stop, _Terminated) else "interrupted"
+        print(
+            f"harness: {reason}; the rows finished so far are in {partial_path(config.output_file)}",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
+    finally:
+        if head is not None:
+            head.close()
     print(report.closing_line())
     return 0
 
 
 def writable_folder(config: Config) -> Path:
-    """The output folder, checked before any work: it can take the predictions and the files beside them."""
+    """The output folder, checked before any work: it can take the predictions and the files beside them, and
+    --save-probs's folder its .npz."""
     check_writable(config.output_file, config.errors_csv, config.run_json)
+    if config.save_probs is not None:
+        check_writable(config.save_probs, suffix=".npz", what="--save-probs writes a .npz file")
     return config.output_file.parent
 
 
@@ -108,9 +123,9 @@ COMMANDS: dict[str, str] = {  # name -> "module:function", imported when chosen
     "run": "harness.cli:run_command",
     "validate": "harness.tools.validate:validate_command",
     "score": "harness.tools.score:score_command",
-    "check": "harness.tools.check:check_command",
-    "check-model": "harness.tools.check_model:check_model_command",
-    "export-onnx": "harness.tools.export_onnx:export_onnx_command",
+    "check": "harness.tools.commands:check_command",
+    "check-model": "harness.tools.commands:check_model_command",
+    "export-onnx": "harness.tools.commands:export_onnx_command",
     "ensemble": "harness.tools.ensemble:ensemble_command",
 }
 
@@ -134,7 +149,9 @@ def exit_process(code: int) -> NoReturn:
 
 
 def entry() -> NoReturn:
-    """The process's start: entrypoint.py, `python -m harness` and the `harness` script."""
+    """The process's start: entrypoint.py, `python -m harness` and the `harness` script. This process is the
+    harness's own: it confines itself (harness/pipeline/confine.py)."""
+    own_process()
     exit_process(main())
 
 
@@ -161,8 +178,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HarnessError as error:
         if show_traceback:
             print_traceback(error)
-        print(f"harness: error: {error}", file=sys.stderr)
+        refused = denial(error) if isinstance(error, ModelError) else None
+        print(f"harness: error: {refused or error}", file=sys.stderr)
         return error.exit_code
+    except Exception as error:  # a bug, unless the confinement refused the harness's own code something
+        refused = denial(error, who="the harness")
+        if refused is None:
+            raise
+        if show_traceback:
+            print_traceback(error)
+        print(f"harness: error: {refused} (a gap in the confinement: please report it)", file=sys.stderr)
+        return BUG
     except KeyboardInterrupt as stop:  # a tool stopped by Ctrl-C or docker stop (a run says what it kept itself)
         print(f"harness: {'terminated' if isinstance(stop, _Terminated) else 'interrupted'}", file=sys.stderr)
         return INTERRUPTED

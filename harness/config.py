@@ -246,11 +246,13 @@ def _parse_timeout(value: Any) -> float | None:
 _timeout = Parser("SECONDS|none", _parse_timeout)
 
 
-def _setting(default: Any, parse: Callable[[Any], Any], help: str, model: bool = False) -> Any:
-    """A dataclass field that carries its parser and help text, so sources and --help cannot drift apart, and
-    whether the model's own files (config.yaml, an ONNX file's metadata, a Hugging Face processor) may set it:
-    only what describes the model, never what runs it (harness/config.py: model_setting)."""
-    return field(default=default, metadata={"parse": parse, "help": help, "model": model})
+def _setting(default: Any, parse: Callable[[Any], Any], help: str, model: bool = False, path: str | None = None) -> Any:
+    """A dataclass field that carries its parser and help text, so sources and --help cannot drift apart; whether
+    the model's own files (config.yaml, an ONNX file's metadata, a Hugging Face processor) may set it: only what
+    describes the model, never what runs it (harness/config.py: model_setting); and, for a setting that names a
+    file or folder, whether the run reads it or writes it (`path`: the confinement grants exactly these,
+    harness/pipeline/confine.py)."""
+    return field(default=default, metadata={"parse": parse, "help": help, "model": model, "path": path})
 
 
 def _preprocessing(default: Any, parse: Callable[[Any], Any], help: str) -> Any:
@@ -315,20 +317,24 @@ class Preprocess:
 class Config:
     """Everything one run needs; built by `build_config` and passed down, never re-read from the environment."""
 
-    input_dir: Path = _setting(Path("/input"), _path, "folder of images, searched recursively")
-    output_file: Path = _setting(Path("/output/predictions.csv"), _path, "predictions CSV to write")
+    input_dir: Path = _setting(Path("/input"), _path, "folder of images, searched recursively", path="read")
+    output_file: Path = _setting(Path("/output/predictions.csv"), _path, "predictions CSV to write", path="write")
     model: str | None = _setting(
         None,
         _optional(_text),
         "the model: a folder, a .zip, a .onnx or TorchScript file, timm:NAME, or hf:FOLDER (docs/models.md)",
+        path="read",
     )
-    model_dir: Path = _setting(Path("model"), _path, "folder holding the model's code, weights and config.yaml")
+    model_dir: Path = _setting(
+        Path("model"), _path, "folder holding the model's code, weights and config.yaml", path="read"
+    )
     module: str | None = _setting(
         None,
         _optional(_text),
         "Python file in the model folder (default: model.py, else model_description.py), or a saved "
         ".onnx/.pt/.ts model",
         model=True,
+        path="read",
     )
     class_name: str | None = _setting(None, _optional(_text), "model class in that file (default: Model)", model=True)
     checkpoint: str | None = _setting(
@@ -336,6 +342,7 @@ class Config:
         _optional(_text),
         "weights: a state_dict, training checkpoint or .safetensors file, in the model folder or a path",
         model=True,
+        path="read",
     )
     num_classes: int | None = _setting(
         None,
@@ -368,6 +375,7 @@ class Config:
         _label_map,
         "auto, none, objectnet, objectnet-legacy, or a labels file (one class name a line)",
         model=True,
+        path="read",
     )
     topk: int = _setting(5, _int(1), "predictions per image")
     amp: str | None = _setting(None, _amp, "mixed precision: off, bf16 or fp16")
@@ -400,11 +408,21 @@ class Config:
     )
     resume: bool = _setting(False, _bool, "continue from the .partial file an interrupted run left")
     progress: bool = _setting(True, _bool, "show a progress bar on stderr")
+    confine: str = _setting(
+        "auto",
+        _choice("auto", "on", "off"),
+        "confine the run (the model's code too) to reading its images, its model's files and Python, writing only "
+        "its output files, with no network: auto where the kernel offers Landlock, on or refuse to run, off "
+        "(docs/robustness.md: Confinement)",
+    )
     trust_pickle: bool = _setting(
         False, _bool, "load a whole pickled model file (this runs code from the file: only for trusted models)"
     )
     save_probs: Path | None = _setting(
-        None, _optional(_path), "also save every image's full probability vector to this .npz (harness ensemble)"
+        None,
+        _optional(_path),
+        "also save every image's full probability vector to this .npz (harness ensemble)",
+        path="write",
     )
     threads: int | None = _setting(
         None,
@@ -475,6 +493,15 @@ class Config:
 RUN_FIELDS = {f.name: f for f in dataclasses.fields(Config) if "parse" in f.metadata}
 PREPROCESS_FIELDS = {f.name: f for f in dataclasses.fields(Preprocess)}
 SETTINGS = {**RUN_FIELDS, **PREPROCESS_FIELDS}
+
+
+def path_settings(config: Config, role: str) -> list[str]:
+    """The values of the settings that name a file or folder the run reads (`role` "read") or writes ("write")."""
+    return [
+        str(value)
+        for name, spec in RUN_FIELDS.items()
+        if spec.metadata["path"] == role and (value := getattr(config, name)) is not None
+    ]
 
 
 def is_switch(name: str) -> bool:
@@ -558,17 +585,38 @@ def model_setting(name: str, value: Any, source: str, folder: Path, carried: boo
 Carried = Callable[["Config"], tuple[Mapping[str, Any], str]]
 
 
+@dataclass(frozen=True)
+class Sources:
+    """A Config merged from its sources, and which settings they gave: the model's own settings (its framework's
+    preprocessing, an exported file's) fill the others later, once the run is confined (timm's need torch)."""
+
+    config: Config
+    given: frozenset[str]
+
+    def with_model_settings(self, carried: Carried | None) -> Config:
+        """The config with what `carried` reads from the model itself wherever no source set it."""
+        values, source = carried(self.config) if carried is not None else ({}, "")
+        return _with_model_settings(self.config, values, source, self.given) if values else self.config
+
+
 def build_config(
     cli: Mapping[str, Any],
     environ: Mapping[str, str],
     yaml_data: Mapping[str, Any] | None = None,
     carried: Carried | None = None,
 ) -> Config:
+    """Merge the sources in order of precedence, then the model's own settings (`carried`) where none set them."""
+    return merge_sources(cli, environ, yaml_data).with_model_settings(carried)
+
+
+def merge_sources(
+    cli: Mapping[str, Any], environ: Mapping[str, str], yaml_data: Mapping[str, Any] | None = None
+) -> Sources:
     """Merge the sources in order of precedence; `cli` holds only the options the user actually gave.
 
     `cli` may carry preprocessing settings at its top level; they are routed to `Config.preprocess`. When
     `yaml_data` is None the model folder's config.yaml is read (the folder itself may come from the CLI, through
-    --model or --model-dir). `carried` reads the settings the model itself carries, which fill what no source set.
+    --model or --model-dir).
     """
     run: dict[str, Any] = {}
     pre: dict[str, Any] = {}
@@ -622,8 +670,7 @@ def build_config(
 
     config = Config(**run, preprocess=Preprocess(**pre))
     _check(config)
-    values, source = carried(config) if carried is not None else ({}, "")
-    return _with_model_settings(config, values, source, frozenset(explicit)) if values else config
+    return Sources(config, frozenset(explicit))
 
 
 def _with_model_settings(config: Config, values: Mapping[str, Any], source: str, given: frozenset[str]) -> Config:

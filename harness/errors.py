@@ -127,3 +127,8 @@ def is_dataloader_failure(error: BaseException) -> bool:
 def is_onnx_package_missing(error: BaseException) -> bool:
     """torch.onnx.export's complaint when the `onnx` package it writes through is not installed."""
     return "onnx is not installed" in str(error)
+
+
+def is_remote_code_refusal(error: BaseException) -> bool:
+    """transformers' refusal (trust_remote_code=False) of a folder whose config names its own Python code."""
+    return "contains custom code which must be executed" in str(error)

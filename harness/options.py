@@ -14,8 +14,9 @@ from harness.config import (
     PREPROCESS_FIELDS,
     RUN_FIELDS,
     Config,
-    build_config,
+    Sources,
     is_switch,
+    merge_sources,
     setting_metavar,
 )
 from harness.errors import ConfigError
@@ -40,6 +41,7 @@ MODEL_OPTIONS = (
     "device",
     "batch_size",
     "input_size",
+    "confine",
 )
 
 
@@ -105,11 +107,21 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
     return merged
 
 
+def sources_from(given: Mapping[str, Any], environ: Mapping[str, str]) -> Sources:
+    """The settings given by name with the sources beneath them merged, a zipped model folder unpacked: all a
+    run reads before it confines itself (harness/pipeline/confine.py). Torch-free."""
+    return merge_sources(open_submission(dict(given)), environ)
+
+
+def with_model_settings(sources: Sources) -> Config:
+    """The settings the model itself carries (timm's or Hugging Face's preprocessing, an exported ONNX file's)
+    wherever no source set them; a timm model's needs torch, so a run reads them once confined."""
+    return sources.with_model_settings(carried_settings)
+
+
 def config_from(given: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
-    """The Config for settings given by name: a zipped model folder unpacked, every source merged, then the
-    settings the model itself carries (timm's or Hugging Face's preprocessing, an exported ONNX file's) wherever
-    no source set them."""
-    return build_config(open_submission(dict(given)), environ, carried=carried_settings)
+    """The whole Config for settings given by name (a tool or a test that confines nothing)."""
+    return with_model_settings(sources_from(given, environ))
 
 
 def run_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
@@ -124,5 +136,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         _add_setting(group, name, (RUN_FIELDS.get(name) or PREPROCESS_FIELDS[name]).metadata["help"])
 
 
-def tool_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
-    return config_from({name: getattr(args, name) for name in MODEL_OPTIONS}, environ)
+def tool_sources(args: argparse.Namespace, environ: Mapping[str, str]) -> Sources:
+    """A model tool's (check-model's, export-onnx's) settings, before the model's own."""
+    return sources_from({name: getattr(args, name) for name in MODEL_OPTIONS}, environ)

@@ -125,13 +125,13 @@ def test_switches_and_metavars_come_from_the_settings_parsers() -> None:
 
 
 def test_the_run_the_tools_and_the_benchmark_read_a_command_line_alike(tmp_path: Path) -> None:
-    from harness.options import add_model_options, run_config, tool_config
+    from harness.options import add_model_options, run_config, tool_sources, with_model_settings
 
     argv = ["--model-dir", "model", "--batch-size", "7", "--input-size", "200", "--device", "cpu"]
     run = run_config(argv, {})
     parser = argparse.ArgumentParser()
     add_model_options(parser)
-    tool = tool_config(parser.parse_args(argv), {})
+    tool = with_model_settings(tool_sources(parser.parse_args(argv), {}))
     assert (run.batch_size, run.preprocess.input_size, run.device) == (7, 200, "cpu")
     assert (tool.batch_size, tool.preprocess, tool.device) == (run.batch_size, run.preprocess, run.device)
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -266,7 +267,7 @@ class Slow(torch.nn.Module):
 def test_a_tool_stopped_by_docker_stop_is_exit_130_in_one_line(tmp_path: Path, tool: str) -> None:
     folder = tmp_path / "model"
     folder.mkdir()
-    mark = tmp_path / "loading"
+    mark = Path("/dev/shm") / f"harness-test-{uuid.uuid4().hex}"  # a confined model may write there
     (folder / "model.py").write_text(SLOW_TO_LOAD.replace("MARK", repr(str(mark))))
     (folder / "config.yaml").write_text("class_name: Slow\n")
     command = [sys.executable, "-m", "harness", tool, "--model-dir", str(folder)]
@@ -283,4 +284,5 @@ def test_a_tool_stopped_by_docker_stop_is_exit_130_in_one_line(tmp_path: Path, t
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
+    mark.unlink(missing_ok=True)
     assert err.strip().splitlines()[-1].startswith("harness: terminated") and "Traceback" not in err

@@ -34,7 +34,7 @@ def _tiny() -> nn.Module:
 def tiny_onnx(tmp_path: Path) -> Path:
     folder = tmp_path / "onnx-model"
     folder.mkdir()
-    export(_tiny().eval(), folder / "tiny.onnx", 64, 17)
+    (folder / "tiny.onnx").write_bytes(export(_tiny().eval(), 64, 17))
     (folder / "config.yaml").write_text("preprocess:\n  input_size: 64\n  resize_size: 64\n")
     return folder
 

@@ -41,8 +41,8 @@ def _onnx_with_settings(folder: Path, settings: dict) -> Path:
     torch.manual_seed(0)
     tiny = nn.Sequential(nn.Conv2d(3, 4, 3, stride=8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     path = folder / "tiny.onnx"
-    export(tiny.eval(), path, 32, 17)
-    store_settings(path, {"input_size": 32, "resize_size": 32, "label_map": "none", **settings})
+    settings = {"input_size": 32, "resize_size": 32, "label_map": "none", **settings}
+    path.write_bytes(store_settings(export(tiny.eval(), 32, 17), settings))
     return path
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from harness.errors import ModelError, describe_user_error
+from harness.errors import ModelError, describe_user_error, is_remote_code_refusal
 
 GENERIC_LABEL = re.compile(r"LABEL_\d+")  # what transformers names classes nobody named
 
@@ -24,9 +24,17 @@ def load_hf_model(folder: Path) -> tuple[nn.Module, str, list[str] | None]:
         ) from None
     if not folder.is_dir():
         raise ModelError(f"Hugging Face model folder {folder} does not exist")
-    try:
-        model = transformers.AutoModelForImageClassification.from_pretrained(str(folder), local_files_only=True)
+    try:  # never the folder's own Python (auto_map): that would run a stranger's code, and ask on stdin first
+        model = transformers.AutoModelForImageClassification.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=False
+        )
     except Exception as error:  # OSError for missing files, ValueError for an architecture it does not know, ...
+        if is_remote_code_refusal(error):
+            raise ModelError(
+                f"{folder}/config.json names the model's own Python code (auto_map), and the harness runs no code "
+                "from a model's files: save the model with one of transformers' own architectures, or export it to "
+                "ONNX (harness export-onnx) and pass the .onnx file"
+            ) from error
         raise ModelError(
             f"transformers cannot load {folder} as an image classifier: {describe_user_error(error)}"
         ) from error

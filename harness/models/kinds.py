@@ -34,6 +34,7 @@ class ModelKind:
     marker: str | None = None  # a file that makes a folder with no Python model file this kind
     torch_graph: bool = True  # PyTorch layers the harness sees: folding, the layout trial, --compile, check-model
     # and export-onnx apply; False for a model another runtime runs (ONNX)
+    framework: str = ""  # the framework's own pipeline `harness check --parity` compares with (harness/tools/parity.py)
 
     def load(self, config: Config) -> LoadedModel:
         return _resolve(self.loader)(config)
@@ -54,6 +55,7 @@ KINDS = (
         "harness.models.load:load_timm",
         "harness.models.preprocessing:timm_settings",
         prefix="timm:",
+        framework="timm's own pipeline",
     ),
     ModelKind(
         "hf",
@@ -61,6 +63,7 @@ KINDS = (
         "harness.models.preprocessing:hf_settings",
         prefix="hf:",
         marker="config.json",
+        framework="transformers' image processor and model",
     ),
     ModelKind(
         "onnx",

@@ -48,9 +48,9 @@ class LoadedModel:
         }
 
 
-def open_onnx(path: Path, want_cuda: bool, output_name: str | None = None) -> OnnxModule:
-    """An ONNX file as a module the pipeline calls (onnxruntime runs it)."""
-    return OnnxModule(make_session(path, want_cuda), output_name)
+def open_onnx(model: Path | bytes, want_cuda: bool, output_name: str | None = None) -> OnnxModule:
+    """An ONNX file (or its bytes) as a module the pipeline calls (onnxruntime runs it)."""
+    return OnnxModule(make_session(model, want_cuda), output_name)
 
 
 def load_onnx(config: Config) -> LoadedModel:

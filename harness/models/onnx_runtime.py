@@ -33,8 +33,9 @@ def _onnxruntime() -> ModuleType:
     return onnxruntime
 
 
-def make_session(path: Path, want_cuda: bool) -> Any:
-    """A session on CUDA when asked for and possible, else the CPU; a silent CPU fallback is warned about."""
+def make_session(model: Path | bytes, want_cuda: bool) -> Any:
+    """A session on CUDA when asked for and possible, else the CPU; a silent CPU fallback is warned about. `model`
+    is the file, or its bytes (an export being checked before it is written)."""
     ort = _onnxruntime()
     available = ort.get_available_providers()
     providers = [CUDA_PROVIDER, CPU_PROVIDER] if want_cuda and CUDA_PROVIDER in available else [CPU_PROVIDER]
@@ -44,9 +45,10 @@ def make_session(path: Path, want_cuda: bool) -> Any:
             "To use the GPU, replace it with onnxruntime-gpu: pip uninstall onnxruntime && pip install onnxruntime-gpu"
         )
     try:
-        session = ort.InferenceSession(str(path), providers=providers)
+        session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), providers=providers)
     except Exception as error:  # onnxruntime's own exception types differ between versions
-        raise ModelError(f"onnxruntime cannot load {path}: {error}") from error
+        shown = "the exported model" if isinstance(model, bytes) else model
+        raise ModelError(f"onnxruntime cannot load {shown}: {error}") from error
     if want_cuda and CUDA_PROVIDER in available and session.get_providers()[0] != CUDA_PROVIDER:
         say(
             f"WARNING: onnxruntime could not start its CUDA provider (active: {', '.join(session.get_providers())}): "

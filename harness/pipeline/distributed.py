@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import shutil
 import threading
 from datetime import timedelta
-from pathlib import Path
 
 import torch.distributed as dist
 
@@ -27,12 +25,10 @@ from harness.errors import ConfigError, HarnessError, describe_user_error, error
 from harness.pipeline.files import Discovery, shard
 from harness.pipeline.host import usable_cpus
 from harness.pipeline.runner import finish, prepare
+from harness.results.gate import make_folder, remove_folder, replace_output
+from harness.results.outputs import part_output, parts_folder
 from harness.results.report import RunReport
 from harness.results.writer import AtomicCsvWriter, open_csv, partial_path
-
-
-def parts_folder(config: Config) -> Path:
-    return config.output_file.with_name(f".{config.output_file.name}.parts")
 
 
 def part_config(config: Config) -> Config:
@@ -42,7 +38,7 @@ def part_config(config: Config) -> Config:
     cores = max(1, usable_cpus() // config.local_world_size)
     return dataclasses.replace(
         config,
-        output_file=parts_folder(config) / f"rank{config.rank}" / config.output_file.name,
+        output_file=part_output(config.output_file, config.rank),
         workers=cores if config.workers is None else config.workers,
         progress=config.progress and config.rank == 0,
     )
@@ -54,7 +50,7 @@ def reopen_finished_part(part: Config) -> None:
     model and settings and redoes at most its last short batch, instead of its whole share."""
     for path in (part.output_file, part.errors_csv):
         if path.exists() and not partial_path(path).exists():
-            path.replace(partial_path(path))
+            replace_output(path, partial_path(path))
 
 
 FINISH_TIMEOUT = timedelta(hours=6)  # how long a rank that finished its share waits for the slowest one
@@ -98,6 +94,7 @@ def run_sharded(config: Config, found: Discovery) -> RunReport:
     try:
         part = part_config(config)
         try:
+            make_folder(part.output_file.parent)
             if config.resume:
                 reopen_finished_part(part)
             mine = Discovery(shard(found.files, config.rank, config.world_size, config.batch_size), [])
@@ -128,7 +125,7 @@ def run_sharded(config: Config, found: Discovery) -> RunReport:
 def merge(config: Config, report: RunReport, outcomes: list[dict], found: Discovery) -> RunReport:
     """Concatenate the part files in rank order into the real outputs, after checking that every image came out
     exactly once and in input order, and add the folders that were skipped; then judge the whole run."""
-    folder = parts_folder(config)
+    folder = parts_folder(config.output_file)
     expected = [image.key for image in found.files]
     keys: list[str] = []
     with AtomicCsvWriter(config.output_file) as predictions, AtomicCsvWriter(config.errors_csv) as errors:
@@ -149,7 +146,7 @@ def merge(config: Config, report: RunReport, outcomes: list[dict], found: Discov
             errors.write([key, reason])
         predictions.commit()
         errors.commit()
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_folder(folder)
     report.images = sum(o["images"] for o in outcomes)
     report.failures = sum(o["failures"] for o in outcomes) + len(found.unreadable)
     report.total = len(found.files) + len(found.unreadable)

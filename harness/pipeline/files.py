@@ -7,7 +7,7 @@ ObjectNet scorer matches, and two files of the same name in different subfolders
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,10 +25,12 @@ class ImageFile:
 
 @dataclass
 class Discovery:
-    """What a walk of the input folder found: the images, and the folders it could not list (with why)."""
+    """What a walk of the input folder found: the images, the folders it could not list (with why), and where the
+    links it followed lead (a confined run may read there too: harness/pipeline/confine.py)."""
 
     files: list[ImageFile]
     unreadable: list[tuple[str, str]]  # (folder key ending in '/', reason)
+    linked: list[Path] = field(default_factory=list)  # the real folders and images behind links
 
 
 def scan(root: Path) -> Discovery:
@@ -44,6 +46,7 @@ def scan(root: Path) -> Discovery:
         raise InputError(f"input {root} is not a folder: pass the folder that holds the images")
     found: list[ImageFile] = []
     unreadable: list[tuple[str, str]] = []
+    linked: list[Path] = []
     seen_dirs: set[tuple[int, int]] = set()
     base = os.fspath(root)
     stack = [(base, "")]
@@ -69,13 +72,16 @@ def scan(root: Path) -> Discovery:
                 is_dir = entry.is_dir()
             except OSError:
                 is_dir = False
+            image = not is_dir and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+            if (is_dir or image) and entry.is_symlink():
+                linked.append(Path(os.path.realpath(entry.path)))
             if is_dir:
                 stack.append((entry.path, key + "/"))
-            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            elif image:
                 found.append(ImageFile(entry.path, key))
     found.sort(key=lambda image: image.key)
     unreadable.sort()
-    return Discovery(found, unreadable)
+    return Discovery(found, unreadable, linked)
 
 
 def _named(unreadable: list[tuple[str, str]]) -> str:

@@ -24,9 +24,10 @@ from typing import Any
 
 from harness.config import Config
 from harness.errors import ConfigError
+from harness.results.outputs import record_path
 from harness.results.report import software
 from harness.results.rows import Layout
-from harness.results.writer import open_csv, partial_path, row_writer, write_atomic_text
+from harness.results.writer import open_csv, partial_path, read_output_text, row_writer, write_atomic_text
 
 
 def _read_rows(path: Path) -> tuple[list[list[str]], bool]:
@@ -82,10 +83,6 @@ def resume_point(output: Path, errors: Path, keys: list[str], layout: Layout, ba
         reasons = {row[0]: row[1] for row in _read_rows(errors_partial)[0] if len(row) == 2}
     _rewrite(errors_partial, [[key, reasons.get(key, LOST_REASON)] for key in failed])
     return kept, len(failed)
-
-
-def record_path(output: Path) -> Path:
-    return output.with_name(output.name + ".resume.json")
 
 
 def file_digest(path: str | Path | None) -> str | None:
@@ -192,7 +189,7 @@ def recorded_layout(output: Path) -> bool | None:
     if not partial_path(output).exists():
         return None
     try:
-        layout = json.loads(record_path(output).read_text(encoding="utf-8")).get("channels_last")
+        layout = json.loads(read_output_text(record_path(output))).get("channels_last")
     except (OSError, ValueError, AttributeError):
         return None
     return layout if isinstance(layout, bool) else None
@@ -202,7 +199,7 @@ def check_identity(output: Path, identity: dict[str, Any]) -> None:
     """Refuse to resume a partial file that another model or other settings wrote."""
     path = record_path(output)
     try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
+        recorded = json.loads(read_output_text(path))
     except (OSError, ValueError):
         recorded = None
     if not isinstance(recorded, dict):

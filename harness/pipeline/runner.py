@@ -22,6 +22,7 @@ from harness.console import progress_bar, say
 from harness.errors import OutputError, is_dataloader_failure
 from harness.models.load import LoadedModel, load_model
 from harness.models.python_class import load_custom_transform
+from harness.pipeline.confine import current as current_confinement
 from harness.pipeline.decode import DecodeLimits
 from harness.pipeline.devices import tune_process
 from harness.pipeline.files import Discovery, ImageFile
@@ -30,9 +31,11 @@ from harness.pipeline.headstart import HeadStart
 from harness.pipeline.host import usable_cpus
 from harness.pipeline.loader import Batch, ImageDataset, fit_to_shm, make_loader, shm_free_bytes
 from harness.pipeline.placement import Placement, place_model
-from harness.pipeline.resume import check_identity, record_identity, record_path, resume_point, run_identity
+from harness.pipeline.resume import check_identity, record_identity, resume_point, run_identity
 from harness.pipeline.tracker import DecoderTracker
+from harness.results.gate import remove_output
 from harness.results.labels import LabelMap, make_label_map
+from harness.results.outputs import record_path
 from harness.results.probs import ProbabilityRecorder
 from harness.results.report import RunReport
 from harness.results.verdict import judge
@@ -131,7 +134,7 @@ class RunPlan:
             predictions.commit()
             errors.commit()
         if config.world_size == 1:  # a rank's record stays with its part: see distributed.reopen_finished_part
-            record_path(config.output_file).unlink(missing_ok=True)
+            remove_output(record_path(config.output_file))
         if report.failures:
             say(f"{report.failures} image(s) or folder(s) failed; reasons in {config.errors_csv}")
 
@@ -142,7 +145,10 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
     come first."""
     files = found.files
     report = RunReport(
-        config=config.to_dict(), output=str(config.output_file), total=len(files) + len(found.unreadable)
+        config=config.to_dict(),
+        output=str(config.output_file),
+        total=len(files) + len(found.unreadable),
+        confinement=current_confinement().describe(),
     )
     started = clock = time.perf_counter()
     check_writable(config.output_file, config.errors_csv, config.run_json)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from harness.errors import OutputError
+from harness.results.gate import open_output, partial_path, replace_output
 
 
 class ProbabilityRecorder:
@@ -29,13 +30,13 @@ class ProbabilityRecorder:
         self.rows.append(values)
 
     def save(self, path: Path) -> None:
-        """Written to a temporary name and renamed, like the CSV, so the .npz is never half a file."""
-        partial = path.with_name(path.name + ".partial.npz")
+        """Written to its .partial file and renamed, like the CSV, so the .npz is never half a file."""
+        partial = partial_path(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(
-                partial, keys=np.array(self.keys), probs=np.concatenate(self.rows), softmax=np.array(self.softmax)
-            )
-            os.replace(partial, path)
+            with os.fdopen(open_output(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
+                np.savez_compressed(
+                    f, keys=np.array(self.keys), probs=np.concatenate(self.rows), softmax=np.array(self.softmax)
+                )
+            replace_output(partial, path)
         except OSError as error:
             raise OutputError(f"cannot write {path}: {error.strerror or error}") from None

@@ -74,6 +74,7 @@ class RunReport:
     layout: dict[str, Any] = field(default_factory=dict)  # the memory layout, and how it was chosen
     fold_batchnorm: dict[str, Any] = field(default_factory=dict)  # BatchNorms folded, or why none
     world_size: int = 1
+    confinement: dict[str, Any] = field(default_factory=dict)  # what the run could reach (pipeline/confine.py)
 
     def timed(self, name: str, since: float) -> float:
         now = time.perf_counter()
@@ -112,6 +113,7 @@ class RunReport:
             "layout": self.layout,
             "fold_batchnorm": self.fold_batchnorm,
             "world_size": self.world_size,
+            "confinement": self.confinement,
             "software": software(),
             "output": self.output,
             "config": self.config,

@@ -1,5 +1,6 @@
 """Streamed, atomic CSV output: rows go to `<name>.partial` a whole batch at a time and the file is renamed into
-place only when complete, so the final name never holds half a file and a crash keeps every finished batch.
+place only when complete, so the final name never holds half a file and a crash keeps every finished batch. Every
+output file is opened, renamed and removed through the gate (harness/results/gate.py).
 
 A write that fails (a full disk, a quota) cuts the partial file back to its last whole batch, so `--resume` goes
 on from there. One run per output folder: a second run on the same folder is refused at once. File names are
@@ -20,15 +21,19 @@ from pathlib import Path
 from typing import TextIO
 
 from harness.errors import OutputError
+from harness.results.gate import open_output, partial_path, remove_output, replace_output, sync_folder
 
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
 
 
+FLAGS = {"r": os.O_RDONLY, "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC}
+
+
 def open_csv(path: Path, mode: str = "r") -> TextIO:
-    """A predictions or errors CSV, read or written: UTF-8, file names' undecodable bytes kept as they were, and
-    line endings left to the csv module."""
-    return open(path, mode, newline="", encoding=ENCODING, errors=ERRORS)
+    """A predictions or errors CSV, read or written through the gate: UTF-8, file names' undecodable bytes kept as
+    they were, and line endings left to the csv module."""
+    return os.fdopen(open_output(path, FLAGS[mode]), mode, newline="", encoding=ENCODING, errors=ERRORS)
 
 
 def row_writer(file: TextIO) -> Callable[[list[str]], None]:
@@ -44,10 +49,6 @@ def row_writer(file: TextIO) -> Callable[[list[str]], None]:
         (quoted if any("\r" in field for field in row) else plain).writerow(row)
 
     return write
-
-
-def partial_path(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
 
 
 def _space_left(folder: Path) -> str:
@@ -135,7 +136,7 @@ class AtomicCsvWriter:
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
         try:
             # Held open for the whole run, so no `with`: commit() or abandon() closes it.
-            self._fd: int | None = os.open(self.partial, flags, 0o644)
+            self._fd: int | None = open_output(self.partial, flags)
             self.whole = os.lseek(self._fd, 0, os.SEEK_END)  # bytes of whole batches in the file
         except OSError as error:
             raise write_failed(self.partial, error) from None
@@ -171,10 +172,11 @@ class AtomicCsvWriter:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
-            os.replace(self.partial, self.path)
+            replace_output(self.partial, self.path)
         except OSError as error:
             raise write_failed(self.path, error) from None
-        _fsync_folder(self.path.parent)
+        with contextlib.suppress(OSError):
+            sync_folder(self.path.parent)
 
     def abandon(self) -> None:
         """Keep the whole batches written in the partial file (finished rows are never lost) and let go of it."""
@@ -210,24 +212,18 @@ def write_atomic_text(path: Path, text: str) -> None:
 def write_atomic_bytes(path: Path, data: bytes) -> None:
     partial = partial_path(path)
     try:
-        with open(partial, "wb") as f:
+        with os.fdopen(open_output(partial, FLAGS["w"]), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(partial, path)
+        replace_output(partial, path)
     except OSError as error:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            remove_output(partial)
         raise write_failed(path, error) from None
 
 
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def read_output_text(path: Path) -> str:
+    """A small output file (a resume record), read through the gate."""
+    with os.fdopen(open_output(path, os.O_RDONLY), encoding=ENCODING) as f:
+        return f.read()

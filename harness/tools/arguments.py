@@ -1,9 +1,12 @@
-"""Argument types the tools share."""
+"""What the tools' command lines share: argument types, and the photos `harness check` ships with."""
 
 from __future__ import annotations
 
 import argparse
 import math
+
+PHOTOS = "photos"  # in harness/data
+PHOTO_ANSWERS = "labels.json"  # beside the photos: file name -> the ImageNet ids that count as right
 
 
 def positive_number(text: str) -> float:

@@ -22,21 +22,17 @@ Exit 0 when no check fails, 9 when one does.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import statistics
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from harness.config import OBJECTNET_MAPS, SETTINGS, Config, Preprocess
-from harness.errors import CheckFailedError, ConfigError, ToolFileError, TooManyFailuresError
+from harness.config import OBJECTNET_MAPS, Config, Preprocess
+from harness.errors import CheckFailedError, ToolFileError, TooManyFailuresError
 from harness.models.python_class import load_custom_transform
-from harness.options import add_settings, config_from, given_settings
 from harness.pipeline.decode import DecodeLimits, DecodeOptions, load_rgb
 from harness.pipeline.files import ImageFile, run_files
 from harness.pipeline.host import usable_cpus
@@ -44,7 +40,7 @@ from harness.pipeline.runner import RunPlan, finish, prepare
 from harness.results.contract import SCORER_LAYOUT, read_rows, scorer_key
 from harness.results.labels import IMAGENET_CLASSES, LabelMap, Score, class_ids, id_names, make_label_map
 from harness.results.report import RunReport
-from harness.results.writer import check_writable, output_folder_lock
+from harness.tools.arguments import PHOTO_ANSWERS
 from harness.tools.audit import (
     Decoder,
     Judge,
@@ -55,21 +51,13 @@ from harness.tools.audit import (
     outputs_for,
     raised_and_lowered,
 )
-from harness.tools.check_model import CHANNELS, add_measure_options, broken_limits, measure, time_batches
-from harness.tools.parity import compare, require_parity_model
+from harness.tools.check_model import CHANNELS, broken_limits, measure, time_batches
+from harness.tools.parity import compare
 from harness.tools.preview import Item, Label, Preview, standard_view, write_preview
 from harness.tools.score import read_json_object
 from harness.tools.validate import read_predictions_file
 
-PHOTOS = "photos"  # in harness/data
-PHOTO_ANSWERS = "labels.json"  # beside the photos: file name -> the ImageNet ids that count as right
 SHOWN_LABELS = 5  # of the photos' ImageNet classes; other images show the run's --topk
-ESTIMATE = 50_000  # images, about ObjectNet's test set
-# Run settings a check sets itself: where it reads and writes, and what only a long run needs.
-LEFT_OUT = frozenset(
-    {"input_dir", "output_file", "resume", "save_probs", "progress", "head_start"}
-    | {"world_size", "rank", "local_rank", "local_world_size"}
-)
 
 
 @dataclass(frozen=True)
@@ -97,12 +85,6 @@ def read_answers(path: Path) -> dict[str, frozenset[str]]:
             raise ToolFileError(f"{path}: the answer for {key} must be a label, or a list of labels")
         answers[scorer_key(key)] = frozenset(str(v).strip() for v in values)
     return answers
-
-
-@contextlib.contextmanager
-def shipped_photos() -> Iterator[Path]:
-    with resources.as_file(resources.files("harness.data").joinpath(PHOTOS)) as folder:
-        yield folder
 
 
 def _bare(model: nn.Module) -> nn.Module:
@@ -406,52 +388,17 @@ def answers_source(args: argparse.Namespace) -> str:
     return f"{args.images}, answers: {args.answers or 'none'}"
 
 
-def check_command(argv: Sequence[str], environ: dict[str, str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="harness check",
-        description=__doc__.splitlines()[0],
-        epilog="Every run setting can be given as for harness run (model/config.yaml < environment < options).",
-    )
-    check = parser.add_argument_group("check")
-    check.add_argument(
-        "--images", type=Path, metavar="DIR", help="your images (default: the photos shipped with the harness)"
-    )
-    check.add_argument(
-        "--answers", type=Path, metavar="FILE", help="answers for --images: ObjectNet answers JSON, or CSV key,label"
-    )
-    check.add_argument(
-        "--output", type=Path, default=Path("check"), metavar="DIR", help="folder for the preview and the run's CSV"
-    )
-    check.add_argument(
-        "--estimate", type=int, default=ESTIMATE, metavar="N", help=f"images to estimate the time of ({ESTIMATE:,})"
-    )
-    check.add_argument(
-        "--parity",
-        action="store_true",
-        help="also run a timm or Hugging Face model through its own framework's pipeline and compare, image by image",
-    )
-    add_measure_options(check)
-    add_settings(parser, LEFT_OUT)
-    args = parser.parse_args(argv)
-    if args.answers is not None and args.images is None:
-        raise ConfigError("--answers needs --images: the answers are for your images")
-    if args.estimate < 1:
-        raise ConfigError(f"--estimate {args.estimate}: give a number of images, at least 1")
-    settings = {name: value for name, value in given_settings(args).items() if name in SETTINGS}
-    with shipped_photos() as photos:
-        answers_file = args.answers or (None if args.images else photos / PHOTO_ANSWERS)
-        answers = read_answers(answers_file) if answers_file else None
-        images = args.images or photos
-        output = args.output / "predictions.csv"
-        config = config_from({**settings, "input_dir": images, "output_file": output, "progress": False}, environ)
-        parity_kind = require_parity_model(config) if args.parity else None
-        check_writable(config.output_file, config.errors_csv, config.run_json)
-        with output_folder_lock(args.output):
-            verdicts, preview = run_checks(config, args, answers, args.images is None, parity_kind)
-            png, page = args.output / "preview.png", args.output / "preview.html"
-            verdicts.append(Verdict("preview", "info", f"{png}, {page}"))
-            preview.verdicts = [(v.check, v.verdict, v.detail) for v in verdicts]
-            write_preview(preview, png, page)
+def check(
+    args: argparse.Namespace, config: Config, answers_file: Path | None, parity_kind: str | None, preview: list[Path]
+) -> int:
+    """The check, in a confined process (harness/tools/commands.py read its command line, chose the answers and
+    the kind parity compares)."""
+    answers = read_answers(answers_file) if answers_file else None
+    png, page = preview
+    verdicts, preview = run_checks(config, args, answers, args.images is None, parity_kind)
+    verdicts.append(Verdict("preview", "info", f"{png}, {page}"))
+    preview.verdicts = [(v.check, v.verdict, v.detail) for v in verdicts]
+    write_preview(preview, png, page)
     print(_text_table([["check", "verdict", "detail"], *([v.check, v.verdict, v.detail] for v in verdicts)]))
     for caption, rows in preview.tables:
         print(f"\n{caption}\n{_text_table(rows)}")

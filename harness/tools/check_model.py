@@ -11,19 +11,17 @@ import argparse
 import copy
 import statistics
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from harness.config import Config
 from harness.errors import CheckFailedError, ConfigError, ModelError
 from harness.models.load import load_model
 from harness.models.outputs import as_logits
-from harness.options import add_model_options, tool_config
 from harness.pipeline.devices import DevicePlan, inference_context, plan_devices, prepare_model
-from harness.tools.arguments import positive_number
 
 CHANNELS = 3
 
@@ -105,22 +103,8 @@ def broken_limits(
     ]
 
 
-def add_measure_options(parser: argparse.ArgumentParser) -> None:
-    """The timing and the limits, as check-model and check both take them."""
-    parser.add_argument("--repeats", type=int, default=3, help="timed batches (default 3; the median is shown)")
-    parser.add_argument("--max-params", type=positive_number, help="fail above this many parameters (e.g. 30e6)")
-    parser.add_argument(
-        "--max-gflops", type=positive_number, help="fail above this many GFLOPs per image (2 per multiply-add)"
-    )
-    parser.add_argument("--max-gmacs", type=positive_number, help="fail above this many GMACs per image")
-
-
-def check_model_command(argv: Sequence[str], environ: dict[str, str]) -> int:
-    parser = argparse.ArgumentParser(prog="harness check-model", description=__doc__.splitlines()[0])
-    add_model_options(parser)
-    add_measure_options(parser)
-    args = parser.parse_args(argv)
-    config = tool_config(args, environ)
+def check_model(args: argparse.Namespace, config: Config) -> int:
+    """check-model, in a confined process (harness/tools/commands.py read its command line)."""
     loaded = load_model(config)
     if not loaded.kind.torch_graph:
         raise ConfigError(

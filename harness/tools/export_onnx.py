@@ -11,8 +11,8 @@ by less than --tolerance. The file carries the run's preprocessing and label map
 from __future__ import annotations
 
 import argparse
+import io
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,17 +33,14 @@ from harness.models.load import load_model, open_onnx
 from harness.models.onnx_metadata import METADATA_KEY, settings_text
 from harness.models.outputs import as_logits
 from harness.models.python_class import load_custom_transform
-from harness.options import add_model_options, tool_config
 from harness.pipeline.decode import DecodeLimits
 from harness.pipeline.devices import DeviceNormalizer
 from harness.pipeline.files import discover
 from harness.pipeline.loader import ImageDataset
 from harness.results.labels import read_labels_file
-from harness.results.writer import check_writable, partial_path
-from harness.tools.arguments import positive_number
+from harness.results.writer import write_atomic_bytes
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-MIN_OPSET, MAX_OPSET = 7, 23  # what torch.onnx.export writes
 
 
 class _Logits(nn.Module):
@@ -65,7 +62,8 @@ class Parity:
     top1_agree: int
 
 
-def export(model: nn.Module, path: Path, input_size: int, opset: int) -> None:
+def export(model: nn.Module, input_size: int, opset: int) -> bytes:
+    """The model as an ONNX file's bytes (kept in memory until the parity check holds)."""
     blank = torch.zeros(1, 3, input_size, input_size)
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
     try:
@@ -75,13 +73,14 @@ def export(model: nn.Module, path: Path, input_size: int, opset: int) -> None:
         raise
     except Exception as error:
         raise ModelError(f"the model failed on a blank image before export: {describe_user_error(error)}") from error
+    written = io.BytesIO()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             torch.onnx.export(
                 _Logits(model).eval(),
                 (blank,),
-                str(path),
+                written,
                 dynamo=False,
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
@@ -91,6 +90,7 @@ def export(model: nn.Module, path: Path, input_size: int, opset: int) -> None:
     except Exception as error:
         hint = " (pip install onnx)" if is_onnx_package_missing(error) else ""
         raise ModelError(f"ONNX export failed{hint}: {type(error).__name__}: {error}") from error
+    return written.getvalue()
 
 
 def carried_settings(config: Config, labels: list[str] | None) -> dict[str, Any]:
@@ -107,18 +107,18 @@ def carried_settings(config: Config, labels: list[str] | None) -> dict[str, Any]
     return settings
 
 
-def store_settings(path: Path, settings: dict[str, Any]) -> None:
-    """Write the settings into the ONNX file's metadata (read back by harness/models/onnx_metadata.py)."""
+def store_settings(data: bytes, settings: dict[str, Any]) -> bytes:
+    """The ONNX file with the settings in its metadata (read back by harness/models/onnx_metadata.py)."""
     try:
         import onnx
     except ImportError:
         raise ModelError(
             "export-onnx writes through the onnx package, which is not installed: pip install onnx"
         ) from None
-    model = onnx.load(str(path))
+    model = onnx.load_model_from_string(data)
     kept = {entry.key: entry.value for entry in model.metadata_props if entry.key != METADATA_KEY}
     onnx.helper.set_model_props(model, {**kept, METADATA_KEY: settings_text(settings)})
-    onnx.save(model, str(path))
+    return model.SerializeToString()
 
 
 def sample_batch(config: Config, images_dir: Path, limit: int) -> torch.Tensor:
@@ -149,23 +149,9 @@ def check_parity(model: nn.Module, onnx_model: nn.Module, images: torch.Tensor, 
     )
 
 
-def export_onnx_command(argv: Sequence[str], environ: dict[str, str]) -> int:
-    parser = argparse.ArgumentParser(prog="harness export-onnx", description=__doc__.splitlines()[0])
-    add_model_options(parser)
-    parser.add_argument("--output", type=Path, default=Path("model.onnx"), help="ONNX file to write (model.onnx)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    parser.add_argument("--images", type=Path, default=Path("sample-images"), help="images for the parity check")
-    parser.add_argument("--parity-images", type=int, default=64, help="at most this many images are compared")
-    parser.add_argument(
-        "--tolerance", type=positive_number, default=1e-4, help="largest probability difference allowed"
-    )
-    args = parser.parse_args(argv)
-    if args.parity_images < 1:
-        raise ConfigError(f"--parity-images {args.parity_images}: give a number of images, at least 1")
-    if not MIN_OPSET <= args.opset <= MAX_OPSET:
-        raise ConfigError(f"--opset {args.opset}: give an ONNX opset from {MIN_OPSET} to {MAX_OPSET}")
-    config = tool_config(args, environ)
-    check_writable(args.output, suffix=".onnx", what="export-onnx writes an ONNX file")
+def export_onnx(args: argparse.Namespace, config: Config) -> int:
+    """export-onnx, in a confined process (harness/tools/commands.py read its command line): the file is written
+    only once it matches the PyTorch model."""
     loaded = load_model(config)
     if not loaded.kind.torch_graph:
         raise ConfigError(
@@ -173,16 +159,11 @@ def export_onnx_command(argv: Sequence[str], environ: dict[str, str]) -> int:
         )
     images = sample_batch(config, args.images, args.parity_images)
     size = config.preprocess.input_size
-    written = partial_path(args.output)  # renamed to --output only once it matches the PyTorch model
-    try:
-        export(loaded.module, written, size, args.opset)
-        store_settings(written, carried_settings(config, loaded.labels))
-        parity = check_parity(loaded.module, open_onnx(written, want_cuda=False), images, config.batch_size)
-        matches = parity.top1_agree == parity.images and parity.max_prob_diff < args.tolerance
-        if matches:
-            written.replace(args.output)
-    finally:
-        written.unlink(missing_ok=True)
+    data = store_settings(export(loaded.module, size, args.opset), carried_settings(config, loaded.labels))
+    parity = check_parity(loaded.module, open_onnx(data, want_cuda=False), images, config.batch_size)
+    matches = parity.top1_agree == parity.images and parity.max_prob_diff < args.tolerance
+    if matches:
+        write_atomic_bytes(args.output, data)
     print(
         f"harness: exported {loaded.class_name} (opset {args.opset}, dynamic batch, {size} x {size}); onnxruntime "
         f"vs PyTorch on {parity.images} images: top-1 agrees on {parity.top1_agree}, max |probability difference| "

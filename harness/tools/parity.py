@@ -22,16 +22,16 @@ import torch
 from PIL import Image
 
 from harness.config import Config
-from harness.errors import ConfigError, describe_user_error
+from harness.errors import describe_user_error
 from harness.models.checkpoint import resolve_checkpoint
-from harness.models.kinds import kind_of
+from harness.models.kinds import KINDS
 from harness.models.preprocessing import import_timm, timm_name
 from harness.pipeline.decode import strip_border
 from harness.pipeline.files import ImageFile
 
 TOLERANCE = 1e-4  # on probabilities
 TOP = 5
-FRAMEWORKS = {"timm": "timm's own pipeline", "hf": "transformers' image processor and model"}
+FRAMEWORKS = {kind.name: kind.framework for kind in KINDS if kind.framework}
 Reference = Callable[[Image.Image], torch.Tensor]  # an RGB image -> the framework's probabilities
 
 
@@ -43,14 +43,6 @@ class Parity:
     detail: str
     caption: str
     rows: list[list[str]]
-
-
-def require_parity_model(config: Config) -> str:
-    """The model's kind, when parity can compare it with its framework; otherwise exit 2 before any work."""
-    kind = kind_of(config).name
-    if kind not in FRAMEWORKS:
-        raise ConfigError(f"--parity needs a timm (timm:NAME) or Hugging Face model; this is a {kind} model")
-    return kind
 
 
 def _timm_reference(config: Config, classes: int) -> tuple[Reference, str]:
@@ -68,8 +60,9 @@ def _timm_reference(config: Config, classes: int) -> tuple[Reference, str]:
 def _hf_reference(folder: Path) -> tuple[Reference, str]:
     import transformers
 
-    processor = transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
-    model = transformers.AutoModelForImageClassification.from_pretrained(str(folder), local_files_only=True).eval()
+    local = {"local_files_only": True, "trust_remote_code": False}  # as the harness loads it: no code of the folder's
+    processor = transformers.AutoImageProcessor.from_pretrained(str(folder), **local)
+    model = transformers.AutoModelForImageClassification.from_pretrained(str(folder), **local).eval()
     return (
         lambda image: model(**processor(images=image, return_tensors="pt")).logits.softmax(-1)[0],
         f"{type(processor).__name__} from {folder}",
