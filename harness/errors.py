@@ -36,7 +36,7 @@ class ModelError(HarnessError):
 
 
 class DeviceError(HarnessError):
-    """requested device or GPUs not available"""
+    """requested device, GPUs or confinement (`--confine on`) not available"""
 
     exit_code = 5
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine with no network and a preinstalled PyTorch: installs this checkout beside that torch without
-# touching it, runs the GPU tests and the GPU benchmark (ResNet-50, bf16, channels_last, on a JPEG and a PNG set),
-# samples the GPU's utilisation during each end-to-end run, and writes one report.
+# touching it, runs the GPU tests, a confined run on CUDA (plain and compiled) beside an unconfined one, and the GPU
+# benchmark (ResNet-50, bf16, channels_last, on a JPEG and a PNG set), samples the GPU's utilisation during each
+# end-to-end run, and writes one report.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -87,6 +88,35 @@ code=0
     printf '%s\n' "$fence"
 } >>"$report"
 note "GPU tests exited $code (log: $out/pytest.log)"
+
+# The confined run on CUDA (harness/pipeline/confine.py): the first GPU machine proves what CUDA, cuDNN and Triton
+# read and write is in the read set. Each run confined (the default) and --confine off, same CSV expected.
+{
+    printf '\n## Confined runs on CUDA\n\n| run | confined | unconfined | same CSV | confinement |\n|---|---|---|---|---|\n'
+} >>"$report"
+for run in plain compile; do
+    extra=()
+    [[ $run == plain ]] || extra=(--compile true)
+    for mode in auto off; do
+        timeout 300 "$PYTHON" entrypoint.py sample-images "$out/confined-$run-$mode/predictions.csv" --device cuda \
+            --progress false --confine "$mode" "${extra[@]}" >"$out/confined-$run-$mode.log" 2>&1 ||
+            echo "exit $?" >>"$out/confined-$run-$mode.log"
+    done
+    "$PYTHON" -c '
+import json, pathlib, sys
+out, run = pathlib.Path(sys.argv[1]), sys.argv[2]
+def last(mode):
+    lines = (out / f"confined-{run}-{mode}.log").read_text().strip().splitlines()
+    return lines[-1].replace("|", "/") if lines else "no output"
+csv = {mode: out / f"confined-{run}-{mode}" / "predictions.csv" for mode in ("auto", "off")}
+same = all(p.exists() for p in csv.values()) and csv["auto"].read_bytes() == csv["off"].read_bytes()
+state = "n/a"
+if (csv["auto"].parent / "run.json").exists():
+    state = json.loads((csv["auto"].parent / "run.json").read_text())["confinement"]["state"]
+confined, unconfined = last("auto"), last("off")
+print(f"| {run} | {confined} | {unconfined} | {same} | {state} |")
+' "$out" "$run" >>"$report" || code=1
+done
 
 # NAME COMMAND...: runs the command while nvidia-smi samples the GPU's utilisation every 200 ms; the mean goes to
 # $out/utilisation-NAME.mean.

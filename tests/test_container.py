@@ -201,6 +201,7 @@ def test_images_match_a_run_outside_a_container(images: Images, host_predictions
     problems = compare_predictions(host_predictions, cpu / "predictions.csv", BUILD_TOLERANCE)
     assert not problems, "the CPU image's predictions differ from the host run's:\n" + "\n".join(problems)
     assert run_json(cpu)["batch_size_total"] == 8, "--batch_size 8 after the image name did not reach the harness"
+    assert run_json(cpu)["confinement"]["state"] == "filesystem+network", run_json(cpu)["confinement"]
 
     # The GPU image on the CPU, with no harness options at all: its defaults read /input, write /output.
     gpu = tmp_path / "gpu"
@@ -208,6 +209,7 @@ def test_images_match_a_run_outside_a_container(images: Images, host_predictions
     assert result.returncode == 0, failed("the GPU image on the CPU", result)
     problems = compare_predictions(host_predictions, gpu / "predictions.csv", BUILD_TOLERANCE)
     assert not problems, "the GPU image's predictions differ from the host run's:\n" + "\n".join(problems)
+    assert run_json(gpu)["confinement"]["state"] == "filesystem+network", run_json(gpu)["confinement"]
 
 
 def hardening_probe() -> dict[str, bool]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from harness.config import build_config
+from harness.pipeline import sandbox
 from harness.pipeline.distributed import part_config, reopen_finished_part
 from harness.pipeline.files import shard
 from harness.results.writer import partial_path
@@ -72,6 +73,9 @@ def test_torchrun_two_cpu_processes_write_the_single_process_csv(tmp_path: Path)
     assert multi.read_bytes() == single.read_bytes()
     assert (multi.parent / "errors.csv").read_text() == ""
     assert sorted(p.name for p in multi.parent.iterdir()) == ["errors.csv", "predictions.csv", "run.json"]
+    confinement = json.loads((multi.parent / "run.json").read_text())["confinement"]
+    if sandbox.landlock_abi() >= 4:  # each rank confined its files; TCP stays open for the rendezvous
+        assert (confinement["state"], confinement["network"]) == ("filesystem", "TCP (torchrun)")
 
 
 @pytest.mark.slow

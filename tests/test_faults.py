@@ -238,6 +238,22 @@ def test_a_model_folders_transform_that_gives_no_tensor_is_exit_4(tmp_path: Path
     assert said in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_transform_that_raises_on_one_image_is_the_models_error(tmp_path: Path, workers: str, capsys) -> None:
+    """The model's own code failing is the model's error (exit 4, the image named), never a failure row that
+    lets the run exit 0, in the main process and in a decoding worker alike."""
+    body = """if image.size == (447, 296):  # chelsea.png less its border
+    raise KeyError('no such crop')"""
+    folder = _model_folder(tmp_path, body)
+    output = tmp_path / "p.csv"
+    argv = [str(SAMPLES), str(output), "--model-dir", str(folder), "--progress", "false", "--workers", workers]
+    assert main([*argv, "--batch-size", "2"]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("harness: error: data_transform_description.py's transform failed: KeyError"), err
+    assert "(on chelsea.png)" in err[-1]
+    assert not output.exists() and output.with_name("p.csv.partial").exists()
+
+
 def test_a_transform_that_changes_size_on_one_image_fails_that_image_alone(tmp_path: Path) -> None:
     body = """if image.size == (447, 296):  # chelsea.png less its border
     return T.ToTensor()(image)"""

@@ -38,6 +38,15 @@ class ImageTooLarge(Exception):
     """More pixels than max_pixels: refused before decoding, as a decompression bomb would be."""
 
 
+class ModelFault(Exception):
+    """The model's own code (a model folder's transform) raised on an image: the model's error, not the image's."""
+
+
+class ModelFailure(str):
+    """Why a sample failed, when the model's code failed it (ModelFault): it crosses from a decoding process to
+    the run as an image's reason does, and the run stops with the model's error (exit 4), not a failure row."""
+
+
 def load_rgb(path: str, options: DecodeOptions = DEFAULT_OPTIONS, max_pixels: int | None = None) -> Image.Image:
     """Decode one file to an 8-bit RGB image, whatever its mode, as `options` say; animated and multi-page files
     give their first frame."""
@@ -219,9 +228,12 @@ def decode_sample(
 ) -> tuple[T | None, str]:
     """One file through decode, frame strip and `transform`, within the limits: the work of every decoder (the
     DataLoader's workers and the head start's), so both give the same pixels and the same reasons. Returns the
-    sample and "", or None and why the file failed: one bad file must cost one row, never the run."""
+    sample and "", or None and why the file failed: one bad file must cost one row, never the run; a ModelFailure
+    where the model's own transform raised, which stops the run."""
     try:
         with time_limit(limits.timeout):
             return transform(decode(path, DecodeOptions.of(pre), draft_to, limits.max_pixels, pre.border)), ""
+    except ModelFault as fault:
+        return None, ModelFailure(str(fault))
     except Exception as error:
         return None, describe_user_error(error)

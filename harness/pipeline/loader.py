@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from harness.config import TRANSFORM_FILE, Preprocess
 from harness.errors import ModelError, describe_user_error
-from harness.pipeline.decode import DecodeLimits, decode_sample
+from harness.pipeline.confine import denial
+from harness.pipeline.decode import DecodeLimits, DecodeTimeout, ModelFault, decode_sample
 from harness.pipeline.devices import seeded_images
 from harness.pipeline.files import ImageFile
 from harness.pipeline.host import yield_cores
@@ -71,8 +72,12 @@ class ImageDataset(Dataset):
             return torch.from_numpy(geometry(image, self.pre))
         try:
             out = self.custom(image)
-        except Exception as error:
-            raise ValueError(f"{TRANSFORM_FILE}'s transform failed: {describe_user_error(error)}") from error
+        except DecodeTimeout:  # the image's time ran out while the transform worked on it: the image's failure
+            raise
+        except Exception as error:  # the model's code: its error stops the run (exit 4), named in one line
+            raise ModelFault(
+                denial(error) or f"{TRANSFORM_FILE}'s transform failed: {describe_user_error(error)}"
+            ) from error
         if (
             not isinstance(out, torch.Tensor)
             or out.dim() != 3

@@ -22,10 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from harness import __version__
 from harness.config import Config
 from harness.errors import ConfigError
 from harness.results.outputs import record_path
-from harness.results.report import software
+from harness.results.report import distributions, software
 from harness.results.rows import Layout
 from harness.results.writer import open_csv, partial_path, read_output_text, row_writer, write_atomic_text
 
@@ -157,9 +158,15 @@ def run_identity(
     installed = software()
     digest = _digests_once()
     return {
+        "harness_version": __version__,
         "model_class": model["class"],
         "model_files": model_files(config.model_dir, files_read, digest),
-        "software": {"python": installed["python"], "packages": installed["packages"]},
+        # every installed package, not only the recorded ones: a model's code may load weights from any of them
+        "software": {
+            "python": installed["python"],
+            "packages": installed["packages"],
+            "installed": hashlib.sha256("\n".join(distributions()).encode()).hexdigest(),
+        },
         "model_source": digest(model["source"]),
         "checkpoint": digest(model["checkpoint"]),
         "weights": model.get("weights"),  # a training checkpoint's own or EMA weights

@@ -19,11 +19,11 @@ from torch.utils.data import Subset
 
 from harness.config import Config
 from harness.console import progress_bar, say
-from harness.errors import OutputError, is_dataloader_failure
+from harness.errors import ModelError, OutputError, is_dataloader_failure
 from harness.models.load import LoadedModel, load_model
 from harness.models.python_class import load_custom_transform
 from harness.pipeline.confine import current as current_confinement
-from harness.pipeline.decode import DecodeLimits
+from harness.pipeline.decode import DecodeLimits, ModelFailure
 from harness.pipeline.devices import tune_process
 from harness.pipeline.files import Discovery, ImageFile
 from harness.pipeline.forward import Forward, compiled_forward
@@ -109,6 +109,11 @@ class RunPlan:
         ):
             bar.update(self.done)
             for batch in self.batches:
+                for index, error in zip(batch.indices, batch.errors, strict=True):
+                    if isinstance(error, ModelFailure):
+                        raise ModelError(
+                            f"{error} (on {files[index].key}); the rows before it are in the .partial file"
+                        )
                 outputs = self.forward(batch.images.to(self.forward.plan.device, non_blocking=True))
                 finite = torch.isfinite(outputs).all(dim=1).tolist()
                 failed = [error or ("" if ok else NOT_FINITE) for error, ok in zip(batch.errors, finite, strict=True)]

@@ -4,8 +4,10 @@ written at the end, also when the run stops early."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
+import os
 import platform
 import sys
 import time
@@ -49,6 +51,17 @@ def software() -> dict[str, Any]:
         "packages": packages,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability() if torch is not None else None,
     }
+
+
+def distributions() -> list[str]:
+    """Every installed distribution as its metadata folder names it (`torch-2.14.1.dist-info`), on the import
+    path: a version that changes changes its name. Read from the folders' names alone, so it costs a few
+    listings, not a read of each package's metadata."""
+    found = set()
+    for entry in sys.path:
+        with contextlib.suppress(OSError):
+            found.update(name for name in os.listdir(entry or ".") if name.endswith((".dist-info", ".egg-info")))
+    return sorted(found)
 
 
 @dataclass

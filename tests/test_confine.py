@@ -1,0 +1,664 @@
+"""Confinement (harness/pipeline/confine.py, sandbox.py) and the output gate (harness/results/gate.py): what a confined
+run may reach, proven on this machine's kernel class by class, and a hostile model's every attempt refused in one
+line, while `--confine off` lets the same attempts through (so the tests can fail)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.config import RUN_FIELDS, build_config
+from harness.pipeline import sandbox
+from harness.pipeline.confine import rules
+from harness.results.gate import OutputFiles, gated, open_output, remove_output, replace_output
+from harness.results.outputs import run_outputs
+from tests.helpers import REPO, SAMPLES, env_without_build_args
+
+pytestmark = pytest.mark.skipif(sandbox.landlock_abi() < 6, reason="needs a kernel with Landlock ABI 6 or newer")
+
+# ---- the kernel's side, class by class, in one confined process ----
+
+PROBE = r"""
+import ctypes, errno, fcntl, json, os, socket, subprocess, sys, termios
+from pathlib import Path
+from harness.pipeline import sandbox
+from harness.pipeline.confine import SYSTEM_READ, SYSTEM_RUN, _software
+
+places = json.loads(sys.argv[1])
+tty_main, tty_other = os.openpty()  # a terminal opened before: its descriptor survives the confinement
+granted = [sandbox.Rule(Path(p), sandbox.RUN) for p in [*SYSTEM_RUN, *map(str, _software())]]
+granted += [sandbox.Rule(Path(p), sandbox.READ) for p in SYSTEM_READ]
+granted += [sandbox.Rule(Path(places["images"]), sandbox.READ), sandbox.Rule(Path(places["scratch"]), sandbox.WRITE)]
+granted += [sandbox.Rule(Path("/dev/shm"), sandbox.WRITE), sandbox.Rule(Path("/dev/null"), sandbox.DEVICE)]
+sandbox.restrict(granted, close_network=True)
+scratch = Path(places["scratch"])
+results = {}
+
+
+def attempt(name, action):
+    try:
+        action()
+        results[name] = "ok"
+    except OSError as error:
+        results[name] = errno.errorcode.get(error.errno, str(error.errno))
+    except subprocess.CalledProcessError:
+        results[name] = "the child failed"
+
+
+def write(path):
+    with open(path, "w") as f:
+        f.write("x")
+
+
+def connect(family, kind, address):
+    with socket.socket(family, kind) as s:
+        s.settimeout(2)
+        s.connect(address) if kind == socket.SOCK_STREAM else s.sendto(b"x", address)
+
+
+def shared_memory():
+    write("/dev/shm/harness-probe-%d" % os.getpid())
+    os.unlink("/dev/shm/harness-probe-%d" % os.getpid())
+
+
+def through_a_link():
+    os.symlink(places["answers"], scratch / "link")
+    open(scratch / "link").read()
+
+
+def own_child():
+    child = subprocess.Popen(["sleep", "0.2"])
+    os.kill(child.pid, 0)
+    child.wait()
+
+
+def io_uring():
+    if sandbox._libc().syscall(425, 1, ctypes.create_string_buffer(120)) == -1:
+        raise OSError(ctypes.get_errno(), "io_uring_setup")
+
+
+attempt("read an image", lambda: open(Path(places["images"]) / "a.png", "rb").read())
+attempt("read beside the images", lambda: open(places["answers"]).read())
+attempt("write outside", lambda: write(places["victim"]))
+attempt("add a file to the images", lambda: write(Path(places["images"]) / "new.png"))
+attempt("write the private folder", lambda: write(scratch / "mine"))
+attempt("write /dev/shm", shared_memory)
+attempt("read through a link", through_a_link)
+attempt("hard-link a file in", lambda: os.link(places["answers"], scratch / "hard"))
+attempt("tcp", lambda: connect(socket.AF_INET, socket.SOCK_STREAM, ("127.0.0.1", places["tcp"])))
+attempt("tcp6", lambda: connect(socket.AF_INET6, socket.SOCK_STREAM, ("::1", places["tcp"])))
+attempt("udp", lambda: connect(socket.AF_INET, socket.SOCK_DGRAM, ("127.0.0.1", places["tcp"])))
+attempt("abstract socket outside", lambda: connect(socket.AF_UNIX, socket.SOCK_STREAM, places["abstract"]))
+attempt("signal a process outside", lambda: os.kill(places["outside_pid"], 0))
+attempt("signal its own child", own_child)
+attempt("type into a terminal", lambda: fcntl.ioctl(tty_other, termios.TIOCSTI, b"x"))
+attempt("io_uring", io_uring)
+attempt("run a program", lambda: subprocess.run(["/bin/true"], check=True))
+reader = f"open({places['answers']!r}).read()"
+attempt("a child reads beside the images", lambda: subprocess.run([sys.executable, "-c", reader], check=True))
+print(json.dumps(results))
+"""
+
+ALLOWED = ("read an image", "write the private folder", "write /dev/shm", "signal its own child", "run a program")
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("probe")
+    (root / "images").mkdir()
+    (root / "images" / "a.png").write_bytes(b"png")
+    (root / "answers.json").write_text("{}")
+    (root / "scratch").mkdir()
+    victim = root / "victim.py"
+    victim.write_text("print('mine')\n")
+    listener = socket.create_server(("127.0.0.1", 0))
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract.bind(b"\0harness-probe-%d" % os.getpid())
+    abstract.listen()
+    places = {
+        "images": str(root / "images"),
+        "answers": str(root / "answers.json"),
+        "scratch": str(root / "scratch"),
+        "victim": str(victim),
+        "tcp": listener.getsockname()[1],
+        "abstract": abstract.getsockname().decode("latin-1"),
+        "outside_pid": os.getpid(),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(places)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    listener.close()
+    abstract.close()
+    assert done.returncode == 0, done.stderr
+    assert victim.read_text() == "print('mine')\n"
+    return json.loads(done.stdout)
+
+
+def test_a_confined_process_reaches_only_what_it_was_granted(probe: dict[str, str]) -> None:
+    allowed = {name: result for name, result in probe.items() if name in ALLOWED}
+    assert allowed == dict.fromkeys(ALLOWED, "ok")
+    refused = {name: result for name, result in probe.items() if name not in ALLOWED}
+    assert refused == {
+        "read beside the images": "EACCES",
+        "write outside": "EACCES",
+        "add a file to the images": "EACCES",
+        "read through a link": "EACCES",  # the kernel checks the file a link leads to
+        "hard-link a file in": "EXDEV",  # Landlock refuses to link in a file from a folder it does not grant
+        "tcp": "ENETDOWN",  # seccomp: no socket but a UNIX one
+        "tcp6": "ENETDOWN",
+        "udp": "ENETDOWN",
+        "abstract socket outside": "EPERM",  # Landlock's scope: only the run's own processes' sockets
+        "signal a process outside": "EPERM",
+        "type into a terminal": "EPERM",  # TIOCSTI
+        "io_uring": "EPERM",
+        "a child reads beside the images": "the child failed",  # what the run starts inherits it all
+    }
+
+
+def test_landlock_refuses_a_process_that_already_runs_threads() -> None:
+    code = textwrap.dedent(
+        """
+        import threading, time
+        from harness.pipeline import sandbox
+        threading.Thread(target=time.sleep, args=(5,), daemon=True).start()
+        try:
+            sandbox.restrict([], close_network=True)
+        except sandbox.SandboxError as error:
+            print(error)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "already runs 2 threads" in done.stdout, done.stderr
+
+
+def test_importing_the_run_and_reading_its_settings_starts_no_thread() -> None:
+    """What a run does before it confines itself leaves it one thread: numpy's BLAS or torch imported early would
+    start threads that Landlock leaves free."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import harness.cli, harness.tools.commands
+        from harness.options import sources_from
+        from harness.pipeline import sandbox
+        sources_from({"input_dir": "sample-images", "model": "timm:resnet18", "checkpoint": "x"}, {})
+        sources_from({"input_dir": "sample-images"}, {})
+        print(sandbox.threads(), "torch" in sys.modules, "numpy" in sys.modules)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["1", "False", "False"], done.stderr
+
+
+# ---- the rules a run gets, from its settings ----
+
+
+def test_every_setting_that_names_a_file_says_whether_the_run_reads_or_writes_it() -> None:
+    """A new setting naming a file cannot be forgotten by the confinement: each Path setting, and each text one that
+    names a file, declares its role; the roles are the settings the rules are built from."""
+    for name, spec in RUN_FIELDS.items():
+        if "Path" in str(spec.type):
+            assert spec.metadata["path"] in ("read", "write"), name
+    roles = {name: spec.metadata["path"] for name, spec in RUN_FIELDS.items() if spec.metadata["path"]}
+    assert roles == {
+        "input_dir": "read",
+        "output_file": "write",
+        "model": "read",
+        "model_dir": "read",
+        "module": "read",
+        "checkpoint": "read",
+        "label_map": "read",
+        "save_probs": "write",
+    }
+
+
+def test_a_runs_rules_read_its_files_and_write_nothing_of_its_output_folder(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\n")
+    checkpoint = tmp_path / "weights" / "w.pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"")
+    output = tmp_path / "out" / "p.csv"
+    given = {"input_dir": SAMPLES, "output_file": output, "label_map": labels, "checkpoint": checkpoint}
+    config = build_config({**given, "model_dir": REPO / "model", "topk": 2}, {}, {})
+    scratch = tmp_path / "scratch"
+    granted = {rule.path: rule.rights for rule in rules(config, {}, [], scratch)}
+
+    def reads(path: Path) -> bool:
+        return any(
+            path.resolve().is_relative_to(place) and rights & sandbox.READ_FILE for place, rights in granted.items()
+        )
+
+    assert all(reads(path) for path in (SAMPLES, REPO / "model", labels, checkpoint))
+    assert not reads(tmp_path / "answers.json")
+    assert {path for path, rights in granted.items() if rights & sandbox.MAKE_REG} == {Path("/dev/shm"), scratch}
+    assert not any(output.parent.is_relative_to(path) for path in granted)  # not even readable
+    assert run_outputs(config).files >= {output, output.with_name("run.json"), output.with_name("errors.csv.partial")}
+
+
+# ---- the gate ----
+
+
+def test_the_gate_opens_only_the_runs_files_and_never_through_a_link(tmp_path: Path) -> None:
+    output = tmp_path / "p.csv"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep\n")
+    with gated(OutputFiles.of([output])):
+        fd = open_output(output.with_name("p.csv.partial"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.write(fd, b"a.png,1\n")
+        os.close(fd)
+        replace_output(output.with_name("p.csv.partial"), output)
+        assert output.read_text() == "a.png,1\n"
+        with pytest.raises(PermissionError):
+            open_output(tmp_path / "other.csv", os.O_WRONLY | os.O_CREAT)
+        with pytest.raises(PermissionError):
+            replace_output(output, victim)
+        output.with_name("p.csv.partial").symlink_to(victim)
+        with pytest.raises(OSError, match="Too many levels of symbolic links"):
+            open_output(output.with_name("p.csv.partial"), os.O_WRONLY | os.O_TRUNC)
+        remove_output(output.with_name("p.csv.partial"))  # the link itself, not its target
+        os.mkfifo(output.with_name("p.csv.partial"))
+        with pytest.raises(OSError, match="not a regular file"):  # and it did not block on the pipe
+            open_output(output.with_name("p.csv.partial"), os.O_RDONLY)
+        with pytest.raises(OSError, match="No such device or address"):  # a pipe nobody reads: refused at once
+            open_output(output.with_name("p.csv.partial"), os.O_WRONLY)
+    assert victim.read_text() == "keep\n" and stat.S_ISFIFO(os.lstat(output.with_name("p.csv.partial")).st_mode)
+
+
+GATE = r"""
+import json, os, socket, sys
+from pathlib import Path
+from harness.results import gate
+
+places = json.loads(sys.argv[1])
+gate.start_gate(gate.OutputFiles.of([Path(places["output"])]), [Path(places["cleanup"])])
+results = {}
+fd = gate.open_output(Path(places["output"]), os.O_WRONLY | os.O_CREAT)
+os.write(fd, b"written by the gate's descriptor\n")
+os.close(fd)
+try:
+    gate.open_output(Path(places["other"]), os.O_WRONLY | os.O_CREAT)
+except PermissionError:
+    results["other"] = "refused"
+channel = gate._current.channel
+channel.send(b"{not json")
+results["garbage"] = json.loads(channel.recv(65536))["strerror"]
+channel.send(json.dumps({"op": "open", "path": places["other"], "flags": 65, "id": "x"}).encode())
+results["forged"] = json.loads(socket.recv_fds(channel, 65536, 1)[0])["strerror"]
+gate.remove_output(Path(places["output"]).with_name("p.csv.partial"))
+results["alive"] = "yes"
+print(json.dumps(results))
+"""
+
+
+def test_the_gate_process_answers_only_for_the_runs_files_and_cleans_up_after_it(tmp_path: Path) -> None:
+    cleanup = tmp_path / "scratch"
+    cleanup.mkdir()
+    places = {"output": str(tmp_path / "p.csv"), "other": str(tmp_path / "other.csv"), "cleanup": str(cleanup)}
+    done = subprocess.run(
+        [sys.executable, "-c", GATE, json.dumps(places)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "other": "refused",
+        "garbage": "not a request the gate takes",
+        "forged": "not one of the run's output files",
+        "alive": "yes",
+    }
+    assert (tmp_path / "p.csv").read_text() == "written by the gate's descriptor\n"
+    assert not (tmp_path / "other.csv").exists()
+    for _ in range(100):  # the gate removes the private folder once the run's last descriptor to it closed
+        if not cleanup.exists():
+            break
+        threading.Event().wait(0.05)
+    assert not cleanup.exists()
+
+
+# ---- hostile models, end to end ----
+
+HOSTILE_CLASS = """import socket
+from pathlib import Path
+
+import torch
+
+WHAT, TARGET = (Path(__file__).parent / "attempt.txt").read_text().split()
+
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 10)
+
+    def forward(self, x):
+        for what in WHAT.split("+"):
+            if what == "write":
+                Path(TARGET.split(",")[0]).write_text("written by the model")
+            elif what == "read":
+                Path(TARGET.split(",")[1]).read_text()
+            elif what == "connect":
+                socket.create_connection(("127.0.0.1", int(TARGET.split(",")[2])), timeout=5).close()
+        return self.fc(x.mean(dim=(2, 3)))
+"""
+
+
+@pytest.fixture
+def stage(tmp_path: Path) -> dict[str, Path | int]:
+    """Images with an answers file beside them, a file outside every folder the run uses, and a listening port."""
+    images = tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    (images / "chelsea.png").write_bytes((SAMPLES / "chelsea.png").read_bytes())
+    (tmp_path / "data" / "answers.json").write_text('{"chelsea.png": 1}')
+    victim = tmp_path / "victim.py"
+    victim.write_text("print('mine')\n")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    yield {"images": images, "answers": tmp_path / "data" / "answers.json", "victim": victim, "listener": listener}
+    listener.close()
+
+
+def _accepted(listener: socket.socket) -> bool:
+    try:
+        listener.accept()[0].close()
+    except TimeoutError:
+        return False
+    return True
+
+
+def _class_model(folder: Path, what: str, stage: dict) -> Path:
+    folder.mkdir()
+    (folder / "model.py").write_text(HOSTILE_CLASS)
+    port = stage["listener"].getsockname()[1]
+    (folder / "attempt.txt").write_text(f"{what} {stage['victim']},{stage['answers']},{port}")
+    return folder
+
+
+def _torchscript_model(folder: Path, what: str, stage: dict) -> Path:
+    """TorchScript (no pickle, no --trust-pickle needed): a program, whose forward opens a file outside."""
+    import torch
+
+    target = str(stage["victim"] if what == "write" else stage["answers"])
+
+    class Opens(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 10)
+            self.target = target
+            self.shared = what == "write"
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen = torch.from_file(self.target, shared=self.shared, size=4, dtype=torch.uint8)
+            if self.shared:
+                seen.fill_(65)
+            return self.fc(x.mean(dim=(2, 3))) + seen.sum().float() * 0
+
+    folder.mkdir()
+    torch.jit.script(Opens().eval()).save(str(folder / "model.pt"))
+    return folder / "model.pt"
+
+
+def _run(stage: dict, model: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    output = stage["images"].parent.parent / "out" / "predictions.csv"
+    command = [sys.executable, "entrypoint.py", str(stage["images"]), str(output), "--model", str(model)]
+    return subprocess.run(
+        [*command, "--progress", "false", "--workers", "0", *options],
+        cwd=REPO,
+        env=env_without_build_args(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        input="y\n" * 8,  # nothing may read it
+    )
+
+
+def _refused(done: subprocess.CompletedProcess[str], said: str) -> None:
+    assert done.returncode == 4, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("harness: error: ") and said in lines[-1], lines
+    assert lines[-1].endswith("--confine off to allow") and "Traceback" not in done.stderr
+
+
+ATTEMPTS = {
+    "write": "the model tried to open {victim}",
+    "read": "the model tried to open {answers}",
+    "connect": "the model tried to use the network",
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "what"),
+    [
+        ("torchscript", "write"),
+        ("class", "read"),
+        ("class", "connect"),
+        pytest.param("class", "write", marks=pytest.mark.slow),
+        pytest.param("torchscript", "read", marks=pytest.mark.slow),
+    ],
+)
+def test_a_hostile_model_is_refused_in_one_line(tmp_path: Path, stage: dict, kind: str, what: str) -> None:
+    make = _torchscript_model if kind == "torchscript" else _class_model
+    done = _run(stage, make(tmp_path / "model", what, stage))
+    _refused(done, ATTEMPTS[what].format(**stage))
+    assert stage["victim"].read_text() == "print('mine')\n"
+    assert not _accepted(stage["listener"])
+
+
+def test_the_same_attempts_succeed_unconfined(tmp_path: Path, stage: dict) -> None:
+    """--confine off lets a model do what the tests above refuse: they would fail if confinement did nothing."""
+    done = _run(stage, _class_model(tmp_path / "model", "write+read+connect", stage), "--confine", "off")
+    assert done.returncode == 0, done.stderr
+    assert stage["victim"].read_text() == "written by the model"
+    assert _accepted(stage["listener"])
+    assert "not confined: --confine off" in done.stderr
+
+
+def test_a_hugging_face_folder_with_its_own_code_is_refused_unrun_whatever_stdin_says(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from tests.helpers import tiny_hf_vit
+
+    folder = tiny_hf_vit(tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    auto_map = {"AutoConfig": "evil.EvilConfig", "AutoModelForImageClassification": "evil.EvilModel"}
+    config.update(model_type="evil-vit", auto_map=auto_map)
+    (folder / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "imported"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    assert transformers is not None
+    for mode in ("auto", "off"):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "entrypoint.py",
+                str(SAMPLES),
+                str(tmp_path / "p.csv"),
+                "--model",
+                str(folder),
+                "--confine",
+                mode,
+            ],
+            cwd=REPO,
+            env=env_without_build_args(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            input="y\n" * 8,
+        )
+        assert done.returncode == 4, done.stderr
+        assert "names the model's own Python code (auto_map)" in done.stderr.strip().splitlines()[-1]
+        assert "[y/N]" not in done.stdout + done.stderr
+        assert not marker.exists()
+
+
+# ---- where confinement cannot be ----
+
+NO_LANDLOCK = r"""
+import os, struct, sys
+from harness.pipeline import sandbox
+
+# A seccomp filter that answers Landlock's system calls (444-446) with ENOSYS, as a kernel without Landlock does.
+program = [(0x20, 0, 0, 0), (0x35, 0, 2, 444), (0x35, 1, 0, 447), (0x06, 0, 0, 0x00050026), (0x06, 0, 0, 0x7FFF0000)]
+libc = sandbox._libc()
+sandbox._prctl(libc, sandbox.PR_SET_NO_NEW_PRIVS, 1)
+sandbox._install_seccomp(libc, b"".join(struct.pack("=HBBI", *op) for op in program))
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_without_landlock_on_refuses_and_auto_runs_unconfined_saying_so(tmp_path: Path, mode: str) -> None:
+    output = tmp_path / "out" / "p.csv"
+    command = [sys.executable, "-c", NO_LANDLOCK, "entrypoint.py", str(SAMPLES), str(output), "--confine", mode]
+    done = subprocess.run(
+        [*command, "--progress", "false"], cwd=REPO, env=env_without_build_args(), capture_output=True, text=True
+    )
+    if mode == "on":
+        assert done.returncode == 5, done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert "--confine on: cannot confine this run: the kernel" in last and "no Landlock system calls" in last
+        assert not output.exists()
+    else:
+        assert done.returncode == 0, done.stderr
+        assert "harness: not confined: the kernel" in done.stderr
+        recorded = json.loads(output.with_name("run.json").read_text())["confinement"]
+        assert recorded["state"] == "off" and "no Landlock system calls" in recorded["reason"]
+
+
+def test_an_in_process_call_cannot_be_confined_on_request(tmp_path: Path, capsys) -> None:
+    argv = [str(SAMPLES), str(tmp_path / "p.csv"), "--confine", "on", "--progress", "false"]
+    assert main(argv) == 5
+    assert "an in-process call cannot confine its caller" in capsys.readouterr().err
+
+
+# ---- every kind of model and every tool, confined and not: the same bytes ----
+
+TINY_CLASS = """import torch
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=4)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean(dim=(2, 3)))
+"""
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+    """One model of each kind, seeded, as their --model options."""
+    import zipfile
+
+    import torch
+
+    timm = pytest.importorskip("timm")
+    from tests.helpers import tiny_hf_vit
+
+    root = tmp_path_factory.mktemp("zoo")
+    torch.manual_seed(0)
+    resnet = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    torch.save(resnet.state_dict(), root / "resnet18.pth")
+    folder = root / "class"
+    folder.mkdir()
+    (folder / "model.py").write_text(TINY_CLASS)
+    namespace: dict = {}
+    exec(TINY_CLASS, namespace)
+    tiny = namespace["Tiny"]().eval()
+    torch.save(tiny.state_dict(), folder / "weights.pth")
+    (folder / "config.yaml").write_text("class_name: Tiny\ncheckpoint: weights.pth\n")
+    with zipfile.ZipFile(root / "class.zip", "w") as archive:
+        for path in folder.iterdir():
+            archive.write(path, f"class/{path.name}")
+    (root / "saved").mkdir()
+    torch.jit.trace(tiny, torch.zeros(1, 3, 224, 224)).save(str(root / "saved" / "tiny.pt"))
+    (root / "onnx").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notices
+        torch.onnx.export(
+            tiny,
+            (torch.zeros(1, 3, 224, 224),),
+            str(root / "onnx" / "tiny.onnx"),
+            dynamo=False,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "n"}},
+        )
+    return {
+        "timm": ["--model", "timm:resnet18", "--checkpoint", str(root / "resnet18.pth")],
+        "hf": ["--model", str(tiny_hf_vit(root / "hf"))],
+        "onnx": ["--model", str(root / "onnx" / "tiny.onnx")],
+        "class": ["--model", str(folder)],
+        "saved": ["--model", str(root / "saved" / "tiny.pt")],
+        "zip": ["--model", str(root / "class.zip")],
+    }
+
+
+def _harness(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *argv],
+        cwd=REPO,
+        env=env_without_build_args(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["timm", "hf", "onnx", "class", "saved", "zip"])
+def test_every_kind_writes_the_same_csv_confined_and_not(zoo: dict, tmp_path: Path, kind: str) -> None:
+    written = {}
+    for mode in ("auto", "off"):
+        output = tmp_path / mode / "p.csv"
+        done = _harness(str(SAMPLES), str(output), *zoo[kind], "--progress", "false", "--confine", mode)
+        assert done.returncode == 0, done.stderr
+        state = json.loads(output.with_name("run.json").read_text())["confinement"]["state"]
+        assert state == ("filesystem+network" if mode == "auto" else "off")
+        written[mode] = output.read_bytes()
+    assert written["auto"] == written["off"]
+
+
+@pytest.mark.slow
+def test_the_tools_give_the_same_results_confined_and_not(zoo: dict, tmp_path: Path) -> None:
+    for mode in ("auto", "off"):
+        done = _harness("check", "--output", str(tmp_path / mode / "check"), "--confine", mode)
+        assert done.returncode == 0, done.stderr
+        done = _harness("export-onnx", *zoo["class"], "--output", str(tmp_path / mode / "m.onnx"), "--confine", mode)
+        assert done.returncode == 0, done.stderr
+        run = _harness(str(SAMPLES), str(tmp_path / mode / "p.csv"), "--model", str(tmp_path / mode / "m.onnx"))
+        assert run.returncode == 0, run.stderr
+        done = _harness("check-model", *zoo["class"], "--repeats", "1", "--confine", mode)
+        assert done.returncode == 0, done.stderr
+        assert "parameters  314 (0.0M)" in done.stdout
+    for name in ("check/predictions.csv", "p.csv"):
+        assert (tmp_path / "auto" / name).read_bytes() == (tmp_path / "off" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_images_behind_links_are_read_where_the_links_lead(tmp_path: Path) -> None:
+    """A dataset of links (a linked folder, a linked file) is classified confined as it is unconfined: the run may
+    read where its input's links lead, and nothing else beside them."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "folder").mkdir(parents=True)
+    (elsewhere / "folder" / "flower.jpg").write_bytes((SAMPLES / "flower.jpg").read_bytes())
+    (elsewhere / "chelsea.png").write_bytes((SAMPLES / "chelsea.png").read_bytes())
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "linked").symlink_to(elsewhere / "folder")
+    (images / "chelsea.png").symlink_to(elsewhere / "chelsea.png")
+    rows = {}
+    for mode in ("auto", "off"):
+        output = tmp_path / mode / "p.csv"
+        done = _harness(str(images), str(output), "--progress", "false", "--confine", mode)
+        assert done.returncode == 0, done.stderr
+        rows[mode] = output.read_text()
+    assert rows["auto"] == rows["off"] and rows["auto"].count("\n") == 2
