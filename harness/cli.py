@@ -98,14 +98,16 @@ def _classify(config: Config, found: Discovery) -> int:
     except KeyboardInterrupt as stop:
         reason = "terminated" if isinstance(stop, _Terminated) else "interrupted"
         print(
-            f"harness: {reason}; the rows finished so far are in {partial_path(config.output_file)}",
+            f"harness: {reason}; the rows finished so far are in {partial_path(config.output_file)}: the same "
+            "command with --resume goes on from there",
             file=sys.stderr,
         )
         return INTERRUPTED
     finally:
         if head is not None:
             head.close()
-    print(report.closing_line())
+    if config.rank == 0:  # under torchrun, rank 0's line covers the merged run
+        print(report.closing_line())
     return 0
 
 

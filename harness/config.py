@@ -22,7 +22,7 @@ from harness.models.kinds import MODEL_PREFIXES, locate_model
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
-LABEL_MAPS = ("auto", "none", "objectnet", "objectnet-legacy")
+LABEL_MAPS = ("auto", "none", "objectnet", "objectnet-legacy", "imagenet-names")
 OBJECTNET_MAPS = ("objectnet", "objectnet-legacy")  # the maps whose files the ObjectNet scorer reads
 OBJECTNET_TOPK = 5  # it reads exactly five (id, confidence) pairs a row (harness/results/contract.py)
 CONFIG_FILE = "config.yaml"
@@ -269,7 +269,11 @@ class Preprocess:
     resize_size: int | None = _preprocessing(
         None, _optional(_int(1)), "shorter side after resizing, before the centre crop (default: from crop_pct)"
     )
-    crop_pct: float = _preprocessing(1.0, _float(0.05, 1.0), "input_size / resize_size when resize_size is not set")
+    crop_pct: float = _preprocessing(
+        1.0,
+        _float(0.05, 1.0),
+        "when resize_size is not set, the resize is input_size / crop_pct, rounded down (as timm's)",
+    )
     resize_mode: str = _preprocessing(
         "shorter",
         _choice("shorter", "squash"),
@@ -310,7 +314,7 @@ class Preprocess:
     def resize_to(self) -> int:
         if self.resize_size is not None:
             return self.resize_size
-        return max(self.input_size, round(self.input_size / self.crop_pct))
+        return max(self.input_size, math.floor(self.input_size / self.crop_pct))  # timm's create_transform
 
 
 @dataclass(frozen=True)
@@ -373,7 +377,8 @@ class Config:
     label_map: str = _setting(
         "auto",
         _label_map,
-        "auto, none, objectnet, objectnet-legacy, or a labels file (one class name a line)",
+        "auto, none, objectnet, objectnet-legacy, imagenet-names (a 1000-class ImageNet head's class names, for any "
+        "photos), or a labels file (one class name a line)",
         model=True,
         path="read",
     )
@@ -465,6 +470,9 @@ class Config:
     local_rank: int = _setting(0, _int(0), "its place on this machine: the GPU it uses (set by torchrun)")
     local_world_size: int = _setting(1, _int(1), "processes on this machine, sharing its cores (set by torchrun)")
     preprocess: Preprocess = field(default_factory=Preprocess)
+    # where each setting came from (config.yaml, the environment, the command line, the model itself); a default
+    # is absent. Not a setting: built with them, shown in the start-up line and run.json
+    origins: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def run_json(self) -> Path:
@@ -618,59 +626,92 @@ def merge_sources(
     `yaml_data` is None the model folder's config.yaml is read (the folder itself may come from the CLI, through
     --model or --model-dir).
     """
-    run: dict[str, Any] = {}
-    pre: dict[str, Any] = {}
-    explicit: set[str] = set()
-
-    def apply(name: str, value: Any, source: str) -> None:
-        explicit.add(name)
-        if name in PREPROCESS_FIELDS:
-            pre[name] = _parse(PREPROCESS_FIELDS, name, value, source)
-        else:
-            run[name] = _parse(RUN_FIELDS, name, value, source)
-
+    merged = _Merged()
     located, read_folder_config = locate_model(cli.get("model"), cli.get("model_dir"))
     for name, value in located.items():
-        run[name] = _parse(RUN_FIELDS, name, value, "command line (--model)")
-    model_dir = run.get("model_dir", Config.model_dir)
+        merged.run[name] = _parse(RUN_FIELDS, name, value, "command line (--model)")
+    model_dir = Path(merged.run.get("model_dir", Config.model_dir))
     if yaml_data is None:
         yaml_data = read_yaml(model_dir) if read_folder_config else {}
     yaml_source = str(model_dir / CONFIG_FILE)
-    for name, value in yaml_data.items():
-        if name == "preprocess":
-            if not isinstance(value, dict):
-                raise ConfigError(f"{yaml_source}: 'preprocess' must be a mapping of setting: value")
-            for pre_name, pre_value in value.items():
-                explicit.add(pre_name)
-                pre[pre_name] = model_setting(pre_name, pre_value, f"{yaml_source} (preprocess)", Path(model_dir))
-        elif name in PREPROCESS_FIELDS:
-            raise ConfigError(f"{yaml_source}: '{name}' belongs under 'preprocess:'")
-        elif name == "model":
-            text = "" if value is None else str(value).strip()
-            if not text:
-                continue
-            if text.startswith("timm:"):
-                explicit.add("model")
-                run["model"] = _parse(RUN_FIELDS, "model", text, yaml_source)
-            elif text.startswith(MODEL_PREFIXES):
-                raise ConfigError(f"{yaml_source}: model {text!r} would take the model from elsewhere: {_RUN_ONLY}")
-            else:  # a model file in this folder
-                explicit.add("module")
-                run["module"] = model_setting("module", value, yaml_source, Path(model_dir))
-        else:
-            explicit.add(name)
-            run[name] = model_setting(name, value, yaml_source, Path(model_dir))
+    merged.read_yaml(yaml_data, yaml_source, model_dir)
     for variable, name in ENV_FIELDS.items():
         value = environ.get(variable, "")
         if value.strip():
-            apply(name, value, f"environment variable {variable}")
+            merged.apply(name, value, f"environment variable {variable}")
     for name, value in cli.items():
         if value is not None and name not in located:
-            apply(name, value, "command line")
-
-    config = Config(**run, preprocess=Preprocess(**pre))
+            merged.apply(name, value, "command line")
+    _check_written_for(yaml_data, yaml_source, merged)
+    config = Config(**merged.run, preprocess=Preprocess(**merged.pre), origins=dict(merged.origins))
     _check(config)
-    return Sources(config, frozenset(explicit))
+    return Sources(config, frozenset(merged.origins))
+
+
+FOR_ANY_CLASS = "for_any_class"  # config.yaml's word that its settings fit every class in the folder
+
+
+@dataclass
+class _Merged:
+    """The settings the sources gave so far, and which source gave each."""
+
+    run: dict[str, Any] = field(default_factory=dict)
+    pre: dict[str, Any] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+
+    def apply(self, name: str, value: Any, source: str) -> None:
+        self.origins[name] = source
+        if name in PREPROCESS_FIELDS:
+            self.pre[name] = _parse(PREPROCESS_FIELDS, name, value, source)
+        else:
+            self.run[name] = _parse(RUN_FIELDS, name, value, source)
+
+    def read_yaml(self, data: Mapping[str, Any], source: str, folder: Path) -> None:
+        """config.yaml's settings, each checked as the model's own to set (model_setting)."""
+        for name, value in data.items():
+            if name == FOR_ANY_CLASS:
+                _parse_bool(value)
+            elif name == "preprocess":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{source}: 'preprocess' must be a mapping of setting: value")
+                for pre_name, pre_value in value.items():
+                    self.pre[pre_name] = model_setting(pre_name, pre_value, f"{source} (preprocess)", folder)
+                    self.origins[pre_name] = source
+            elif name in PREPROCESS_FIELDS:
+                raise ConfigError(f"{source}: '{name}' belongs under 'preprocess:'")
+            elif name == "model":
+                self._yaml_model(value, source, folder)
+            else:
+                self.run[name] = model_setting(name, value, source, folder)
+                self.origins[name] = source
+
+    def _yaml_model(self, value: Any, source: str, folder: Path) -> None:
+        text = "" if value is None else str(value).strip()
+        if not text:
+            return
+        if text.startswith("timm:"):
+            self.run["model"] = _parse(RUN_FIELDS, "model", text, source)
+            self.origins["model"] = source
+        elif text.startswith(MODEL_PREFIXES):
+            raise ConfigError(f"{source}: model {text!r} would take the model from elsewhere: {_RUN_ONLY}")
+        else:  # a model file in this folder
+            self.run["module"] = model_setting("module", value, source, folder)
+            self.origins["module"] = source
+
+
+def _check_written_for(data: Mapping[str, Any], source: str, merged: _Merged) -> None:
+    """config.yaml names the class it was written for (class_name): its preprocessing and checkpoint are that
+    class's, so a run of another class with them is refused, unless the file says they fit any class."""
+    written_for = data.get("class_name")
+    chosen = merged.run.get("class_name")
+    others = [name for name in data if name not in ("class_name", FOR_ANY_CLASS)]
+    if not written_for or chosen in (None, written_for) or not others or _parse_bool(data.get(FOR_ANY_CLASS, False)):
+        return
+    raise ConfigError(
+        f"{source} was written for class {written_for} (its class_name), and this run's class is {chosen} (from "
+        f"the {merged.origins['class_name']}): its {', '.join(others)} may not fit {chosen}. Check them, then set "
+        f"class_name: {chosen} in {source}, or {FOR_ANY_CLASS}: true where they fit every class in the folder"
+    )
 
 
 def _with_model_settings(config: Config, values: Mapping[str, Any], source: str, given: frozenset[str]) -> Config:
@@ -679,6 +720,7 @@ def _with_model_settings(config: Config, values: Mapping[str, Any], source: str,
     the command line. Class names (`labels`) are no setting: the model's loader reads them with the model."""
     run: dict[str, Any] = {}
     pre: dict[str, Any] = {}
+    origins = dict(config.origins)
     for name, value in values.items():
         if name == "labels":
             continue
@@ -687,7 +729,9 @@ def _with_model_settings(config: Config, values: Mapping[str, Any], source: str,
         parsed = model_setting(name, value, source, config.model_dir, carried=True)  # checked even when overridden
         if name not in given:
             (pre if name in PREPROCESS_FIELDS else run)[name] = parsed
-    updated = dataclasses.replace(config, **run, preprocess=dataclasses.replace(config.preprocess, **pre))
+            origins[name] = source
+    preprocess = dataclasses.replace(config.preprocess, **pre)
+    updated = dataclasses.replace(config, **run, preprocess=preprocess, origins=origins)
     _check(updated)
     return updated
 

@@ -27,8 +27,9 @@ from harness.pipeline.devices import DeviceNormalizer
 from harness.pipeline.files import ImageFile
 from harness.pipeline.transforms import geometry
 from harness.results.labels import ObjectNetSummed, class_ids, imagenet_to_objectnet, objectnet_names
+from harness.results.report import describe_preprocessing
 from harness.tools.audit import MARGIN, Judge, Tally, beats_clearly, log_probabilities, variants
-from harness.tools.check import describe_preprocessing, read_answers, seconds_per_image
+from harness.tools.check import read_answers, seconds_per_image
 from harness.tools.preview import ORIGINAL_BOX, PAD, standard_view
 from tests.helpers import OBJECTNET_SAMPLES, REPO, SAMPLES, shared_file
 
@@ -327,9 +328,9 @@ def test_a_real_browser_draws_the_pages_images(tmp_path: Path) -> None:
 
 def test_the_preprocessing_line_names_the_resize_and_the_crop() -> None:
     shorter = Preprocess(resize_size=256, interpolation="bicubic")
-    line = describe_preprocessing(shorter, False)
+    line = describe_preprocessing(shorter)
     assert line.startswith("border 2, shorter side to 256 (bicubic), centre crop 224,")
     squash = Preprocess(resize_size=224, resize_mode="squash", crop_offset="floor")
-    assert "both sides to 224 (bilinear), no crop," in describe_preprocessing(squash, False)
+    assert "both sides to 224 (bilinear), no crop," in describe_preprocessing(squash)
     floor = Preprocess(resize_size=256, crop_offset="floor")
-    assert "centre crop 224 (offset floor)," in describe_preprocessing(floor, False)
+    assert "centre crop 224 (offset floor)," in describe_preprocessing(floor)

@@ -26,7 +26,7 @@ def test_defaults_are_the_template_preprocessing() -> None:
 
 
 def test_precedence_yaml_then_env_then_cli() -> None:
-    yaml_data = {"class_name": "FromYaml", "softmax": False, "preprocess": {"input_size": 200}}
+    yaml_data = {"class_name": "FromYaml", "softmax": False, "preprocess": {"input_size": 200}, "for_any_class": True}
     config = build_config({}, {}, yaml_data)
     assert (config.class_name, config.softmax, config.preprocess.input_size) == ("FromYaml", False, 200)
     env = {"BATCH_SIZE": "16", "MODEL_CLASS_NAME": "FromEnv", "WORKERS": ""}  # empty build arg = unset
@@ -35,6 +35,36 @@ def test_precedence_yaml_then_env_then_cli() -> None:
     config = build_config(_cli("--batch_size", "32", "--input-size", "160", "--softmax"), env, yaml_data)
     assert (config.batch_size, config.class_name, config.preprocess.input_size) == (32, "FromEnv", 160)
     assert config.softmax is True
+
+
+def test_a_config_yaml_written_for_another_class_is_refused_naming_both_and_the_fix() -> None:
+    """The example's config.yaml (EfficientNet-Lite0's preprocessing) kept for another class: refused, not run with
+    the wrong preprocessing; the same class, a config.yaml with only its class, or for_any_class run."""
+    yaml_data = {"class_name": "EfficientNetLite0", "preprocess": {"value_scale": 255}}
+    with pytest.raises(ConfigError) as refused:
+        build_config({}, {"MODEL_CLASS_NAME": "ResNet"}, yaml_data)
+    said = str(refused.value)
+    assert "model/config.yaml was written for class EfficientNetLite0 (its class_name)" in said
+    assert "this run's class is ResNet (from the environment variable MODEL_CLASS_NAME)" in said
+    assert "set class_name: ResNet in model/config.yaml, or for_any_class: true" in said
+    with pytest.raises(ConfigError, match="from the command line"):
+        build_config(_cli("imgs", "out.csv", "ResNet"), {}, yaml_data)
+    assert build_config({}, {"MODEL_CLASS_NAME": "EfficientNetLite0"}, yaml_data).class_name == "EfficientNetLite0"
+    assert build_config({}, {"MODEL_CLASS_NAME": "ResNet"}, {"class_name": "Lite"}).class_name == "ResNet"
+    anyone = {**yaml_data, "for_any_class": True}
+    assert build_config({}, {"MODEL_CLASS_NAME": "ResNet"}, anyone).preprocess.value_scale == 255
+
+
+def test_each_setting_says_where_it_came_from() -> None:
+    yaml_data = {"class_name": "Net", "preprocess": {"input_size": 200, "mean": [1, 2, 3], "std": [1, 1, 1]}}
+    config = build_config(_cli("--input-size", "160"), {"BATCH_SIZE": "4"}, yaml_data)
+    assert config.origins == {
+        "class_name": "model/config.yaml",
+        "input_size": "command line",
+        "mean": "model/config.yaml",
+        "std": "model/config.yaml",
+        "batch_size": "environment variable BATCH_SIZE",
+    }
 
 
 def test_the_example_model_folder_config_is_read() -> None:

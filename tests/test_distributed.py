@@ -64,13 +64,19 @@ def test_torchrun_two_cpu_processes_write_the_single_process_csv(tmp_path: Path)
     subprocess.run(
         [sys.executable, "entrypoint.py", str(SAMPLES), str(single), *options], cwd=REPO, env=env, check=True
     )
-    subprocess.run(
+    done = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node=2", "entrypoint.py", str(SAMPLES), str(multi), *options],
         cwd=REPO,
         env=env,
         check=True,
+        capture_output=True,
+        text=True,
     )
     assert multi.read_bytes() == single.read_bytes()
+    said = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("harness:")]
+    closing = [line for line in said if " failed, " in line]
+    assert len(closing) == 1 and closing[0].endswith(str(multi)), said  # one closing line: the merged run's
+    assert not any(".parts" in line or line.startswith("harness: 0 images") for line in said), said
     assert (multi.parent / "errors.csv").read_text() == ""
     assert sorted(p.name for p in multi.parent.iterdir()) == ["errors.csv", "predictions.csv", "run.json"]
     confinement = json.loads((multi.parent / "run.json").read_text())["confinement"]

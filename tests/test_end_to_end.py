@@ -190,7 +190,7 @@ def _cli(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     ("argv", "code", "message"),
     [
         ([], 3, "input folder /input does not exist"),
-        (["sample-images", "{tmp}/o.csv", "NoSuchNet"], 4, "no model class 'NoSuchNet'. Classes there: "),
+        (["sample-images", "{tmp}/o.csv", "NoSuchNet"], 2, "config.yaml was written for class EfficientNetLite0"),
         (["sample-images", "{tmp}/o.csv", "--gpus", "2"], 5, "no CUDA GPU is visible"),
         (["sample-images", "{tmp}/o.csv", "--batch_size", "-1"], 2, "batch_size='-1' is not valid"),
         (["sample-images", "{tmp}/o.csv", "--no-such-option"], 2, "unrecognized arguments"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -78,8 +79,23 @@ def test_a_timm_training_checkpoint_runs_by_name_and_equals_timms_forward(timm_c
     assert main([str(SAMPLES), str(output), "--model", "timm:resnet18", *common]) == 0
     _assert_matches(_rows(output), _timm_reference(ema), 1e-4, 5)
     run = (output.parent / "run.json").read_text()
-    assert '"classes": 10' in run and '"resize_size": 235' in run and '"interpolation": "bicubic"' in run
+    assert '"classes": 10' in run and '"crop_pct": 0.95' in run and '"interpolation": "bicubic"' in run
+    assert "shorter side to 235 (bicubic), centre crop 224" in run and "from timm's pretrained config" in run
     assert '"weights": "state_dict_ema"' in run
+
+
+def test_a_timm_models_resize_follows_a_new_input_size_as_timms_does(timm_checkpoint, tmp_path: Path) -> None:
+    """--input-size 299 on resnet18 (crop_pct 0.95): timm resizes to floor(299 / 0.95) = 314, then crops 299."""
+    from timm.data import create_transform, resolve_data_config
+
+    checkpoint, model, _ = timm_checkpoint
+    reference = create_transform(**resolve_data_config({"input_size": (3, 299, 299)}, model=model)).transforms[0]
+    output = tmp_path / "p.csv"
+    argv = ["--model", "timm:resnet18", "--checkpoint", str(checkpoint), "--input-size", "299", "--progress", "false"]
+    assert main([str(SAMPLES), str(output), *argv]) == 0
+    preprocessing = json.loads((tmp_path / "run.json").read_text())["preprocessing"]
+    assert f"shorter side to {reference.size} (bicubic), centre crop 299" in preprocessing["as_run"]
+    assert preprocessing["settings_from"]["input_size"] == "command line"
 
 
 def test_ema_true_and_false_choose(timm_checkpoint, tmp_path: Path) -> None:

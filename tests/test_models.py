@@ -111,10 +111,35 @@ def test_errors_in_user_code_name_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"ValueError: broken on purpose \(model.py:3\)"):
         load_model(_config(folder))
     folder = _folder(
-        tmp_path, "from torch import nn\n\nclass Model(nn.Module):\n    def __init__(self, n):\n        pass\n"
+        tmp_path, "from torch import nn\n\nclass Model(nn.Module):\n    def __init__(self):\n        1 / 0\n"
     )
-    with pytest.raises(ModelError, match=r"creating Model\(\) failed: TypeError"):
+    with pytest.raises(ModelError, match=r"creating Model\(\) failed: ZeroDivisionError"):
         load_model(_config(folder))
+
+
+def test_a_class_that_needs_arguments_says_the_harness_passes_none(tmp_path: Path) -> None:
+    source = (
+        "from torch import nn\n\nclass Model(nn.Module):\n    def __init__(self, depth, *, width, b=1):\n        pass\n"
+    )
+    with pytest.raises(
+        ModelError, match=r"Model\(\) needs arguments \(depth, width\), and the harness builds your class"
+    ):
+        load_model(_config(_folder(tmp_path, source)))
+
+
+def test_the_templates_file_beside_the_examples_is_used_when_it_holds_the_class(tmp_path: Path, capsys) -> None:
+    """The template's model_description.py copied into a folder that keeps the example's model.py: the class named
+    (the template's third positional argument) is taken from the file that defines it, and one line says so."""
+    folder = _folder(tmp_path, "from torch import nn\n\nclass EfficientNetLite0(nn.Module):\n    pass\n")
+    _folder(tmp_path, TINY, name="model_description.py")
+    loaded = load_model(_config(folder, class_name="Tiny"))
+    assert loaded.source.endswith("model_description.py")
+    assert "class Tiny is in" in capsys.readouterr().err
+    with pytest.raises(ModelError) as refused:
+        load_model(_config(folder, class_name="Absent"))
+    said = str(refused.value)
+    assert "has no model class 'Absent'" in said and "--module FILE or --model-dir FOLDER" in said
+    assert "the folder also holds model_description.py" in said
 
 
 def test_missing_folder_or_file(tmp_path: Path) -> None:

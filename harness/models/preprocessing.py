@@ -94,10 +94,10 @@ def timm_preprocess(name: str) -> dict[str, Any]:
     mode = getattr(cfg, "crop_mode", "center") or "center"
     if mode not in ("center", "squash"):
         raise ModelError(f"timm model {name} uses crop mode {mode!r}; set resize_size and input_size yourself")
-    crop_pct = cfg.crop_pct or 1.0
     return {
         "input_size": height,
-        "resize_size": math.floor(height / crop_pct),  # timm floors, as torchvision's Resize(int) then sees it
+        "crop_pct": cfg.crop_pct or 1.0,  # the resize follows the crop, as timm's: floor(input_size / crop_pct)
+        "resize_size": None,
         "resize_mode": "shorter" if mode == "center" else "squash",
         "interpolation": cfg.interpolation or "bilinear",
         "mean": list(cfg.mean),

@@ -6,6 +6,7 @@ the user's folder where it broke, not as the harness's stack.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import inspect
 import sys
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from harness.config import Config
+from harness.console import say
 from harness.errors import ModelError, describe_user_error
 from harness.models.kinds import MODULE_FILES
 
@@ -54,6 +56,9 @@ def where(error: BaseException, path: Path) -> str:
 
 
 def find_module_file(config: Config) -> Path:
+    """The Python file the class comes from: `module` when set, else model.py or the template's
+    model_description.py; when the folder holds both (the template's file copied beside the example's), the one
+    that defines the class, said in one line."""
     folder = config.model_dir
     if not folder.is_dir():
         raise ModelError(f"model folder {folder} does not exist: put your model's code in model/ or pass --model-dir")
@@ -62,10 +67,26 @@ def find_module_file(config: Config) -> Path:
         if not path.is_file():
             raise ModelError(f"{path} does not exist (set by 'module')")
         return path
-    for name in MODULE_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    raise ModelError(f"model folder {folder} holds neither {' nor '.join(MODULE_FILES)}: add the file with your class")
+    present = [folder / name for name in MODULE_FILES if (folder / name).is_file()]
+    if not present:
+        raise ModelError(
+            f"model folder {folder} holds neither {' nor '.join(MODULE_FILES)}: add the file with your class"
+        )
+    wanted = config.class_name or DEFAULT_CLASS
+    defining = [path for path in present if wanted in defined_classes(path)]
+    if len(present) > 1 and len(defining) == 1 and defining[0] != present[0]:
+        say(f"class {wanted} is in {defining[0]}, not {present[0]}: using {defining[0].name} (--module chooses)")
+        return defining[0]
+    return present[0]
+
+
+def defined_classes(path: Path) -> list[str]:
+    """The classes a Python file defines at its top level, read without running it."""
+    try:
+        tree = ast.parse(path.read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return []
+    return [node.name for node in tree.body if isinstance(node, ast.ClassDef)]
 
 
 def _module_classes(module: ModuleType) -> list[str]:
@@ -76,15 +97,36 @@ def _module_classes(module: ModuleType) -> list[str]:
     )
 
 
+def _required_arguments(cls: type) -> list[str]:
+    """The constructor's parameters that have no default: the harness (as the template) passes none."""
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty]
+
+
 def create_model(path: Path, class_name: str) -> nn.Module:
     """An instance of `class_name` from the user's file, built with no arguments (the template's contract)."""
     module = import_file(path, "harness_user_model")
     cls = getattr(module, class_name, None)
     if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
         classes = _module_classes(module)
+        others = [name for name in MODULE_FILES if name != path.name and (path.parent / name).is_file()]
+        elsewhere = (
+            f"; the folder also holds {others[0]}: --module {others[0]} takes the class from there" if others else ""
+        )
         raise ModelError(
             f"{path} has no model class '{class_name}'. Classes there: {', '.join(classes) or 'none'}. "
-            "Set MODEL_CLASS_NAME, class_name in config.yaml, or the third positional argument."
+            "Set MODEL_CLASS_NAME, class_name in config.yaml, or the third positional argument; --module FILE or "
+            f"--model-dir FOLDER load another file or folder{elsewhere}."
+        )
+    required = _required_arguments(cls)
+    if required:
+        raise ModelError(
+            f"{class_name}() needs arguments ({', '.join(required)}), and the harness builds your class with none, "
+            f"as the template does: give them defaults in {path.name}, or add a subclass whose __init__ passes them"
         )
     try:
         return cls()

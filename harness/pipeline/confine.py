@@ -288,7 +288,8 @@ def confined(
     record = _confine(config, environ, outputs, reads, _scratch())
     record = dataclasses.replace(record, setup_ms=1000 * (time.perf_counter() - started))
     _process.confinement = record
-    say(record.line())
+    if config.rank == 0:  # under torchrun one rank speaks for all
+        say(record.line())
     if record.active:
         yield record
         return

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Subset
 
-from harness.config import Config
+from harness.config import OBJECTNET_MAPS, Config
 from harness.console import progress_bar, say
 from harness.errors import ModelError, OutputError, is_dataloader_failure
 from harness.models.load import LoadedModel, load_model
 from harness.models.python_class import load_custom_transform
 from harness.pipeline.confine import current as current_confinement
-from harness.pipeline.decode import DecodeLimits, ModelFailure
+from harness.pipeline.decode import DecodeLimits, ModelFailure, detect_border, load_rgb
 from harness.pipeline.devices import tune_process
 from harness.pipeline.files import Discovery, ImageFile
 from harness.pipeline.forward import Forward, compiled_forward
@@ -37,7 +37,7 @@ from harness.results.gate import remove_output
 from harness.results.labels import LabelMap, make_label_map
 from harness.results.outputs import record_path
 from harness.results.probs import ProbabilityRecorder
-from harness.results.report import RunReport
+from harness.results.report import SHOWN_PREPROCESSING, RunReport, describe_preprocessing, preprocessing_sources
 from harness.results.verdict import judge
 from harness.results.writer import AtomicCsvWriter, check_writable, flush_together, partial_path
 
@@ -176,11 +176,16 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
     _describe(report, config, label_map, placed, workers=workers, prefetch=prefetch, head_images=head_images)
     clock = report.timed("load_model_s", clock)
     plan = placed.forward.plan
-    say(
-        f"{len(files)} images, model {loaded.class_name} ({placed.classes} classes), {plan.device}"
-        f"{f' x{len(plan.gpu_ids)}' if len(plan.gpu_ids) > 1 else ''}, batch {placed.batch_size}, {workers} workers, "
-        f"label map {label_map.name}"
-    )
+    if config.rank == 0:  # under torchrun one rank speaks for all
+        say(
+            f"{len(files)} images, model {loaded.class_name} ({placed.classes} classes), {plan.device}"
+            f"{f' x{len(plan.gpu_ids)}' if len(plan.gpu_ids) > 1 else ''}, batch {placed.batch_size}, "
+            f"{workers} workers, label map {label_map.name}"
+        )
+        say(f"preprocessing: {report.preprocessing['as_run']} ({report.preprocessing['from']})")
+        hint = frame_hint(config, files, label_map) if not done else None
+        if hint:
+            say(hint)
     batches, tracker = _batches(
         config,
         dataset,
@@ -218,9 +223,38 @@ def _load_and_place(
     dataset = ImageDataset(files, config.preprocess, custom, DecodeLimits.of(config))
     placed = place_model(config, loaded, dataset, len(files))
     report.fold_batchnorm, report.layout = placed.folded.describe(), placed.layout.describe()
-    transform = "model folder's data_transform_description.py" if custom else "harness"
-    report.model = loaded.describe(placed.classes, transform)
+    transform = config.transform_file if custom else None
+    report.model = loaded.describe(
+        placed.classes, "model folder's data_transform_description.py" if custom else "harness"
+    )
+    report.preprocessing = {
+        "as_run": describe_preprocessing(config.preprocess, transform),
+        "from": preprocessing_sources(config.origins, transform),
+        "settings_from": {name: config.origins.get(name, "default") for name in SHOWN_PREPROCESSING},
+    }
     return loaded, dataset, placed
+
+
+def frame_hint(config: Config, files: list[ImageFile], label_map: LabelMap) -> str | None:
+    """A hint when the run treats its images as ObjectNet's (a frame stripped, ObjectNet ids) and the first one has
+    no such frame: ordinary photos, most likely. One image decoded, once."""
+    border = config.preprocess.border
+    objectnet = label_map.name in OBJECTNET_MAPS
+    fixed = isinstance(border, int) and border > 0
+    if not files or not (fixed or objectnet) or config.transform_file.is_file():
+        return None
+    try:
+        framed = detect_border(load_rgb(files[0].path, max_pixels=config.max_pixels)) >= (border if fixed else 1)
+    except Exception:  # an unreadable first image gets its own row; no hint is worth a failure here
+        return None
+    if framed:
+        return None
+    advice = []
+    if fixed:
+        advice.append(f"--border 0 keeps their edges (the run strips {border} px)")
+    if objectnet:
+        advice.append("--label-map imagenet-names writes ImageNet class names, not ObjectNet ids")
+    return f"hint: {files[0].key} has no frame like ObjectNet's images: if these are other photos, " + "; ".join(advice)
 
 
 def _label_map(config: Config, classes: int, model_labels: list[str] | None) -> LabelMap:

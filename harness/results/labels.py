@@ -19,6 +19,7 @@ from harness.results.rows import Layout, Prediction
 IMAGENET_CLASSES = 1000
 MAPPING_FILE = "imagenet_pytorch_id_to_objectnet_id.json"
 IMAGENET_NAMES_FILE = "imagenet_classes.txt"
+IMAGENET_NAMES_MAP = "imagenet-names"  # the label map that writes them
 OBJECTNET_NAMES_FILE = "objectnet_classes.txt"
 
 
@@ -74,11 +75,11 @@ class TopK(LabelMap):
 
     name = "none"
 
-    def __init__(self, topk: int, softmax: bool, names: list[str] | None = None) -> None:
+    def __init__(self, topk: int, softmax: bool, names: list[str] | None = None, name: str = "names") -> None:
         super().__init__(topk, softmax)
         self.names = names
         if names:
-            self.name = "names"
+            self.name = name
 
     def __call__(self, outputs: torch.Tensor) -> list[Prediction]:
         values, indices = self.scores(outputs).topk(self.topk, dim=1)
@@ -214,11 +215,19 @@ def make_label_map(
             return ObjectNetLegacy(topk, softmax), warnings
         return ObjectNetSummed(topk, softmax), warnings
     names = model_names if label_map == "auto" and model_names and len(model_names) == num_classes else None
-    if label_map not in ("auto", "none"):
+    if label_map == IMAGENET_NAMES_MAP:
+        if num_classes != IMAGENET_CLASSES:
+            raise ConfigError(
+                f"label map {label_map} names a 1000-class ImageNet head's classes, but the model outputs "
+                f"{num_classes}: use --label-map none or a labels file"
+            )
+        names = imagenet_names()
+    elif label_map not in ("auto", "none"):
         path = Path(label_map)
         names = read_labels_file(path)
         if len(names) != num_classes:
             raise ConfigError(f"labels file {path} has {len(names)} names but the model outputs {num_classes} classes")
     if topk > num_classes:
         warnings.append(f"topk {topk} is more than the model's {num_classes} classes: writing {num_classes}")
-    return TopK(min(topk, num_classes), softmax, names), warnings
+    shown = IMAGENET_NAMES_MAP if label_map == IMAGENET_NAMES_MAP else "names"
+    return TopK(min(topk, num_classes), softmax, names, shown), warnings

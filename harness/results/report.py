@@ -11,11 +11,14 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness import __version__
+from harness.config import Preprocess
 from harness.results.writer import write_atomic_text
 
 # The packages whose versions can move a run's numbers or its behaviour: what run.json records, so a CSV can be
@@ -64,6 +67,53 @@ def distributions() -> list[str]:
     return sorted(found)
 
 
+SHOWN_PREPROCESSING = (  # what decides the pixels the model sees, in the order the line shows them
+    "border",
+    "resize_mode",
+    "resize_size",
+    "crop_pct",
+    "interpolation",
+    "input_size",
+    "crop_offset",
+    "channel_order",
+    "value_scale",
+    "mean",
+    "std",
+)
+
+
+def describe_preprocessing(pre: Preprocess, transform: Path | None = None) -> str:
+    """The preprocessing as it really runs, in one phrase: the model folder's own transform where it has one."""
+    if transform is not None:
+        return f"{transform} (the template's transform hook), after stripping a {pre.border} px frame"
+    normalise = "no normalisation" if pre.mean is None else f"mean {_numbers(pre.mean)}, std {_numbers(pre.std)}"
+    sides = "both sides" if pre.resize_mode == "squash" else "shorter side"
+    crop = f"centre crop {pre.input_size}" + (" (offset floor)" if pre.crop_offset == "floor" else "")
+    if pre.resize_mode == "squash" and pre.resize_to == pre.input_size:
+        crop = "no crop"
+    return (
+        f"border {pre.border}, {sides} to {pre.resize_to} ({pre.interpolation}), {crop}, "
+        f"{pre.channel_order.upper()}, values 0..{pre.value_scale:g}, {normalise}"
+    )
+
+
+def _numbers(values: tuple[float, ...] | None) -> str:
+    return ",".join(f"{value:g}" for value in values or ())
+
+
+def preprocessing_sources(origins: Mapping[str, str], transform: Path | None = None) -> str:
+    """Where the preprocessing came from, in a few words: the source most of it came from, and the settings that
+    came from elsewhere; the harness's defaults (torchvision's ImageNet recipe) said as such."""
+    if transform is not None:
+        return f"{transform}"
+    given = {name: origins[name] for name in SHOWN_PREPROCESSING if name in origins}
+    if not given:
+        return "the harness's defaults, torchvision's ImageNet recipe: set your model's in model/config.yaml"
+    main = Counter(given.values()).most_common(1)[0][0]
+    others = sorted(f"{name} from {source}" for name, source in given.items() if source != main)
+    return "; ".join([f"from {main}", *others])
+
+
 @dataclass
 class RunReport:
     config: dict[str, Any]
@@ -88,6 +138,7 @@ class RunReport:
     fold_batchnorm: dict[str, Any] = field(default_factory=dict)  # BatchNorms folded, or why none
     world_size: int = 1
     confinement: dict[str, Any] = field(default_factory=dict)  # what the run could reach (pipeline/confine.py)
+    preprocessing: dict[str, Any] = field(default_factory=dict)  # as it runs, and where each value came from
 
     def timed(self, name: str, since: float) -> float:
         now = time.perf_counter()
@@ -126,6 +177,7 @@ class RunReport:
             "layout": self.layout,
             "fold_batchnorm": self.fold_batchnorm,
             "world_size": self.world_size,
+            "preprocessing": self.preprocessing,
             "confinement": self.confinement,
             "software": software(),
             "output": self.output,

@@ -39,7 +39,7 @@ from harness.pipeline.host import usable_cpus
 from harness.pipeline.runner import RunPlan, finish, prepare
 from harness.results.contract import SCORER_LAYOUT, read_rows, scorer_key
 from harness.results.labels import IMAGENET_CLASSES, LabelMap, Score, class_ids, id_names, make_label_map
-from harness.results.report import RunReport
+from harness.results.report import RunReport, describe_preprocessing, preprocessing_sources
 from harness.tools.arguments import PHOTO_ANSWERS
 from harness.tools.audit import (
     Decoder,
@@ -107,20 +107,6 @@ def seconds_per_image(model_s: float, decode_s: float, device: str, workers: int
     if device == "cuda":
         return max(model_s, decode_s / workers)
     return model_s + decode_s / min(workers, cpus)
-
-
-def describe_preprocessing(pre: Preprocess, custom: bool) -> str:
-    if custom:
-        return "the model folder's data_transform_description.py (after stripping the border)"
-    normalise = "no normalisation" if pre.mean is None else configured_value("mean/std", pre)
-    sides = "both sides" if pre.resize_mode == "squash" else "shorter side"
-    crop = f"centre crop {pre.input_size}" + (" (offset floor)" if pre.crop_offset == "floor" else "")
-    if pre.resize_mode == "squash" and pre.resize_to == pre.input_size:
-        crop = "no crop"
-    return (
-        f"border {pre.border}, {sides} to {pre.resize_to} ({pre.interpolation}), {crop}, "
-        f"{pre.channel_order.upper()}, values 0..{pre.value_scale:g}, {normalise}"
-    )
 
 
 def describe_label_map(label_map: str, report: RunReport) -> str:
@@ -371,7 +357,8 @@ def run_checks(
         title=f"harness check: {report.model['class']} ({report.model['source']})",
         lines=[
             f"{len(files)} images from {source}",
-            f"preprocessing: {describe_preprocessing(pre, custom is not None)}",
+            f"preprocessing: {describe_preprocessing(pre, config.transform_file if custom else None)} "
+            f"({preprocessing_sources(config.origins, config.transform_file if custom else None)})",
             "the model's input is drawn as the harness's default preprocessing would read it back (RGB, values 0..1, "
             "ImageNet mean and std): a photo that looks wrong there reached the model wrong",
         ],
