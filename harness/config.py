@@ -694,8 +694,8 @@ class _Merged:
             self.origins["model"] = source
         elif text.startswith(MODEL_PREFIXES):
             raise ConfigError(f"{source}: model {text!r} would take the model from elsewhere: {_RUN_ONLY}")
-        else:  # a model file in this folder
-            self.run["module"] = model_setting("module", value, source, folder)
+        else:  # a model file in this folder, named as the key is
+            self.run["module"] = str(_inside(folder, text, source, "model"))
             self.origins["module"] = source
 
 

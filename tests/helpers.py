@@ -54,8 +54,8 @@ def compare_rows(want: list[str], got: list[str], tolerance: float) -> tuple[lis
 
     Class ids must be equal, except inside a tie: ids whose confidences the expected row holds within `tolerance`
     of each other may come out in either order on another CPU, so each such run of ids is compared as a set.
-    Confidences are compared slot by slot (both rows are sorted by confidence). Rows of text (a failure's `-1,0`
-    is numbers too) must be equal.
+    Confidences are compared slot by slot (both rows are sorted by confidence). Rows that are not all numbers (a
+    failure's empty ids) must be equal.
     """
     if len(want) != len(got):
         return [f"{want[0]}: {len(want)} fields vs {len(got)}"], 0.0

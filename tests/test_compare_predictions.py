@@ -40,7 +40,7 @@ def test_missing_rows_failure_rows_and_an_empty_file(tmp_path: Path) -> None:
     expected = _write(tmp_path, "expected.csv", ROWS)
     (keys,) = compare_predictions(expected, _write(tmp_path, "short.csv", ROWS[:1]))
     assert "missing ['b.png']" in keys
-    failed = [["a.png", "-1", "0", "-1", "0"]]
+    failed = [["a.png", "", "0", "", "0"]]
     assert compare_predictions(_write(tmp_path, "f1.csv", failed), _write(tmp_path, "f2.csv", failed)) == []
     row, confidences = compare_predictions(_write(tmp_path, "f3.csv", failed), _write(tmp_path, "f4.csv", ROWS[:1]))
     assert row.startswith("a.png: class ids") and "up to 9.00e-01" in confidences

@@ -173,3 +173,8 @@ def test_an_objectnet_file_has_five_pairs_a_row(label_map: str) -> None:
         with pytest.raises(ConfigError, match="reads exactly 5"):
             build_config({"label_map": label_map, "topk": topk}, {}, {})
     assert build_config({"label_map": label_map}, {}, {}).topk == 5
+
+
+def test_config_yamls_model_key_is_named_as_written(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'model' '\.\./elsewhere\.onnx' is outside the model folder"):
+        build_config({"model_dir": str(tmp_path)}, {}, {"model": "../elsewhere.onnx"})

@@ -46,7 +46,7 @@ def test_averaging_by_hand_and_failed_rows(tmp_path: Path) -> None:
     assert read_rows(output) == [
         ["x.png", "1", "0.5", "0", "0.4"],
         ["y.png", "2", "0.7", "1", "0.2"],
-        ["z.png", "-1", "0", "-1", "0"],
+        ["z.png", "", "0", "", "0"],
     ]
 
 
@@ -63,7 +63,7 @@ def test_an_ensemble_is_judged_as_a_run_is(tmp_path: Path, capsys) -> None:
     output = tmp_path / "p.csv"
     infinite = _save(tmp_path / "inf.npz", ["x.png", "y.png"], [[np.inf, 0.0], [0.5, np.nan]])
     assert main(["ensemble", str(infinite), "--output", str(output), "--label-map", "none"]) == 7
-    assert read_rows(output) == [["x.png", "-1", "0", "-1", "0"], ["y.png", "-1", "0", "-1", "0"]]
+    assert read_rows(output) == [["x.png", "", "0", "", "0"], ["y.png", "", "0", "", "0"]]
     assert "every one of the 2 images failed" in capsys.readouterr().err
 
     imagenet = np.full((2, 1000), 1e-3, dtype=np.float32)
@@ -101,3 +101,13 @@ def test_garbage_and_a_negative_topk_are_one_line(tmp_path: Path, capsys) -> Non
     good = _save(tmp_path / "a.npz", ["x.png"], [[0.5, 0.5]])
     assert main(["ensemble", str(good), "--output", str(tmp_path / "p.csv"), "--topk", "-3"]) == 2
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_keys_saved_as_bytes_are_read_as_names(tmp_path: Path) -> None:
+    """An .npz whose keys are bytes (written by another tool) names its images as text, never as `b'a.png'`."""
+    path = tmp_path / "bytes.npz"
+    names = np.array([b"a.png", "\u00e9t\u00e9.png".encode()])
+    np.savez(path, keys=names, probs=np.array([[0.9, 0.1], [0.2, 0.8]]), softmax=np.array(True))
+    output = tmp_path / "p.csv"
+    assert main(["ensemble", str(path), "--output", str(output), "--topk", "1"]) == 0
+    assert [row[0] for row in read_rows(output)] == ["a.png", "\u00e9t\u00e9.png"]

@@ -90,7 +90,7 @@ def test_topk_with_names_and_score_head(tmp_path: Path) -> None:
     assert isinstance(score, Score)
     rows = [score.layout.format("k", p) for p in score(torch.tensor([[0.25], [-3.0]]))]
     assert rows == [["k", "0.25"], ["k", "-3"]]
-    assert score.layout.failure("k") == ["k", "0"] and score.layout.columns == 2
+    assert score.layout.failure("k") == ["k", ""] and score.layout.columns == 2
 
 
 def test_label_map_choice_and_errors(tmp_path: Path) -> None:
@@ -99,7 +99,7 @@ def test_label_map_choice_and_errors(tmp_path: Path) -> None:
     assert isinstance(make_label_map("auto", 10, 5, True)[0], TopK)
     label_map, warnings = make_label_map("none", 3, 5, True)
     assert label_map.topk == 3 and "writing 3" in warnings[0]
-    assert label_map.layout.failure("k") == ["k", *["-1", "0"] * 3] and label_map.layout.columns == 7
+    assert label_map.layout.failure("k") == ["k", *["", "0"] * 3] and label_map.layout.columns == 7
     for label_map in ("auto", "objectnet", "objectnet-legacy"):  # the scorer reads exactly five pairs
         for topk in (1, 4, 6, 200):
             with pytest.raises(ConfigError, match="reads exactly 5"):

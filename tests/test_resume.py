@@ -115,7 +115,7 @@ def test_failures_carried_over_are_the_predictions_failure_rows(
     errors_partial.write_text("")
     assert run(inputs, output, folder, "--resume", "--max-failures", "0") == 7
     assert read_rows(output.with_name("errors.csv")) == [["1.png", LOST_REASON]]
-    assert read_rows(output)[1] == ["1.png", *["-1", "0"] * 5]
+    assert read_rows(output)[1] == ["1.png", *["", "0"] * 5]
 
 
 @pytest.mark.parametrize("record", ["null", "[]", '"x"', "{", "7"])

@@ -84,7 +84,7 @@ def test_non_finite_outputs_are_failure_rows(tmp_path: Path, model: Path) -> Non
     output = tmp_path / "out" / "p.csv"
     assert run(images, output, model, "--max-failures", "1") == 0
     rows = read_rows(output)
-    assert rows[1] == ["001-white.png", *["-1", "0"] * 5] and "nan" not in output.read_text()
+    assert rows[1] == ["001-white.png", *["", "0"] * 5] and "nan" not in output.read_text()
     reason = "the model's output is not a finite number (NaN or infinity)"
     assert read_rows(output.with_name("errors.csv")) == [["001-white.png", reason]]
     assert json.loads(output.with_name("run.json").read_text())["failures"] == 1
@@ -205,7 +205,7 @@ def test_resume_refuses_other_settings_and_continues_the_same(
 def test_every_image_unreadable_is_exit_7_with_the_csv_written(tmp_path: Path, model: Path) -> None:
     output = tmp_path / "p.csv"
     assert run(image_set(tmp_path / "in", ["bad", "bad"]), output, model) == 7
-    assert read_rows(output) == [[f"00{i}-bad.png", *["-1", "0"] * 5] for i in range(2)]
+    assert read_rows(output) == [[f"00{i}-bad.png", *["", "0"] * 5] for i in range(2)]
     assert json.loads(output.with_name("run.json").read_text())["status"] == "too many failures"
 
 
@@ -362,3 +362,66 @@ def test_exit_0_holds_exactly_when_the_csv_validates_and_the_failures_are_within
     valid = output.exists() and _validated(output, images) == ([], [])
     assert (code == 0) == (valid and allowed), (kinds, limit, code)
     assert code in (0, 7)
+
+
+# ---- rows that can never be taken for others; the scorer's rules by the file's shape ----
+
+SATURATED = """import torch
+
+
+class Saturated(torch.nn.Module):
+    def forward(self, x):
+        if x.float().mean() > 1.0:
+            raise ValueError("stopped on purpose")
+        return torch.zeros(x.shape[0], 1)  # a sigmoid head saturated at exactly 0
+"""
+
+
+def test_a_score_of_zero_is_a_score_and_resumes_as_one(tmp_path: Path) -> None:
+    """A one-score head's valid `key,0` can never be read as an image that failed (`key,` with no score): a resumed
+    run keeps the zeros as rows, not as failures (was: exit 7, every zero counted as failed)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.py").write_text(SATURATED)
+    (folder / "config.yaml").write_text("class_name: Saturated\n")
+    images = image_set(tmp_path / "in", ["good", "good", "white", "good"])
+    output = tmp_path / "out" / "p.csv"
+    options = ["--batch-size", "2", "--workers", "0"]
+    assert run(images, output, folder, *options) == 4  # the white image stops it after the first batch
+    assert read_rows(output.with_name("p.csv.partial")) == [["000-good.png", "0"], ["001-good.png", "0"]]
+    (images / "002-white.png").unlink()
+    shutil.copy(SAMPLES / "coffee.png", images / "002-white.png")
+    assert run(images, output, folder, *options, "--resume") == 0
+    assert read_rows(output) == [[f"00{i}-{kind}.png", "0"] for i, kind in enumerate(["good", "good", "white", "good"])]
+    assert json.loads(output.with_name("run.json").read_text())["failures"] == 0
+
+
+OBJECTNET_HEAD = """import torch
+
+
+class ObjectNetHead(torch.nn.Module):
+    def forward(self, x):
+        torch.manual_seed(0)
+        return torch.randn(x.shape[0], 313)
+"""
+
+
+def test_a_file_of_the_challenges_shape_is_held_to_its_scorer_whatever_the_map_is_called(
+    tmp_path: Path, capsys
+) -> None:
+    """A model with ObjectNet's own 313 classes writes ids 0..312 in five pairs (label map `none`): the scorer would
+    reject two images sharing a basename in two folders, so the run is exit 9, not 0."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.py").write_text(OBJECTNET_HEAD)
+    (folder / "config.yaml").write_text("class_name: ObjectNetHead\n")
+    images = tmp_path / "in"
+    for sub in ("a", "b"):
+        (images / sub).mkdir(parents=True)
+        shutil.copy(SAMPLES / "coffee.png", images / sub / "same.png")
+    output = tmp_path / "out" / "p.csv"
+    assert run(images, output, folder) == 9
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "duplicate key same.png (first on line 1); the scorer rejects it" in said
+    assert json.loads(output.with_name("run.json").read_text())["scorer_rules"] is True
+    assert run(images, output, folder, "--topk", "3") == 0  # three pairs: not the challenge's file

@@ -95,12 +95,16 @@ def test_score_files_keyed_by_any_file_name_are_read(tmp_path: Path) -> None:
     assert main(["score", str(paths[0]), "--compare", str(paths[1])]) == 0
 
 
-@pytest.mark.parametrize("answer", ['"banana"', "null", "true", "1.5", "[1]"])
+@pytest.mark.parametrize("answer", ['"banana"', "null", "true", "1.5", "[1]", '"²"', '"5"', "313", "-1"])
 def test_an_answer_that_is_not_an_objectnet_id_is_exit_10(tmp_path: Path, answer: str, capsys) -> None:
     answers = _write(tmp_path / "answers.json", '{"a.png": ' + answer + "}")
     predictions = _write(tmp_path / "p.csv", "a.png,1,.5,9,.1,9,.1,9,.1,9,.1\n")
     assert main(["score", str(predictions), "--answers", str(answers)]) == 10
-    assert f"the answer for a.png is {json.dumps(json.loads(answer))}" in capsys.readouterr().err
+    said = capsys.readouterr().err.strip().splitlines()
+    assert (
+        f"the answer for a.png is {json.dumps(json.loads(answer), ensure_ascii=False)}, not an ObjectNet id" in said[-1]
+    )
+    assert len(said) == 1 and "Traceback" not in said[0]
 
 
 def test_an_undefined_correlation_is_null_never_nan(tmp_path: Path, capsys) -> None:

@@ -60,11 +60,22 @@ def test_missing_and_unknown_images_are_caught(tmp_path: Path, images: Path) -> 
 
 @pytest.mark.parametrize(
     ("bad", "message"),
-    [("313", "line 2, column 2: id 313 is outside -1..312"), ("-2", "outside"), ("3.5", "not an integer")],
+    [
+        ("313", "line 2, column 2: id 313 is outside -1..312"),
+        ("-2", "outside"),
+        ("3.5", "not an integer"),
+        (" ", "id ' ' is not an integer as the scorer reads it"),  # the scorer's int(' ') rejects the file
+        ("\u0663x", "not an integer"),
+    ],
 )
 def test_bad_ids_are_caught(tmp_path: Path, images: Path, bad: str, message: str) -> None:
     problems = _check(tmp_path, images, [_row("a"), _row("b", bad), _row("c")])
     assert len(problems) == 1 and message in problems[0] and problems[0].startswith("line 2")
+
+
+def test_ids_are_read_as_the_scorers_int_reads_them(tmp_path: Path, images: Path) -> None:
+    """' 5', '+5' and an Arabic-Indic five are 5 to the scorer's int(); an empty id is -1."""
+    assert _check(tmp_path, images, [_row("a", " 5"), _row("b", "+5"), _row("c", "\u0665")]) == []
 
 
 def test_wrong_column_count_and_bad_confidence(tmp_path: Path, images: Path) -> None:

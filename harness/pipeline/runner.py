@@ -33,6 +33,7 @@ from harness.pipeline.loader import Batch, ImageDataset, fit_to_shm, make_loader
 from harness.pipeline.placement import Placement, place_model
 from harness.pipeline.resume import check_identity, record_identity, resume_point, run_identity
 from harness.pipeline.tracker import DecoderTracker
+from harness.results.contract import scorer_shaped
 from harness.results.gate import remove_output
 from harness.results.labels import LabelMap, make_label_map
 from harness.results.outputs import record_path
@@ -275,6 +276,7 @@ def _describe(
     head_images: int,
 ) -> None:
     report.label_map, report.columns = label_map.name, label_map.layout.columns
+    report.scorer_rules = scorer_shaped(label_map.layout.columns, label_map.scorer_ids)
     report.devices, report.batch_size_total = placed.forward.plan.describe(), placed.batch_size
     report.world_size, report.workers = config.world_size, workers
     report.prefetch_batches, report.head_start_images = prefetch if workers else 0, head_images
@@ -350,7 +352,7 @@ def finish(config: Config, report: RunReport, keys: list[str]) -> RunReport:
         config.output_file,
         keys,
         report.columns,
-        report.label_map,
+        report.scorer_rules,
         report.failures,
         report.total,
         config.max_failures,

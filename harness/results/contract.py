@@ -2,9 +2,10 @@
 accepts. `harness validate`, `harness score` and every run's own check of the CSV it committed read rows through
 `read_rows` and judge them by `problems`, so the three can never disagree.
 
-The rules (the ObjectNet scorer's): no header, `key,id1,conf1,...,id5,conf5`, ids in -1..312 (empty counts as
--1), rows matched by the key's basename, a duplicate key rejects the file, and so does a row that is not 11
-fields (an empty line too: a trailing blank line rejects the file); a missing image is scored as wrong.
+The rules (the ObjectNet scorer's), held by every file of its shape (`scorer_shaped`): no header,
+`key,id1,conf1,...,id5,conf5`, ids in -1..312 read as `int()` reads them (empty counts as -1), rows matched by the
+key's basename, a duplicate key rejects the file, and so does a row that is not 11 fields (an empty line too: a
+trailing blank line rejects the file); a missing image is scored as wrong.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import posixpath
 from pathlib import Path
 
-from harness.config import OBJECTNET_MAPS, OBJECTNET_TOPK
+from harness.config import OBJECTNET_TOPK
 from harness.results.rows import Layout
 from harness.results.writer import open_csv
 
@@ -44,6 +45,12 @@ def _is_int(text: str) -> bool:
     return True
 
 
+def scorer_id(text: str) -> int:
+    """An id field as the scorer reads it: empty is -1, anything else goes through int() as it stands (which takes
+    ' 5' and '+5', and refuses ' ' and '5.0'). ValueError where the scorer would reject the file."""
+    return -1 if text == "" else int(text)
+
+
 def is_finite_number(text: str) -> bool:
     try:
         return math.isfinite(float(text))
@@ -60,13 +67,16 @@ def row_problems(row: list[str], line: int) -> list[str]:
         hint = " (a header row?)" if line == 1 and row and not _is_int(row[1] if len(row) > 1 else "") else ""
         return [f"line {line}: {error} (key and {TOPK} id,confidence pairs){hint}"]
     problems = []
-    for pair, (id_text, confidence_text) in enumerate(zip(parts.ids, parts.scores, strict=True)):
-        column, text, confidence = 2 + 2 * pair, id_text.strip(), confidence_text.strip()
-        if text and not _is_int(text):
+    for pair, (text, confidence_text) in enumerate(zip(parts.ids, parts.scores, strict=True)):
+        column, confidence = 2 + 2 * pair, confidence_text.strip()
+        try:
+            number = scorer_id(text)
+        except ValueError:
             hint = " (a header row?)" if line == 1 else ""
-            problems.append(f"line {line}, column {column}: id {text!r} is not an integer{hint}")
-        elif text and not ID_MIN <= int(text) <= ID_MAX:
-            problems.append(f"line {line}, column {column}: id {text} is outside {ID_MIN}..{ID_MAX}")
+            problems.append(f"line {line}, column {column}: id {text!r} is not an integer as the scorer reads it{hint}")
+        else:
+            if not ID_MIN <= number <= ID_MAX:
+                problems.append(f"line {line}, column {column}: id {text} is outside {ID_MIN}..{ID_MAX}")
         if not is_finite_number(confidence):
             problems.append(f"line {line}, column {column + 1}: confidence {confidence!r} is not a finite number")
     return problems
@@ -93,10 +103,17 @@ def problems(rows: list[list[str]]) -> tuple[list[str], dict[str, int]]:
     return found, first_line
 
 
-def committed_problems(path: Path, keys: list[str], columns: int, label_map: str) -> list[str]:
+def scorer_shaped(columns: int, scorer_ids: bool) -> bool:
+    """Whether a file is the challenge's by its shape: five (id, confidence) pairs a row, of ids the scorer takes
+    (harness/results/labels.py: scorer_ids), whatever the label map that wrote it is called."""
+    return columns == SCORER_LAYOUT.columns and scorer_ids
+
+
+def committed_problems(path: Path, keys: list[str], columns: int, scorer_rules: bool) -> list[str]:
     """Why a run's committed CSV is not right to submit: not exactly one row per image in input order, a row of
-    the wrong width, a confidence that is not a finite number; and for an ObjectNet top-5 file, any rule of the
-    scorer (two images sharing a basename in different folders, say)."""
+    the wrong width, a confidence that is not a finite number; and for a file of the challenge's shape
+    (`scorer_rules`, scorer_shaped), any rule of the scorer (two images sharing a basename in different folders,
+    say)."""
     try:
         rows = read_rows(path)
     except (OSError, UnicodeDecodeError, csv.Error) as error:
@@ -116,8 +133,8 @@ def committed_problems(path: Path, keys: list[str], columns: int, label_map: str
         except ValueError as error:
             found.append(f"line {line}: {error}")
             continue
-        if not all(is_finite_number(score) for score in scores):
+        if not layout.is_failure(row) and not all(is_finite_number(score) for score in scores):
             found.append(f"line {line}: a confidence that is not a finite number")
-    if label_map in OBJECTNET_MAPS:
+    if scorer_rules:
         found += problems(rows)[0]
     return found

@@ -17,6 +17,7 @@ from harness.errors import ConfigError, ModelError
 from harness.results.rows import Layout, Prediction
 
 IMAGENET_CLASSES = 1000
+OBJECTNET_CLASSES = 313
 MAPPING_FILE = "imagenet_pytorch_id_to_objectnet_id.json"
 IMAGENET_NAMES_FILE = "imagenet_classes.txt"
 IMAGENET_NAMES_MAP = "imagenet-names"  # the label map that writes them
@@ -50,9 +51,12 @@ def _predictions(ids: list[list[str]], scores: torch.Tensor) -> list[Prediction]
 
 
 class LabelMap:
-    """Base: `topk` (id, confidence) pairs per image, written in `layout`."""
+    """Base: `topk` (id, confidence) pairs per image, written in `layout`. `scorer_ids`: its ids are ones the
+    ObjectNet scorer takes (integers in -1..312), so a file of five pairs of them is the challenge's file, held to
+    every rule of its scorer whatever the map is called (harness/results/contract.py)."""
 
     name = "base"
+    scorer_ids = False
 
     def __init__(self, topk: int, softmax: bool) -> None:
         self.topk = topk
@@ -75,9 +79,12 @@ class TopK(LabelMap):
 
     name = "none"
 
-    def __init__(self, topk: int, softmax: bool, names: list[str] | None = None, name: str = "names") -> None:
+    def __init__(
+        self, topk: int, softmax: bool, names: list[str] | None = None, name: str = "names", classes: int = 0
+    ) -> None:
         super().__init__(topk, softmax)
         self.names = names
+        self.scorer_ids = names is None and classes <= OBJECTNET_CLASSES  # ids 0..classes-1
         if names:
             self.name = name
 
@@ -96,6 +103,7 @@ class ObjectNetLegacy(LabelMap):
     """
 
     name = "objectnet-legacy"
+    scorer_ids = True
 
     def __init__(self, topk: int, softmax: bool) -> None:
         super().__init__(topk, softmax)
@@ -119,6 +127,7 @@ class ObjectNetSummed(LabelMap):
     """
 
     name = "objectnet"
+    scorer_ids = True
 
     def __init__(self, topk: int, softmax: bool) -> None:
         mapping = imagenet_to_objectnet()
@@ -230,4 +239,4 @@ def make_label_map(
     if topk > num_classes:
         warnings.append(f"topk {topk} is more than the model's {num_classes} classes: writing {num_classes}")
     shown = IMAGENET_NAMES_MAP if label_map == IMAGENET_NAMES_MAP else "names"
-    return TopK(min(topk, num_classes), softmax, names, shown), warnings
+    return TopK(min(topk, num_classes), softmax, names, shown, num_classes), warnings

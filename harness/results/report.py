@@ -127,6 +127,7 @@ class RunReport:
     model: dict[str, Any] = field(default_factory=dict)
     label_map: str = ""
     columns: int = 0  # fields per CSV row
+    scorer_rules: bool = False  # the file is the challenge's shape: every rule of its scorer holds it (contract.py)
     devices: dict[str, Any] = field(default_factory=dict)
     workers: int = 0
     prefetch_batches: int = 0
@@ -167,6 +168,7 @@ class RunReport:
             "timings": self.timings,
             "model": self.model,
             "label_map": self.label_map,
+            "scorer_rules": self.scorer_rules,
             "devices": self.devices,
             "workers": self.workers,
             "prefetch_batches": self.prefetch_batches,

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FAILED_ID, FAILED_SCORE = "-1", "0"
+# An image that failed: no id (the scorer reads an empty id as -1, a wrong answer) and confidence 0; a one-score
+# head's row has no score. No valid row can look like it: ids are never empty (they are numbers, or names from a
+# labels file, which refuses empty ones) and scores are finite numbers (a NaN or infinite output is a failure).
+FAILED_ID, FAILED_SCORE, NO_SCORE = "", "0", ""
 
 
 def format_score(value: float) -> str:
@@ -54,9 +57,9 @@ class Layout:
         return [key, *(field for pair in zip(prediction.ids, scores, strict=True) for field in pair)]
 
     def failure(self, key: str) -> list[str]:
-        """The row of an image that could not be classified: ids -1 with confidence 0 (the scorer reads it as
-        wrong), or score 0."""
-        return [key, FAILED_SCORE] if self.pairs is None else [key, *[FAILED_ID, FAILED_SCORE] * self.pairs]
+        """The row of an image that could not be classified: empty ids with confidence 0 (the scorer reads it as
+        wrong), or no score; no valid row of any layout equals it (FAILED_ID)."""
+        return [key, NO_SCORE] if self.pairs is None else [key, *[FAILED_ID, FAILED_SCORE] * self.pairs]
 
     def is_failure(self, row: list[str]) -> bool:
         return row[1:] == self.failure("")[1:]

@@ -48,11 +48,12 @@ class Verdict:
 
 
 def judge(
-    path: Path, keys: list[str], columns: int, label_map: str, failures: int, total: int, max_failures: float | None
+    path: Path, keys: list[str], columns: int, scorer_rules: bool, failures: int, total: int, max_failures: float | None
 ) -> Verdict:
     """The committed CSV against the images it covers (`keys`, in input order) and the failure limit over `total`
-    (the images and the folders that could not be listed): with no --max-failures given, not all may fail."""
-    problems = committed_problems(path, keys, columns, label_map)
+    (the images and the folders that could not be listed): with no --max-failures given, not all may fail. A file
+    of the challenge's shape (`scorer_rules`: contract.scorer_shaped) is held to every rule of its scorer."""
+    problems = committed_problems(path, keys, columns, scorer_rules)
     limit = failure_limit(max_failures, total)
     all_failed = limit is None and total > 0 and failures >= total
     if problems:

@@ -30,14 +30,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.config import OBJECTNET_MAPS, Config, Preprocess
+from harness.config import Config, Preprocess
 from harness.errors import CheckFailedError, ToolFileError, TooManyFailuresError
 from harness.models.python_class import load_custom_transform
 from harness.pipeline.decode import DecodeLimits, DecodeOptions, load_rgb
 from harness.pipeline.files import ImageFile, run_files
 from harness.pipeline.host import usable_cpus
 from harness.pipeline.runner import RunPlan, finish, prepare
-from harness.results.contract import SCORER_LAYOUT, read_rows, scorer_key
+from harness.results.contract import read_rows, scorer_key
 from harness.results.labels import IMAGENET_CLASSES, LabelMap, Score, class_ids, id_names, make_label_map
 from harness.results.report import RunReport, describe_preprocessing, preprocessing_sources
 from harness.tools.arguments import PHOTO_ANSWERS
@@ -128,7 +128,7 @@ def judge_run(config: Config, report: RunReport, files: list[ImageFile]) -> tupl
         finish(config, report, [image.key for image in files])
     except (CheckFailedError, TooManyFailuresError) as error:
         problem = error
-    scored = report.label_map in OBJECTNET_MAPS and report.columns == SCORER_LAYOUT.columns
+    scored = report.scorer_rules
     rules = "validate's rules hold" if scored else "not an ObjectNet top-5 file, so the scorer's rules do not apply"
     run = (
         Verdict("run", "FAIL", str(problem))

@@ -16,6 +16,7 @@ import torch
 
 from harness.console import say
 from harness.errors import ToolFileError
+from harness.results.contract import scorer_shaped
 from harness.results.labels import make_label_map
 from harness.results.verdict import judge
 from harness.results.writer import AtomicCsvWriter, check_writable
@@ -34,7 +35,8 @@ def load_probs(path: Path) -> tuple[list[str], np.ndarray, bool]:
         raise ToolFileError(f"{path}: probs must be N x C real numbers with C >= 1, not {probs.dtype} {probs.shape}")
     if len(keys) != probs.shape[0]:
         raise ToolFileError(f"{path}: {len(keys)} keys for {probs.shape[0]} rows of probabilities")
-    return [str(k) for k in keys], probs.astype(np.float64), bool(softmax)
+    names = [k.decode("utf-8", "surrogateescape") if isinstance(k, bytes) else str(k) for k in keys.tolist()]
+    return names, probs.astype(np.float64), bool(softmax)
 
 
 def average(paths: Sequence[Path]) -> tuple[list[str], np.ndarray, bool]:
@@ -82,7 +84,8 @@ def ensemble_command(argv: Sequence[str], environ: dict[str, str]) -> int:
             writer.write(layout.failure(key) if bad else layout.format(key, prediction))
         writer.commit()
     # The same last word as a run's: one right row per image, the scorer's rules for an ObjectNet file.
-    verdict = judge(args.output, keys, layout.columns, label_map.name, int(failed.sum()), len(keys), None)
+    scored = scorer_shaped(layout.columns, label_map.scorer_ids)
+    verdict = judge(args.output, keys, layout.columns, scored, int(failed.sum()), len(keys), None)
     verdict.raise_unless_complete(args.output, None)
     print(f"harness: {len(args.probs)} runs averaged over {len(keys)} images -> {args.output}")
     return 0

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from harness.errors import CheckFailedError, ConfigError, ToolFileError
-from harness.results.contract import SCORER_LAYOUT, problems, scorer_key
+from harness.results.contract import ID_MAX, SCORER_LAYOUT, problems, scorer_id, scorer_key
 from harness.results.labels import imagenet_to_objectnet
+from harness.results.rows import Layout
 from harness.tools.arguments import positive_number
 from harness.tools.validate import read_predictions_file
 
@@ -44,12 +45,17 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 
 def read_answer_ids(path: Path) -> dict[str, int]:
-    """Image name -> ObjectNet id, each an integer (or its digits): anything else is named, exit 10."""
+    """Image name -> ObjectNet id, as the scorer reads them: a JSON integer, which it compares with the integer ids
+    it parsed from each row. Anything else (a string of digits included: the scorer would never match it) is
+    named, exit 10."""
     answers = {}
     for key, value in read_json_object(path).items():
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
-            raise ToolFileError(f"{path}: the answer for {key} is {json.dumps(value)}, not an ObjectNet id (0..312)")
-        answers[scorer_key(key)] = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= ID_MAX:
+            raise ToolFileError(
+                f"{path}: the answer for {key} is {json.dumps(value, ensure_ascii=False)}, not an ObjectNet id "
+                f"(an integer 0..{ID_MAX}, as the scorer compares them)"
+            )
+        answers[scorer_key(key)] = value
     return answers
 
 
@@ -66,7 +72,7 @@ def read_predictions(path: Path) -> dict[str, list[int]]:
     if rejected:
         raise CheckFailedError(f"{path} would be rejected by the scorer: {rejected[0]} (harness validate lists all)")
     parts = [SCORER_LAYOUT.split(row) for row in rows]
-    return {scorer_key(part.key): [int(x) if x.strip() else -1 for x in part.ids] for part in parts}
+    return {scorer_key(part.key): [scorer_id(x) for x in part.ids] for part in parts}
 
 
 def topk_accuracy(predictions: dict[str, list[int]], answers: dict[str, int]) -> dict[str, float | int]:
@@ -144,13 +150,14 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def read_scores(path: Path) -> dict[str, float]:
-    """Basename -> score from a `key,score` file (an N x 1 head's output)."""
+    """Basename -> score from a `key,score` file (an N x 1 head's output); an image that failed (no score) is NaN."""
     scores = {}
+    layout = Layout(None)
     for line, row in enumerate(read_predictions_file(path), start=1):
         try:
             if len(row) != 2:
                 raise ValueError(f"{len(row)} columns, expected 2 (key,score)")
-            scores[scorer_key(row[0])] = float(row[1])
+            scores[scorer_key(row[0])] = math.nan if layout.is_failure(row) else float(row[1])
         except ValueError as error:
             raise CheckFailedError(f"{path} line {line}: {error}") from None
     return scores
@@ -189,7 +196,7 @@ def score_command(argv: Sequence[str], environ: dict[str, str]) -> int:
         if any(v not in (0, 1) for v in truth.values()):
             raise ToolFileError(f"{args.labels}: every label must be 0 or 1")
         scores, labels = _paired(read_scores(args.predictions), truth, "scores and labels")
-        f1, threshold = best_f1(scores, labels)
+        f1, threshold = best_f1(np.nan_to_num(scores, nan=-np.inf), labels)  # a failed image is never positive
         result = {"f1": f1, "threshold": threshold, "images": len(scores)}
         if args.macs is not None:
             if args.baseline_f1 is None or args.baseline_macs is None:
@@ -199,7 +206,10 @@ def score_command(argv: Sequence[str], environ: dict[str, str]) -> int:
             )
     else:
         x, y = _paired(read_scores(args.predictions), read_scores(args.compare), "the two score files")
+        scored = ~(np.isnan(x) | np.isnan(y))  # an image that failed in either run has nothing to compare
+        x, y = x[scored], y[scored]
         result = {"kendall_tau_b": kendall_tau_b(x, y), "pearson_r": pearson(x, y), "images": len(x)}
+        result["failed_in_either"] = int((~scored).sum())
     # JSON has no NaN: a correlation that is undefined (every score tied) is null
     print(json.dumps(_nan_as_null(result), indent=2, sort_keys=True, allow_nan=False))
     return 0
