@@ -170,7 +170,7 @@ def test_red_frame_is_gone_before_resizing() -> None:
 
     def top_row_red_share(border: int) -> float:
         dataset = ImageDataset([ImageFile(str(SAMPLES / name), name)], Preprocess(border=border))
-        _, tensor, error = dataset[0]
+        _, tensor, error, _ = dataset[0]
         assert error == ""
         r, g, b = tensor[:, 0, :].int()
         return float(((r > 150) & (g < 80) & (b < 80)).float().mean())

@@ -66,11 +66,11 @@ def test_batches_equal_the_dataloaders_samples_errors_included(
         assert head.stop(run_batch) == covered
         dataset = ImageDataset(files, config.preprocess, limits=DecodeLimits.of(config))
         seen, failed = [], []
-        for indices, images, errors in head.batches(timeout=30):
+        for indices, images, errors, _ in head.batches(timeout=30):
             assert len(indices) == min(run_batch, covered - len(seen))
             assert images.shape == (len(indices), 3, 224, 224) and images.dtype == np.uint8
             for index, image, error in zip(indices, images, errors, strict=True):
-                expected_index, expected, expected_error = dataset[index]
+                expected_index, expected, expected_error, _ = dataset[index]
                 assert index == expected_index and error == expected_error
                 assert np.array_equal(image, expected.numpy())
                 failed += [files[index].key] if error else []

@@ -184,7 +184,7 @@ def test_a_resumed_run_keeps_the_layout_the_first_run_chose(tmp_path: Path, monk
     monkeypatch.setattr(harness.pipeline.layout, "choose_layout", _no_trial)
     config = build_config({"output_file": str(tmp_path / "p.csv"), "resume": "true"}, {}, {})
     partial_path(config.output_file).write_text("")
-    record_path(config.output_file).write_text(json.dumps({"channels_last": True}))
+    record_path(config.output_file).write_text(json.dumps({"placed": {"channels_last": True}}))
     model = Convolutional()
     settled, choice = settle_layout(config, model, CPU, SAMPLE, 64, images=10**6)
     assert settled.channels_last and "resumes" in choice.why and _layout_of(model)
@@ -209,7 +209,8 @@ def test_run_json_and_the_resume_record_carry_the_choice(tmp_path: Path, monkeyp
 
 def test_the_resume_record_holds_the_layout_chosen_not_auto() -> None:
     model = {"class": "Model", "source": None, "checkpoint": None}
-    assert run_identity(build_config({}, {}, {}), model, [], 64, "cpu", channels_last=True)["channels_last"] is True
+    identity = run_identity(build_config({}, {}, {}), model, [], {"channels_last": True})
+    assert identity["placed"]["channels_last"] is True and "channels_last" not in identity["settings"]
 
 
 @pytest.mark.parametrize(("contiguous_s", "channels_last"), [(0.97, True), (0.9, False)])

@@ -184,7 +184,8 @@ def test_orientation_metadata_is_libspngs_when_exif_transpose_is_off(tmp_path: P
 
 
 def _outcome(path: Path) -> tuple[np.ndarray | None, str]:
-    return decode_sample(str(path), Preprocess(border=0), DecodeLimits(), None, np.asarray)
+    sample, error, _ = decode_sample(str(path), Preprocess(border=0), DecodeLimits(), None, np.asarray)
+    return sample, error
 
 
 def test_damaged_pngs_fail_with_pillows_reasons(tmp_path: Path) -> None:
@@ -247,7 +248,7 @@ def test_the_decode_timeout_stops_libspng_too(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(harness.pipeline.png, "pyspng", Stuck)
     started = time.monotonic()
-    image, reason = decode_sample(
+    image, reason, _ = decode_sample(
         str(SAMPLES / "coffee.png"), Preprocess(), DecodeLimits(timeout=0.5), None, np.asarray
     )
     assert image is None and reason.startswith("DecodeTimeout") and time.monotonic() - started < 5

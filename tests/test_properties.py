@@ -82,7 +82,7 @@ def test_random_bytes_never_crash_or_hang_the_decoder(data: bytes, extension: st
         path.write_bytes(data)
         dataset = ImageDataset([ImageFile(str(path), path.name)], Preprocess(), limits=DecodeLimits(10_000_000, 5.0))
         started = time.monotonic()
-        index, tensor, error = dataset[0]
+        index, tensor, error, _ = dataset[0]
         assert time.monotonic() - started < 6
     assert index == 0 and tensor.shape == (3, 224, 224)
     assert error == "" or ":" in error or error.isidentifier()  # decoded, or a one-line reason

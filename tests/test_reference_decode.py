@@ -73,7 +73,7 @@ def _example_preprocess() -> Preprocess:
 
 def _run_crop(path: Path, pre: Preprocess) -> torch.Tensor:
     """What the run's workers make of a file: decode_sample with the run's geometry, a 3 x S x S uint8 crop."""
-    sample, error = decode_sample(str(path), pre, DecodeLimits(), None, lambda image: geometry(image, pre))
+    sample, error, _ = decode_sample(str(path), pre, DecodeLimits(), None, lambda image: geometry(image, pre))
     assert not error, (path.name, error)
     return torch.from_numpy(sample)
 

@@ -120,8 +120,9 @@ def test_ema_true_needs_ema_weights(timm_checkpoint: Path, tmp_path: Path, capsy
 def test_resume_refuses_the_checkpoints_other_weights(tmp_path: Path) -> None:
     config, output = build_config({}, {}), tmp_path / "p.csv"
     model = {"class": "timm", "source": None, "checkpoint": None, "weights": "state_dict_ema"}
-    record_identity(output, run_identity(config, model, [], 64, "cpu", channels_last=False))
-    own = run_identity(config, {**model, "weights": "state_dict"}, [], 64, "cpu", channels_last=False)
+    placed = {"device": "cpu", "batch_size_total": 64, "channels_last": False}
+    record_identity(output, run_identity(config, model, [], placed))
+    own = run_identity(config, {**model, "weights": "state_dict"}, [], placed)
     with pytest.raises(ConfigError, match='weights: "state_dict_ema" then, "state_dict" now'):
         check_identity(output, own)
 

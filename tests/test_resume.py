@@ -4,6 +4,7 @@ predictions' own failure rows."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,16 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.pipeline.resume import LOST_REASON
+from harness.config import PREPROCESS_FIELDS, RUN_FIELDS, SETTINGS, build_config, metavar
+from harness.errors import ConfigError
+from harness.pipeline.resume import (
+    LOST_REASON,
+    ROW_NEUTRAL,
+    check_identity,
+    record_identity,
+    recorded_settings,
+    run_identity,
+)
 from tests.helpers import SAMPLES, read_rows
 
 MODEL = """import os
@@ -102,6 +112,26 @@ def test_resume_refuses_an_edited_helper_or_outside_weights_and_continues_the_sa
     assert output.read_bytes() == reference.read_bytes()
 
 
+def test_an_image_replaced_after_its_row_was_written_is_done_again(
+    tmp_path: Path, made: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each finished row records its image as it was read: an already classified image replaced under the same name
+    gets a new row on --resume, from its batch on (was: the old image's row kept), and the CSV is what a fresh run
+    over the new folder writes."""
+    folder, _ = made
+    inputs = images(tmp_path / "in")
+    output = tmp_path / "out" / "p.csv"
+    interrupted(inputs, output, folder, monkeypatch)
+    shutil.copy(SAMPLES / "chelsea.png", inputs / "2.png")  # its row is among the 4 kept
+    capsys.readouterr()
+    assert run(inputs, output, folder, "--resume") == 0
+    assert "4 finished row(s) are done again: an image among them changed" in capsys.readouterr().err
+    reference = tmp_path / "ref" / "p.csv"
+    assert run(inputs, reference, folder) == 0
+    assert output.read_bytes() == reference.read_bytes()
+    assert not output.with_name("p.csv.images.csv.partial").exists()
+
+
 def test_failures_carried_over_are_the_predictions_failure_rows(
     tmp_path: Path, made: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -135,3 +165,45 @@ def test_a_resume_record_that_is_not_one_is_exit_2(
     assert run(inputs, output, folder, "--resume") == 2
     assert "no readable record" in capsys.readouterr().err
     assert output.with_name("p.csv.partial").read_bytes() == kept
+
+
+# ---- the record, complete by construction ----
+
+
+def _another(name: str, value: object) -> object:
+    """A different valid value for a setting, found through the setting's own parser (its metavar names its
+    choices), so the test covers every recorded setting without listing any by hand."""
+    parse = SETTINGS[name].metadata["parse"]
+    candidates: list[object] = [*metavar(parse).split("|"), "true", "false", 1, 2, 3, 0.5, "0.25", "1,1,1", "x", "y"]
+    for candidate in candidates:
+        try:
+            parsed = parse(candidate)
+        except (ValueError, TypeError):
+            continue
+        if parsed != value and parsed is not None:
+            return parsed
+    raise AssertionError(f"no other value found for {name}")
+
+
+def test_every_setting_that_can_change_a_row_is_in_the_resume_record_and_refused_when_changed(
+    tmp_path: Path,
+) -> None:
+    """Walks every setting: each is declared row-neutral (with why) or recorded, and changing any recorded one
+    between an interrupted run and its resume is refused, naming it (never continued, never mixed)."""
+    assert set(ROW_NEUTRAL) <= set(RUN_FIELDS), set(ROW_NEUTRAL) - set(RUN_FIELDS)
+    assert all(len(why) > 10 for why in ROW_NEUTRAL.values())
+    output = tmp_path / "p.csv"
+    base = build_config({"output_file": str(output)}, {}, {})
+    model = {"class": "Model", "source": None, "checkpoint": None}
+    placed = {"device": "cpu", "batch_size_total": 64, "channels_last": False}
+    record_identity(output, run_identity(base, model, [], placed))
+    recorded = recorded_settings(base)
+    assert set(recorded) == (set(RUN_FIELDS) - set(ROW_NEUTRAL)) | set(PREPROCESS_FIELDS)
+    for name, value in recorded.items():
+        other = _another(name, value)
+        if name in PREPROCESS_FIELDS:
+            changed = dataclasses.replace(base, preprocess=dataclasses.replace(base.preprocess, **{name: other}))
+        else:
+            changed = dataclasses.replace(base, **{name: other})
+        with pytest.raises(ConfigError, match=rf"settings {name}: "):
+            check_identity(output, run_identity(changed, model, [], placed))

@@ -186,7 +186,7 @@ def test_resume_refuses_other_settings_and_continues_the_same(
         (["--softmax", "false"], "softmax"),
         (["--label-map", "objectnet-legacy"], "label_map"),
         (["--topk", "3"], "topk"),
-        (["--input-size", "200"], "preprocess"),
+        (["--input-size", "200"], "settings input_size: 224 then, 200 now"),
         (["--batch-size", "2"], "batch_size_total"),
         (["--fold-batchnorm", "false"], "fold_batchnorm"),
     ]:

@@ -71,9 +71,9 @@ def test_keep_freed_memory_applies_on_glibc() -> None:
     assert keep_freed_memory()
 
 
-def _report_priority(*args: object) -> tuple[None, str]:
+def _report_priority(*args: object) -> tuple[None, str, str]:
     """Stands in for decode_sample inside a decoder: the 'error' it returns names the process's scheduling policy."""
-    return None, f"policy {os.sched_getscheduler(0)}"
+    return None, f"policy {os.sched_getscheduler(0)}", ""
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="SCHED_IDLE is Linux's")
@@ -94,7 +94,7 @@ def test_the_decoders_run_at_the_priority_asked_and_the_main_process_at_its_own(
         for process in head._processes:  # to its limit: at least one chunk decoded
             process.join(timeout=60)
         head.stop(4)
-        seen += [error for _, _, errors in head.batches(timeout=30) for error in errors]
+        seen += [error for _, _, errors, _ in head.batches(timeout=30) for error in errors]
     finally:
         head.close()
     assert len(seen) > len(files) and set(seen) == {f"policy {policy}"}

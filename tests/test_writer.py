@@ -11,7 +11,10 @@ import pytest
 
 from harness.cli import main
 from harness.errors import OutputError
+from harness.pipeline.decode import seen
+from harness.pipeline.files import ImageFile
 from harness.pipeline.resume import resume_point
+from harness.results.outputs import ledger_path
 from harness.results.rows import Layout
 from harness.results.writer import AtomicCsvWriter, check_writable
 from tests.helpers import SAMPLES, read_rows
@@ -69,9 +72,19 @@ def test_resume_keeps_awkward_rows_byte_for_byte(tmp_path: Path) -> None:
         writer.flush()
     partial = out.with_name("p.csv.partial")
     written = partial.read_bytes()
-    assert resume_point(out, tmp_path / "errors.csv", [*AWKWARD, "next.png"], Layout(1), 1) == (len(AWKWARD), 0)
+    images = tmp_path / "images"
+    images.mkdir()
+    files = [ImageFile(str(images / f"{i}.png"), name) for i, name in enumerate([*AWKWARD, "next.png"])]
+    with AtomicCsvWriter(ledger_path(out)) as ledger:  # each image as it was read, as a run records them
+        for image in files:
+            Path(image.path).write_bytes(b"png")
+            ledger.write([image.key, seen(image.path)])
+        ledger.flush()
+    assert resume_point(out, tmp_path / "errors.csv", files, Layout(1), 1) == (len(AWKWARD), 0, 0)
     assert partial.read_bytes() == written
-    assert resume_point(out, tmp_path / "errors.csv", [*AWKWARD, "next.png"], Layout(1), 1) == (len(AWKWARD), 0)
+    assert resume_point(out, tmp_path / "errors.csv", files, Layout(1), 1) == (len(AWKWARD), 0, 0)
+    Path(files[1].path).write_bytes(b"another image")  # replaced since it was read: its row and those after go
+    assert resume_point(out, tmp_path / "errors.csv", files, Layout(1), 1) == (1, 0, len(AWKWARD) - 1)
 
 
 def test_an_output_that_is_not_a_csv_file_the_harness_writes_is_never_replaced(tmp_path: Path, capsys) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import threading
 import warnings
@@ -223,17 +224,32 @@ class DecodeLimits:
         return cls(config.max_pixels, config.decode_timeout)
 
 
+def seen(path: str) -> str:
+    """A file as it is now, cheaply: its size and modification time, "size:mtime_ns" ("" where it cannot be
+    stat'ed). A row records what its image was (harness/pipeline/resume.py): a file replaced since is redone."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return ""
+    return f"{status.st_size}:{status.st_mtime_ns}"
+
+
 def decode_sample(
     path: str, pre: Preprocess, limits: DecodeLimits, draft_to: int | None, transform: Callable[[Image.Image], T]
-) -> tuple[T | None, str]:
+) -> tuple[T | None, str, str]:
     """One file through decode, frame strip and `transform`, within the limits: the work of every decoder (the
     DataLoader's workers and the head start's), so both give the same pixels and the same reasons. Returns the
-    sample and "", or None and why the file failed: one bad file must cost one row, never the run; a ModelFailure
-    where the model's own transform raised, which stops the run."""
+    sample, "" and the file as it was read (`seen`), or None and why the file failed: one bad file must cost one
+    row, never the run; a ModelFailure where the model's own transform raised, which stops the run. A file that
+    changed while it was read failed: its pixels are of neither version."""
+    before = seen(path)
     try:
         with time_limit(limits.timeout):
-            return transform(decode(path, DecodeOptions.of(pre), draft_to, limits.max_pixels, pre.border)), ""
+            sample = transform(decode(path, DecodeOptions.of(pre), draft_to, limits.max_pixels, pre.border))
     except ModelFault as fault:
-        return None, ModelFailure(str(fault))
+        return None, ModelFailure(str(fault)), before
     except Exception as error:
-        return None, describe_user_error(error)
+        return None, describe_user_error(error), before
+    if seen(path) != before:
+        return None, "the file changed while it was read", before
+    return sample, "", before

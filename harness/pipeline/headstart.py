@@ -79,7 +79,7 @@ class HeadStart:
         context = multiprocessing.get_context("fork")
         self._state = context.Array("q", 2)  # [next chunk to claim, stopped]; its lock orders claims and stop
         self._tracker = DecoderTracker(processes)
-        self._done: multiprocessing.Queue[tuple[int, list[str]]] = context.Queue()
+        self._done: multiprocessing.Queue[tuple[int, tuple[list[str], list[str]]]] = context.Queue()
         self._covered: int | None = None
         self._run_batch = self.chunk
         self._processes = [
@@ -104,14 +104,16 @@ class HeadStart:
                 if self._state[1] or chunk >= self.limit:
                     return
                 self._state[0] = chunk + 1
-            errors = []
+            errors, seen = [], []
             for index in range(chunk * self.chunk, min((chunk + 1) * self.chunk, len(self.files))):
                 self._tracker.hold(slot, index)
-                image, error = decode_sample(self.files[index].path, self._pre, self._limits, self._draft_to, transform)
+                path = self.files[index].path
+                image, error, read = decode_sample(path, self._pre, self._limits, self._draft_to, transform)
                 self._view(index, 1)[0] = 0 if image is None else image
                 errors.append(error)
+                seen.append(read)
             self._tracker.release(slot)
-            self._done.put((chunk, errors))
+            self._done.put((chunk, (errors, seen)))
 
     def _view(self, first: int, count: int) -> np.ndarray:
         flat = np.frombuffer(
@@ -133,24 +135,27 @@ class HeadStart:
         self._covered, self._run_batch = covered, run_batch
         return covered
 
-    def batches(self, timeout: float | None) -> Iterator[tuple[list[int], np.ndarray, list[str]]]:
-        """The stopped head start's batches in order: indices, N x 3 x S x S uint8 (a view of shared memory)
-        and the errors ("" where an image decoded)."""
+    def batches(self, timeout: float | None) -> Iterator[tuple[list[int], np.ndarray, list[str], list[str]]]:
+        """The stopped head start's batches in order: indices, N x 3 x S x S uint8 (a view of shared memory),
+        the errors ("" where an image decoded) and each file as it was read."""
         if self._covered is None:
             raise RuntimeError("HeadStart.batches() before stop()")
-        arrived: dict[int, list[str]] = {}
+        arrived: dict[int, tuple[list[str], list[str]]] = {}
         for first in range(0, self._covered, self._run_batch):
             last = min(first + self._run_batch, self._covered)
             errors: list[str] = []
+            seen: list[str] = []
             for chunk in range(first // self.chunk, math.ceil(last / self.chunk)):
                 deadline = time.monotonic() + (math.inf if timeout is None else timeout)
                 while chunk not in arrived:
                     arrived.update([self._receive(deadline)])
-                errors += arrived.pop(chunk)
-            yield list(range(first, last)), self._view(first, last - first), errors
+                chunk_errors, chunk_seen = arrived.pop(chunk)
+                errors += chunk_errors
+                seen += chunk_seen
+            yield list(range(first, last)), self._view(first, last - first), errors, seen
         self._buffer = None  # unmapped once the model has let go of the last batch's view
 
-    def _receive(self, deadline: float) -> tuple[int, list[str]]:
+    def _receive(self, deadline: float) -> tuple[int, tuple[list[str], list[str]]]:
         while True:
             try:
                 return self._done.get(timeout=POLL_S)

@@ -33,6 +33,7 @@ class Batch:
     indices: list[int]
     images: torch.Tensor
     errors: list[str]  # "" where the image decoded
+    seen: list[str]  # each file as it was read (decode.seen)
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader's pinning thread, so the host-to-device copy can run without blocking."""
@@ -97,15 +98,16 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str, str]:
         worker = get_worker_info()
         slot = worker.id if worker is not None else 0
         if self.tracker is not None:
             self.tracker.hold(slot, index)
-        image, error = decode_sample(self.files[index].path, self.pre, self.limits, self._draft_to, self._transform)
+        path = self.files[index].path
+        image, error, seen = decode_sample(path, self.pre, self.limits, self._draft_to, self._transform)
         if self.tracker is not None:
             self.tracker.release(slot)
-        return index, (self.blank if image is None else image), error
+        return index, (self.blank if image is None else image), error, seen
 
 
 CHECK_IMAGES = 4  # of the run's own images, on which every speed-up must leave the scores as they were
@@ -118,13 +120,13 @@ def check_sample(dataset: ImageDataset, count: int = CHECK_IMAGES) -> torch.Tens
     real input, which one random tensor may never do."""
     total = len(dataset)
     picks = sorted({round(i * (total - 1) / max(1, count - 1)) for i in range(count)}) if total else []
-    decoded = [image for _, image, error in (dataset[index] for index in picks) if not error]
+    decoded = [image for _, image, error, _ in (dataset[index] for index in picks) if not error]
     return torch.stack([*decoded, seeded_images(dataset.blank, 1)[0]])
 
 
-def collate(samples: list[tuple[int, torch.Tensor, str]]) -> Batch:
-    indices, images, errors = zip(*samples, strict=True)
-    return Batch(list(indices), torch.stack(images), list(errors))
+def collate(samples: list[tuple[int, torch.Tensor, str, str]]) -> Batch:
+    indices, images, errors, seen = zip(*samples, strict=True)
+    return Batch(list(indices), torch.stack(images), list(errors), list(seen))
 
 
 PREFETCH = 4  # batches each worker keeps ready

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from harness.config import Config
 from harness.models.fold import FoldResult
 from harness.models.load import LoadedModel
@@ -27,6 +29,18 @@ class Placement:
     folded: FoldResult
     layout: LayoutChoice
     sample: object  # the check images (N x 3 x H x W as the decoders make them), for --compile's check after
+
+    def describe_for_resume(self) -> dict[str, object]:
+        """What the run resolved `auto` and the defaults to, that moves a row's numbers (the resume record)."""
+        plan = self.forward.plan
+        return {
+            "device": plan.device.type,
+            "gpus": len(plan.gpu_ids),
+            "batch_size_total": self.batch_size,
+            "channels_last": plan.channels_last,
+            "torch_threads": torch.get_num_threads(),
+            "batchnorms_folded": self.folded.folded,
+        }
 
 
 def place_model(config: Config, loaded: LoadedModel, dataset: ImageDataset, images: int) -> Placement:

@@ -5,11 +5,12 @@ back to a batch boundary: each later batch then holds the same images as in an u
 gives the same numbers, so the final CSV is byte-identical to one written in a single go.
 
 That holds only for the same model and the same settings. So a run records, when it starts, what shapes its rows
-(the model's files by content, which weights of its checkpoint, its class, preprocessing, label map, softmax,
-top-k, precision, memory format, device type and batch size) in `<output>.resume.json` beside the partial file;
-`--resume` compares and refuses any difference, naming it, before anything is overwritten. A different batch size
-is refused too: the batches would hold other images, and the model's numbers can depend on what else is in its
-batch.
+in `<output>.resume.json` beside the partial file: every setting but those declared row-neutral (ROW_NEUTRAL, each
+with why), what the run resolved the rest to (device, GPUs, the batch the model sees, the memory layout, torch's
+threads), the model's files by content (never the run's own outputs among them), which weights of its checkpoint,
+the harness's and the packages' versions; `--resume` compares and refuses any difference, naming it, before
+anything is overwritten. A different batch size is refused too: the batches would hold other images, and the
+model's numbers can depend on what else is in its batch.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from harness import __version__
-from harness.config import Config
+from harness.config import LABEL_MAPS, RUN_FIELDS, Config
 from harness.errors import ConfigError
-from harness.results.outputs import record_path
+from harness.pipeline.decode import seen
+from harness.pipeline.files import ImageFile
+from harness.results.gate import normal
+from harness.results.outputs import ledger_path, record_path
 from harness.results.report import distributions, software
 from harness.results.rows import Layout
 from harness.results.writer import open_csv, partial_path, read_output_text, row_writer, write_atomic_text
@@ -53,15 +57,21 @@ def _rewrite(path: Path, rows: list[list[str]]) -> None:
 LOST_REASON = "failed in the interrupted run; its reason was not saved before it stopped"
 
 
-def resume_point(output: Path, errors: Path, keys: list[str], layout: Layout, batch_size: int) -> tuple[int, int]:
-    """Leave the partial files holding exactly the rows to keep; return (rows kept, failures among them).
+def resume_point(
+    output: Path, errors: Path, files: list[ImageFile], layout: Layout, batch_size: int
+) -> tuple[int, int, int]:
+    """Leave the partial files holding exactly the rows to keep; return (rows kept, failures among them, rows
+    redone because their image changed since it was read).
 
     The failures are counted from the predictions' own failure rows, the file that is submitted: errors.csv is
     flushed first, so a run stopped between the two writes leaves a reason too many (dropped here), never one too
-    few; a failure row whose reason is missing all the same still counts, with a line saying its reason was lost."""
+    few; a failure row whose reason is missing all the same still counts, with a line saying its reason was lost.
+    A row is kept only while its image is still as it was read (the ledger, written before the rows): from the
+    first that is not (or that the ledger lacks), its batch on is done again."""
     partial = partial_path(output)
     if not partial.exists():
-        return 0, 0
+        return 0, 0, 0
+    keys = [image.key for image in files]
     row_width = layout.columns
     rows, last_whole = _read_rows(partial)
     if rows and not last_whole:
@@ -75,15 +85,29 @@ def resume_point(output: Path, errors: Path, keys: list[str], layout: Layout, ba
                 f"{len(row)} fields, expected {expected!r} with {row_width}. Delete it, or run without --resume to "
                 "start over."
             )
-    kept = len(rows) - len(rows) % batch_size
+    whole = len(rows) - len(rows) % batch_size
+    kept = _unchanged(ledger_path(output), files, whole, batch_size)
     _rewrite(partial, rows[:kept])
+    _rewrite(partial_path(ledger_path(output)), [[image.key, seen(image.path)] for image in files[:kept]])
     failed = [row[0] for row in rows[:kept] if layout.is_failure(row)]
     errors_partial = partial_path(errors)
     reasons = {}
     if errors_partial.exists():
         reasons = {row[0]: row[1] for row in _read_rows(errors_partial)[0] if len(row) == 2}
     _rewrite(errors_partial, [[key, reasons.get(key, LOST_REASON)] for key in failed])
-    return kept, len(failed)
+    return kept, len(failed), whole - kept
+
+
+def _unchanged(ledger: Path, files: list[ImageFile], rows: int, batch_size: int) -> int:
+    """How many of the first `rows` rows to keep: up to the batch of the first image that is no longer as the
+    ledger says it was read (replaced, rewritten, or missing from the ledger)."""
+    recorded = _read_rows(partial_path(ledger))[0] if partial_path(ledger).exists() else []
+    for position in range(rows):
+        entry = recorded[position] if position < len(recorded) else None
+        image = files[position]
+        if entry != [image.key, seen(image.path)] or not entry[1]:
+            return position - position % batch_size
+    return rows
 
 
 def file_digest(path: str | Path | None) -> str | None:
@@ -120,15 +144,20 @@ def _digests_once() -> Digest:
     return digest
 
 
-def model_files(folder: Path, files_read: list[str], digest: Digest = file_digest) -> dict[str, str | None]:
-    """The contents of everything the model is made of: each file in its folder (by path inside it, hidden files
-    and bytecode caches aside) and each file loading it read from elsewhere (by absolute path)."""
+def model_files(
+    folder: Path, files_read: list[str], digest: Digest = file_digest, outputs: frozenset[Path] = frozenset()
+) -> dict[str, str | None]:
+    """The contents of everything the model is made of: each file in its folder (by path inside it, hidden files,
+    bytecode caches and the run's own `outputs` aside) and each file loading it read from elsewhere (by absolute
+    path)."""
     chosen: dict[str, Path] = {}
     if folder.is_dir():
         listed, size = [], 0
         for path in sorted(folder.rglob("*")):
             inside = path.relative_to(folder).parts
             if any(part.startswith(".") or part == "__pycache__" for part in inside) or not path.is_file():
+                continue
+            if normal(path) in outputs:
                 continue
             listed.append(path)
             size += path.stat().st_size
@@ -144,23 +173,69 @@ def model_files(folder: Path, files_read: list[str], digest: Digest = file_diges
     return {key: digest(path) for key, path in sorted(chosen.items())}
 
 
+# The settings that cannot change a finished row, each with why; every other setting is in the record as it was
+# given (tests/test_resume.py walks them: a new setting is recorded unless it is declared here).
+ROW_NEUTRAL = {
+    "input_dir": "each row's image is recorded by its own size and time, wherever its folder is mounted",
+    "output_file": "where the rows go, not what they hold",
+    "model": "the model is recorded by its files' contents (model_files, model_source, checkpoint)",
+    "model_dir": "the model is recorded by its files' contents, wherever they are unpacked",
+    "module": "the model is recorded by its files' contents",
+    "checkpoint": "recorded by its contents and the weights entry taken",
+    "label_map": "recorded as the map's name, or a labels file's contents",
+    "device": "recorded as the device the run resolved it to",
+    "gpus": "recorded as the GPUs the run used",
+    "batch_size": "recorded as the batch the model sees (batch_size_total)",
+    "channels_last": "recorded as the layout the run chose",
+    "threads": "recorded as the thread count torch ran with",
+    "workers": "every decoding process gives the same pixels",
+    "head_start": "the head start decodes as the workers do (tests/test_headstart.py)",
+    "decoder_priority": "a process's priority moves no pixel",
+    "keep_freed_memory": "the allocator's settings move no number",
+    "omp_spin_count": "how long a thread waits moves no number",
+    "max_failures": "it judges the finished run; the rows are written the same",
+    "skip_unreadable_folders": "a folder that cannot be listed has no rows either way",
+    "resume": "asks to continue, changes no row",
+    "progress": "the progress bar",
+    "confine": "a confined run writes the same bytes (tests/test_confine.py)",
+    "trust_pickle": "lets a pickled model load; what it loads is recorded by its contents",
+    "save_probs": "refused with --resume",
+    "dist_timeout": "how long the ranks wait for each other",
+    "master_addr": "where the ranks meet",
+    "master_port": "where the ranks meet",
+    "local_rank": "the GPU it picks is recorded as the device",
+    "local_world_size": "shares the cores for decoding",
+}
+
+
+def recorded_settings(config: Config) -> dict[str, Any]:
+    """Every setting that can change a row, as given: all but ROW_NEUTRAL's."""
+    values = config.to_dict()
+    settings = {name: values[name] for name in RUN_FIELDS if name not in ROW_NEUTRAL}
+    settings.update(values["preprocess"])
+    return settings
+
+
 def run_identity(
     config: Config,
     model: dict[str, Any],
     files_read: list[str],
-    batch_size: int,
-    device_type: str,
-    channels_last: bool,
+    placed: dict[str, Any],
+    outputs: frozenset[Path] = frozenset(),
 ) -> dict[str, Any]:
-    """What shapes this run's rows; `model` is run.json's description of the loaded model, `files_read` what
-    loading it read, `channels_last` the layout it runs in (chosen at start-up under `channels_last: auto`)."""
+    """What shapes this run's rows: every setting not declared row-neutral, and what the run resolved the others to.
+    `model` is run.json's description of the loaded model, `files_read` what loading it read, `placed` where and
+    how it runs (device type, GPUs, the batch it sees, the layout chosen under `channels_last: auto`, torch's
+    threads), `outputs` the run's own files, which are never the model's even when they lie in its folder."""
     label_map = config.label_map
     installed = software()
     digest = _digests_once()
     return {
         "harness_version": __version__,
+        "settings": recorded_settings(config),
+        "placed": placed,
         "model_class": model["class"],
-        "model_files": model_files(config.model_dir, files_read, digest),
+        "model_files": model_files(config.model_dir, files_read, digest, outputs),
         # every installed package, not only the recorded ones: a model's code may load weights from any of them
         "software": {
             "python": installed["python"],
@@ -171,18 +246,8 @@ def run_identity(
         "checkpoint": digest(model["checkpoint"]),
         "weights": model.get("weights"),  # a training checkpoint's own or EMA weights
         "transform_file": digest(config.transform_file),
-        "preprocess": config.to_dict()["preprocess"],
-        "label_map": label_map,
+        "label_map": label_map if label_map in LABEL_MAPS else "a labels file",
         "labels_file": digest(label_map) if Path(label_map).is_file() else None,
-        "softmax": config.softmax,
-        "topk": config.topk,
-        "amp": config.amp,
-        "channels_last": channels_last,
-        "compile": config.compile,
-        "fold_batchnorm": config.fold_batchnorm,
-        "device": device_type,
-        "batch_size_total": batch_size,
-        "max_pixels": config.max_pixels,
     }
 
 
@@ -196,8 +261,8 @@ def recorded_layout(output: Path) -> bool | None:
     if not partial_path(output).exists():
         return None
     try:
-        layout = json.loads(read_output_text(record_path(output))).get("channels_last")
-    except (OSError, ValueError, AttributeError):
+        layout = json.loads(read_output_text(record_path(output)))["placed"].get("channels_last")
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return None
     return layout if isinstance(layout, bool) else None
 

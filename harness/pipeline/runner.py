@@ -36,7 +36,7 @@ from harness.pipeline.tracker import DecoderTracker
 from harness.results.contract import scorer_shaped
 from harness.results.gate import remove_output
 from harness.results.labels import LabelMap, make_label_map
-from harness.results.outputs import record_path
+from harness.results.outputs import ledger_path, record_path, run_outputs
 from harness.results.probs import ProbabilityRecorder
 from harness.results.report import SHOWN_PREPROCESSING, RunReport, describe_preprocessing, preprocessing_sources
 from harness.results.verdict import judge
@@ -106,6 +106,7 @@ class RunPlan:
         with (
             AtomicCsvWriter(config.output_file, append=self.done > 0) as predictions,
             AtomicCsvWriter(config.errors_csv, append=self.done > 0) as errors,
+            AtomicCsvWriter(ledger_path(config.output_file), append=self.done > 0) as ledger,
             progress_bar(len(files), config.progress) as bar,
         ):
             bar.update(self.done)
@@ -129,7 +130,9 @@ class RunPlan:
                         report.failures += 1
                     else:
                         predictions.write(layout.format(key, prediction))
-                flush_together((errors, predictions))  # a reason is never missing
+                for index, read in zip(batch.indices, batch.seen, strict=True):
+                    ledger.write([files[index].key, read])
+                flush_together((errors, ledger, predictions))  # a reason and an image's record are never missing
                 report.images += len(batch.indices)
                 bar.update(len(batch.indices))
             for folder, reason in self.unreadable:
@@ -139,8 +142,9 @@ class RunPlan:
                 self.recorder.save(config.save_probs)
             predictions.commit()
             errors.commit()
-        if config.world_size == 1:  # a rank's record stays with its part: see distributed.reopen_finished_part
+        if config.world_size == 1:  # a rank's records stay with its part: see distributed.reopen_finished_part
             remove_output(record_path(config.output_file))
+            remove_output(partial_path(ledger_path(config.output_file)))
         if report.failures:
             say(f"{report.failures} image(s) or folder(s) failed; reasons in {config.errors_csv}")
 
@@ -169,9 +173,8 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
         config,
         report.model,
         loaded.files_read,
-        placed.batch_size,
-        placed.forward.plan.device.type,
-        placed.forward.plan.channels_last,
+        placed.describe_for_resume(),
+        run_outputs(config).files,
     )
     done = _resume_or_start(config, files, identity, label_map, placed.batch_size, report)
     _describe(report, config, label_map, placed, workers=workers, prefetch=prefetch, head_images=head_images)
@@ -328,9 +331,10 @@ def _resume_or_start(
     done = 0
     if config.resume and partial_path(config.output_file).exists():
         check_identity(config.output_file, identity)
-        keys = [image.key for image in files]
         layout = label_map.layout
-        done, report.failures = resume_point(config.output_file, config.errors_csv, keys, layout, batch_size)
+        done, report.failures, changed = resume_point(config.output_file, config.errors_csv, files, layout, batch_size)
+        if changed:
+            say(f"{changed} finished row(s) are done again: an image among them changed since it was read")
         say(f"resuming after {done} of {len(files)} images" if done else "nothing to resume: starting afresh")
     elif partial_path(config.output_file).exists():
         say("replacing an earlier run's partial file (--resume would have continued it)")
@@ -341,8 +345,8 @@ def _resume_or_start(
 
 
 def head_batches(head: HeadStart, timeout: float | None) -> Iterator[Batch]:
-    for indices, images, errors in head.batches(timeout):
-        yield Batch(indices, torch.from_numpy(images), errors)
+    for indices, images, errors, seen in head.batches(timeout):
+        yield Batch(indices, torch.from_numpy(images), errors, seen)
 
 
 def finish(config: Config, report: RunReport, keys: list[str]) -> RunReport:

@@ -15,6 +15,12 @@ def record_path(output: Path) -> Path:
     return output.with_name(output.name + ".resume.json")
 
 
+def ledger_path(output: Path) -> Path:
+    """Each finished row's image as it was read (size and time, harness/pipeline/decode.py: seen), kept beside the
+    partial file while the run works, so `--resume` redoes a row whose image was replaced since."""
+    return output.with_name(output.name + ".images.csv")
+
+
 def parts_folder(output: Path) -> Path:
     """Where torchrun's ranks write their parts before rank 0 merges them."""
     return output.with_name(f".{output.name}.parts")
@@ -26,7 +32,13 @@ def part_output(output: Path, rank: int) -> Path:
 
 def beside(output: Path) -> list[Path]:
     """A predictions CSV and what a run writes beside it."""
-    return [output, output.with_name("errors.csv"), output.with_name("run.json"), record_path(output)]
+    return [
+        output,
+        output.with_name("errors.csv"),
+        output.with_name("run.json"),
+        record_path(output),
+        ledger_path(output),
+    ]
 
 
 def run_outputs(config: Config) -> OutputFiles:

@@ -193,8 +193,8 @@ class Decoder:
             started = time.perf_counter()
             samples = [dataset[index] for index in range(len(self.files))]
             seconds = (time.perf_counter() - started) / max(1, len(self.files))
-            images = torch.stack([image for _, image, _ in samples])
-            self._done[geometry] = Inputs(images, [error for _, _, error in samples], seconds)
+            images = torch.stack([image for _, image, _, _ in samples])
+            self._done[geometry] = Inputs(images, [error for _, _, error, _ in samples], seconds)
         return self._done[geometry]
 
 

@@ -127,7 +127,7 @@ def sample_batch(config: Config, images_dir: Path, limit: int) -> torch.Tensor:
     if not files:
         raise InputError(f"no images in {images_dir} for the parity check")
     dataset = ImageDataset(files, config.preprocess, load_custom_transform(config), DecodeLimits.of(config))
-    decoded = [image for _, image, error in (dataset[i] for i in range(len(dataset))) if not error]
+    decoded = [image for _, image, error, _ in (dataset[i] for i in range(len(dataset))) if not error]
     if not decoded:
         raise InputError(
             f"none of the {len(files)} images in {images_dir} could be read: the parity check needs real images "
