@@ -97,11 +97,13 @@ def _classify(config: Config, found: Discovery) -> int:
             report = finish(config, prepare(config, found, head).classify(), keys)
     except KeyboardInterrupt as stop:
         reason = "terminated" if isinstance(stop, _Terminated) else "interrupted"
-        print(
-            f"harness: {reason}; the rows finished so far are in {partial_path(config.output_file)}: the same "
-            "command with --resume goes on from there",
-            file=sys.stderr,
+        partial = partial_path(config.output_file)
+        kept = (
+            f"the rows finished so far are in {partial}: the same command with --resume goes on from there"
+            if partial.exists()
+            else "no row was finished, so there is nothing to resume"
         )
+        print(f"harness: {reason}; {kept}", file=sys.stderr)
         return INTERRUPTED
     finally:
         if head is not None:

@@ -28,6 +28,8 @@ OBJECTNET_TOPK = 5  # it reads exactly five (id, confidence) pairs a row (harnes
 CONFIG_FILE = "config.yaml"
 FLOAT32_MAX = 3.4028234663852886e38  # the model's input is float32: a normalised pixel must stay below it
 MAX_BATCH = 65536  # a larger batch is a typo: its shared-memory buffers alone would not be allocated
+DEFAULT_MAX_FAILURES = 0.01  # a run with more unreadable images than this share is a wrong folder or a broken mount
+MAX_SIDE = 8192  # pixels a side of the model's input or resize: 200 MB an image already, beyond any classifier
 MAX_PROCESSES = 1024  # decoders or torch threads: beyond any machine's cores (torch crashes on 100,000 threads)
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # the longest timeout the interval timer takes everywhere; none means no limit
 TRANSFORM_FILE = "data_transform_description.py"  # the ObjectNet template's preprocessing hook
@@ -265,9 +267,11 @@ class Preprocess:
     """What the model expects of its input: the worker half (geometry) and the device half (values)."""
 
     border: int | str = _preprocessing(2, _border, "pixels stripped from each side before any transform, or auto")
-    input_size: int = _preprocessing(224, _int(1), "side of the square crop the model sees")
+    input_size: int = _preprocessing(224, _int(1, MAX_SIDE), "side of the square crop the model sees")
     resize_size: int | None = _preprocessing(
-        None, _optional(_int(1)), "shorter side after resizing, before the centre crop (default: from crop_pct)"
+        None,
+        _optional(_int(1, MAX_SIDE)),
+        "shorter side after resizing, before the centre crop (default: from crop_pct)",
     )
     crop_pct: float = _preprocessing(
         1.0,
@@ -397,7 +401,10 @@ class Config:
         "as written (docs/speed.md)",
     )
     max_failures: float | None = _setting(
-        None, _max_failures, "unreadable images allowed before the run fails: a count or a fraction"
+        DEFAULT_MAX_FAILURES,
+        _max_failures,
+        "images that may fail (unreadable) before the run fails, exit 7: a count, or a fraction of the images "
+        "(default 0.01: one in a hundred); none: any number but all",
     )
     max_pixels: int = _setting(
         178_956_970, _int(1), "images with more pixels are refused unread (decompression bombs); Pillow's own cap"

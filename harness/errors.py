@@ -8,7 +8,9 @@ class's docstring is its exit code's meaning in `--help` and the README: written
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 
 class HarnessError(Exception):
@@ -48,7 +50,7 @@ class OutputError(HarnessError):
 
 
 class TooManyFailuresError(HarnessError):
-    """more images failed than `--max-failures` allows, or all did (the CSV is still written)"""
+    """more images failed than `--max-failures` allows (default 1%), or all did (the CSV is still written)"""
 
     exit_code = 7
 
@@ -105,6 +107,18 @@ def describe_user_error(error: BaseException) -> str:
         return f"it called sys.exit({error.code!r})"
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def model_code(what: str) -> Iterator[None]:
+    """A call into the model's own code (its eval(), to(), hooks, forward): whatever it raises, SystemExit
+    included, is the model's error (exit 4) in one line naming `what`, never a traceback or another exit code."""
+    try:
+        yield
+    except HarnessError:
+        raise
+    except (Exception, SystemExit) as error:
+        raise ModelError(f"the model's {what} failed: {describe_user_error(error)}") from error
 
 
 # ---- third-party errors known only by their text; tests/test_errors.py provokes each one for real ----

@@ -135,6 +135,8 @@ def test_a_slow_image_times_out_alone(tmp_path: Path) -> None:
         "1",
         "--progress",
         "false",
+        "--max-failures",
+        "1",
     ]
     started = time.monotonic()
     assert main(argv) == 0
@@ -259,7 +261,8 @@ def test_a_transform_that_changes_size_on_one_image_fails_that_image_alone(tmp_p
     return T.ToTensor()(image)"""
     folder = _model_folder(tmp_path, body)
     output = tmp_path / "p.csv"
-    assert main([str(SAMPLES), str(output), "--model-dir", str(folder), "--progress", "false"]) == 0
+    argv = [str(SAMPLES), str(output), "--model-dir", str(folder), "--progress", "false", "--max-failures", "1"]
+    assert main(argv) == 0
     reasons = dict(read_rows(tmp_path / "errors.csv"))
     assert "every image must come out the same size" in reasons["chelsea.png"]
     assert len(read_rows(output)) == 19

@@ -92,6 +92,7 @@ def test_a_run_with_a_head_start_writes_the_same_files_as_one_without(
     for head_start in ("true", "false"):
         out = tmp_path / head_start / "predictions.csv"
         argv = [str(folder), str(out), "--batch-size", str(BATCH), "--progress", "false", "--head-start", head_start]
+        argv += ["--max-failures", "none"]
         assert main(argv) == 0
         details = json.loads(out.with_name("run.json").read_text())
         outputs[head_start] = (read_rows(out), read_rows(out.with_name("errors.csv")), details["head_start_images"])

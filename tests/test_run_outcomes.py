@@ -8,8 +8,10 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -138,7 +140,7 @@ def test_a_folder_that_cannot_be_listed_stops_the_run_or_is_skipped_and_counted(
     output = tmp_path / "out" / "p.csv"
     assert run(images, output, model) == 3
     assert "locked/ (Permission denied)" in capsys.readouterr().err and not output.exists()
-    assert run(images, output, model, "--skip-unreadable-folders") == 0
+    assert run(images, output, model, "--skip-unreadable-folders", "--max-failures", "1") == 0
     assert read_rows(output.with_name("errors.csv")) == [["locked/", "folder cannot be listed: Permission denied"]]
     assert json.loads(output.with_name("run.json").read_text())["failures"] == 1
     assert run(images, output, model, "--skip-unreadable-folders", "--max-failures", "0") == 7
@@ -425,3 +427,95 @@ def test_a_file_of_the_challenges_shape_is_held_to_its_scorer_whatever_the_map_i
     assert "duplicate key same.png (first on line 1); the scorer rejects it" in said
     assert json.loads(output.with_name("run.json").read_text())["scorer_rules"] is True
     assert run(images, output, folder, "--topk", "3") == 0  # three pairs: not the challenge's file
+
+
+# ---- every resource bounded, every call into the model's code its error ----
+
+
+def test_an_aspect_ratio_bomb_fails_alone_before_it_is_resized(tmp_path: Path) -> None:
+    """A 20000 x 1 PNG is 143 bytes and passes max_pixels, but brought to 256 on its shorter side it would be
+    5,120,000 x 256: refused as that image's failure, in no time (was: 5.8 GB and 34 s for 20 of them)."""
+    images = image_set(tmp_path / "in", ["good"])
+    Image.new("RGB", (20000, 1), (0, 0, 0)).save(images / "strip.png")
+    output = tmp_path / "out" / "p.csv"
+    assert run(images, output, REPO / "model", "--max-failures", "1", "--border", "0") == 0
+    reasons = dict(read_rows(output.with_name("errors.csv")))
+    assert "20000 x 1 pixels resized to 256 on the shorter side would be 5120000 x 256" in reasons["strip.png"]
+
+
+@pytest.mark.parametrize("option", ["--input-size", "--resize-size"])
+def test_a_side_beyond_any_model_is_refused_in_one_line(tmp_path: Path, option: str, capsys) -> None:
+    assert run(SAMPLES, tmp_path / "p.csv", REPO / "model", option, "30000") == 2
+    assert "must be <= 8,192" in capsys.readouterr().err
+
+
+MISBEHAVING = """import torch
+
+
+class Misbehaving(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 10)
+
+    def WHAT(self, *args, **kwargs):
+        raise RuntimeError("not today")
+
+    def forward(self, x):
+        return self.fc(x.float().mean((2, 3)))
+"""
+
+
+@pytest.mark.parametrize("what", ["eval", "to"])
+def test_a_model_that_raises_in_its_own_methods_is_its_error_in_one_line(tmp_path: Path, what: str, capsys) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.py").write_text(MISBEHAVING.replace("WHAT", what))
+    (folder / "config.yaml").write_text("class_name: Misbehaving\n")
+    assert run(SAMPLES, tmp_path / "p.csv", folder) == 4
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said[-1].startswith(f"harness: error: the model's {what}(") and "RuntimeError: not today" in said[-1]
+
+
+def test_a_run_stopped_while_the_model_loads_says_there_is_nothing_to_resume(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    mark = Path("/dev/shm") / f"harness-test-{os.getpid()}-loading"
+    (folder / "model.py").write_text(
+        f"import pathlib, time, torch\n\nclass Slow(torch.nn.Module):\n    def __init__(self):\n"
+        f"        super().__init__()\n        pathlib.Path({str(mark)!r}).touch()\n        time.sleep(60)\n"
+    )
+    (folder / "config.yaml").write_text("class_name: Slow\n")
+    command = [sys.executable, "entrypoint.py", str(SAMPLES), str(tmp_path / "out" / "p.csv")]
+    process = subprocess.Popen(
+        [*command, "--model-dir", str(folder), "--progress", "false"],
+        cwd=REPO,
+        env=env_without_build_args(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for _ in range(600):
+        if mark.exists() or process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    mark.unlink(missing_ok=True)
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "harness: terminated; no row was finished, so there is nothing to resume"
+
+
+def test_export_onnx_refuses_a_model_folder_with_its_own_transform(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(REPO / "model", folder)
+    (folder / "data_transform_description.py").write_text("class data_transform:\n    pass\n")
+    assert main(["export-onnx", "--model-dir", str(folder), "--output", str(tmp_path / "m.onnx")]) == 4
+    assert "is Python, which an ONNX file cannot carry" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_by_default_more_than_one_image_in_a_hundred_failing_is_exit_7(tmp_path: Path, model: Path, capsys) -> None:
+    images = image_set(tmp_path / "in", ["good"] * 99 + ["bad"])
+    assert run(images, tmp_path / "a" / "p.csv", model, "--batch-size", "50") == 0  # 1 of 100: within 1%
+    (images / "098-good.png").write_bytes(b"broken too")
+    assert run(images, tmp_path / "b" / "p.csv", model, "--batch-size", "50") == 7
+    assert "2 of 100 images failed, more than --max-failures allows (1: pass" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from harness.config import Config
+from harness.errors import model_code
 from harness.models.checkpoint import load_weights, read_state_dict, resolve_checkpoint
 from harness.models.hf_model import load_hf_model
 from harness.models.kinds import DEFAULT_KIND, ModelKind, kind_file, kind_named, kind_of
@@ -70,7 +71,8 @@ def load_onnx(config: Config) -> LoadedModel:
 def load_saved(config: Config) -> LoadedModel:
     path = kind_file(config, kind_named("saved"))
     model, kind = load_saved_model(path, config.trust_pickle)
-    model.eval()
+    with model_code("eval()"):
+        model.eval()
     return LoadedModel(
         module=model,
         class_name=f"{kind} {type(model).__name__}",
@@ -89,7 +91,8 @@ def load_class(config: Config) -> LoadedModel:
     if checkpoint is not None:
         weights = read_state_dict(checkpoint, config.ema)
         load_weights(model, weights.state, checkpoint)
-    model.eval()
+    with model_code("eval()"):
+        model.eval()
     return LoadedModel(
         module=model,
         class_name=class_name,

@@ -19,6 +19,7 @@ from PIL import ExifTags, Image, ImageOps
 from harness.errors import describe_user_error
 from harness.pipeline.decode_options import DEFAULT_OPTIONS, DecodeOptions
 from harness.pipeline.png import open_png
+from harness.pipeline.transforms import shorter_side_to
 
 if TYPE_CHECKING:
     from harness.config import Config, Preprocess
@@ -86,6 +87,19 @@ def decode(
         rgb = strip_border(to_rgb(image, options), border)
         # Leaving the `with` closes `opened`, which would invalidate it if it were also the result.
         return rgb.copy() if rgb is opened else rgb
+
+
+def check_resized(size: tuple[int, int], pre: Preprocess, max_pixels: int | None) -> None:
+    """Refuse an image whose resize would make more than max_pixels: a 20000 x 1 strip is small on disk, but its
+    shorter side brought to 224 makes it 4,480,000 x 224 (an aspect-ratio bomb)."""
+    if max_pixels is None or pre.resize_mode == "squash":
+        return
+    width, height = shorter_side_to(size, pre.resize_to)
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"its {size[0]} x {size[1]} pixels resized to {pre.resize_to} on the shorter side would be {width} x "
+            f"{height}, more than max_pixels ({max_pixels:,})"
+        )
 
 
 def check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
@@ -245,7 +259,9 @@ def decode_sample(
     before = seen(path)
     try:
         with time_limit(limits.timeout):
-            sample = transform(decode(path, DecodeOptions.of(pre), draft_to, limits.max_pixels, pre.border))
+            image = decode(path, DecodeOptions.of(pre), draft_to, limits.max_pixels, pre.border)
+            check_resized(image.size, pre, limits.max_pixels)
+            sample = transform(image)
     except ModelFault as fault:
         return None, ModelFailure(str(fault)), before
     except Exception as error:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from harness.config import Config, Preprocess
-from harness.errors import ConfigError, DeviceError
+from harness.errors import ConfigError, DeviceError, model_code
 from harness.models.fold import FoldResult, fold_batchnorm
 from harness.models.outputs import as_logits
 from harness.pipeline.host import keep_freed_memory, usable_cpus
@@ -93,7 +93,8 @@ def prepare_model(
     """Move the model once, fold its BatchNorms where `fold_sample` (model inputs on the device) is given to check
     the folds on (harness/models/fold.py), and wrap it in DataParallel once, outside the batch loop."""
     memory_format = torch.channels_last if plan.channels_last else torch.preserve_format
-    model = model.to(device=plan.device, memory_format=memory_format)
+    with model_code(f"to({plan.device})"):
+        model = model.to(device=plan.device, memory_format=memory_format)
     if plan.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     folded = FoldResult(0, "off: fold_batchnorm false")

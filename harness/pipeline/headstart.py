@@ -50,6 +50,7 @@ def start_head(config: Config, files: list[ImageFile]) -> HeadStart | None:
         or config.world_size > 1
         or config.workers == 0
         or config.transform_file.is_file()
+        or 3 * config.preprocess.input_size**2 * config.batch_size > MAX_BYTES  # not even one batch fits
     ):
         return None
     processes = usable_cpus() - 1

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from harness.config import Config, Preprocess
-from harness.errors import describe_user_error
+from harness.errors import describe_user_error, model_code
 from harness.models.outputs import SAME_ATOL, SAME_RTOL, as_logits
 from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context
 from harness.pipeline.resume import recorded_layout
@@ -135,7 +135,8 @@ def _keeps_channels_last(times: dict[bool, list[float]], margin: float) -> bool:
 
 
 def _put(model: nn.Module, channels_last: bool) -> None:
-    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    with model_code("to(memory_format)"):
+        model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _timed_pass(

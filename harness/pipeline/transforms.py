@@ -22,10 +22,15 @@ RESAMPLING = {
 }
 
 
+def shorter_side_to(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """An image's size once its shorter side is `side`, the longer truncated as torchvision's Resize(int) does."""
+    width, height = size
+    return (side, int(side * height / width)) if width <= height else (int(side * width / height), side)
+
+
 def resize_shorter(image: Image.Image, size: int, interpolation: str) -> Image.Image:
     """Scale so the shorter side is `size`, the longer side truncated as torchvision's Resize(int) does."""
-    width, height = image.size
-    new_size = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+    new_size = shorter_side_to(image.size, size)
     if new_size == image.size:
         return image
     return image.resize(new_size, RESAMPLING[interpolation])

@@ -36,14 +36,14 @@ class Verdict:
             raise CheckFailedError(f"{path} was written but is not right to submit: {shown}{more}")
         if self.status == "complete":
             return
-        if self.limit is None:
+        if self.failures >= self.total:
             raise TooManyFailuresError(
                 f"every one of the {self.total} images failed (is the right folder mounted?); the predictions were "
                 f"written{why}"
             )
         raise TooManyFailuresError(
-            f"{self.failures} of {self.total} images failed, more than --max-failures allows ({self.limit}); the "
-            f"predictions were written{why}"
+            f"{self.failures} of {self.total} images failed, more than --max-failures allows ({self.limit}: pass "
+            f"--max-failures N or a fraction to allow more); the predictions were written{why}"
         )
 
 

@@ -152,6 +152,12 @@ def check_parity(model: nn.Module, onnx_model: nn.Module, images: torch.Tensor, 
 def export_onnx(args: argparse.Namespace, config: Config) -> int:
     """export-onnx, in a confined process (harness/tools/commands.py read its command line): the file is written
     only once it matches the PyTorch model."""
+    if config.transform_file.is_file():
+        raise ModelError(
+            f"{config.transform_file} is Python, which an ONNX file cannot carry: the .onnx would run with the "
+            "harness's preprocessing instead, and give other answers. Write the preprocessing into config.yaml "
+            "(harness check shows what the model receives), remove the transform, then export"
+        )
     loaded = load_model(config)
     if not loaded.kind.torch_graph:
         raise ConfigError(
