@@ -5,6 +5,14 @@ SCRIPT_NAME=${0##*/}
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 IMAGE_UID=10001 # the image's user (see the Dockerfiles)
 
+# What scripts/container-provision.sh makes for the container test, and `build.sh --offline` builds on: local
+# stand-ins for the base images (podman's storage), a wheelhouse and podman's settings (in OFFLINE_CACHE).
+OFFLINE_CACHE=${CONTAINER_TEST_CACHE:-/var/cache/harness-container-test}
+OFFLINE_WHEELS=$OFFLINE_CACHE/wheelhouse
+OFFLINE_CONF=$OFFLINE_CACHE/containers.conf
+OFFLINE_PREFIX=localhost/harness-ci
+OFFLINE_BASE=$OFFLINE_PREFIX/bookworm-python:3.11 # stands in for python:3.11-slim
+
 die() {
     printf '%s: error: %s\n' "$SCRIPT_NAME" "$*" >&2
     exit 1
@@ -58,4 +66,14 @@ run_shown() {
     shown=$(printf '%q ' "$@")
     note "+ ${shown% }"
     "$@"
+}
+
+# The stand-in for pytorch/pytorch that scripts/container-provision.sh makes: its Python with TORCH_VERSION installed.
+offline_torch_base() {
+    printf '%s/pytorch-standin:%s\n' "$OFFLINE_PREFIX" "$1"
+}
+
+# The version of PACKAGE in the lock (constraints.txt), empty when it has none.
+locked_version() {
+    sed -n "s/^$1==\([^ ;]*\).*/\1/p" "$REPO_ROOT/constraints.txt" | head -n 1
 }
