@@ -120,17 +120,12 @@ install_tools() {
 # (raising them is not permitted here).
 configure_engine() {
     [[ $(id -u) -eq 0 ]] || fail "run as root: the test uses rootful podman (builds mount the wheelhouse, runs chown outputs)"
-    local nofile nproc
-    nofile=$(ulimit -Hn)
-    nproc=$(ulimit -Hu)
-    [[ $nofile == unlimited || $nofile -gt 4096 ]] && nofile=4096
-    [[ $nproc == unlimited || $nproc -gt 4096 ]] && nproc=4096
     mkdir -p "$CACHE"
     cat >"$OFFLINE_CONF" <<EOF
 # Written by scripts/container-provision.sh; read through CONTAINERS_CONF by it, tests/test_container.py and
 # scripts/build.sh --offline.
 [containers]
-default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
+$(default_ulimits)
 
 [engine]
 runtime = "runc"

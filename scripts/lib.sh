@@ -77,3 +77,26 @@ offline_torch_base() {
 locked_version() {
     sed -n "s/^$1==\([^ ;]*\).*/\1/p" "$REPO_ROOT/constraints.txt" | head -n 1
 }
+
+# podman's default_ulimits line, within this machine's hard limits (podman's own defaults may be higher, and raising
+# a limit past the hard one is refused where the engine lacks the right: "error setting rlimit").
+default_ulimits() {
+    local nofile nproc
+    nofile=$(ulimit -Hn)
+    nproc=$(ulimit -Hu)
+    [[ $nofile == unlimited || $nofile -gt 4096 ]] && nofile=4096
+    [[ $nproc == unlimited || $nproc -gt 4096 ]] && nproc=4096
+    printf 'default_ulimits = ["nofile=%s:%s", "nproc=%s:%s"]\n' "$nofile" "$nofile" "$nproc" "$nproc"
+}
+
+# Copies an engine's standard error through as it comes, and after it names the fix of an error it knows. For a
+# process substitution (`2> >(explain_engine_errors)`): it outlives the signals that stop a run (Ctrl-C reaches the
+# whole process group), so the engine's last messages still come through.
+explain_engine_errors() {
+    trap '' INT TERM
+    local fix
+    fix="$SCRIPT_NAME: podman may not raise the container's limits here (rlimit type 7 is open files, 6 processes):"
+    fix+=" set CONTAINERS_CONF to a file holding '[containers]' and '$(default_ulimits)'"
+    fix+=" (scripts/container-provision.sh writes one: $OFFLINE_CONF)"
+    tee >(awk -v fix="$fix" '/error setting rlimit/ { seen = 1 } END { if (seen) print fix }' >&2) >&2
+}
