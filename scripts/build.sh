@@ -15,6 +15,9 @@ Image:
   -f, --file FILE        Dockerfile (default, GPU) or Dockerfile.cpu
   -t, --tag TAG          image name (default: harness:gpu, or harness:cpu with Dockerfile.cpu)
   --base-image IMAGE     BASE_IMAGE: the image to build on (default: the Dockerfile's)
+  --offline              build with no network, as the container test does: on the local stand-in for the base
+                         image and with the packages of the wheelhouse that scripts/container-provision.sh makes
+                         (run it once first, as root), with podman and its settings there
 
 Model defaults baked into the image (each can still be changed at run time):
   --class NAME           MODEL_CLASS_NAME: the model class in model/model.py
@@ -36,6 +39,7 @@ CONTAINER_ENGINE picks docker or podman (default: docker when its engine answers
 
 Examples:
   scripts/build.sh --class Model --checkpoint weights.pth -t my-model:gpu
+  scripts/build.sh --cpu --offline -t my-model:cpu
   scripts/build.sh --cpu --build-arg PIP_INDEX_URL=https://pypi.example.org/simple \\
       --build-arg TORCH_INDEX_URL=https://pypi.example.org/pytorch-cpu/simple --pip-cert corp-ca.pem
 EOF
@@ -43,6 +47,8 @@ EOF
 
 file=Dockerfile
 tag=""
+base_image=""
+offline=false
 dry_run=false
 pip_cert=""
 build_args=()
@@ -66,9 +72,10 @@ while [[ $# -gt 0 ]]; do
         ;;
     --base-image)
         need_value "$@"
-        build_args+=(--build-arg "BASE_IMAGE=$2")
+        base_image=$2
         shift
         ;;
+    --offline) offline=true ;;
     --class)
         need_value "$@"
         build_args+=(--build-arg "MODEL_CLASS_NAME=$2")
@@ -129,6 +136,23 @@ if [[ -n ${checkpoint:-} ]]; then
     fi
 fi
 
+# Offline: what scripts/container-provision.sh made, as its own builds use it (no network inside the build).
+if $offline; then
+    if [[ -z $base_image ]]; then
+        case ${file##*/} in
+        Dockerfile.cpu) base_image=$OFFLINE_BASE ;;
+        *) base_image=$(offline_torch_base "$(locked_version torch)") ;;
+        esac
+    fi
+    build_args+=(--build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels)
+    extra=(--network none --volume "$OFFLINE_WHEELS:/wheels:ro" "${extra[@]}")
+    export CONTAINER_ENGINE=${CONTAINER_ENGINE:-podman}
+    if [[ -z ${CONTAINERS_CONF:-} && -f $OFFLINE_CONF ]]; then
+        export CONTAINERS_CONF=$OFFLINE_CONF
+    fi
+fi
+[[ -z $base_image ]] || build_args+=(--build-arg "BASE_IMAGE=$base_image")
+
 secret=()
 if [[ -n $pip_cert ]]; then
     [[ -f $pip_cert && -r $pip_cert ]] || die "--pip-cert $pip_cert is not a readable file"
@@ -155,6 +179,14 @@ if $dry_run; then
     ENGINE=${CONTAINER_ENGINE:-docker}
 else
     pick_engine
+fi
+if $offline && ! $dry_run; then
+    [[ $ENGINE_KIND == podman ]] ||
+        die "--offline needs podman, which mounts the wheelhouse into the build ($ENGINE cannot); set CONTAINER_ENGINE=podman"
+    [[ -f $OFFLINE_WHEELS/.complete ]] ||
+        die "--offline: no wheelhouse in $OFFLINE_WHEELS. Run scripts/container-provision.sh first (as root): it makes it."
+    "$ENGINE" image exists "$base_image" ||
+        die "--offline: no local image $base_image. Run scripts/container-provision.sh first (as root): it makes it."
 fi
 command=("$ENGINE" build -f "$file" -t "$tag" "${labels[@]}" "${build_args[@]}" "${secret[@]}" "${extra[@]}" "$REPO_ROOT")
 if $dry_run; then

@@ -51,13 +51,12 @@ while [[ $# -gt 0 ]]; do
 done
 
 PYTHON=${PYTHON:-python3}
-CACHE=${CONTAINER_TEST_CACHE:-/var/cache/harness-container-test}
+CACHE=$OFFLINE_CACHE # scripts/lib.sh names what this script makes: build.sh --offline builds on it too
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-PREFIX=localhost/harness-ci
-BASE=$PREFIX/bookworm-python:3.11 # stands in for python:3.11-slim
-CPU_IMAGE=$PREFIX/harness:cpu
-GPU_IMAGE=$PREFIX/harness:gpu
-WHEELS=$CACHE/wheelhouse
+BASE=$OFFLINE_BASE # stands in for python:3.11-slim
+CPU_IMAGE=$OFFLINE_PREFIX/harness:cpu
+GPU_IMAGE=$OFFLINE_PREFIX/harness:gpu
+WHEELS=$OFFLINE_WHEELS
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/container-provision.XXXXXX")
 cleanup() {
@@ -76,7 +75,7 @@ LISTS=$WORK/lists
     die "cannot write the images' pip files with $PYTHON (needs Python >= 3.11)"
 TORCH_VERSION=$(sed -n 's/^torch==//p' "$LISTS/torch.txt")
 [[ -n $TORCH_VERSION ]] || die "no torch version in the lock (constraints.txt)"
-TORCH_BASE=$PREFIX/pytorch-standin:$TORCH_VERSION # stands in for pytorch/pytorch
+TORCH_BASE=$(offline_torch_base "$TORCH_VERSION") # stands in for pytorch/pytorch
 
 # ---- steps, each timed ----
 
@@ -121,23 +120,19 @@ install_tools() {
 # (raising them is not permitted here).
 configure_engine() {
     [[ $(id -u) -eq 0 ]] || fail "run as root: the test uses rootful podman (builds mount the wheelhouse, runs chown outputs)"
-    local nofile nproc
-    nofile=$(ulimit -Hn)
-    nproc=$(ulimit -Hu)
-    [[ $nofile == unlimited || $nofile -gt 4096 ]] && nofile=4096
-    [[ $nproc == unlimited || $nproc -gt 4096 ]] && nproc=4096
     mkdir -p "$CACHE"
-    cat >"$CACHE/containers.conf" <<EOF
-# Written by scripts/container-provision.sh; read through CONTAINERS_CONF by it and by tests/test_container.py.
+    cat >"$OFFLINE_CONF" <<EOF
+# Written by scripts/container-provision.sh; read through CONTAINERS_CONF by it, tests/test_container.py and
+# scripts/build.sh --offline.
 [containers]
-default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
+$(default_ulimits)
 
 [engine]
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 EOF
-    export CONTAINERS_CONF=$CACHE/containers.conf
+    export CONTAINERS_CONF=$OFFLINE_CONF
     export CONTAINER_ENGINE=podman
     pick_engine
     "$ENGINE" info >/dev/null || fail "podman does not work here (podman info failed; settings in $CONTAINERS_CONF)"
@@ -191,8 +186,8 @@ make_wheelhouse() {
     note "wheelhouse: $(find "$WHEELS" -name '*.whl' | wc -l) wheels, $(du -sh "$WHEELS" | cut -f1)"
 }
 
-# Builds in these steps have no network: every package comes from the wheelhouse, mounted read-only.
-BUILD_OFFLINE=(--build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels)
+# Builds in these steps have no network: every package comes from the wheelhouse, mounted read-only (build.sh
+# --offline does the same).
 ENGINE_OFFLINE=(--network none --volume "$WHEELS:/wheels:ro")
 
 make_torch_standin() {
@@ -216,12 +211,12 @@ image_id() {
     "$ENGINE" image inspect --format '{{.Id}}' "$1" 2>/dev/null || true
 }
 
-# FILE TAG BASE_IMAGE: scripts/build.sh, offline, then the tag's previous image removed if the build replaced it.
+# FILE TAG BASE_IMAGE: scripts/build.sh --offline, then the tag's previous image removed if the build replaced it.
 build_image() {
     local file=$1 tag=$2 base=$3 before after
     before=$(image_id "$tag")
-    "$REPO_ROOT/scripts/build.sh" -f "$file" -t "$tag" --base-image "$base" "${BUILD_OFFLINE[@]}" \
-        -- "${ENGINE_OFFLINE[@]}" || fail "scripts/build.sh -f $file failed"
+    "$REPO_ROOT/scripts/build.sh" -f "$file" -t "$tag" --base-image "$base" --offline ||
+        fail "scripts/build.sh -f $file --offline failed"
     after=$(image_id "$tag")
     if [[ -n $before && $before != "$after" ]]; then
         "$ENGINE" rmi "$before" >/dev/null 2>&1 || true

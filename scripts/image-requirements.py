@@ -23,6 +23,7 @@ import tomllib
 
 NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*(.*)$")
 BASE_TORCH_STACK = re.compile(r"^(torch|torchvision|triton|nvidia-.*|cuda-.*)$")
+CHECKOUT = Path(__file__).resolve().parents[1]  # the checkout this script is in (in an image's build: /src)
 
 
 def normalized(name: str) -> str:
@@ -43,13 +44,15 @@ def requirement(line: str) -> tuple[str, bool] | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path("."), help="the checkout (pyproject.toml, constraints.txt)")
+    parser.add_argument("--root", type=Path, default=CHECKOUT, help="the checkout (default: the one this script is in)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the four files")
     parser.add_argument("--extra", action="append", default=[], help="an extra of pyproject.toml to install too")
     parser.add_argument("--base-torch", action="store_true", help="the base image's torch stack stays unlocked")
     parser.add_argument("--version", action="append", default=[], metavar="NAME=VERSION", help="a build's own pin")
     args = parser.parse_args()
 
+    if not all((args.root / name).is_file() for name in ("pyproject.toml", "constraints.txt")):
+        sys.exit(f"image-requirements.py: error: {args.root} is not a checkout (pyproject.toml, constraints.txt)")
     project = tomllib.loads((args.root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     extras = project["optional-dependencies"]
     unknown = [name for name in args.extra if name not in extras]

@@ -5,6 +5,14 @@ SCRIPT_NAME=${0##*/}
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 IMAGE_UID=10001 # the image's user (see the Dockerfiles)
 
+# What scripts/container-provision.sh makes for the container test, and `build.sh --offline` builds on: local
+# stand-ins for the base images (podman's storage), a wheelhouse and podman's settings (in OFFLINE_CACHE).
+OFFLINE_CACHE=${CONTAINER_TEST_CACHE:-/var/cache/harness-container-test}
+OFFLINE_WHEELS=$OFFLINE_CACHE/wheelhouse
+OFFLINE_CONF=$OFFLINE_CACHE/containers.conf
+OFFLINE_PREFIX=localhost/harness-ci
+OFFLINE_BASE=$OFFLINE_PREFIX/bookworm-python:3.11 # stands in for python:3.11-slim
+
 die() {
     printf '%s: error: %s\n' "$SCRIPT_NAME" "$*" >&2
     exit 1
@@ -58,4 +66,37 @@ run_shown() {
     shown=$(printf '%q ' "$@")
     note "+ ${shown% }"
     "$@"
+}
+
+# The stand-in for pytorch/pytorch that scripts/container-provision.sh makes: its Python with TORCH_VERSION installed.
+offline_torch_base() {
+    printf '%s/pytorch-standin:%s\n' "$OFFLINE_PREFIX" "$1"
+}
+
+# The version of PACKAGE in the lock (constraints.txt), empty when it has none.
+locked_version() {
+    sed -n "s/^$1==\([^ ;]*\).*/\1/p" "$REPO_ROOT/constraints.txt" | head -n 1
+}
+
+# podman's default_ulimits line, within this machine's hard limits (podman's own defaults may be higher, and raising
+# a limit past the hard one is refused where the engine lacks the right: "error setting rlimit").
+default_ulimits() {
+    local nofile nproc
+    nofile=$(ulimit -Hn)
+    nproc=$(ulimit -Hu)
+    [[ $nofile == unlimited || $nofile -gt 4096 ]] && nofile=4096
+    [[ $nproc == unlimited || $nproc -gt 4096 ]] && nproc=4096
+    printf 'default_ulimits = ["nofile=%s:%s", "nproc=%s:%s"]\n' "$nofile" "$nofile" "$nproc" "$nproc"
+}
+
+# Copies an engine's standard error through as it comes, and after it names the fix of an error it knows. For a
+# process substitution (`2> >(explain_engine_errors)`): it outlives the signals that stop a run (Ctrl-C reaches the
+# whole process group), so the engine's last messages still come through.
+explain_engine_errors() {
+    trap '' INT TERM
+    local fix
+    fix="$SCRIPT_NAME: podman may not raise the container's limits here (rlimit type 7 is open files, 6 processes):"
+    fix+=" set CONTAINERS_CONF to a file holding '[containers]' and '$(default_ulimits)'"
+    fix+=" (scripts/container-provision.sh writes one: $OFFLINE_CONF)"
+    tee >(awk -v fix="$fix" '/error setting rlimit/ { seen = 1 } END { if (seen) print fix }' >&2) >&2
 }

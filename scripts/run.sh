@@ -184,4 +184,7 @@ if $dry_run; then
 fi
 shown=$(printf '%q ' "${command[@]}")
 note "+ ${shown% }"
+if [[ $ENGINE_KIND == podman ]]; then
+    exec "${command[@]}" 2> >(explain_engine_errors) # its messages as they come, then the fix of one it knows
+fi
 exec "${command[@]}"
