@@ -209,7 +209,9 @@ def rules(config: Config, environ: Mapping[str, str], reads: Iterable[Path], scr
     granted += [Rule(place, RUN) for place in sorted(_software())]
     libraries = [entry for entry in environ.get("LD_LIBRARY_PATH", "").split(":") if os.path.isabs(entry)]
     granted += [Rule(Path(place), RUN) for place in libraries]
-    granted += [Rule(place, READ) for place in sorted(_setting_paths(config, "read") | {Path(p) for p in reads})]
+    granted += [
+        Rule(place, READ) for place in sorted(_setting_paths(config, "read") | {Path(p).resolve() for p in reads})
+    ]
     granted += [Rule(Path(SHARED_MEMORY), WRITE), Rule(scratch, WRITE | sandbox.EXECUTE)]
     return _without_repeats(granted)
 
