@@ -50,12 +50,12 @@ def _random_png(path: Path, colour: int, depth: int, size: tuple[int, int], inte
 @contextlib.contextmanager
 def pillow_alone() -> Iterator[None]:
     """Decoding as the harness did before libspng: Pillow for every file."""
-    saved = harness.pipeline.png.pyspng
-    harness.pipeline.png.pyspng = None
+    saved = harness.pipeline.png.LIBSPNG
+    harness.pipeline.png.LIBSPNG = None
     try:
         yield
     finally:
-        harness.pipeline.png.pyspng = saved
+        harness.pipeline.png.LIBSPNG = saved
 
 
 def _pillow(path: Path, options: DecodeOptions = DEFAULT, border: int | str = 0) -> np.ndarray:
@@ -206,6 +206,23 @@ def test_damaged_pngs_fail_with_pillows_reasons(tmp_path: Path) -> None:
             assert (image, reason) == (None, _outcome(path)[1]) and reason, name
 
 
+def test_a_wrong_zlib_checksum_under_right_crcs_fails_as_with_pillow(tmp_path: Path) -> None:
+    """The image data's Adler-32 changed and every chunk's CRC made right again: Pillow refuses the file, and so
+    does the fast path (was: libspng, called as pyspng calls it, checked neither and decoded it)."""
+    data = bytearray(_random_png(tmp_path / "good.png", 2, 8, (40, 30), False).read_bytes())
+    start = data.index(b"IDAT")
+    length = struct.unpack_from(">I", data, start - 4)[0]
+    data[start + 4 + length - 1] ^= 0xFF  # the stream's last byte: its Adler-32
+    struct.pack_into(">I", data, start + 4 + length, zlib.crc32(data[start : start + 4 + length]))
+    path = tmp_path / "bad-adler.png"
+    path.write_bytes(bytes(data))
+    image, reason = _outcome(path)
+    with pillow_alone():
+        expected = _outcome(path)
+    assert expected[0] is None and expected[1]  # Pillow refuses it
+    assert (image, reason) == expected
+
+
 objectnet_png = (SAMPLES / "42d42cf4b12b41c.png").read_bytes()
 
 
@@ -233,7 +250,7 @@ def test_max_pixels_refuses_from_the_header(tmp_path: Path) -> None:
 
 
 def test_without_pyspng_every_png_is_pillows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(harness.pipeline.png, "pyspng", None)
+    monkeypatch.setattr(harness.pipeline.png, "LIBSPNG", None)
     assert open_png(str(SAMPLES / "coffee.png"), DEFAULT) is None
     assert decode(str(SAMPLES / "coffee.png")).size == (600, 400)
 
@@ -243,10 +260,10 @@ def test_the_decode_timeout_stops_libspng_too(monkeypatch: pytest.MonkeyPatch) -
 
     class Stuck:
         @staticmethod
-        def load(data: bytes, format: str) -> None:
+        def load(data: bytes, size: tuple[int, int], mode: str) -> None:
             time.sleep(30)
 
-    monkeypatch.setattr(harness.pipeline.png, "pyspng", Stuck)
+    monkeypatch.setattr(harness.pipeline.png, "LIBSPNG", Stuck)
     started = time.monotonic()
     image, reason, _ = decode_sample(
         str(SAMPLES / "coffee.png"), Preprocess(), DecodeLimits(timeout=0.5), None, np.asarray

@@ -1,17 +1,21 @@
-"""PNG files decoded by libspng (the pyspng package): about twice Pillow's speed on photographs, and ObjectNet is
-all PNG.
+"""PNG files decoded by libspng (the one the pyspng package carries): about twice Pillow's speed on photographs, and
+ObjectNet is all PNG.
 
 Taken only where the result is exactly Pillow's under the run's DecodeOptions. Pillow still reads the header, so a
 file it refuses there is refused in its own words; and every file this module is not sure of goes back to Pillow
-whole: transparency kept aside (tRNS, which libspng as pyspng calls it ignores) when it is composited, 16-bit grey
+whole: transparency kept aside (tRNS, which libspng as called here ignores) when it is composited, 16-bit grey
 unless it is scaled (libspng keeps the high byte where Pillow's convert clips), animation, orientation metadata
 when exif_transpose is on (Pillow rotates by it), chunks after the image data that Pillow would parse (and could
-fail on), damaged image data (libspng, as pyspng sets it up, checks neither CRCs nor the zlib checksum, so the CRCs
-are checked here), anything libspng rejects, and every file when pyspng is not installed.
+fail on), anything libspng rejects, and every file when pyspng is not installed.
+
+Damage is refused as Pillow refuses it, by construction: libspng is called here directly (through ctypes, on the
+library pyspng ships) with its checks on, every chunk's CRC and the image data's zlib checksum, where pyspng's own
+`load` turns both off; a file that fails them goes back to Pillow, which says why.
 """
 
 from __future__ import annotations
 
+import ctypes
 import io
 import struct
 import zlib
@@ -24,9 +28,9 @@ if TYPE_CHECKING:
     from harness.pipeline.decode_options import DecodeOptions
 
 try:
-    import pyspng
+    import pyspng._pyspng_c as _pyspng
 except ImportError:  # a speed-up only: Pillow decodes every file without it
-    pyspng = None
+    _pyspng = None
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # (bit depth, colour type) -> the pixels pyspng is asked for: libspng scales low bit depths to 0..255 (as Pillow
@@ -53,6 +57,70 @@ FORMATS = {
 ORIENTATION_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
 
 
+SPNG_FORMATS = {"L": (64, 1), "RGB": (4, 3), "RGBA": (1, 4)}  # libspng's spng_format and its channels
+SPNG_CRC_ERROR = 0  # spng_crc_action: a chunk whose CRC is wrong is an error (critical and ancillary alike)
+CHUNK_LIMIT = 64 * 2**20  # bytes of chunks libspng keeps, as pyspng limits them
+
+
+class Libspng:
+    """libspng's decoder through ctypes, on the library pyspng ships: every CRC and the zlib checksum checked."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self.new, self.free = library.spng_ctx_new, library.spng_ctx_free
+        self.new.restype, self.new.argtypes = ctypes.c_void_p, [ctypes.c_int]
+        self.free.argtypes = [ctypes.c_void_p]
+        calls = {
+            "spng_set_crc_action": [ctypes.c_void_p, ctypes.c_int, ctypes.c_int],
+            "spng_set_chunk_limits": [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t],
+            "spng_set_png_buffer": [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t],
+            "spng_decoded_image_size": [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_size_t)],
+            "spng_decode_image": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int],
+        }
+        for name, argtypes in calls.items():
+            function = getattr(library, name)
+            function.restype, function.argtypes = ctypes.c_int, argtypes
+            setattr(self, name, function)
+
+    def load(self, data: bytes, size: tuple[int, int], mode: str) -> np.ndarray | None:
+        """H x W (x C) uint8 pixels, or None when libspng refuses the file (a wrong CRC or checksum included)."""
+        fmt, channels = SPNG_FORMATS[mode]
+        ctx = self.new(0)
+        if not ctx:
+            return None
+        try:
+            length = ctypes.c_size_t()
+            steps = (
+                lambda: self.spng_set_crc_action(ctx, SPNG_CRC_ERROR, SPNG_CRC_ERROR),
+                lambda: self.spng_set_chunk_limits(ctx, CHUNK_LIMIT, CHUNK_LIMIT),
+                lambda: self.spng_set_png_buffer(ctx, data, len(data)),
+                lambda: self.spng_decoded_image_size(ctx, fmt, ctypes.byref(length)),
+            )
+            if any(step() != 0 for step in steps):
+                return None
+            width, height = size
+            shape = (height, width) if channels == 1 else (height, width, channels)
+            pixels = np.empty(shape, dtype=np.uint8)
+            if pixels.nbytes != length.value:
+                return None
+            if self.spng_decode_image(ctx, pixels.ctypes.data, length.value, fmt, 0) != 0:
+                return None
+            return pixels
+        finally:
+            self.free(ctx)
+
+
+def _libspng() -> Libspng | None:
+    if _pyspng is None:
+        return None
+    try:
+        return Libspng(ctypes.CDLL(_pyspng.__file__))
+    except (OSError, AttributeError):  # another build of pyspng that hides libspng's symbols: Pillow decodes
+        return None
+
+
+LIBSPNG = _libspng()
+
+
 class FastPng:
     """A PNG that libspng decodes to Pillow's pixels: its bytes, size and IHDR's depth and colour type."""
 
@@ -66,16 +134,14 @@ class FastPng:
         """H x W (grey), H x W x 3 or H x W x 4 uint8, which `decode.framed_rgb` turns into exactly the RGB
         `decode.to_rgb` makes of Pillow's image; None when libspng cannot decode the file (Pillow then decodes it,
         or says why not)."""
-        try:
-            return pyspng.load(self.data, FORMATS[(self.depth, self.colour)])
-        except RuntimeError:
-            return None
+        assert LIBSPNG is not None
+        return LIBSPNG.load(self.data, self.size, FORMATS[(self.depth, self.colour)])
 
 
 def open_png(path: str, options: DecodeOptions) -> FastPng | None:
     """The file as a FastPng, or None when Pillow is to decode it: not a PNG, not pyspng's to take under `options`,
     or unreadable here (Pillow then raises its own error for it)."""
-    if pyspng is None:
+    if LIBSPNG is None:
         return None
     try:
         with open(path, "rb") as f:
@@ -106,11 +172,11 @@ def open_png(path: str, options: DecodeOptions) -> FastPng | None:
 
 
 def _pillow_reads_nothing_after(data: bytes, position: int, text_memory: int, exif_transpose: bool) -> bool:
-    """From the first IDAT (at `position`) on, nothing Pillow would decode differently or fail on: more image data,
-    each chunk whole and its CRC right (libspng as pyspng sets it up checks neither the CRCs nor the zlib checksum,
-    and Pillow fails on damage the checksum finds); text that carries no orientation and stays within Pillow's text
-    memory (Pillow reads what follows the image data once the pixels are in, and ObjectNet's files keep their text
-    there); chunks Pillow has no reader for; up to IEND, or what Pillow takes for the end."""
+    """From the first IDAT (at `position`) on, nothing Pillow would decode differently or fail on: more image data
+    (whose CRCs and checksum libspng checks), each chunk whole and every other chunk's CRC right; text that carries
+    no orientation and stays within Pillow's text memory (Pillow reads what follows the image data once the pixels
+    are in, and ObjectNet's files keep their text there); chunks Pillow has no reader for; up to IEND, or what
+    Pillow takes for the end."""
     view = memoryview(data)
     while position + 8 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, position)
@@ -119,10 +185,12 @@ def _pillow_reads_nothing_after(data: bytes, position: int, text_memory: int, ex
         end = position + 8 + length
         if end + 4 > len(data):
             return False  # cut short: Pillow decides what that costs
-        if kind == b"IDAT":
-            if zlib.crc32(view[position + 8 : end], zlib.crc32(kind)) != struct.unpack_from(">I", data, end)[0]:
-                return False
-        elif kind == b"tEXt":
+        if kind == b"IDAT":  # libspng checks the image data's CRCs and its checksum
+            position = end + 4
+            continue
+        if zlib.crc32(view[position + 8 : end], zlib.crc32(kind)) != struct.unpack_from(">I", data, end)[0]:
+            return False
+        if kind == b"tEXt":
             keyword, _, text = data[position + 8 : end].partition(b"\0")
             text_memory += len(text) if keyword else 0
             orientation = exif_transpose and keyword.decode("latin-1") in ORIENTATION_KEYS
