@@ -119,3 +119,22 @@ def test_max_failures_turns_failures_into_an_exit_code(tmp_path: Path) -> None:
     assert len(read_rows(output)) == 2  # the CSV is still complete
     assert main([*common, "--max-failures", "0.5"]) == 0
     assert main([*common, "--max-failures", "0.4"]) == 7
+
+
+def test_every_file_under_the_input_is_a_row_or_said_to_be_skipped(tmp_path: Path, capsys) -> None:
+    """A GIF, a .jfif JPEG and a PNG with no extension get rows, whatever their names (was: no row and no word,
+    exit 0, and validate agreed); a text file and a hidden file are counted as skipped and listed in run.json."""
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.open(SAMPLES / "coffee.png").convert("RGB").save(images / "anim.gif")
+    (images / "photo.jfif").write_bytes((SAMPLES / "flower.jpg").read_bytes())
+    (images / "no-extension").write_bytes((SAMPLES / "chelsea.png").read_bytes())
+    (images / "notes.txt").write_text("not an image")
+    (images / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    output = tmp_path / "out" / "p.csv"
+    assert main([str(images), str(output), "--progress", "false", "--border", "0"]) == 0
+    assert [row[0] for row in read_rows(output)] == ["anim.gif", "no-extension", "photo.jfif"]
+    assert "3 images, 0 failed, 2 other file(s) skipped (not images: run.json lists them)" in capsys.readouterr().out
+    assert json.loads(output.with_name("run.json").read_text())["skipped_files"] == [".DS_Store", "notes.txt"]
+    output.write_text(output.read_text().replace("no-extension", "renamed"))
+    assert main(["validate", str(output), "--images", str(images)]) == 9  # the folder's images, as the run finds them

@@ -150,6 +150,7 @@ def merge(config: Config, report: RunReport, outcomes: list[dict], found: Discov
     report.images = sum(o["images"] for o in outcomes)
     report.failures = sum(o["failures"] for o in outcomes) + len(found.unreadable)
     report.total = len(found.files) + len(found.unreadable)
+    report.skipped = found.skipped
     report.output = str(config.output_file)
     report.config = config.to_dict()
     return finish(config, report, expected)

@@ -2,6 +2,10 @@
 
 Keys are paths relative to the input folder with '/' separators, so a flat folder gives the basenames the
 ObjectNet scorer matches, and two files of the same name in different subfolders stay two rows.
+
+Every file is accounted for: one named as an image (IMAGE_EXTENSIONS, any letter case) is an image; any other,
+whatever its name or none, is an image when Pillow takes it for one by its first bytes (each format's own test),
+else it is skipped, and the run says how many and which (run.json).
 """
 
 from __future__ import annotations
@@ -25,12 +29,31 @@ class ImageFile:
 
 @dataclass
 class Discovery:
-    """What a walk of the input folder found: the images, the folders it could not list (with why), and where the
-    links it followed lead (a confined run may read there too: harness/pipeline/confine.py)."""
+    """What a walk of the input folder found: the images, the folders it could not list (with why), where the
+    links it followed lead (a confined run may read there too: harness/pipeline/confine.py), and the files that are
+    not images (hidden ones included)."""
 
     files: list[ImageFile]
     unreadable: list[tuple[str, str]]  # (folder key ending in '/', reason)
     linked: list[Path] = field(default_factory=list)  # the real folders and images behind links
+    skipped: list[str] = field(default_factory=list)  # keys of the files that are not images, sorted
+
+
+SNIFF_BYTES = 16  # what Pillow's Image.open reads to tell a format
+
+
+def pillow_identifies(path: str) -> bool:
+    """Whether Pillow takes the file for an image of a format it opens, by its first bytes alone (each format's own
+    test, Image.OPEN's accept functions: byte comparisons, no parsing), whatever the file's name says."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(SNIFF_BYTES)
+    except OSError:
+        return False
+    Image.init()
+    return any(accept is not None and accept(prefix) for _, accept in Image.OPEN.values())
 
 
 def scan(root: Path) -> Discovery:
@@ -47,6 +70,7 @@ def scan(root: Path) -> Discovery:
     found: list[ImageFile] = []
     unreadable: list[tuple[str, str]] = []
     linked: list[Path] = []
+    skipped: list[str] = []
     seen_dirs: set[tuple[int, int]] = set()
     base = os.fspath(root)
     stack = [(base, "")]
@@ -65,14 +89,17 @@ def scan(root: Path) -> Discovery:
             unreadable.append((prefix, f"folder cannot be listed: {error.strerror or error}"))
             continue
         for entry in entries:
-            if entry.name.startswith("."):
-                continue
             key = prefix + entry.name
             try:
                 is_dir = entry.is_dir()
             except OSError:
                 is_dir = False
-            image = not is_dir and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+            if entry.name.startswith("."):  # hidden: never an image of the set, but still accounted for
+                skipped += [] if is_dir else [key]
+                continue
+            image = not is_dir and _is_image(entry)
+            if not is_dir and not image:
+                skipped.append(key)
             if (is_dir or image) and entry.is_symlink():
                 linked.append(Path(os.path.realpath(entry.path)))
             if is_dir:
@@ -81,7 +108,17 @@ def scan(root: Path) -> Discovery:
                 found.append(ImageFile(entry.path, key))
     found.sort(key=lambda image: image.key)
     unreadable.sort()
-    return Discovery(found, unreadable, linked)
+    return Discovery(found, unreadable, linked, sorted(skipped))
+
+
+def _is_image(entry: os.DirEntry[str]) -> bool:
+    if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+        return True
+    try:
+        regular = entry.is_file()
+    except OSError:
+        return False
+    return regular and pillow_identifies(entry.path)
 
 
 def _named(unreadable: list[tuple[str, str]]) -> str:

@@ -159,6 +159,7 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
         output=str(config.output_file),
         total=len(files) + len(found.unreadable),
         confinement=current_confinement().describe(),
+        skipped=found.skipped,
     )
     started = clock = time.perf_counter()
     check_writable(config.output_file, config.errors_csv, config.run_json)

@@ -140,6 +140,7 @@ class RunReport:
     world_size: int = 1
     confinement: dict[str, Any] = field(default_factory=dict)  # what the run could reach (pipeline/confine.py)
     preprocessing: dict[str, Any] = field(default_factory=dict)  # as it runs, and where each value came from
+    skipped: list[str] = field(default_factory=list)  # files under the input that are not images
 
     def timed(self, name: str, since: float) -> float:
         now = time.perf_counter()
@@ -152,9 +153,10 @@ class RunReport:
         return self.images / seconds if seconds > 0 else 0.0
 
     def closing_line(self) -> str:
+        skipped = f", {len(self.skipped)} other file(s) skipped (not images: run.json lists them)" * bool(self.skipped)
         return (
-            f"harness: {self.images} images, {self.failures} failed, {self.timings.get('total_s', 0.0):.1f} s, "
-            f"{self.images_per_second:.1f} images/s -> {self.output}"
+            f"harness: {self.images} images, {self.failures} failed{skipped}, "
+            f"{self.timings.get('total_s', 0.0):.1f} s, {self.images_per_second:.1f} images/s -> {self.output}"
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -164,6 +166,7 @@ class RunReport:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
             "images": self.images,
             "failures": self.failures,
+            "skipped_files": self.skipped,
             "images_per_s": round(self.images_per_second, 2),
             "timings": self.timings,
             "model": self.model,
