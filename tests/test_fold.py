@@ -123,11 +123,51 @@ def test_only_the_plain_pair_of_a_mixed_model_is_folded() -> None:
     model = _randomise_statistics(Mixed())
     before = _scores(model, IMAGES)
     result = _fold(model, IMAGES)
-    assert result.folded == 1 and "1 left as written" in result.why  # the standardised one, undone after checking
+    assert result.folded == 1 and "left as written" not in result.why  # the standardised one not even tried
     assert isinstance(model.plain_norm, nn.Identity)
     assert isinstance(model.standard_norm, nn.BatchNorm2d) and model.standard.bias is not None  # its own bias back
     assert isinstance(model.acting_norm, NormAct) and isinstance(model.shared_norm, nn.BatchNorm2d)
     assert torch.allclose(_scores(model, IMAGES), before, rtol=1e-4, atol=1e-5)
+
+
+class BrightBranch(nn.Module):
+    """On very bright images only, a second branch reads the convolution's weight itself (F.conv2d): no check image
+    takes it, so no sample can prove a fold safe; folding would change every bright image's scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.conv(x))
+        if x.mean() > 3:
+            y = y + F.conv2d(x, self.conv.weight, padding=1)
+        return self.head(y.mean((2, 3)))
+
+
+class WeightReadBeside(BrightBranch):
+    """The same read, on every image: the graph shows it, so the fold is not proven."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.conv(x)) + 0.5 * F.conv2d(x, self.conv.weight, padding=1)
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("model_class", [BrightBranch, WeightReadBeside])
+def test_a_fold_no_static_proof_covers_is_never_made(model_class: type[nn.Module]) -> None:
+    """Folding is proven over the model's whole program or not done: a branch on the input's values fails torch.fx's
+    tracing, a read of the weight beside the BatchNorm shows in its graph (was: folded, since the check images never
+    took the bright branch, and bright images' top-1 changed)."""
+    torch.manual_seed(0)
+    model = _randomise_statistics(model_class())
+    bright = torch.full((1, 3, 16, 16), 10.0)
+    before = _scores(model, bright)
+    result = _fold(model, IMAGES)  # the check images are dark: they never take the bright branch
+    assert result.folded == 0 and isinstance(model.norm, nn.BatchNorm2d)
+    assert ("does not trace with torch.fx" in result.why) == (model_class is BrightBranch)
+    assert torch.equal(_scores(model, bright), before)
 
 
 def test_a_model_without_batchnorm_is_not_run() -> None:

@@ -3,14 +3,19 @@
 In eval mode a BatchNorm is an affine per channel, y = (x - mean) / sqrt(var + eps) * gamma + beta; after a
 convolution it can live in the convolution's own weights and bias, which saves a pass over every activation: a
 large share of a convolutional model's time on the CPU (docs/benchmarks.md). Folding changes what the
-convolution returns, so it is done only where that can change nothing else, as seen by watching one forward pass
-with every torch call recorded: the BatchNorm reads the very tensor the convolution returned and nothing else
-reads it (no residual branch, no `y - 1.8` beside it, no in-place change), both are called once, the weight is the
-convolution's own, and neither has hooks (a hook on the BatchNorm would stop firing; one on the convolution would
-see other numbers). Every fold is then checked: each folded convolution must give its BatchNorm's old output on
-the same input, and the whole model its old scores on several real images of the run, or the model is put back as
-it was written. A failure anywhere in that check means "as written". Where a folded BatchNorm sat, a stand-in
-passes its input on and still answers for the BatchNorm's attributes (`num_features`, `eps`, ...).
+convolution returns, so it is done only where a proof says that changes nothing else, whatever the input.
+
+The proof is static, over the whole program: the model traces with torch.fx (a forward that branches on its
+input's values does not, and then nothing is folded: a branch the check images never take could read what a fold
+changes), and in its graph the convolution's output feeds its BatchNorm and nothing else, each is called once, and
+neither's parameters or buffers are read anywhere else (no `F.conv2d(x, self.conv.weight)` beside it), nor shared
+with another module. A watched forward pass then confirms it on the run's own images, with every torch call
+recorded: the BatchNorm reads the very tensor the convolution returned and nothing else reads it, and neither has
+hooks (a hook on the BatchNorm would stop firing; one on the convolution would see other numbers). Every fold is
+then checked: each folded convolution must give its BatchNorm's old output on the same input, and the whole model
+its old scores on the real images, or the model is put back as it was written. A failure anywhere means "as
+written". Where a folded BatchNorm sat, a stand-in passes its input on and still answers for the BatchNorm's
+attributes (`num_features`, `eps`, ...).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.fx
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
@@ -82,10 +89,14 @@ def fold_batchnorm(model: nn.Module, sample: torch.Tensor, scores: Callable[[obj
         return FoldResult(0, "no BatchNorm to fold")
     if _global_hooks():
         return FoldResult(0, "not folded: module hooks are registered globally (they would see other numbers)")
+    proven, why_not = proven_pairs(model)
+    if proven is None:
+        return FoldResult(0, f"not folded: {why_not}")
     try:
         pairs, reference = _watch(model, sample, scores)
     except (Exception, SystemExit):  # the model's own failure: the probe after this reports it to the user
         return FoldResult(0, "not folded: the model failed on the check images")
+    pairs = [pair for pair in pairs if (id(pair.conv), id(pair.norm)) in proven]
     if not pairs:
         return FoldResult(0, "no BatchNorm that only a convolution's output feeds, and nothing else reads")
     undo: list[_Undo] = []
@@ -114,6 +125,81 @@ def fold_batchnorm(model: nn.Module, sample: torch.Tensor, scores: Callable[[obj
         return FoldResult(0, "none folded: the folded model gave other scores")
     note = f"; {kept} left as written (folding changed their layer's output)" if kept else ""
     return FoldResult(len(undo), f"{len(undo)} BatchNorms folded into their convolutions{note}")
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, but a BatchNorm of any class is one call: a subclass's forward (timm's BatchNormAct2d)
+    checks its input's rank, which symbolic tracing cannot follow, and such a BatchNorm is never folded anyway."""
+
+    def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+        return isinstance(module, _BatchNorm) or super().is_leaf_module(module, name)
+
+
+CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+
+
+def proven_pairs(model: nn.Module) -> tuple[set[tuple[int, int]] | None, str]:
+    """(the (id(conv), id(norm)) pairs a fold provably changes nothing else for, or None), and why None: the static
+    half of the proof, over the model's torch.fx graph (this module's docstring). A convolution is a call of a
+    torch convolution module, or a convolution function on a convolution module's own weight (a subclass that pads
+    first, as EfficientNet's same padding does)."""
+    try:
+        graph = _Tracer().trace(model)
+    except (Exception, SystemExit) as error:  # data-dependent control flow, or code fx cannot follow
+        first = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+        return None, f"the model does not trace with torch.fx ({type(error).__name__}: {first}), so no fold is proven"
+    modules = dict(model.named_modules(remove_duplicate=False))
+    producers = {node: _producer(node, modules, model) for node in graph.nodes}
+    uses = Counter(id(modules[str(node.target)]) for node in graph.nodes if node.op == "call_module")
+    uses.update(id(conv) for node, conv in producers.items() if conv is not None and node.op == "call_function")
+    reads: dict[int, list[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            reads.setdefault(id(_fetch(model, node.target)), []).append(node)
+    owners = Counter(id(tensor) for _, module in model.named_modules() for tensor in _own_tensors(module))
+    proven = set()
+    for node, conv in producers.items():
+        user = next(iter(node.users)) if conv is not None and len(node.users) == 1 else None
+        if user is None or user.op != "call_module" or user.args[:1] != (node,):
+            continue
+        norm = modules[user.target]
+        if not _foldable_norm(norm) or not uses[id(conv)] == uses[id(norm)] == 1:
+            continue
+        tensors = [*_own_tensors(conv), *_own_tensors(norm)]
+        read_elsewhere = any(
+            set(reader.users) != {node} for tensor in tensors for reader in reads.get(id(tensor), [])
+        )
+        if not read_elsewhere and all(owners[id(tensor)] == 1 for tensor in tensors):
+            proven.add((id(conv), id(norm)))
+    return proven, ""
+
+
+def _producer(node: torch.fx.Node, modules: dict[str, nn.Module], model: nn.Module) -> _ConvNd | None:
+    """The foldable convolution module whose output `node` is, or None."""
+    if node.op == "call_module":
+        module = modules[str(node.target)]
+        return module if _foldable_conv(module) else None
+    if node.op != "call_function" or node.target not in CONV_FUNCTIONS:
+        return None
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr" or not str(weight.target).endswith(".weight"):
+        return None
+    owner = _fetch(model, str(weight.target).rpartition(".")[0])
+    if isinstance(owner, _ConvNd) and _foldable_conv(owner) and owner.weight is _fetch(model, str(weight.target)):
+        return owner
+    return None
+
+
+def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(recurse=False), *(b for b in module.buffers(recurse=False) if b is not None)]
+
+
+def _fetch(model: nn.Module, target: str) -> object:
+    """What a get_attr node reads: a parameter, a buffer, a module or a plain attribute."""
+    found: object = model
+    for part in target.split("."):
+        found = getattr(found, part)
+    return found
 
 
 def _global_hooks() -> bool:
