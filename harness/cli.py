@@ -27,12 +27,12 @@ from typing import Any, NoReturn
 
 from harness import __version__
 from harness.config import ENV_FIELDS, Config
-from harness.errors import BUG, EXIT_CODES, INTERRUPTED, HarnessError, ModelError
+from harness.errors import BUG, EXIT_CODES, INTERRUPTED, HarnessError, ModelError, is_dataloader_failure
 from harness.options import given_settings, run_parser, sources_from, with_model_settings
 from harness.pipeline.confine import confined, denial, own_process, prepare_process
 from harness.pipeline.files import Discovery, run_files
 from harness.pipeline.host import shorten_omp_spin
-from harness.results.outputs import run_outputs
+from harness.results.outputs import part_output, run_outputs
 from harness.results.writer import check_writable, output_folder_lock, partial_path
 
 TRACEBACK_FLAG = "--traceback"
@@ -85,32 +85,47 @@ def _classify(config: Config, found: Discovery) -> int:
 
     head = start_head(config, found.files)
     try:
-        # Imported only now: torch takes seconds to load, and the head start decodes meanwhile.
-        if config.world_size > 1:
-            from harness.pipeline.distributed import run_sharded
+        try:
+            # Imported only now: torch takes seconds to load, and the head start decodes meanwhile.
+            if config.world_size > 1:
+                from harness.pipeline.distributed import run_sharded
 
-            report = run_sharded(config, found)
-        else:
-            from harness.pipeline.runner import finish, prepare
+                report = run_sharded(config, found)
+            else:
+                from harness.pipeline.runner import finish, prepare
 
-            keys = [image.key for image in found.files]
-            report = finish(config, prepare(config, found, head).classify(), keys)
-    except KeyboardInterrupt as stop:
-        reason = "terminated" if isinstance(stop, _Terminated) else "interrupted"
-        partial = partial_path(config.output_file)
-        kept = (
-            f"the rows finished so far are in {partial}: the same command with --resume goes on from there"
-            if partial.exists()
-            else "no row was finished, so there is nothing to resume"
-        )
-        print(f"harness: {reason}; {kept}", file=sys.stderr)
-        return INTERRUPTED
-    finally:
-        if head is not None:
-            head.close()
+                keys = [image.key for image in found.files]
+                report = finish(config, prepare(config, found, head).classify(), keys)
+        except KeyboardInterrupt as stop:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the decoders were stopped too: no word of theirs now
+            return _stopped(stop, config)
+        finally:
+            if head is not None:
+                head.close()
+    except RuntimeError as error:  # a decoder stopped with the run, said by torch before the line above took over
+        if not isinstance(error.__context__, KeyboardInterrupt) or not is_dataloader_failure(error):
+            raise
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        return _stopped(error.__context__, config)
     if config.rank == 0:  # under torchrun, rank 0's line covers the merged run
         print(report.closing_line())
     return 0
+
+
+def _stopped(stop: KeyboardInterrupt, config: Config) -> int:
+    """One line for a run stopped by Ctrl-C or SIGTERM: what it kept, and how to go on."""
+    reason = "terminated" if isinstance(stop, _Terminated) else "interrupted"
+    partial = partial_path(
+        config.output_file if config.world_size == 1 else part_output(config.output_file, config.rank)
+    )
+    kept = (
+        f"the rows finished so far are in {partial}: the same command with --resume goes on from there"
+        if partial.exists()
+        else "no row was finished, so there is nothing to resume"
+    )
+    ranks = " (under torchrun, every rank stops when one fails: its harness: error: line says why)"
+    print(f"harness: {reason}{ranks if config.world_size > 1 else ''}; {kept}", file=sys.stderr)
+    return INTERRUPTED
 
 
 def writable_folder(config: Config) -> Path:

@@ -138,6 +138,13 @@ def is_dataloader_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "DataLoader" in str(error)
 
 
+def is_shared_memory_full(error: BaseException) -> bool:
+    """A DataLoader worker that could not put its batch in shared memory: torch's "unable to write to file
+    </torch_...>: No space left on device", or the bus error (SIGBUS) a full /dev/shm kills a writer with."""
+    text = str(error)
+    return ("No space left on device" in text and "torch_" in text) or "Bus error" in text or "SIGBUS" in text
+
+
 def is_onnx_package_missing(error: BaseException) -> bool:
     """torch.onnx.export's complaint when the `onnx` package it writes through is not installed."""
     return "onnx is not installed" in str(error)

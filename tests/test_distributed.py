@@ -331,3 +331,46 @@ def test_a_rank_whose_peer_never_comes_ends_instead_of_hanging(tmp_path: Path, s
     assert "Traceback" not in err
     if stop == "timeout":
         assert "could not meet the others" in err and "--dist-timeout 4 s" in err
+
+
+DYING = """import os
+import torch
+
+
+class Dying(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 10)
+
+    def forward(self, x):
+        if os.environ.get("RANK") == "1" and x.shape[0] > 1:
+            os._exit(3)  # a rank lost outright (the OOM killer, a machine gone): no word of its own
+        return self.fc(x.float().mean((2, 3)))
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_leaves_the_others_one_line_each(tmp_path: Path) -> None:
+    """Rank 1 dies mid-run: rank 0 says so in one harness line, whether it finished first (gloo's lost peer) or was
+    stopped by torchrun's agent (SIGTERM), never a traceback of its own."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.py").write_text(DYING)
+    (folder / "config.yaml").write_text("class_name: Dying\n")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node=2", "entrypoint.py", str(SAMPLES)]
+    command += [str(tmp_path / "out" / "p.csv"), "--model-dir", str(folder), "--progress", "false"]
+    done = subprocess.run(
+        [*command, "--device", "cpu", "--batch-size", "8", "--threads", "1"],
+        cwd=REPO,
+        env=env_without_build_args(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode != 0
+    rank0 = [line for line in done.stderr.splitlines() if "rank 0" in line or "[rank0]" in line]
+    said = [line for line in done.stderr.splitlines() if line.startswith(("harness: error:", "harness: terminated"))]
+    assert said, done.stderr
+    assert "another rank stopped answering" in said[0] or "every rank stops when one fails" in said[0]
+    assert not any("Traceback" in line for line in rank0), rank0

@@ -3,9 +3,13 @@ provoked for real (so a library upgrade that rewords one fails here, not in a us
 
 from __future__ import annotations
 
+import ast
 import os
 import pickle
+import shlex
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +26,7 @@ from harness.errors import (
     error_type,
     is_dataloader_failure,
     is_onnx_package_missing,
+    is_shared_memory_full,
     refused_pickle_globals,
 )
 from tests.helpers import REPO, SAMPLES
@@ -106,3 +111,33 @@ def test_a_file_a_tool_cannot_read_has_its_own_exit_code(tmp_path: Path) -> None
     assert main(["score", str(tmp_path / "p.csv"), "--answers", str(tmp_path / "answers.json")]) == 10
     (tmp_path / "probs.npz").write_text("not an npz")
     assert main(["ensemble", str(tmp_path / "probs.npz"), "--output", str(tmp_path / "out.csv")]) == 10
+
+
+SHM_FULL = """
+import torch
+from torch.utils.data import DataLoader
+
+
+class Big(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return torch.zeros(2**20)  # 4 MB a sample, in a 1 MB /dev/shm
+
+
+try:
+    next(iter(DataLoader(Big(), batch_size=2, num_workers=1)))
+except RuntimeError as error:
+    print(repr(str(error)))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root to mount a small /dev/shm")
+def test_a_full_shared_memory_is_recognised_as_torch_words_it() -> None:
+    """A worker's batch that does not fit in /dev/shm, for real (a 1 MB tmpfs in a mount namespace of its own)."""
+    script = f"mount -t tmpfs -o size=1m tmpfs /dev/shm && {sys.executable} -c {shlex.quote(SHM_FULL)}"
+    done = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    error = RuntimeError(ast.literal_eval(done.stdout.strip().splitlines()[-1]))
+    assert is_dataloader_failure(error) and is_shared_memory_full(error), error
+    assert not is_shared_memory_full(RuntimeError("DataLoader worker (pid 7) exited unexpectedly"))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -519,3 +520,30 @@ def test_by_default_more_than_one_image_in_a_hundred_failing_is_exit_7(tmp_path:
     (images / "098-good.png").write_bytes(b"broken too")
     assert run(images, tmp_path / "b" / "p.csv", model, "--batch-size", "50") == 7
     assert "2 of 100 images failed, more than --max-failures allows (1: pass" in capsys.readouterr().err
+
+
+def _open_files(limit: int) -> Callable[[], None]:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return apply
+
+
+def test_workers_are_fitted_to_the_open_files_limit_in_one_line(tmp_path: Path) -> None:
+    """ulimit -n 48 with --workers 8: the run goes on with the workers that fit and says so (was: "Too many open
+    files" from inside torch, a traceback)."""
+    images = image_set(tmp_path / "in", ["good"] * 24)
+    output = tmp_path / "out" / "p.csv"
+    command = [sys.executable, "entrypoint.py", str(images), str(output), "--workers", "8", "--batch-size", "4"]
+    done = subprocess.run(
+        [*command, "--head-start", "false", "--progress", "false"],
+        cwd=REPO,
+        env=env_without_build_args(),
+        preexec_fn=_open_files(48),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "the open-files limit (48, ulimit -n) allows 2 decoding worker(s) here, not 8" in done.stderr
+    assert "Traceback" not in done.stderr and len(read_rows(output)) == 24

@@ -166,9 +166,7 @@ def proven_pairs(model: nn.Module) -> tuple[set[tuple[int, int]] | None, str]:
         if not _foldable_norm(norm) or not uses[id(conv)] == uses[id(norm)] == 1:
             continue
         tensors = [*_own_tensors(conv), *_own_tensors(norm)]
-        read_elsewhere = any(
-            set(reader.users) != {node} for tensor in tensors for reader in reads.get(id(tensor), [])
-        )
+        read_elsewhere = any(set(reader.users) != {node} for tensor in tensors for reader in reads.get(id(tensor), []))
         if not read_elsewhere and all(owners[id(tensor)] == 1 for tensor in tensors):
             proven.add((id(conv), id(norm)))
     return proven, ""

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from harness.config import Config
 from harness.console import say
-from harness.errors import ConfigError, HarnessError, describe_user_error, error_type
+from harness.errors import ConfigError, HarnessError, PipelineError, describe_user_error, error_type
 from harness.pipeline.files import Discovery, shard
 from harness.pipeline.host import usable_cpus
 from harness.pipeline.runner import finish, prepare
@@ -106,7 +106,16 @@ def run_sharded(config: Config, found: Discovery) -> RunReport:
         if report is not None:
             outcome.update(images=report.images, failures=report.failures)
         outcomes: list[dict] = [{} for _ in range(config.world_size)]
-        dist.all_gather_object(outcomes, outcome, group=group)
+        try:
+            dist.all_gather_object(outcomes, outcome, group=group)
+        except RuntimeError as gone:  # gloo's word for a peer that died: this rank says so, in one line
+            if error is not None:
+                raise error from gone
+            raise PipelineError(
+                f"rank {config.rank} of {config.world_size} finished its share, but another rank stopped answering "
+                f"({describe_user_error(gone).split('. ')[0][:160]}): that rank's own line says why; rerun every rank "
+                "with --resume"
+            ) from gone
         if error is not None:
             raise error
         failed = [o for o in outcomes if o["error"]]

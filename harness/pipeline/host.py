@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import resource
 from collections.abc import Mapping
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt() parameter numbers (malloc.h)
@@ -62,6 +63,20 @@ def shorten_omp_spin(rounds: int | None, environ: Mapping[str, str]) -> bool:
         return False
     os.environ["GOMP_SPINCOUNT"] = str(rounds)
     return True
+
+
+OPEN_FILES_WANTED = 1 << 16  # a soft limit raised to no more than this where the hard limit is unlimited
+
+
+def open_files_limit() -> int:
+    """How many files this process may hold open, its soft limit raised first as far as the hard one allows (no
+    privilege needed): the DataLoader holds a descriptor for every batch in flight."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def usable_cpus() -> int:

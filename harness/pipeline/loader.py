@@ -174,6 +174,23 @@ def fit_to_shm(workers: int, batch_bytes: int, shm_free: int | None) -> tuple[in
     )
 
 
+OPEN_FILES_BASE = 32  # what the process holds besides its decoders: libraries, outputs, its lock and the gate
+OPEN_FILES_PER_BATCH, OPEN_FILES_PER_WORKER = 1, 4  # a shared batch in flight; a worker's pipes and queues
+
+
+def fit_to_open_files(workers: int, prefetch: int, limit: int) -> tuple[int, str | None]:
+    """Workers whose pipes and batches in flight fit in the open-files limit, and a line when cut (was: "Too many
+    open files" from inside torch, mid-run)."""
+    each = OPEN_FILES_PER_WORKER + prefetch * OPEN_FILES_PER_BATCH
+    fitted = min(workers, max(0, (limit - OPEN_FILES_BASE) // each))
+    if fitted == workers:
+        return workers, None
+    return fitted, (
+        f"the open-files limit ({limit}, ulimit -n) allows {fitted} decoding worker(s) here, not {workers}: raise "
+        "it (ulimit -n 4096, or docker run --ulimit nofile=4096) for full speed"
+    )
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,

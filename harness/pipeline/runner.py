@@ -19,7 +19,7 @@ from torch.utils.data import Subset
 
 from harness.config import OBJECTNET_MAPS, Config
 from harness.console import progress_bar, say
-from harness.errors import ModelError, OutputError, is_dataloader_failure
+from harness.errors import ModelError, OutputError, PipelineError, is_dataloader_failure, is_shared_memory_full
 from harness.models.load import LoadedModel, load_model
 from harness.models.python_class import load_custom_transform
 from harness.pipeline.confine import current as current_confinement
@@ -28,8 +28,8 @@ from harness.pipeline.devices import tune_process
 from harness.pipeline.files import Discovery, ImageFile
 from harness.pipeline.forward import Forward, compiled_forward
 from harness.pipeline.headstart import HeadStart
-from harness.pipeline.host import usable_cpus
-from harness.pipeline.loader import Batch, ImageDataset, fit_to_shm, make_loader, shm_free_bytes
+from harness.pipeline.host import open_files_limit, usable_cpus
+from harness.pipeline.loader import Batch, ImageDataset, fit_to_open_files, fit_to_shm, make_loader, shm_free_bytes
 from harness.pipeline.placement import Placement, place_model
 from harness.pipeline.resume import check_identity, record_identity, resume_point, run_identity
 from harness.pipeline.tracker import DecoderTracker
@@ -88,8 +88,17 @@ class RunPlan:
             except RuntimeError as error:  # PyTorch raises a worker's death wherever the main process happens to be
                 if not is_dataloader_failure(error):
                     raise
+                partial = partial_path(config.output_file)
+                if any(is_shared_memory_full(link) for link in (error, error.__cause__) if link is not None):
+                    free = shm_free_bytes()
+                    room = f"{free // 2**20} MB free now" if free is not None else "its space unknown"
+                    raise PipelineError(
+                        f"a decoding process could not put its batch in shared memory (/dev/shm, {room}): give it "
+                        f"more (docker run --shm-size=2g), or lower --batch-size or --workers; the finished rows "
+                        f"are in {partial}: rerun with --resume"
+                    ) from error
                 what = f"died or stopped answering ({_how_the_worker_failed(error)})"
-                raise self.tracker.decoder_failed(what, self.files, partial_path(config.output_file)) from error
+                raise self.tracker.decoder_failed(what, self.files, partial) from error
         except BaseException:
             self.report.status = "interrupted"
             self.report.timed("total_s", self.started)
@@ -314,8 +323,10 @@ def _decoders(config: Config, dataset: ImageDataset, batch_size: int) -> tuple[i
     workers = usable_cpus() if config.workers is None else config.workers
     batch_bytes = dataset.blank.numel() * dataset.blank.element_size() * batch_size
     workers, prefetch, shm_warning = fit_to_shm(workers, batch_bytes, shm_free_bytes())
-    if shm_warning:
-        say(shm_warning)
+    workers, files_warning = fit_to_open_files(workers, prefetch, open_files_limit())
+    for warning in (shm_warning, files_warning):
+        if warning:
+            say(warning)
     return workers, prefetch
 
 
