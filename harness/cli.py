@@ -32,7 +32,7 @@ from harness.options import given_settings, run_parser, sources_from, with_model
 from harness.pipeline.confine import confined, denial, own_process, prepare_process
 from harness.pipeline.files import Discovery, run_files
 from harness.pipeline.host import shorten_omp_spin
-from harness.results.outputs import part_output, run_outputs
+from harness.results.outputs import beside, part_output, run_outputs
 from harness.results.writer import check_writable, output_folder_lock, partial_path
 
 TRACEBACK_FLAG = "--traceback"
@@ -131,7 +131,7 @@ def _stopped(stop: KeyboardInterrupt, config: Config) -> int:
 def writable_folder(config: Config) -> Path:
     """The output folder, checked before any work: it can take the predictions and the files beside them, and
     --save-probs's folder its .npz."""
-    check_writable(config.output_file, config.errors_csv, config.run_json)
+    check_writable(config.output_file, *beside(config.output_file)[1:])  # errors.csv, run.json, the records
     if config.save_probs is not None:
         check_writable(config.save_probs, suffix=".npz", what="--save-probs writes a .npz file")
     return config.output_file.parent

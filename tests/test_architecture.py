@@ -186,3 +186,53 @@ def test_the_readme_maps_every_module() -> None:
     modules = [path for path in PACKAGE.rglob("*.py") if path.name not in ("__init__.py", "__main__.py")]
     missing = [str(path.relative_to(PACKAGE)) for path in modules if f"`{path.name}`" not in section]
     assert not missing, f"README's How it works lacks {missing}"
+
+
+# What may write the file system, besides the gate (harness/results/gate.py), and why each is not an output.
+WRITERS_ALLOWED = {
+    "harness/models/submission.py": "unpacks a zipped model folder into the run's private folder, before it runs",
+    "harness/results/writer.py": "makes the output folder before the run starts (check_writable), for the gate",
+}
+PATH_WRITES = {"write_text", "write_bytes", "unlink", "mkdir", "rename", "rmdir", "touch", "symlink_to", "hardlink_to"}
+MODULE_WRITES = {
+    "os": {"replace", "rename", "unlink", "remove", "makedirs", "mkdir", "rmdir", "link", "symlink", "truncate"},
+    "shutil": {"rmtree", "move", "copy", "copy2", "copyfile", "copytree"},
+    "np": {"save", "savez", "savez_compressed"},  # to a path; into an open file (a name) is the file's writer's
+    "torch": {"save"},
+    "onnx": {"save", "save_model"},
+}
+SAVE_TARGET = {"np": 0, "torch": 1, "onnx": 1}  # where a save's file goes: a path writes, a name is an open file
+WRITE_FLAGS = ("O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND")
+
+
+def _writes(node: ast.Call) -> bool:
+    """Whether a call writes the file system: a Path method, os/shutil/numpy's, open() or os.open() for writing."""
+    func = node.func
+    if isinstance(func, ast.Name) and func.id == "open":
+        mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+        return isinstance(mode, ast.Constant) and any(letter in str(mode.value) for letter in "wax+")
+    if not isinstance(func, ast.Attribute):
+        return False
+    if isinstance(func.value, ast.Name) and func.value.id in MODULE_WRITES:
+        if func.value.id == "os" and func.attr == "open":
+            return any(flag in ast.unparse(node) for flag in WRITE_FLAGS)
+        where = SAVE_TARGET.get(func.value.id)  # the argument that names the file
+        into_open_file = where is not None and len(node.args) > where and isinstance(node.args[where], ast.Name)
+        return func.attr in MODULE_WRITES[func.value.id] and not into_open_file
+    if func.attr == "replace":  # Path.replace(target): one argument (str.replace takes two)
+        return len(node.args) == 1 and not node.keywords and not isinstance(node.args[0], ast.Constant)
+    return func.attr in PATH_WRITES
+
+
+def test_only_the_gate_writes_the_file_system() -> None:
+    """Every output file is opened, renamed and removed by the gate (never through a link, confined or not): no
+    other module writes anything, save what WRITERS_ALLOWED names with why."""
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        name = str(path.relative_to(REPO))
+        if name in ("harness/results/gate.py", *WRITERS_ALLOWED):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and _writes(node):
+                wrong.append(f"{name}:{node.lineno}: {ast.unparse(node)[:80]}")
+    assert not wrong, wrong

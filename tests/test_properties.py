@@ -8,9 +8,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.cli import main
 from harness.config import Preprocess
 from harness.pipeline.decode import DecodeLimits
 from harness.pipeline.files import ImageFile, discover
@@ -86,3 +88,79 @@ def test_random_bytes_never_crash_or_hang_the_decoder(data: bytes, extension: st
         assert time.monotonic() - started < 6
     assert index == 0 and tensor.shape == (3, 224, 224)
     assert error == "" or ":" in error or error.isidentifier()  # decoded, or a one-line reason
+
+
+# ---- --resume: the same CSV as one uninterrupted run, or refused; never a mix ----
+
+RESUMABLE = """import os
+import torch
+
+
+class Stoppable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(int(os.environ.get("STOPPABLE_SEED", "0")))
+        self.fc = torch.nn.Linear(3, 1000)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if os.environ.get("STOPPABLE_AT") and self.calls > int(os.environ["STOPPABLE_AT"]):
+            raise ValueError("stopped on purpose")
+        return self.fc(x.float().mean((2, 3)))
+"""
+CHANGES = ("nothing", "a setting", "an image finished", "an image to come", "the model's code")
+
+
+@given(
+    batch=st.integers(1, 4),
+    topk=st.integers(1, 5),
+    softmax=st.booleans(),
+    label_map=st.sampled_from(["none", "objectnet-legacy"]),
+    stop_after=st.integers(1, 5),
+    change=st.sampled_from(CHANGES),
+)
+@settings(max_examples=25, deadline=None)
+@pytest.mark.slow
+def test_a_resumed_run_is_the_uninterrupted_one_or_refused(
+    batch: int, topk: int, softmax: bool, label_map: str, stop_after: int, change: str
+) -> None:
+    """Drawn settings, a drawn interruption point and a drawn change between the two runs: the resumed CSV is
+    byte for byte what one uninterrupted run over the inputs as they are now writes, or the resume is refused
+    (exit 2); a changed input is never mixed into finished rows."""
+    topk = 5 if label_map == "objectnet-legacy" else topk
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        model = root / "model"
+        model.mkdir()
+        (model / "model.py").write_text(RESUMABLE)
+        (model / "config.yaml").write_text("class_name: Stoppable\n")
+        images = root / "in"
+        images.mkdir()
+        photos = [p for p in sorted(SAMPLES.iterdir()) if p.suffix in (".png", ".jpg")][:9]
+        for index, photo in enumerate(photos):
+            (images / f"{index}{photo.suffix}").write_bytes(photo.read_bytes())
+        options = ["--batch-size", str(batch), "--topk", str(topk), "--softmax", str(softmax).lower()]
+        options += ["--label-map", label_map, "--workers", "0", "--progress", "false", "--model-dir", str(model)]
+        output = root / "out" / "p.csv"
+        os.environ["STOPPABLE_AT"] = str(stop_after)
+        try:
+            stopped = main([str(images), str(output), *options])
+        finally:
+            del os.environ["STOPPABLE_AT"]
+        assert stopped in (0, 4)
+        if change == "a setting":
+            options[options.index("--softmax") + 1] = str(not softmax).lower()
+        elif change == "an image finished":
+            (images / "0.png").write_bytes((SAMPLES / "coffee.png").read_bytes())
+        elif change == "an image to come":
+            (images / "8.jpg").write_bytes((SAMPLES / "flower.jpg").read_bytes() + b"\0")
+        elif change == "the model's code":
+            (model / "model.py").write_text(RESUMABLE.replace('"0"', '"1"'))
+        resumed = main([str(images), str(output), *options, "--resume"])
+        if resumed == 2:  # refused: nothing was overwritten, and a fresh run is the way on
+            assert change in ("a setting", "the model's code") and stopped == 4
+            return
+        reference = root / "ref" / "p.csv"
+        assert resumed == 0 and main([str(images), str(reference), *options]) == 0
+        assert output.read_bytes() == reference.read_bytes()

@@ -112,3 +112,22 @@ def test_an_output_that_is_not_a_csv_file_the_harness_writes_is_never_replaced(t
     os.symlink("/dev/null", beside / "errors.csv")
     assert main([str(images), str(beside / "predictions.csv"), "--progress", "false"]) == 6
     assert (beside / "errors.csv").is_symlink()
+
+
+@pytest.mark.parametrize("planted", ["p.csv.resume.json.partial", "p.csv.images.csv.partial", "probs.npz.partial"])
+def test_a_link_planted_at_any_output_name_is_refused_before_any_work(tmp_path: Path, planted: str, capsys) -> None:
+    """Every file the run writes, each with its .partial (the resume record, the ledger, --save-probs), is
+    checked before any work and opened only by the gate, never through a link: the link's target stays as it
+    was (was: overwritten through the link)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / planted).symlink_to(victim)
+    argv = [str(SAMPLES), str(out / "p.csv"), "--progress", "false", "--save-probs", str(out / "probs.npz")]
+    assert main(argv) == 6
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said == f"harness: error: {out / planted} exists and is not a regular file (a link, a device, a pipe): " + (
+        "move it away"
+    )
+    assert victim.read_text() == "mine\n"

@@ -5,9 +5,10 @@ so a model that changed on disk is never continued as if it were the same one.""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import site
 import sys
-import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,11 +31,27 @@ def _on_event(event: str, args: tuple[object, ...]) -> None:
     _watching[-1].add(os.fsdecode(path))
 
 
-def _software_folders() -> tuple[Path, ...]:
-    """Python's own and installed packages' folders: their versions, not their files, describe them."""
-    names = ("stdlib", "platstdlib", "purelib", "platlib")
-    folders = {sys.prefix, sys.base_prefix, sys.exec_prefix, *(sysconfig.get_paths().get(name, "") for name in names)}
-    return tuple(Path(folder).resolve() for folder in folders if folder)
+def software_places(import_path: bool = True) -> set[Path]:
+    """Python, its packages and the harness: the installation's folders, the folders of what is already imported,
+    editable installs' packages, and with `import_path` every other folder on it (but where the program was started
+    from: that is the user's working folder, not software)."""
+    places = {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages(), site.getusersitepackages()}
+    if import_path:
+        places.update(entry for entry in sys.path[1:] if entry)
+    for entry in sys.path:  # installed packages' metadata, an editable install's beside its source included
+        places.update(glob.glob(os.path.join(entry or ".", "*.dist-info")))
+        places.update(glob.glob(os.path.join(entry or ".", "*.egg-info")))
+    for name, module in list(sys.modules.items()):
+        if name == "__main__":  # the program itself, which tracebacks and warnings quote
+            places.add(getattr(module, "__file__", None) or "")
+            continue
+        found = getattr(module, "__path__", None)
+        if isinstance(found, list | tuple) or type(found).__name__ == "_NamespacePath":
+            places.update(str(entry) for entry in found)
+        mapping = getattr(module, "MAPPING", None) if name.startswith("__editable__") else None
+        if isinstance(mapping, dict):
+            places.update(str(value) for value in mapping.values())
+    return {Path(place).resolve() for place in places if place and os.path.isabs(place)}
 
 
 @contextlib.contextmanager
@@ -52,7 +69,7 @@ def watch_reads() -> Iterator[set[str]]:
         yield found
     finally:
         _watching.pop()
-        software = _software_folders()
+        software = software_places(import_path=False)  # a folder on PYTHONPATH may hold a model's weights
         for name in opened:
             path = Path(name).resolve()
             if path.parts[1:2] in (("proc",), ("sys",), ("dev",)) or not path.is_file():

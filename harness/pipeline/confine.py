@@ -28,8 +28,6 @@ import glob
 import os
 import re
 import shutil
-import site
-import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -40,6 +38,7 @@ from typing import Any
 from harness.config import Config, path_settings
 from harness.console import say
 from harness.errors import DeviceError
+from harness.models.reads import software_places
 from harness.pipeline import sandbox
 from harness.pipeline.sandbox import DEVICE, READ, RUN, WRITE, Rule
 from harness.results.gate import OutputFiles, gated, start_gate
@@ -167,28 +166,6 @@ def current() -> Confinement:
     return _process.confinement
 
 
-def _software() -> set[Path]:
-    """Python, its packages and the harness: the installation's folders, the import path (but where the program
-    was started from: that is the user's working folder, not software), the folders of what is already imported,
-    and editable installs' packages."""
-    places = {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages(), site.getusersitepackages()}
-    places.update(entry for entry in sys.path[1:] if entry)
-    for entry in sys.path:  # installed packages' metadata, an editable install's beside its source included
-        places.update(glob.glob(os.path.join(entry or ".", "*.dist-info")))
-        places.update(glob.glob(os.path.join(entry or ".", "*.egg-info")))
-    for name, module in list(sys.modules.items()):
-        if name == "__main__":  # the program itself, which tracebacks and warnings quote
-            places.add(getattr(module, "__file__", None) or "")
-            continue
-        found = getattr(module, "__path__", None)
-        if isinstance(found, list | tuple) or type(found).__name__ == "_NamespacePath":
-            places.update(str(entry) for entry in found)
-        mapping = getattr(module, "MAPPING", None) if name.startswith("__editable__") else None
-        if isinstance(mapping, dict):
-            places.update(str(value) for value in mapping.values())
-    return {Path(place).resolve() for place in places if place and os.path.isabs(place)}
-
-
 def _setting_paths(config: Config, role: str) -> set[Path]:
     """Every file or folder a setting with this role names (harness/config.py: path_settings), as the run will
     look for it: as given, and inside the model folder."""
@@ -206,7 +183,7 @@ def rules(config: Config, environ: Mapping[str, str], reads: Iterable[Path], scr
     granted += [Rule(Path(place), READ) for place in SYSTEM_READ]
     granted += [Rule(Path(place), READ) for place in NETWORK_READ if config.world_size > 1]
     granted += [Rule(Path(device), DEVICE) for pattern in DEVICES for device in sorted(glob.glob(pattern))]
-    granted += [Rule(place, RUN) for place in sorted(_software())]
+    granted += [Rule(place, RUN) for place in sorted(software_places())]
     libraries = [entry for entry in environ.get("LD_LIBRARY_PATH", "").split(":") if os.path.isabs(entry)]
     granted += [Rule(Path(place), RUN) for place in libraries]
     granted += [

@@ -98,8 +98,8 @@ def check_command(argv: Sequence[str], environ: dict[str, str]) -> int:
         sources = sources_from(given, environ)
         config = sources.config
         parity = parity_kind(config) if args.parity else None
-        check_writable(config.output_file, config.errors_csv, config.run_json)
         preview = [args.output / name for name in PREVIEW]
+        check_writable(config.output_file, *beside(output)[1:], *preview)
         outputs = OutputFiles.of([*beside(output), *preview])
         answers = args.answers or (None if args.images else photos / PHOTO_ANSWERS)
         reads = [photos, *([answers] if answers else [])]  # the check's own answers, read once confined
