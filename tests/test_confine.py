@@ -33,11 +33,12 @@ PROBE = r"""
 import ctypes, errno, fcntl, json, os, socket, subprocess, sys, termios
 from pathlib import Path
 from harness.pipeline import sandbox
-from harness.pipeline.confine import SYSTEM_READ, SYSTEM_RUN, _software
+from harness.models.reads import software_places
+from harness.pipeline.confine import SYSTEM_READ, SYSTEM_RUN
 
 places = json.loads(sys.argv[1])
 tty_main, tty_other = os.openpty()  # a terminal opened before: its descriptor survives the confinement
-granted = [sandbox.Rule(Path(p), sandbox.RUN) for p in [*SYSTEM_RUN, *map(str, _software())]]
+granted = [sandbox.Rule(Path(p), sandbox.RUN) for p in [*SYSTEM_RUN, *map(str, software_places())]]
 granted += [sandbox.Rule(Path(p), sandbox.READ) for p in SYSTEM_READ]
 granted += [sandbox.Rule(Path(places["images"]), sandbox.READ), sandbox.Rule(Path(places["scratch"]), sandbox.WRITE)]
 granted += [sandbox.Rule(Path("/dev/shm"), sandbox.WRITE), sandbox.Rule(Path("/dev/null"), sandbox.DEVICE)]
