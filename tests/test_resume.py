@@ -18,10 +18,12 @@ from harness.pipeline.resume import (
     LOST_REASON,
     ROW_NEUTRAL,
     check_identity,
+    model_files,
     record_identity,
     recorded_settings,
     run_identity,
 )
+from harness.results.outputs import run_outputs
 from tests.helpers import SAMPLES, read_rows
 
 MODEL = """import os
@@ -207,3 +209,39 @@ def test_every_setting_that_can_change_a_row_is_in_the_resume_record_and_refused
             changed = dataclasses.replace(base, **{name: other})
         with pytest.raises(ConfigError, match=rf"settings {name}: "):
             check_identity(output, run_identity(changed, model, [], placed))
+
+
+def test_a_zipped_model_whose_labels_file_is_inside_it_resumes(
+    tmp_path: Path, made: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The zip unpacks to a new private folder at each start: its labels file is recorded by its contents, not its
+    path there, so the resume goes on (was: refused, the path differed every time)."""
+    import zipfile
+
+    folder, _ = made
+    (folder / "labels.txt").write_text("".join(f"class{index}\n" for index in range(1000)))
+    (folder / "config.yaml").write_text("class_name: Made\nlabel_map: labels.txt\n")
+    archive = tmp_path / "made.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in folder.iterdir():
+            zipped.write(path, f"made/{path.name}")
+    inputs = images(tmp_path / "in")
+    output = tmp_path / "out" / "p.csv"
+    common = [str(inputs), str(output), "--model", str(archive), "--batch-size", "4", "--workers", "0"]
+    monkeypatch.setenv("MADE_FAIL_FROM", "2")
+    assert main([*common, "--progress", "false"]) == 4
+    monkeypatch.delenv("MADE_FAIL_FROM")
+    assert main([*common, "--progress", "false", "--resume"]) == 0
+    assert read_rows(output)[0][1].startswith("class")
+
+
+def test_the_runs_own_files_in_the_model_folder_are_never_model_files(tmp_path: Path) -> None:
+    """--model DIR/model.onnx with the output in DIR: the predictions, run.json and the records are the run's, not
+    the model's, so they never make a resume look like another model (was: never resumable)."""
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    output = tmp_path / "p.csv"
+    for name in ("p.csv.partial", "run.json", "p.csv.resume.json", "errors.csv.partial"):
+        (tmp_path / name).write_text("written by the run")
+    config = build_config({"output_file": str(output), "model_dir": str(tmp_path)}, {}, {})
+    recorded = model_files(tmp_path, [], outputs=run_outputs(config).files)
+    assert list(recorded) == ["model.onnx"]

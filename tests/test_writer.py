@@ -131,3 +131,13 @@ def test_a_link_planted_at_any_output_name_is_refused_before_any_work(tmp_path: 
         "move it away"
     )
     assert victim.read_text() == "mine\n"
+
+
+def test_save_probs_under_a_file_is_refused_before_any_image(tmp_path: Path, capsys) -> None:
+    """--save-probs's folder is checked with the CSV's, before the first image (was: found once every image had been
+    classified)."""
+    (tmp_path / "a-file").write_text("")
+    argv = [str(SAMPLES), str(tmp_path / "out" / "p.csv"), "--progress", "false"]
+    assert main([*argv, "--save-probs", str(tmp_path / "a-file" / "probs.npz")]) == 6
+    assert "cannot create output folder" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "run.json").exists()
