@@ -1,5 +1,5 @@
 """From a command line to the one `Config`: the run's options (the template's positionals and one named option per
-setting) and the model options the tools share. Everything goes through `build_config`, so the run, every tool,
+setting) and the model options the tools share. Everything goes through harness/sources.py, so the run, every tool,
 scripts/bench.py and the tests read a command line the same way, with model/config.yaml and the environment
 beneath it. Torch-free: the run parses its options before the head start forks.
 """
@@ -10,18 +10,11 @@ import argparse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from harness.config import (
-    PREPROCESS_FIELDS,
-    RUN_FIELDS,
-    Config,
-    Sources,
-    is_switch,
-    merge_sources,
-    setting_metavar,
-)
+from harness.config import PREPROCESS_FIELDS, RUN_FIELDS, Config, is_switch, setting_metavar
 from harness.errors import ConfigError
-from harness.models.kinds import carried_settings
+from harness.models.preprocessing import carried_settings
 from harness.models.submission import open_submission
+from harness.sources import Sources, merge_sources
 
 POSITIONALS = (  # the template's order
     ("input_dir", "IMAGES_DIR", "folder of images (default /input)"),

@@ -16,17 +16,18 @@ PACKAGE = REPO / "harness"
 LAYERS = {
     "harness": 0,  # __version__
     "harness.errors": 0,
-    "harness.models.kinds": 0.5,  # the registry of model kinds: torch-free data the config locates a model by
-    "harness.config": 1,
+    "harness.parsers": 0,
+    "harness.config": 1,  # the settings, knowing nothing of models, images or outputs
     "harness.console": 1,
     "harness.data": 1,
     "harness.models": 2,
     "harness.results": 2,
     "harness.pipeline": 3,
-    "harness.options": 4,
-    "harness.tools": 5,
-    "harness.cli": 6,
-    "harness.__main__": 7,
+    "harness.sources": 4,  # one Config from its sources: locates the model, reads its settings, checks the label map
+    "harness.options": 5,  # a command line to those sources
+    "harness.tools": 6,
+    "harness.cli": 7,
+    "harness.__main__": 8,
 }
 
 
@@ -55,9 +56,16 @@ def _imports(path: Path) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("harness"):
             found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names if _is_module(node.module, alias.name))
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.startswith("harness"))
     return found
+
+
+def _is_module(package: str, name: str) -> bool:
+    """`from harness import parsers` imports the module harness.parsers, an edge like any other."""
+    folder = REPO.joinpath(*package.split("."))
+    return (folder / f"{name}.py").is_file() or (folder / name / "__init__.py").is_file()
 
 
 def _graph() -> dict[str, set[str]]:
@@ -104,6 +112,8 @@ def test_subpackages_by_role_with_empty_inits() -> None:
         "console.py",
         "errors.py",
         "options.py",
+        "parsers.py",
+        "sources.py",
     ]
 
 
@@ -157,17 +167,21 @@ def test_no_runtime_class_is_tested_outside_models() -> None:
 
 
 def test_model_kinds_are_one_registry() -> None:
-    """Each kind is recognised one way, loads through a loader that exists, and is in the README's table; the
-    kinds' file suffixes do not overlap (a new suffix cannot fall to another kind's loader)."""
-    from harness.models.kinds import DEFAULT_KIND, KINDS, _resolve
+    """Each kind is recognised one way, has exactly one loader (named directly, no strings) and at most one reader
+    of its settings, and is in the README's table; the kinds' file suffixes do not overlap (a new suffix cannot
+    fall to another kind's loader)."""
+    from harness.models.kinds import DEFAULT_KIND, KINDS
+    from harness.models.load import LOADERS
+    from harness.models.preprocessing import SETTINGS_READERS
 
     suffixes = [suffix for kind in KINDS for suffix in kind.suffixes]
     assert len(suffixes) == len(set(suffixes)), suffixes
     assert len({kind.name for kind in KINDS}) == len(KINDS)
+    assert list(LOADERS) == list(KINDS), "models/load.py's LOADERS must name every kind, in the registry's order"
+    assert set(SETTINGS_READERS) <= set(KINDS)
+    assert all(callable(load) for load in LOADERS.values()) and all(map(callable, SETTINGS_READERS.values()))
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     for kind in KINDS:
-        assert callable(_resolve(kind.loader)), kind.name
-        assert kind.settings is None or callable(_resolve(kind.settings)), kind.name
         assert kind is DEFAULT_KIND or kind.prefix or kind.suffixes or kind.marker, kind.name
         assert f"| `{kind.name}` |" in readme, f"README's model-sources table lacks the {kind.name} kind"
     spelled = [
@@ -176,6 +190,7 @@ def test_model_kinds_are_one_registry() -> None:
         if path.name != "kinds.py" and any(f'"{suffix}"' in path.read_text() for suffix in (".pt", ".torchscript"))
     ]
     assert not spelled, f"model suffixes spelled outside harness/models/kinds.py: {spelled}"
+    assert "importlib" not in (PACKAGE / "models" / "kinds.py").read_text(), "the registry names what it uses"
 
 
 def test_the_readme_maps_every_module() -> None:

@@ -21,13 +21,14 @@ import torch
 from PIL import Image
 
 from harness.cli import main
-from harness.config import IMAGENET_MEAN, IMAGENET_STD, Preprocess, build_config
+from harness.config import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from harness.errors import ToolFileError
 from harness.pipeline.devices import DeviceNormalizer
 from harness.pipeline.files import ImageFile
 from harness.pipeline.transforms import geometry
 from harness.results.labels import ObjectNetSummed, class_ids, imagenet_to_objectnet, objectnet_names
 from harness.results.report import describe_preprocessing
+from harness.sources import build_config
 from harness.tools.audit import MARGIN, Judge, Tally, beats_clearly, log_probabilities, variants
 from harness.tools.check import read_answers, seconds_per_image
 from harness.tools.preview import ORIGINAL_BOX, PAD, standard_view

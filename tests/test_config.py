@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import IMAGENET_MEAN, build_config
+from harness.config import IMAGENET_MEAN
 from harness.errors import ConfigError
 from harness.options import given_settings, run_parser
+from harness.sources import build_config
 
 
 def _cli(*argv: str) -> dict:

@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.config import RUN_FIELDS, build_config
+from harness.config import RUN_FIELDS
 from harness.pipeline import sandbox
 from harness.pipeline.confine import rules
 from harness.results.gate import OutputFiles, gated, open_output, remove_output, replace_output
 from harness.results.outputs import run_outputs
+from harness.sources import build_config
 from tests.helpers import REPO, SAMPLES, env_without_build_args
 
 pytestmark = pytest.mark.skipif(sandbox.landlock_abi() < 6, reason="needs a kernel with Landlock ABI 6 or newer")

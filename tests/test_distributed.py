@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import build_config
 from harness.pipeline import sandbox
 from harness.pipeline.distributed import part_config, reopen_finished_part
 from harness.pipeline.files import shard
 from harness.results.writer import partial_path
+from harness.sources import build_config
 from tests.helpers import REPO, SAMPLES, env_without_build_args
 
 

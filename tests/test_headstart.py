@@ -18,12 +18,13 @@ import pytest
 
 import harness.pipeline.headstart
 from harness.cli import main
-from harness.config import Config, build_config
+from harness.config import Config
 from harness.errors import PipelineError
 from harness.pipeline.decode import DecodeLimits
 from harness.pipeline.files import discover
 from harness.pipeline.headstart import HeadStart, start_head
 from harness.pipeline.loader import ImageDataset
+from harness.sources import build_config
 from tests.helpers import REPO, SAMPLES, read_rows
 
 BATCH = 4

@@ -14,11 +14,12 @@ from torch import nn
 
 import harness.pipeline.layout
 from harness.cli import main
-from harness.config import Preprocess, build_config
+from harness.config import Preprocess
 from harness.pipeline.devices import DevicePlan
 from harness.pipeline.layout import choose_layout, settle_layout
 from harness.pipeline.resume import record_path, run_identity
 from harness.results.writer import partial_path
+from harness.sources import build_config
 from tests.helpers import SAMPLES
 
 CPU = DevicePlan(torch.device("cpu"))

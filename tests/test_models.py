@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.config import build_config
 from harness.errors import ModelError
 from harness.models.load import load_model
 from harness.models.python_class import load_custom_transform
+from harness.sources import build_config
 
 TINY = textwrap.dedent(
     """

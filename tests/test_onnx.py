@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from harness.cli import main
-from harness.config import build_config
 from harness.errors import ModelError
 from harness.models.kinds import find_saved_file
 from harness.models.load import load_model
 from harness.models.onnx_runtime import CUDA_PROVIDER, OnnxModule, make_session
+from harness.sources import build_config
 from harness.tools.export_onnx import check_parity, export
 from tests.helpers import REPO, SAMPLES, ids_and_confidences, read_rows
 

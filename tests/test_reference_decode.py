@@ -16,11 +16,12 @@ from PIL import Image, ImageOps
 from torchvision import datasets
 from torchvision import transforms as T
 
-from harness.config import Preprocess, build_config
+from harness.config import Preprocess
 from harness.errors import ConfigError
 from harness.pipeline.decode import DEEP_MODES, DecodeLimits, DecodeOptions, decode, decode_sample, to_rgb
 from harness.pipeline.devices import DeviceNormalizer
 from harness.pipeline.transforms import geometry
+from harness.sources import build_config
 from tests.helpers import REPO
 from tests.image_corpus import light, photo_crop, write_corpus
 

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from harness.cli import main
-from harness.config import build_config
 from harness.errors import ConfigError
 from harness.pipeline.decode import load_rgb
 from harness.pipeline.resume import check_identity, record_identity, run_identity
+from harness.sources import build_config
 from harness.tools.parity import judge
 from tests.helpers import REPO, SAMPLES, ids_and_confidences, read_rows, tiny_hf_vit
 

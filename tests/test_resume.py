@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.config import PREPROCESS_FIELDS, RUN_FIELDS, SETTINGS, build_config, metavar
+from harness.config import PREPROCESS_FIELDS, RUN_FIELDS, SETTINGS
 from harness.errors import ConfigError
+from harness.parsers import metavar
 from harness.pipeline.resume import (
     LOST_REASON,
     ROW_NEUTRAL,
@@ -24,6 +25,7 @@ from harness.pipeline.resume import (
     run_identity,
 )
 from harness.results.outputs import run_outputs
+from harness.sources import build_config
 from tests.helpers import SAMPLES, read_rows
 
 MODEL = """import os

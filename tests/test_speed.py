@@ -14,12 +14,13 @@ from PIL import Image
 
 import harness.pipeline.headstart
 import harness.pipeline.loader
-from harness.config import Preprocess, build_config
+from harness.config import Preprocess
 from harness.pipeline.decode import decode
 from harness.pipeline.files import ImageFile, discover
 from harness.pipeline.headstart import HeadStart
 from harness.pipeline.host import keep_freed_memory, shorten_omp_spin
 from harness.pipeline.loader import ImageDataset, make_loader
+from harness.sources import build_config
 from tests.helpers import REPO, SAMPLES
 
 

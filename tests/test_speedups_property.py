@@ -122,6 +122,6 @@ def test_every_speed_up_keeps_the_top5_or_is_declined(kinds: list[str], classes:
 
 
 def _config():
-    from harness.config import build_config
+    from harness.sources import build_config
 
     return build_config({"fold_batchnorm": "true"}, {}, {})

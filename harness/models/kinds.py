@@ -1,25 +1,20 @@
-"""Every kind of model the harness runs, in one registry: how each is recognised, the settings it carries, its
-loader, and what the harness may do to it. Adding a kind is one entry here, its loader (and reader of its own
-settings) in this package, and a row in the README's model-sources table.
+"""Every kind of model the harness runs, in one registry: how each is recognised and what the harness may do to it.
+Adding a kind is one entry here, its loader in models/load.py's LOADERS (and, when the model carries settings, a
+reader in models/preprocessing.py's SETTINGS_READERS), and a row in the README's model-sources table; the
+architecture test holds the three together.
 
-Torch-free: the configuration locates a model before anything heavy loads, and the run reads a model's own
-settings before its head-start decoders fork, which must happen before torch loads wherever it can. Loaders and
-settings readers are therefore named as "module:function" and imported only when used.
+Torch-free and below the loaders: the settings locate a model before anything heavy loads, and the run reads a
+model's own settings before its head-start decoders fork, which must happen before torch loads wherever it can.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from harness.config import Config
 from harness.errors import ModelError
-
-if TYPE_CHECKING:
-    from harness.config import Config
-    from harness.models.load import LoadedModel
 
 MODULE_FILES = ("model.py", "model_description.py")  # ours / the AISafety contract, then the ObjectNet template's
 
@@ -27,8 +22,6 @@ MODULE_FILES = ("model.py", "model_description.py")  # ours / the AISafety contr
 @dataclass(frozen=True)
 class ModelKind:
     name: str
-    loader: str  # "module:function": Config -> LoadedModel
-    settings: str | None = None  # "module:function": Config -> (settings the model carries, where they came from)
     prefix: str | None = None  # `--model PREFIX...` names this kind
     suffixes: tuple[str, ...] = ()  # a file with one of these, named or the folder's only one, is this kind
     marker: str | None = None  # a file that makes a folder with no Python model file this kind
@@ -36,59 +29,16 @@ class ModelKind:
     # and export-onnx apply; False for a model another runtime runs (ONNX)
     framework: str = ""  # the framework's own pipeline `harness check --parity` compares with (harness/tools/parity.py)
 
-    def load(self, config: Config) -> LoadedModel:
-        return _resolve(self.loader)(config)
 
-    def carried_settings(self, config: Config) -> tuple[dict[str, Any], str]:
-        """(settings, where they came from) the model carries: its preprocessing, an exported file's labels."""
-        return _resolve(self.settings)(config) if self.settings else ({}, "")
-
-
-def _resolve(target: str) -> Callable[..., Any]:
-    module, _, function = target.partition(":")
-    return getattr(importlib.import_module(module), function)
-
-
-KINDS = (
-    ModelKind(
-        "timm",
-        "harness.models.load:load_timm",
-        "harness.models.preprocessing:timm_settings",
-        prefix="timm:",
-        framework="timm's own pipeline",
-    ),
-    ModelKind(
-        "hf",
-        "harness.models.load:load_hf",
-        "harness.models.preprocessing:hf_settings",
-        prefix="hf:",
-        marker="config.json",
-        framework="transformers' image processor and model",
-    ),
-    ModelKind(
-        "onnx",
-        "harness.models.load:load_onnx",
-        "harness.models.preprocessing:onnx_settings",
-        suffixes=(".onnx",),
-        torch_graph=False,
-    ),
-    ModelKind(
-        "saved",
-        "harness.models.load:load_saved",
-        suffixes=(".pt", ".pth", ".ts", ".torchscript"),
-    ),
-    ModelKind(
-        "class",
-        "harness.models.load:load_class",
-    ),
-)
-DEFAULT_KIND = KINDS[-1]  # a folder that is none of the others: its Python model file says what it is
+TIMM = ModelKind("timm", prefix="timm:", framework="timm's own pipeline")
+HF = ModelKind("hf", prefix="hf:", marker="config.json", framework="transformers' image processor and model")
+ONNX = ModelKind("onnx", suffixes=(".onnx",), torch_graph=False)
+SAVED = ModelKind("saved", suffixes=(".pt", ".pth", ".ts", ".torchscript"))
+CLASS = ModelKind("class")  # a folder that is none of the others: its Python model file says what it is
+KINDS = (TIMM, HF, ONNX, SAVED, CLASS)  # recognised in this order
+DEFAULT_KIND = CLASS
 MODEL_PREFIXES = tuple(kind.prefix for kind in KINDS if kind.prefix)
 SAVED_SUFFIXES = tuple(suffix for kind in KINDS for suffix in kind.suffixes)
-
-
-def kind_named(name: str) -> ModelKind:
-    return next(kind for kind in KINDS if kind.name == name)
 
 
 def kind_of(config: Config) -> ModelKind:
@@ -106,11 +56,6 @@ def kind_of(config: Config) -> ModelKind:
             if kind.marker and (folder / kind.marker).is_file():
                 return kind
     return DEFAULT_KIND
-
-
-def carried_settings(config: Config) -> tuple[dict[str, Any], str]:
-    """The settings the configured model carries, and where they came from (config.build_config's `carried`)."""
-    return kind_of(config).carried_settings(config)
 
 
 def has_module_file(folder: Path) -> bool:
@@ -147,10 +92,10 @@ def locate_model(model: str | None, model_dir: str | None) -> tuple[dict[str, An
     if spec is None:
         return {}, True
     text = str(spec).strip()
-    if text.startswith("timm:"):
+    if TIMM.prefix and text.startswith(TIMM.prefix):
         return ({"model_dir": model_dir} if model_dir else {}), model_dir is not None
-    if text.startswith("hf:"):
-        return {"model_dir": text[len("hf:") :]}, True
+    if HF.prefix and text.startswith(HF.prefix):
+        return {"model_dir": text[len(HF.prefix) :]}, True
     path = Path(text)
     if path.is_file() and path.suffix.lower() in SAVED_SUFFIXES:
         return {"model_dir": str(path.parent), "module": path.name}, True

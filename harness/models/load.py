@@ -4,6 +4,7 @@ pipeline calls alike, with its kind, so what the harness may do to it is the kin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from harness.config import Config
 from harness.errors import model_code
 from harness.models.checkpoint import load_weights, read_state_dict, resolve_checkpoint
 from harness.models.hf_model import load_hf_model
-from harness.models.kinds import DEFAULT_KIND, ModelKind, kind_file, kind_named, kind_of
+from harness.models.kinds import CLASS, DEFAULT_KIND, HF, ONNX, SAVED, TIMM, ModelKind, kind_file, kind_of
 from harness.models.onnx_metadata import read_labels
 from harness.models.onnx_runtime import OnnxModule, make_session
 from harness.models.preprocessing import HF_CONFIG
@@ -55,7 +56,7 @@ def open_onnx(model: Path | bytes, want_cuda: bool, output_name: str | None = No
 
 
 def load_onnx(config: Config) -> LoadedModel:
-    path = kind_file(config, kind_named("onnx"))
+    path = kind_file(config, ONNX)
     want_cuda = config.device != "cpu" and config.gpus != 0 and torch.cuda.is_available()
     module = open_onnx(path, want_cuda, config.output_name)
     return LoadedModel(
@@ -69,7 +70,7 @@ def load_onnx(config: Config) -> LoadedModel:
 
 
 def load_saved(config: Config) -> LoadedModel:
-    path = kind_file(config, kind_named("saved"))
+    path = kind_file(config, SAVED)
     model, kind = load_saved_model(path, config.trust_pickle)
     with model_code("eval()"):
         model.eval()
@@ -128,10 +129,21 @@ def load_hf(config: Config) -> LoadedModel:
     )
 
 
+Loader = Callable[[Config], LoadedModel]
+LOADERS: dict[ModelKind, Loader] = {  # every kind in models/kinds.py's KINDS, each once
+    TIMM: load_timm,
+    HF: load_hf,
+    ONNX: load_onnx,
+    SAVED: load_saved,
+    CLASS: load_class,
+}
+
+
 def load_model(config: Config) -> LoadedModel:
+    """The model the configuration names, loaded by its kind's loader, with every file loading it read."""
     kind = kind_of(config)
     with watch_reads() as files_read:
-        loaded = kind.load(config)
+        loaded = LOADERS[kind](config)
     loaded.files_read = sorted(files_read)
     loaded.kind = kind
     return loaded

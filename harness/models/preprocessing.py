@@ -1,6 +1,6 @@
 """The settings a model carries with it, read as its own framework reads them: timm's pretrained config, a Hugging
-Face folder's preprocessor_config.json, what `harness export-onnx` stored in an ONNX file. Each kind's reader is
-named in harness/models/kinds.py.
+Face folder's preprocessor_config.json, what `harness export-onnx` stored in an ONNX file: SETTINGS_READERS names
+each kind's reader.
 
 Torch-free except for a timm model, whose config only timm knows: the run reads a model's preprocessing before
 its head-start decoders fork, and those must fork before torch loads wherever they can.
@@ -11,13 +11,14 @@ from __future__ import annotations
 import difflib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from harness.config import Config
 from harness.errors import ModelError
-from harness.models.kinds import find_saved_file, kind_named
+from harness.models.kinds import HF, ONNX, TIMM, ModelKind, find_saved_file, kind_of
 from harness.models.onnx_metadata import read_settings
 
 HF_CONFIG = "config.json"
@@ -27,7 +28,7 @@ HF_CROP_PCT_UNTIL = 384  # ConvNeXt's processor crops below this size and squash
 
 
 def timm_name(config: Config) -> str:
-    return (config.model or "")[len("timm:") :].strip()
+    return (config.model or "")[len(TIMM.prefix or "") :].strip()
 
 
 def import_timm() -> ModuleType:
@@ -48,8 +49,19 @@ def hf_settings(config: Config) -> tuple[dict[str, Any], str]:
 
 
 def onnx_settings(config: Config) -> tuple[dict[str, Any], str]:
-    path = find_saved_file(config, kind_named("onnx").suffixes)
+    path = find_saved_file(config, ONNX.suffixes)
     return (read_settings(path) if path is not None and path.is_file() else {}), f"{path} (its metadata)"
+
+
+SettingsReader = Callable[[Config], tuple[dict[str, Any], str]]
+SETTINGS_READERS: dict[ModelKind, SettingsReader] = {TIMM: timm_settings, HF: hf_settings, ONNX: onnx_settings}
+
+
+def carried_settings(config: Config) -> tuple[dict[str, Any], str]:
+    """The settings the configured model carries, and where they came from (harness/sources.py's `carried`): none
+    for a kind whose models carry none."""
+    reader = SETTINGS_READERS.get(kind_of(config))
+    return reader(config) if reader is not None else ({}, "")
 
 
 def timm_pretrained_cfg(name: str) -> Any:

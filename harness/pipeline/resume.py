@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from harness import __version__
-from harness.config import LABEL_MAPS, RUN_FIELDS, Config
+from harness.config import RUN_FIELDS, Config
 from harness.errors import ConfigError
 from harness.pipeline.decode import seen
 from harness.pipeline.files import ImageFile
 from harness.results.gate import normal
+from harness.results.label_maps import is_named_map
 from harness.results.outputs import ledger_path, record_path
 from harness.results.report import distributions, software
 from harness.results.rows import Layout
@@ -246,7 +247,7 @@ def run_identity(
         "checkpoint": digest(model["checkpoint"]),
         "weights": model.get("weights"),  # a training checkpoint's own or EMA weights
         "transform_file": digest(config.transform_file),
-        "label_map": label_map if label_map in LABEL_MAPS else "a labels file",
+        "label_map": label_map if is_named_map(label_map) else "a labels file",
         "labels_file": digest(label_map) if Path(label_map).is_file() else None,
     }
 

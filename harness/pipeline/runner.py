@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Subset
 
-from harness.config import OBJECTNET_MAPS, Config
+from harness.config import Config
 from harness.console import progress_bar, say
 from harness.errors import ModelError, OutputError, PipelineError, is_dataloader_failure, is_shared_memory_full
 from harness.models.load import LoadedModel, load_model
@@ -35,6 +35,7 @@ from harness.pipeline.resume import check_identity, record_identity, resume_poin
 from harness.pipeline.tracker import DecoderTracker
 from harness.results.contract import scorer_shaped
 from harness.results.gate import remove_output
+from harness.results.label_maps import OBJECTNET_MAPS
 from harness.results.labels import LabelMap, make_label_map
 from harness.results.outputs import ledger_path, record_path, run_outputs
 from harness.results.probs import ProbabilityRecorder

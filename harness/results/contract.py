@@ -15,7 +15,7 @@ import math
 import posixpath
 from pathlib import Path
 
-from harness.config import OBJECTNET_TOPK
+from harness.results.label_maps import OBJECTNET_TOPK
 from harness.results.rows import Layout
 from harness.results.writer import open_csv
 

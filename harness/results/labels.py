@@ -12,15 +12,21 @@ from pathlib import Path
 
 import torch
 
-from harness.config import OBJECTNET_MAPS, check_label_map, check_objectnet_topk
 from harness.errors import ConfigError, ModelError
+from harness.results.label_maps import (
+    IMAGENET_NAMES,
+    OBJECTNET,
+    OBJECTNET_LEGACY,
+    OBJECTNET_MAPS,
+    check_label_map,
+    check_objectnet_topk,
+)
 from harness.results.rows import Layout, Prediction
 
 IMAGENET_CLASSES = 1000
 OBJECTNET_CLASSES = 313
 MAPPING_FILE = "imagenet_pytorch_id_to_objectnet_id.json"
 IMAGENET_NAMES_FILE = "imagenet_classes.txt"
-IMAGENET_NAMES_MAP = "imagenet-names"  # the label map that writes them
 OBJECTNET_NAMES_FILE = "objectnet_classes.txt"
 
 
@@ -102,7 +108,7 @@ class ObjectNetLegacy(LabelMap):
     Rows can hold -1 and the same ObjectNet id twice; the confidences are ImageNet probabilities.
     """
 
-    name = "objectnet-legacy"
+    name = OBJECTNET_LEGACY
     scorer_ids = True
 
     def __init__(self, topk: int, softmax: bool) -> None:
@@ -126,7 +132,7 @@ class ObjectNetSummed(LabelMap):
     each ObjectNet class scores the largest logit among its ImageNet classes.
     """
 
-    name = "objectnet"
+    name = OBJECTNET
     scorer_ids = True
 
     def __init__(self, topk: int, softmax: bool) -> None:
@@ -224,7 +230,7 @@ def make_label_map(
             return ObjectNetLegacy(topk, softmax), warnings
         return ObjectNetSummed(topk, softmax), warnings
     names = model_names if label_map == "auto" and model_names and len(model_names) == num_classes else None
-    if label_map == IMAGENET_NAMES_MAP:
+    if label_map == IMAGENET_NAMES:
         if num_classes != IMAGENET_CLASSES:
             raise ConfigError(
                 f"label map {label_map} names a 1000-class ImageNet head's classes, but the model outputs "
@@ -238,5 +244,5 @@ def make_label_map(
             raise ConfigError(f"labels file {path} has {len(names)} names but the model outputs {num_classes} classes")
     if topk > num_classes:
         warnings.append(f"topk {topk} is more than the model's {num_classes} classes: writing {num_classes}")
-    shown = IMAGENET_NAMES_MAP if label_map == IMAGENET_NAMES_MAP else "names"
+    shown = IMAGENET_NAMES if label_map == IMAGENET_NAMES else "names"
     return TopK(min(topk, num_classes), softmax, names, shown, num_classes), warnings
