@@ -81,21 +81,23 @@ def run_command(argv: Sequence[str], environ: dict[str, str]) -> int:
 
 def _classify(config: Config, found: Discovery) -> int:
     """The confined part of a run: its decoders, torch, the model, the rows."""
+    from harness.pipeline.decode_options import Decoding
     from harness.pipeline.headstart import start_head
 
-    head = start_head(config, found.files)
+    decoding = Decoding.of(config)  # once, for the head start's decoders and the DataLoader's workers alike
+    head = start_head(config, found.files, decoding)
     try:
         try:
             # Imported only now: torch takes seconds to load, and the head start decodes meanwhile.
             if config.world_size > 1:
                 from harness.pipeline.distributed import run_sharded
 
-                report = run_sharded(config, found)
+                report = run_sharded(config, found, decoding)
             else:
                 from harness.pipeline.runner import finish, prepare
 
                 keys = [image.key for image in found.files]
-                report = finish(config, prepare(config, found, head).classify(), keys)
+                report = finish(config, prepare(config, found, decoding, head).classify(), keys)
         except KeyboardInterrupt as stop:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the decoders were stopped too: no word of theirs now
             return _stopped(stop, config)

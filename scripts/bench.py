@@ -137,7 +137,7 @@ def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: flo
     import torch
 
     from harness.models.load import load_model
-    from harness.pipeline.decode import DecodeLimits
+    from harness.pipeline.decode_options import Decoding
     from harness.pipeline.devices import tune_process
     from harness.pipeline.files import discover
     from harness.pipeline.loader import ImageDataset
@@ -145,7 +145,7 @@ def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: flo
 
     tune_process(config)
     files = discover(config.input_dir)
-    dataset = ImageDataset(files, config.preprocess, None, DecodeLimits.of(config))
+    dataset = ImageDataset.of(files, Decoding.of(config))
     placed = place_model(config, load_model(config), dataset, len(files))  # as the run does
     forward, plan, batch_size = placed.forward, placed.forward.plan, placed.batch_size
     size = config.preprocess.input_size
@@ -166,7 +166,7 @@ def phase_model(model_dir: str, data: str, harness_args: list[str], seconds: flo
 
 
 def phase_decode(model_dir: str, data: str, harness_args: list[str]) -> float:
-    from harness.pipeline.decode import DecodeLimits
+    from harness.pipeline.decode_options import Decoding
     from harness.pipeline.devices import tune_process
     from harness.pipeline.files import discover
     from harness.pipeline.host import usable_cpus
@@ -177,7 +177,7 @@ def phase_decode(model_dir: str, data: str, harness_args: list[str]) -> float:
     tune_process(config)
     files = discover(config.input_dir)
     workers = usable_cpus()
-    dataset = ImageDataset(files, config.preprocess, limits=DecodeLimits.of(config))
+    dataset = ImageDataset.of(files, Decoding.of(config))
     timeout = loader_timeout(config.decode_timeout)
     loader = make_loader(dataset, config.batch_size, workers, PREFETCH, False, timeout, config.idle_decoders)
     start, done = time.perf_counter(), 0
@@ -512,6 +512,28 @@ def compare_row(result: dict) -> str:
 
 def main() -> None:
     sys.path.insert(0, str(REPO))
+    args = _parser().parse_args()
+    if args.phase:
+        if args.phase == "model":
+            value = phase_model(args.model_dir, args.data, args.harness_args, args.seconds)
+        else:
+            value = phase_decode(args.model_dir, args.data, args.harness_args)
+        print(value)
+        return
+    harness_args = ["--device", args.device, *args.harness_args]
+    load_before = os.getloadavg()[0]
+    data = make_dataset(args.cache, args.images, args.png_share, args.seed)
+    if args.compare:
+        result = compare(args, data, harness_args)
+        result["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        report(result, args.json, compare_row if args.markdown else None)
+        return
+    result = measure(args, data, harness_args)
+    result["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # other work on the machine skews it
+    report(result, args.json, markdown_row if args.markdown else None)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default="efficientnet_lite0")
     parser.add_argument("--device", default="auto", help="the harness's --device")
@@ -534,25 +556,14 @@ def main() -> None:
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("harness_args", nargs="*", help="options passed to the harness (after --)")
-    args = parser.parse_args()
-    if args.phase:
-        if args.phase == "model":
-            value = phase_model(args.model_dir, args.data, args.harness_args, args.seconds)
-        else:
-            value = phase_decode(args.model_dir, args.data, args.harness_args)
-        print(value)
-        return
+    return parser
 
+
+def measure(args: argparse.Namespace, data: Path, harness_args: list[str]) -> dict:
+    """The model alone and the decoders alone, each before and after one whole run, and that run: its speed
+    against the slower of the two (the two's sum of times on a CPU, which runs both), and its memory."""
     import torch
 
-    harness_args = ["--device", args.device, *args.harness_args]
-    load_before = os.getloadavg()[0]
-    data = make_dataset(args.cache, args.images, args.png_share, args.seed)
-    if args.compare:
-        result = compare(args, data, harness_args)
-        result["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-        report(result, args.json, compare_row if args.markdown else None)
-        return
     with tempfile.TemporaryDirectory(prefix="harness-bench-") as scratch:
         model_dir = model_folder(args.model, Path(scratch))
         # The limits are measured on both sides of the run and averaged: a shared machine's speed drifts, and a
@@ -588,9 +599,8 @@ def main() -> None:
         "peak_rss_mb": round(run.peak_mb, 1),
         "peak_rss_main_mb": round(run.main_mb, 1),
         "peak_rss_halves_mb": [round(mb, 1) for mb in run.halves_mb],
-        "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # other work on the machine skews it
     }
-    report(result, args.json, markdown_row if args.markdown else None)
+    return result
 
 
 def report(result: dict, json_path: Path | None, markdown: Callable[[dict], str] | None) -> None:

@@ -251,3 +251,26 @@ def test_only_the_gate_writes_the_file_system() -> None:
             if isinstance(node, ast.Call) and _writes(node):
                 wrong.append(f"{name}:{node.lineno}: {ast.unparse(node)[:80]}")
     assert not wrong, wrong
+
+
+MAX_FUNCTION_LINES = 50  # docstring included: a longer one does several jobs, each worth a name
+
+
+def test_no_function_is_longer_than_a_screen() -> None:
+    sources = [*PACKAGE.rglob("*.py"), REPO / "scripts" / "bench.py"]
+    long = [
+        f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in sources
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, long
+
+
+def test_the_settings_know_nothing_of_what_they_set() -> None:
+    """config.py and the parsers import no part of the harness but the errors: the bottom floor stays the bottom."""
+    for name in ("config.py", "parsers.py"):
+        imported = {target for target in _imports(PACKAGE / name) if target not in ("harness", "harness.errors")}
+        assert imported <= {"harness.parsers"}, (name, imported)

@@ -17,6 +17,7 @@ from torchvision import transforms as T
 import harness.pipeline.placement
 from harness.config import Preprocess
 from harness.pipeline.decode import load_rgb
+from harness.pipeline.decode_options import Decoding
 from harness.pipeline.devices import DevicePlan
 from harness.pipeline.files import ImageFile
 from harness.pipeline.loader import ImageDataset
@@ -169,7 +170,7 @@ def test_red_frame_is_gone_before_resizing() -> None:
     name = OBJECTNET_SAMPLES[0]
 
     def top_row_red_share(border: int) -> float:
-        dataset = ImageDataset([ImageFile(str(SAMPLES / name), name)], Preprocess(border=border))
+        dataset = ImageDataset([ImageFile(str(SAMPLES / name), name)], Decoding(Preprocess(border=border)))
         _, tensor, error, _ = dataset[0]
         assert error == ""
         r, g, b = tensor[:, 0, :].int()

@@ -20,7 +20,7 @@ import harness.pipeline.headstart
 from harness.cli import main
 from harness.config import Config
 from harness.errors import PipelineError
-from harness.pipeline.decode import DecodeLimits
+from harness.pipeline.decode_options import DecodeOptions, Decoding
 from harness.pipeline.files import discover
 from harness.pipeline.headstart import HeadStart, start_head
 from harness.pipeline.loader import ImageDataset
@@ -62,10 +62,10 @@ def test_batches_equal_the_dataloaders_samples_errors_included(
     monkeypatch.setattr(harness.pipeline.headstart, "BATCHES_PER_PROCESS", 4)
     config = _config(_folder(tmp_path))
     files = discover(config.input_dir)
-    head = _finished(HeadStart(config, files, processes))
+    head = _finished(HeadStart(config, files, Decoding.of(config), processes))
     try:
         assert head.stop(run_batch) == covered
-        dataset = ImageDataset(files, config.preprocess, limits=DecodeLimits.of(config))
+        dataset = ImageDataset(files, Decoding.of(config))
         seen, failed = [], []
         for indices, images, errors, _ in head.batches(timeout=30):
             assert len(indices) == min(run_batch, covered - len(seen))
@@ -104,13 +104,26 @@ def test_a_run_with_a_head_start_writes_the_same_files_as_one_without(
     assert without[2] == 0 and with_head[2] % BATCH == 0 and 0 < with_head[2] < len(with_head[0])
 
 
+def test_the_decoding_is_described_once_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One frozen description of the decoding a run, not one an image: decoding in the main process (--workers 0),
+    every image goes through the run's one Decoding, built once."""
+    made: list[object] = []
+    described = DecodeOptions.of.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(DecodeOptions, "of", classmethod(lambda cls, pre: made.append(pre) or described(cls, pre)))
+    out = tmp_path / "predictions.csv"
+    assert main([str(SAMPLES), str(out), "--workers", "0", "--progress", "false"]) == 0
+    assert len(read_rows(out)) == len(discover(SAMPLES)) > 1
+    assert len(made) == 1
+
+
 @pytest.mark.parametrize(("kill", "what"), [(True, "was killed by signal 9"), (False, "stopped answering")])
 def test_a_decoder_that_dies_or_hangs_is_an_error_naming_its_file(tmp_path: Path, kill: bool, what: str) -> None:
     folder = tmp_path / "images"
     folder.mkdir()
     shutil.copy(SAMPLES / "coffee.png", folder / "a.png")
     os.mkfifo(folder / "b-stuck.png")  # opening it blocks: the decoder is caught holding this file
-    head = HeadStart(_config(folder, decode_timeout=600), discover(folder), processes=1)
+    config = _config(folder, decode_timeout=600)
+    head = HeadStart(config, discover(folder), Decoding.of(config), processes=1)
     try:
         deadline = time.monotonic() + 30
         while head._tracker.held() != [1] and time.monotonic() < deadline:
@@ -128,7 +141,8 @@ def test_close_before_stop_ends_a_stuck_decoder_at_once(tmp_path: Path) -> None:
     folder = tmp_path / "images"
     folder.mkdir()
     os.mkfifo(folder / "stuck.png")
-    head = HeadStart(_config(folder, decode_timeout=600), discover(folder), processes=1)
+    config = _config(folder, decode_timeout=600)
+    head = HeadStart(config, discover(folder), Decoding.of(config), processes=1)
     started = time.monotonic()
     head.close()
     assert time.monotonic() - started < 10
@@ -145,13 +159,14 @@ def test_close_before_stop_ends_a_stuck_decoder_at_once(tmp_path: Path) -> None:
     ],
 )
 def test_no_head_start_where_it_does_not_apply(tmp_path: Path, settings: dict[str, str]) -> None:
-    assert start_head(_config(SAMPLES, **settings), discover(SAMPLES)) is None
+    config = _config(SAMPLES, **settings)
+    assert start_head(config, discover(SAMPLES), Decoding.of(config)) is None
 
 
 def test_no_head_start_with_the_model_folders_own_transform(tmp_path: Path) -> None:
     (tmp_path / "data_transform_description.py").write_text("")
     config = dataclasses.replace(_config(SAMPLES), model_dir=tmp_path)
-    assert start_head(config, discover(SAMPLES)) is None
+    assert start_head(config, discover(SAMPLES), Decoding.of(config)) is None
 
 
 def test_the_command_line_the_head_start_and_validate_load_without_torch() -> None:
@@ -163,4 +178,5 @@ def test_the_command_line_the_head_start_and_validate_load_without_torch() -> No
 
 
 def test_no_head_start_for_an_empty_folder(tmp_path: Path) -> None:
-    assert start_head(_config(tmp_path), []) is None
+    config = _config(tmp_path)
+    assert start_head(config, [], Decoding.of(config)) is None

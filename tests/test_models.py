@@ -166,7 +166,7 @@ def test_template_model_folder_with_its_own_transform(tmp_path: Path) -> None:
     )
     config = _config(folder, class_name="Tiny")
     assert load_model(config).source.endswith("model_description.py")
-    transform = load_custom_transform(config)
+    transform = load_custom_transform(config.transform_file)
     from PIL import Image
 
     assert transform(Image.new("RGB", (64, 48))).shape == (3, 32, 32)

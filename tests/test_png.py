@@ -23,7 +23,8 @@ from PIL import Image
 import harness.pipeline.png
 from harness.config import Preprocess
 from harness.pipeline.decode import DEFAULT_OPTIONS as DEFAULT
-from harness.pipeline.decode import DecodeLimits, DecodeOptions, ImageTooLarge, decode, decode_sample
+from harness.pipeline.decode import DecodeOptions, ImageTooLarge, decode, decode_sample
+from harness.pipeline.decode_options import DecodeLimits, Decoding
 from harness.pipeline.png import open_png
 from tests.helpers import SAMPLES
 from tests.image_corpus import CHANNELS, chunk, write_png
@@ -184,7 +185,7 @@ def test_orientation_metadata_is_libspngs_when_exif_transpose_is_off(tmp_path: P
 
 
 def _outcome(path: Path) -> tuple[np.ndarray | None, str]:
-    sample, error, _ = decode_sample(str(path), Preprocess(border=0), DecodeLimits(), None, np.asarray)
+    sample, error, _ = decode_sample(str(path), Decoding(Preprocess(border=0)), np.asarray)
     return sample, error
 
 
@@ -266,6 +267,6 @@ def test_the_decode_timeout_stops_libspng_too(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(harness.pipeline.png, "LIBSPNG", Stuck)
     started = time.monotonic()
     image, reason, _ = decode_sample(
-        str(SAMPLES / "coffee.png"), Preprocess(), DecodeLimits(timeout=0.5), None, np.asarray
+        str(SAMPLES / "coffee.png"), Decoding(Preprocess(), DecodeLimits(timeout=0.5)), np.asarray
     )
     assert image is None and reason.startswith("DecodeTimeout") and time.monotonic() - started < 5

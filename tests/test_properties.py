@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from harness.cli import main
 from harness.config import Preprocess
-from harness.pipeline.decode import DecodeLimits
+from harness.pipeline.decode_options import DecodeLimits, Decoding
 from harness.pipeline.files import ImageFile, discover
 from harness.pipeline.loader import ImageDataset
 from harness.results.writer import AtomicCsvWriter
@@ -82,7 +82,7 @@ def test_random_bytes_never_crash_or_hang_the_decoder(data: bytes, extension: st
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"fuzz{extension}"
         path.write_bytes(data)
-        dataset = ImageDataset([ImageFile(str(path), path.name)], Preprocess(), limits=DecodeLimits(10_000_000, 5.0))
+        dataset = ImageDataset([ImageFile(str(path), path.name)], Decoding(Preprocess(), DecodeLimits(10_000_000, 5.0)))
         started = time.monotonic()
         index, tensor, error, _ = dataset[0]
         assert time.monotonic() - started < 6

@@ -18,7 +18,8 @@ from torchvision import transforms as T
 
 from harness.config import Preprocess
 from harness.errors import ConfigError
-from harness.pipeline.decode import DEEP_MODES, DecodeLimits, DecodeOptions, decode, decode_sample, to_rgb
+from harness.pipeline.decode import DEEP_MODES, DecodeOptions, decode, decode_sample, to_rgb
+from harness.pipeline.decode_options import Decoding
 from harness.pipeline.devices import DeviceNormalizer
 from harness.pipeline.transforms import geometry
 from harness.sources import build_config
@@ -74,7 +75,7 @@ def _example_preprocess() -> Preprocess:
 
 def _run_crop(path: Path, pre: Preprocess) -> torch.Tensor:
     """What the run's workers make of a file: decode_sample with the run's geometry, a 3 x S x S uint8 crop."""
-    sample, error, _ = decode_sample(str(path), pre, DecodeLimits(), None, lambda image: geometry(image, pre))
+    sample, error, _ = decode_sample(str(path), Decoding(pre), lambda image: geometry(image, pre))
     assert not error, (path.name, error)
     return torch.from_numpy(sample)
 

@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -176,21 +177,34 @@ def test_engine_choice_is_explained(tmp_path: Path) -> None:
     assert "CONTAINER_ENGINE" in result.stderr and "not a command" in result.stderr
 
 
-def test_run_as_another_user_maps_to_that_user(tmp_path: Path) -> None:
-    """A non-root caller runs the container as itself (rootless podman: keep-id), so its files stay its own."""
+def test_run_as_another_user_maps_to_that_user() -> None:
+    """A non-root caller runs the container as itself (rootless podman: keep-id), so its files stay its own. The
+    script and the images are copied where that user can read them: the checkout may sit in a private folder (mode
+    0700, as /root is), which another user cannot enter."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to act as another user")
-    tmp_path.chmod(0o755)
-    command = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "bash", str(SCRIPTS / "run.sh")]
-    args = ["--dry-run", "img", str(REPO / "sample-images"), str(tmp_path)]
-    for engine, keep_id in (("docker", False), ("podman", True)):
-        result = subprocess.run(
-            [*command, *args], capture_output=True, text=True, env={**os.environ, "CONTAINER_ENGINE": engine}
-        )
-        assert result.returncode == 0, result.stderr
-        words = shlex.split(result.stdout)
-        assert has_pair(words, "--user", "65534:65534")
-        assert has_pair(words, "--userns", "keep-id") == keep_id
+    command = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    with tempfile.TemporaryDirectory(prefix="harness-other-user-", dir="/tmp") as shared:
+        place = Path(shared)
+        place.chmod(0o755)
+        for name in ("run.sh", "lib.sh"):
+            shutil.copy(SCRIPTS / name, place / name)
+        shutil.copytree(REPO / "sample-images", place / "images")
+        (place / "out").mkdir()
+        if subprocess.run([*command, "test", "-r", str(place / "run.sh")], capture_output=True).returncode:
+            pytest.skip(f"user 65534 cannot read {place}: a folder above it is private")
+        args = ["--dry-run", "img", str(place / "images"), str(place / "out")]
+        for engine, keep_id in (("docker", False), ("podman", True)):
+            result = subprocess.run(
+                [*command, "bash", str(place / "run.sh"), *args],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "CONTAINER_ENGINE": engine},
+            )
+            assert result.returncode == 0, result.stderr
+            words = shlex.split(result.stdout)
+            assert has_pair(words, "--user", "65534:65534")
+            assert has_pair(words, "--userns", "keep-id") == keep_id
 
 
 @pytest.fixture

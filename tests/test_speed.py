@@ -16,6 +16,7 @@ import harness.pipeline.headstart
 import harness.pipeline.loader
 from harness.config import Preprocess
 from harness.pipeline.decode import decode
+from harness.pipeline.decode_options import Decoding
 from harness.pipeline.files import ImageFile, discover
 from harness.pipeline.headstart import HeadStart
 from harness.pipeline.host import keep_freed_memory, shorten_omp_spin
@@ -52,7 +53,7 @@ def test_draft_strips_the_shrunken_frame(tmp_path: Path) -> None:
     folder = big_framed_jpegs(tmp_path / "big")
     path = str(folder / "astronaut.jpg")
     pre = Preprocess(jpeg_draft=True, input_size=256, resize_size=256)
-    tensor = ImageDataset([ImageFile(path, "a")], pre)[0][1]
+    tensor = ImageDataset([ImageFile(path, "a")], Decoding(pre))[0][1]
     edge = tensor[:, 0, :].float().mean(1)  # top row, per channel: no red frame left
     assert edge[0] - edge[1:].mean() < 60
 
@@ -87,10 +88,10 @@ def test_the_decoders_run_at_the_priority_asked_and_the_main_process_at_its_own(
     monkeypatch.setattr(harness.pipeline.headstart, "decode_sample", _report_priority)
     config = build_config({"input_dir": str(SAMPLES), "batch_size": "4", "decoder_priority": priority}, {})
     files = discover(config.input_dir)
-    dataset = ImageDataset(files, config.preprocess)
+    dataset = ImageDataset(files, Decoding.of(config))
     loader = make_loader(dataset, 4, 2, 2, False, None, priority == "idle")
     seen = [error for batch in loader for error in batch.errors]
-    head = HeadStart(config, files, processes=1)
+    head = HeadStart(config, files, Decoding.of(config), processes=1)
     try:
         for process in head._processes:  # to its limit: at least one chunk decoded
             process.join(timeout=60)

@@ -16,7 +16,7 @@ from torch import nn
 
 from harness.config import Preprocess
 from harness.models.fold import fold_batchnorm
-from harness.pipeline.decode import DecodeLimits
+from harness.pipeline.decode_options import Decoding
 from harness.pipeline.devices import DeviceNormalizer, DevicePlan, fold_sample
 from harness.pipeline.files import discover
 from harness.pipeline.forward import Forward
@@ -68,7 +68,7 @@ class Zoo(nn.Module):
 
 
 KINDS = ["plain", "pre-bn-branch", "in-place", "hooked", "shared", "buffer", "attributes", "view"]
-DATASET = ImageDataset(discover(SAMPLES), PRE, None, DecodeLimits())
+DATASET = ImageDataset(discover(SAMPLES), Decoding(PRE))
 IMAGES = torch.stack([DATASET[i][1] for i in range(len(DATASET))])  # every sample image, uint8
 
 

@@ -322,8 +322,16 @@ def _watch(
         for hook in hooks:
             hook.remove()
     produced.clear()
+    return _alone(model, seen, calls, readers), reference
+
+
+def _alone(
+    model: nn.Module, seen: list[tuple[_Pair, int]], calls: Counter[nn.Module], readers: _Readers
+) -> list[_Pair]:
+    """The pairs the watched pass saw where nothing else can see a fold: each called once, the convolution's
+    weight its own, and its output read by its BatchNorm alone."""
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    pairs = [
+    return [
         pair
         for pair, watched in seen
         if calls[pair.conv] == 1
@@ -332,7 +340,6 @@ def _watch(
         and pair.norm.num_features == pair.conv.out_channels
         and readers.reads[watched] == [("batch_norm", pair.norm)]  # its BatchNorm, and nothing else, read it
     ]
-    return pairs, reference
 
 
 class FoldedBatchNorm(nn.Identity):

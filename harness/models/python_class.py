@@ -134,10 +134,10 @@ def create_model(path: Path, class_name: str) -> nn.Module:
         raise ModelError(f"creating {class_name}() failed: {where(error, path)}") from error
 
 
-def load_custom_transform(config: Config) -> Callable[[Any], torch.Tensor] | None:
-    """The template's `data_transform().getTransform()` when the model folder has one, else None."""
-    path = config.transform_file
-    if not path.is_file():
+def load_custom_transform(path: Path | None) -> Callable[[Any], torch.Tensor] | None:
+    """The template's `data_transform().getTransform()` from the model folder's file (harness/pipeline/
+    decode_options.py: Decoding.transform_file), or None where it has none."""
+    if path is None:
         return None
     module = import_file(path, "data_transform_description")
     maker = getattr(module, "data_transform", None)

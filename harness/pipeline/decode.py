@@ -10,19 +10,18 @@ import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from harness.errors import describe_user_error
-from harness.pipeline.decode_options import DEFAULT_OPTIONS, DecodeOptions
+from harness.pipeline.decode_options import DEFAULT_OPTIONS, DecodeOptions, Decoding
 from harness.pipeline.png import open_png
 from harness.pipeline.transforms import shorter_side_to
 
 if TYPE_CHECKING:
-    from harness.config import Config, Preprocess
+    from harness.config import Preprocess
 
 AUTO_BORDER_MAX = 8  # widest frame `auto` will strip, in pixels
 AUTO_BORDER_TOLERANCE = 40  # per-channel distance from the frame colour still counted as frame (JPEG smear)
@@ -226,18 +225,6 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-@dataclass(frozen=True)
-class DecodeLimits:
-    max_pixels: int | None = None
-    timeout: float | None = None
-
-    @classmethod
-    def of(cls, config: Config) -> DecodeLimits:
-        """The run's limits, so every path that decodes (run, head start, benchmark, export parity) refuses the
-        same files."""
-        return cls(config.max_pixels, config.decode_timeout)
-
-
 def seen(path: str) -> str:
     """A file as it is now, cheaply: its size and modification time, "size:mtime_ns" ("" where it cannot be
     stat'ed). A row records what its image was (harness/pipeline/resume.py): a file replaced since is redone."""
@@ -248,9 +235,7 @@ def seen(path: str) -> str:
     return f"{status.st_size}:{status.st_mtime_ns}"
 
 
-def decode_sample(
-    path: str, pre: Preprocess, limits: DecodeLimits, draft_to: int | None, transform: Callable[[Image.Image], T]
-) -> tuple[T | None, str, str]:
+def decode_sample(path: str, decoding: Decoding, transform: Callable[[Image.Image], T]) -> tuple[T | None, str, str]:
     """One file through decode, frame strip and `transform`, within the limits: the work of every decoder (the
     DataLoader's workers and the head start's), so both give the same pixels and the same reasons. Returns the
     sample, "" and the file as it was read (`seen`), or None and why the file failed: one bad file must cost one
@@ -258,9 +243,10 @@ def decode_sample(
     changed while it was read failed: its pixels are of neither version."""
     before = seen(path)
     try:
+        limits = decoding.limits
         with time_limit(limits.timeout):
-            image = decode(path, DecodeOptions.of(pre), draft_to, limits.max_pixels, pre.border)
-            check_resized(image.size, pre, limits.max_pixels)
+            image = decode(path, decoding.options, decoding.draft_to, limits.max_pixels, decoding.pre.border)
+            check_resized(image.size, decoding.pre, limits.max_pixels)
             sample = transform(image)
     except ModelFault as fault:
         return None, ModelFailure(str(fault)), before

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from harness.config import Config
 from harness.console import say
 from harness.errors import ConfigError, HarnessError, PipelineError, describe_user_error, error_type
+from harness.pipeline.decode_options import Decoding
 from harness.pipeline.files import Discovery, shard
 from harness.pipeline.host import usable_cpus
 from harness.pipeline.runner import finish, prepare
@@ -87,7 +88,7 @@ def _meet(config: Config) -> dist.ProcessGroup:
     return group
 
 
-def run_sharded(config: Config, found: Discovery) -> RunReport:
+def run_sharded(config: Config, found: Discovery, decoding: Decoding) -> RunReport:
     """Classify this rank's share of the files (every rank found the same sorted list); rank 0 then merges the
     parts and judges the whole run. A rank that failed makes every rank fail with its error and exit code."""
     group = _meet(config)
@@ -98,7 +99,7 @@ def run_sharded(config: Config, found: Discovery) -> RunReport:
             if config.resume:
                 reopen_finished_part(part)
             mine = Discovery(shard(found.files, config.rank, config.world_size, config.batch_size), [])
-            report, error = prepare(part, mine).classify(), None
+            report, error = prepare(part, mine, decoding).classify(), None
         except HarnessError as failure:
             report, error = None, failure
         outcome = {"rank": config.rank, "error": str(error) if error else None}

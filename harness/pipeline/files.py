@@ -67,27 +67,43 @@ def scan(root: Path) -> Discovery:
         raise InputError(f"input folder {root} does not exist: mount or pass a folder of images")
     if not root.is_dir():
         raise InputError(f"input {root} is not a folder: pass the folder that holds the images")
-    found: list[ImageFile] = []
-    unreadable: list[tuple[str, str]] = []
-    linked: list[Path] = []
-    skipped: list[str] = []
-    seen_dirs: set[tuple[int, int]] = set()
-    base = os.fspath(root)
-    stack = [(base, "")]
+    walk = _Walk()
+    stack = [(os.fspath(root), "")]
     while stack:
         folder, prefix = stack.pop()
         try:
-            status = os.stat(folder)
-            if (status.st_dev, status.st_ino) in seen_dirs:
-                continue
-            seen_dirs.add((status.st_dev, status.st_ino))
-            with os.scandir(folder) as listing:
-                entries = list(listing)
+            entries = walk.listing(folder)
         except OSError as error:
-            if folder == base:
+            if not prefix:
                 raise InputError(f"cannot read input folder {root}: {error.strerror}") from None
-            unreadable.append((prefix, f"folder cannot be listed: {error.strerror or error}"))
+            walk.unreadable.append((prefix, f"folder cannot be listed: {error.strerror or error}"))
             continue
+        stack += walk.sort_out(entries, prefix)
+    return walk.discovery()
+
+
+@dataclass
+class _Walk:
+    """What the walk has found so far, and the folders it has listed (by device and inode: each once)."""
+
+    found: list[ImageFile] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    linked: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    listed: set[tuple[int, int]] = field(default_factory=set)
+
+    def listing(self, folder: str) -> list[os.DirEntry[str]]:
+        """The folder's entries; none where it was listed before (a link back up)."""
+        status = os.stat(folder)
+        if (status.st_dev, status.st_ino) in self.listed:
+            return []
+        self.listed.add((status.st_dev, status.st_ino))
+        with os.scandir(folder) as entries:
+            return list(entries)
+
+    def sort_out(self, entries: list[os.DirEntry[str]], prefix: str) -> list[tuple[str, str]]:
+        """Each entry an image, a file skipped, or a folder to walk (returned, with its keys' prefix)."""
+        folders = []
         for entry in entries:
             key = prefix + entry.name
             try:
@@ -95,20 +111,23 @@ def scan(root: Path) -> Discovery:
             except OSError:
                 is_dir = False
             if entry.name.startswith("."):  # hidden: never an image of the set, but still accounted for
-                skipped += [] if is_dir else [key]
+                self.skipped += [] if is_dir else [key]
                 continue
             image = not is_dir and _is_image(entry)
             if not is_dir and not image:
-                skipped.append(key)
+                self.skipped.append(key)
             if (is_dir or image) and entry.is_symlink():
-                linked.append(Path(os.path.realpath(entry.path)))
+                self.linked.append(Path(os.path.realpath(entry.path)))
             if is_dir:
-                stack.append((entry.path, key + "/"))
+                folders.append((entry.path, key + "/"))
             elif image:
-                found.append(ImageFile(entry.path, key))
-    found.sort(key=lambda image: image.key)
-    unreadable.sort()
-    return Discovery(found, unreadable, linked, sorted(skipped))
+                self.found.append(ImageFile(entry.path, key))
+        return folders
+
+    def discovery(self) -> Discovery:
+        return Discovery(
+            sorted(self.found, key=lambda image: image.key), sorted(self.unreadable), self.linked, sorted(self.skipped)
+        )
 
 
 def _is_image(entry: os.DirEntry[str]) -> bool:

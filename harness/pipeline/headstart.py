@@ -22,7 +22,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from harness.config import Config
-from harness.pipeline.decode import DecodeLimits, decode_sample
+from harness.pipeline.decode import decode_sample
+from harness.pipeline.decode_options import Decoding
 from harness.pipeline.files import ImageFile
 from harness.pipeline.host import keep_freed_memory, usable_cpus, yield_cores
 from harness.pipeline.tracker import DecoderTracker
@@ -35,7 +36,7 @@ MAX_BYTES = 512 * 2**20  # of decoded images held in memory before the model tak
 POLL_S = 0.5  # how often a wait for a batch checks that the decoders are alive
 
 
-def start_head(config: Config, files: list[ImageFile]) -> HeadStart | None:
+def start_head(config: Config, files: list[ImageFile], decoding: Decoding) -> HeadStart | None:
     """Fork the decoders over the run's `files`, or None where a head start cannot pay or does not apply.
 
     It needs fork (Linux), a spare core beside the one importing torch, and the harness's own geometry (a model
@@ -49,12 +50,12 @@ def start_head(config: Config, files: list[ImageFile]) -> HeadStart | None:
         or config.resume
         or config.world_size > 1
         or config.workers == 0
-        or config.transform_file.is_file()
+        or decoding.transform_file is not None
         or 3 * config.preprocess.input_size**2 * config.batch_size > MAX_BYTES  # not even one batch fits
     ):
         return None
     processes = usable_cpus() - 1
-    return HeadStart(config, files, processes) if processes >= 1 else None
+    return HeadStart(config, files, decoding, processes) if processes >= 1 else None
 
 
 class HeadStart:
@@ -62,8 +63,10 @@ class HeadStart:
     always the first N, and write them into one anonymous shared mapping the main process reads without a copy.
     Image i sits at i x its size in that mapping, so any run of images is one array."""
 
-    def __init__(self, config: Config, files: list[ImageFile], processes: int) -> None:
-        pre = config.preprocess
+    def __init__(self, config: Config, files: list[ImageFile], decoding: Decoding, processes: int) -> None:
+        if decoding.transform_file is not None:
+            raise ValueError("the head start runs the harness's geometry only: a model folder's transform needs torch")
+        pre = decoding.pre
         self.files = files
         self.chunk = config.batch_size
         self.shape = (3, pre.input_size, pre.input_size)
@@ -72,9 +75,7 @@ class HeadStart:
         self.limit = max(1, min(total, processes * BATCHES_PER_PROCESS, MAX_BYTES // (self.sample_bytes * self.chunk)))
         # MAP_SHARED and anonymous: the children write where the main process reads, and no /dev/shm is needed
         self._buffer: mmap.mmap | None = mmap.mmap(-1, self.limit * self.chunk * self.sample_bytes)
-        self._pre = pre
-        self._limits = DecodeLimits.of(config)
-        self._draft_to = pre.resize_to if pre.jpeg_draft else None
+        self._decoding = decoding
         self._keep_freed_memory = config.keep_freed_memory
         self._idle = config.idle_decoders
         context = multiprocessing.get_context("fork")
@@ -98,7 +99,7 @@ class HeadStart:
             keep_freed_memory()
         if self._idle:  # the main process's start-up (the model's load, folds and trial) goes first
             yield_cores()
-        transform = functools.partial(geometry, pre=self._pre)
+        transform = functools.partial(geometry, pre=self._decoding.pre)
         while True:
             with self._state.get_lock():
                 chunk = self._state[0]
@@ -109,7 +110,7 @@ class HeadStart:
             for index in range(chunk * self.chunk, min((chunk + 1) * self.chunk, len(self.files))):
                 self._tracker.hold(slot, index)
                 path = self.files[index].path
-                image, error, read = decode_sample(path, self._pre, self._limits, self._draft_to, transform)
+                image, error, read = decode_sample(path, self._decoding, transform)
                 self._view(index, 1)[0] = 0 if image is None else image
                 errors.append(error)
                 seen.append(read)

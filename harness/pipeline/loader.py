@@ -15,10 +15,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from harness.config import TRANSFORM_FILE, Preprocess
+from harness.config import TRANSFORM_FILE
 from harness.errors import ModelError, describe_user_error
+from harness.models.python_class import load_custom_transform
 from harness.pipeline.confine import denial
-from harness.pipeline.decode import DecodeLimits, DecodeTimeout, ModelFault, decode_sample
+from harness.pipeline.decode import DecodeTimeout, ModelFault, decode_sample
+from harness.pipeline.decode_options import Decoding
 from harness.pipeline.devices import seeded_images
 from harness.pipeline.files import ImageFile
 from harness.pipeline.host import yield_cores
@@ -42,25 +44,27 @@ class Batch:
 
 
 class ImageDataset(Dataset):
-    def __init__(
-        self,
-        files: list[ImageFile],
-        pre: Preprocess,
-        custom: Transform | None = None,
-        limits: DecodeLimits | None = None,
-    ) -> None:
+    """The run's files as the model's input, decoded as `decoding` says; `custom` is the model folder's own
+    transform, loaded from `decoding.transform_file` (harness/models/python_class.py: load_custom_transform)."""
+
+    def __init__(self, files: list[ImageFile], decoding: Decoding, custom: Transform | None = None) -> None:
+        if (custom is None) != (decoding.transform_file is None):
+            raise ValueError("a model folder's transform is run exactly where the decoding names its file")
         self.files = files
-        self.pre = pre
+        self.decoding = decoding
         self.custom = custom
-        self.limits = limits or DecodeLimits()
-        # Drafting needs to know the size the image is cut to, which a model folder's own transform hides.
-        self._draft_to = pre.resize_to if pre.jpeg_draft and custom is None else None
+        side = decoding.pre.resize_to
         self.blank: torch.Tensor | None = None
         try:
-            self.blank = torch.zeros_like(self._transform(Image.new("RGB", (pre.resize_to, pre.resize_to))))
+            self.blank = torch.zeros_like(self._transform(Image.new("RGB", (side, side))))
         except Exception as error:  # only a model folder's own transform can fail here
             raise ModelError(f"the model folder's {TRANSFORM_FILE} failed on a blank image: {error}") from error
         self.tracker: DecoderTracker | None = None
+
+    @classmethod
+    def of(cls, files: list[ImageFile], decoding: Decoding) -> ImageDataset:
+        """The dataset a run decodes with, the model folder's own transform loaded where the decoding names one."""
+        return cls(files, decoding, load_custom_transform(decoding.transform_file))
 
     def watch(self, workers: int) -> DecoderTracker:
         """Have each worker record the index it is decoding, before the workers fork: when one dies or hangs,
@@ -70,7 +74,7 @@ class ImageDataset(Dataset):
 
     def _transform(self, image: Image.Image) -> torch.Tensor:
         if self.custom is None:
-            return torch.from_numpy(geometry(image, self.pre))
+            return torch.from_numpy(geometry(image, self.decoding.pre))
         try:
             out = self.custom(image)
         except DecodeTimeout:  # the image's time ran out while the transform worked on it: the image's failure
@@ -104,7 +108,7 @@ class ImageDataset(Dataset):
         if self.tracker is not None:
             self.tracker.hold(slot, index)
         path = self.files[index].path
-        image, error, seen = decode_sample(path, self.pre, self.limits, self._draft_to, self._transform)
+        image, error, seen = decode_sample(path, self.decoding, self._transform)
         if self.tracker is not None:
             self.tracker.release(slot)
         return index, (self.blank if image is None else image), error, seen

@@ -21,9 +21,9 @@ from harness.config import Config
 from harness.console import progress_bar, say
 from harness.errors import ModelError, OutputError, PipelineError, is_dataloader_failure, is_shared_memory_full
 from harness.models.load import LoadedModel, load_model
-from harness.models.python_class import load_custom_transform
 from harness.pipeline.confine import current as current_confinement
-from harness.pipeline.decode import DecodeLimits, ModelFailure, detect_border, load_rgb
+from harness.pipeline.decode import ModelFailure, detect_border, load_rgb
+from harness.pipeline.decode_options import Decoding
 from harness.pipeline.devices import tune_process
 from harness.pipeline.files import Discovery, ImageFile
 from harness.pipeline.forward import Forward, compiled_forward
@@ -159,66 +159,35 @@ class RunPlan:
             say(f"{report.failures} image(s) or folder(s) failed; reasons in {config.errors_csv}")
 
 
-def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> RunPlan:
-    """Check the output, load and place the model, choose the label map and the decoding, and find where a resumed
-    run goes on. With a head start (already decoding the files, see harness/pipeline/headstart.py) its batches
-    come first."""
+def prepare(config: Config, found: Discovery, decoding: Decoding, head: HeadStart | None = None) -> RunPlan:
+    """The run's plan, made in this order: the output checked, the model loaded and placed, the label map, the
+    decoders, where a resumed run goes on; then the start-up lines and the batches. With a head start (already
+    decoding the files, see harness/pipeline/headstart.py) its batches come first."""
     files = found.files
-    report = RunReport(
-        config=config.to_dict(),
-        output=str(config.output_file),
-        total=len(files) + len(found.unreadable),
-        confinement=current_confinement().describe(),
-        skipped=found.skipped,
-    )
-    started = clock = time.perf_counter()
-    check_writable(config.output_file, config.errors_csv, config.run_json)
-    report.tuning = tune_process(config)
-    clock = report.timed("discover_s", clock)
-
-    loaded, dataset, placed = _load_and_place(config, files, report)
+    started = time.perf_counter()
+    report = _start_report(config, found)
+    clock = report.timed("discover_s", started)
+    loaded, dataset, placed = _load_and_place(config, decoding, files, report)
     label_map = _label_map(config, placed.classes, loaded.labels)
     head_images = head.stop(placed.batch_size) if head is not None else 0  # none when resuming: it never runs then
     workers, prefetch = _decoders(config, dataset, placed.batch_size)
     identity = run_identity(
-        config,
-        report.model,
-        loaded.files_read,
-        placed.describe_for_resume(),
-        run_outputs(config).files,
+        config, report.model, loaded.files_read, placed.describe_for_resume(), run_outputs(config).files
     )
     done = _resume_or_start(config, files, identity, label_map, placed.batch_size, report)
     _describe(report, config, label_map, placed, workers=workers, prefetch=prefetch, head_images=head_images)
     clock = report.timed("load_model_s", clock)
-    plan = placed.forward.plan
     if config.rank == 0:  # under torchrun one rank speaks for all
-        say(
-            f"{len(files)} images, model {loaded.class_name} ({placed.classes} classes), {plan.device}"
-            f"{f' x{len(plan.gpu_ids)}' if len(plan.gpu_ids) > 1 else ''}, batch {placed.batch_size}, "
-            f"{workers} workers, label map {label_map.name}"
-        )
-        say(f"preprocessing: {report.preprocessing['as_run']} ({report.preprocessing['from']})")
-        hint = frame_hint(config, files, label_map) if not done else None
-        if hint:
-            say(hint)
-    batches, tracker = _batches(
-        config,
-        dataset,
-        start=done + head_images,
-        batch_size=placed.batch_size,
-        workers=workers,
-        prefetch=prefetch,
-        pin=plan.device.type == "cuda",
-        head=head,
-    )
-    forward = compiled_forward(placed.forward, placed.sample) if config.compile else placed.forward
+        _announce(config, decoding, files, loaded.class_name, placed, label_map, report, resumed=done > 0)
+    start = done + head_images
+    batches, tracker = _batches(config, dataset, start, placed, workers=workers, prefetch=prefetch, head=head)
     return RunPlan(
         config=config,
         files=files,
         unreadable=found.unreadable,
         done=done,
         batches=batches,
-        forward=forward,
+        forward=compiled_forward(placed.forward, placed.sample) if config.compile else placed.forward,
         label_map=label_map,
         tracker=tracker,
         recorder=ProbabilityRecorder(label_map.softmax) if config.save_probs else None,
@@ -228,19 +197,57 @@ def prepare(config: Config, found: Discovery, head: HeadStart | None = None) -> 
     )
 
 
+def _start_report(config: Config, found: Discovery) -> RunReport:
+    """run.json's report, begun once the output is known to take the run's files and the process is tuned."""
+    check_writable(config.output_file, config.errors_csv, config.run_json)
+    report = RunReport(
+        config=config.to_dict(),
+        output=str(config.output_file),
+        total=len(found.files) + len(found.unreadable),
+        confinement=current_confinement().describe(),
+        skipped=found.skipped,
+    )
+    report.tuning = tune_process(config)
+    return report
+
+
+def _announce(
+    config: Config,
+    decoding: Decoding,
+    files: list[ImageFile],
+    model: str,
+    placed: Placement,
+    label_map: LabelMap,
+    report: RunReport,
+    *,
+    resumed: bool,
+) -> None:
+    """The start-up lines: what runs where, the preprocessing and where it came from, and a hint where the images
+    look unlike what the settings expect."""
+    plan = placed.forward.plan
+    say(
+        f"{len(files)} images, model {model} ({placed.classes} classes), {plan.device}"
+        f"{f' x{len(plan.gpu_ids)}' if len(plan.gpu_ids) > 1 else ''}, batch {placed.batch_size}, "
+        f"{report.workers} workers, label map {label_map.name}"
+    )
+    say(f"preprocessing: {report.preprocessing['as_run']} ({report.preprocessing['from']})")
+    hint = frame_hint(config, decoding, files, label_map) if not resumed else None
+    if hint:
+        say(hint)
+
+
 def _load_and_place(
-    config: Config, files: list[ImageFile], report: RunReport
+    config: Config, decoding: Decoding, files: list[ImageFile], report: RunReport
 ) -> tuple[LoadedModel, ImageDataset, Placement]:
     """The model loaded, and placed on its device(s) while the head start still decodes, before the DataLoader's
     workers start (harness/pipeline/placement.py); run.json's description of it."""
     loaded = load_model(config)
-    custom = load_custom_transform(config)
-    dataset = ImageDataset(files, config.preprocess, custom, DecodeLimits.of(config))
+    dataset = ImageDataset.of(files, decoding)
     placed = place_model(config, loaded, dataset, len(files))
     report.fold_batchnorm, report.layout = placed.folded.describe(), placed.layout.describe()
-    transform = config.transform_file if custom else None
+    transform = decoding.transform_file
     report.model = loaded.describe(
-        placed.classes, "model folder's data_transform_description.py" if custom else "harness"
+        placed.classes, "model folder's data_transform_description.py" if transform else "harness"
     )
     report.preprocessing = {
         "as_run": describe_preprocessing(config.preprocess, transform),
@@ -250,13 +257,13 @@ def _load_and_place(
     return loaded, dataset, placed
 
 
-def frame_hint(config: Config, files: list[ImageFile], label_map: LabelMap) -> str | None:
+def frame_hint(config: Config, decoding: Decoding, files: list[ImageFile], label_map: LabelMap) -> str | None:
     """A hint when the run treats its images as ObjectNet's (a frame stripped, ObjectNet ids) and the first one has
     no such frame: ordinary photos, most likely. One image decoded, once."""
     border = config.preprocess.border
     objectnet = label_map.name in OBJECTNET_MAPS
     fixed = isinstance(border, int) and border > 0
-    if not files or not (fixed or objectnet) or config.transform_file.is_file():
+    if not files or not (fixed or objectnet) or decoding.transform_file is not None:
         return None
     try:
         framed = detect_border(load_rgb(files[0].path, max_pixels=config.max_pixels)) >= (border if fixed else 1)
@@ -299,19 +306,19 @@ def _describe(
 def _batches(
     config: Config,
     dataset: ImageDataset,
-    *,
     start: int,
-    batch_size: int,
+    placed: Placement,
+    *,
     workers: int,
     prefetch: int,
-    pin: bool,
     head: HeadStart | None,
 ) -> tuple[Iterable[Batch], DecoderTracker]:
     """The batches from image `start` on: the head start's first, then the DataLoader's workers, which start now,
     beside the head start's last batches (none to start when it covered every image)."""
     remaining = Subset(dataset, range(start, len(dataset)))  # keeps the indices rows are keyed by
     timeout = loader_timeout(config.decode_timeout)
-    loader = make_loader(remaining, batch_size, workers, prefetch, pin, timeout, config.idle_decoders)
+    pin = placed.forward.plan.device.type == "cuda"
+    loader = make_loader(remaining, placed.batch_size, workers, prefetch, pin, timeout, config.idle_decoders)
     tracker = dataset.watch(workers)
     batches: Iterable[Batch] = iter(loader) if len(remaining) else iter(())
     if head is not None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.config import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from harness.pipeline.decode import DecodeLimits
+from harness.pipeline.decode_options import Decoding
 from harness.pipeline.files import ImageFile
 from harness.pipeline.forward import Forward
 from harness.pipeline.loader import ImageDataset, Transform
@@ -180,16 +180,16 @@ class Decoder:
     """The files through the run's own dataset, in this process, timed; once per geometry, since most variants
     change only the values step that runs on the device."""
 
-    def __init__(self, files: list[ImageFile], custom: Transform | None, limits: DecodeLimits) -> None:
+    def __init__(self, files: list[ImageFile], decoding: Decoding, custom: Transform | None) -> None:
         self.files = files
+        self.decoding = decoding
         self.custom = custom
-        self.limits = limits
         self._done: dict[Preprocess, Inputs] = {}
 
     def __call__(self, pre: Preprocess) -> Inputs:
         geometry = dataclasses.replace(pre, channel_order="rgb", value_scale=1.0, mean=None, std=None)
         if geometry not in self._done:
-            dataset = ImageDataset(self.files, pre, self.custom, self.limits)
+            dataset = ImageDataset(self.files, dataclasses.replace(self.decoding, pre=pre), self.custom)
             started = time.perf_counter()
             samples = [dataset[index] for index in range(len(self.files))]
             seconds = (time.perf_counter() - started) / max(1, len(self.files))

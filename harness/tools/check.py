@@ -33,7 +33,8 @@ from torch import nn
 from harness.config import Config, Preprocess
 from harness.errors import CheckFailedError, ToolFileError, TooManyFailuresError
 from harness.models.python_class import load_custom_transform
-from harness.pipeline.decode import DecodeLimits, DecodeOptions, load_rgb
+from harness.pipeline.decode import DecodeOptions, load_rgb
+from harness.pipeline.decode_options import Decoding
 from harness.pipeline.files import ImageFile, run_files
 from harness.pipeline.host import usable_cpus
 from harness.pipeline.runner import RunPlan, finish, prepare
@@ -330,15 +331,15 @@ def run_checks(
             f"--answers {args.answers} names none of the {len(files)} images in {config.input_dir} (it names "
             f"{len(answers)}, such as {example!r}, by file name): pass the answers for these images"
         )
-    plan = prepare(config, found)
+    decoding = Decoding.of(config)
+    plan = prepare(config, found, decoding)
     report = plan.classify()
     verdicts = list(judge_run(config, report, files))
     verdicts.append(Verdict("label map", "info", describe_label_map(config.label_map, report)))
 
-    custom = load_custom_transform(config)
-    pre = config.preprocess
-    decoder = Decoder(files, custom, DecodeLimits.of(config))
-    seen = look(plan, decoder, pre)
+    custom = load_custom_transform(decoding.transform_file)
+    decoder = Decoder(files, decoding, custom)
+    seen = look(plan, decoder, config.preprocess)
     classes = int(report.model["classes"])
     # The photos are judged in ImageNet's ids; other answers in the ids the run's own label map writes.
     display = make_label_map("none", classes, SHOWN_LABELS, config.softmax)[0] if imagenet_ids else plan.label_map
@@ -351,22 +352,34 @@ def run_checks(
         tables.append(table)
     verdicts += measure_verdicts(plan, args, seen.decode_s, config)
 
-    names = id_names(display, classes)
-    source = answers_source(args)
-    preview = Preview(
+    items = preview_items(files, seen, display, id_names(display, classes), answers, config)
+    return verdicts, _preview(config, args, report, decoding, tables, files, items)
+
+
+def _preview(
+    config: Config,
+    args: argparse.Namespace,
+    report: RunReport,
+    decoding: Decoding,
+    tables: list[tuple[str, list[list[str]]]],
+    files: list[ImageFile],
+    items: list[Item],
+) -> Preview:
+    """The page's head: what was run on which images, as the model saw them."""
+    own = decoding.transform_file
+    return Preview(
         title=f"harness check: {report.model['class']} ({report.model['source']})",
         lines=[
-            f"{len(files)} images from {source}",
-            f"preprocessing: {describe_preprocessing(pre, config.transform_file if custom else None)} "
-            f"({preprocessing_sources(config.origins, config.transform_file if custom else None)})",
+            f"{len(files)} images from {answers_source(args)}",
+            f"preprocessing: {describe_preprocessing(config.preprocess, own)} "
+            f"({preprocessing_sources(config.origins, own)})",
             "the model's input is drawn as the harness's default preprocessing would read it back (RGB, values 0..1, "
             "ImageNet mean and std): a photo that looks wrong there reached the model wrong",
         ],
         verdicts=[],
         tables=tables,
-        items=preview_items(files, seen, display, names, answers, config),
+        items=items,
     )
-    return verdicts, preview
 
 
 def answers_source(args: argparse.Namespace) -> str:

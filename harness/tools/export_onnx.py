@@ -32,8 +32,7 @@ from harness.errors import (
 from harness.models.load import load_model, open_onnx
 from harness.models.onnx_metadata import METADATA_KEY, settings_text
 from harness.models.outputs import as_logits
-from harness.models.python_class import load_custom_transform
-from harness.pipeline.decode import DecodeLimits
+from harness.pipeline.decode_options import Decoding
 from harness.pipeline.devices import DeviceNormalizer
 from harness.pipeline.files import discover
 from harness.pipeline.loader import ImageDataset
@@ -126,7 +125,7 @@ def sample_batch(config: Config, images_dir: Path, limit: int) -> torch.Tensor:
     files = discover(images_dir)[:limit]
     if not files:
         raise InputError(f"no images in {images_dir} for the parity check")
-    dataset = ImageDataset(files, config.preprocess, load_custom_transform(config), DecodeLimits.of(config))
+    dataset = ImageDataset.of(files, Decoding.of(config))
     decoded = [image for _, image, error, _ in (dataset[i] for i in range(len(dataset))) if not error]
     if not decoded:
         raise InputError(
