@@ -130,9 +130,11 @@ def test_a_slow_image_times_out_alone(tmp_path: Path) -> None:
         "--model-dir",
         str(folder),
         "--decode-timeout",
-        "1",
+        "5",  # far above any sample image's decode on a busy machine, far below the stuck one's 30 s
         "--workers",
         "1",
+        "--decoder-priority",
+        "normal",  # an idle-priority worker on a busy machine could starve past any timeout
         "--progress",
         "false",
         "--max-failures",
@@ -156,6 +158,8 @@ def _worker_fault_argv(tmp_path: Path, model_folder: Path) -> list[str]:
         "1",
         "--batch_size",
         "4",
+        "--decoder-priority",
+        "normal",  # an idle-priority worker on a busy machine could starve past the loader's timeout
         "--progress",
         "false",
     ]
@@ -184,7 +188,7 @@ def test_a_hung_worker_is_an_error_not_a_hang(
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # stuck where the per-image alarm cannot reach
     time.sleep(60)"""
     folder = _model_folder(tmp_path, body)
-    monkeypatch.setattr(harness.pipeline.runner, "loader_timeout", lambda decode_timeout: 3.0)
+    monkeypatch.setattr(harness.pipeline.runner, "loader_timeout", lambda decode_timeout: 8.0)
     started = time.monotonic()
     assert main(_worker_fault_argv(tmp_path, folder)) == 8
     assert time.monotonic() - started < 40
