@@ -12,7 +12,6 @@ machines the output folder must be shared (the part files meet there).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import threading
 from datetime import timedelta
@@ -29,7 +28,7 @@ from harness.pipeline.runner import finish, prepare
 from harness.results.gate import make_folder, remove_folder, replace_output
 from harness.results.outputs import part_output, parts_folder
 from harness.results.report import RunReport
-from harness.results.writer import AtomicCsvWriter, open_csv, partial_path
+from harness.results.writer import AtomicCsvWriter, partial_path, read_rows
 
 
 def part_config(config: Config) -> Config:
@@ -142,11 +141,10 @@ def merge(config: Config, report: RunReport, outcomes: list[dict], found: Discov
         for rank in range(config.world_size):
             part = folder / f"rank{rank}"
             for name, writer in ((config.output_file.name, predictions), (config.errors_csv.name, errors)):
-                with open_csv(part / name) as f:
-                    for row in csv.reader(f):
-                        writer.write(row)
-                        if writer is predictions:
-                            keys.append(row[0])
+                for row in read_rows(part / name):
+                    writer.write(row)
+                    if writer is predictions:
+                        keys.append(row[0])
         if keys != expected:
             raise HarnessError(
                 f"the ranks wrote {len(keys)} rows for {len(expected)} images, not exactly one per image in order; "

@@ -15,9 +15,7 @@ model's numbers can depend on what else is in its batch.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -33,19 +31,14 @@ from harness.results.label_maps import is_named_map
 from harness.results.outputs import ledger_path, record_path
 from harness.results.report import distributions, software
 from harness.results.rows import Layout
-from harness.results.writer import open_csv, partial_path, read_output_text, row_writer, write_atomic_text
-
-
-def _read_rows(path: Path) -> tuple[list[list[str]], bool]:
-    """Rows of a CSV that may end mid-row, and whether its last row is whole (the file ends with a newline)."""
-    with open_csv(path) as f:
-        text = f.read()
-    rows: list[list[str]] = []
-    try:
-        rows.extend(csv.reader(io.StringIO(text, newline="")))  # not splitlines(): names may hold \x0c etc.
-    except csv.Error:  # an unterminated quote at the very end: the row was cut mid-write
-        return rows, False
-    return rows, text.endswith("\n")
+from harness.results.writer import (
+    open_csv,
+    partial_path,
+    read_cut_rows,
+    read_output_text,
+    row_writer,
+    write_atomic_text,
+)
 
 
 def _rewrite(path: Path, rows: list[list[str]]) -> None:
@@ -74,7 +67,7 @@ def resume_point(
         return 0, 0, 0
     keys = [image.key for image in files]
     row_width = layout.columns
-    rows, last_whole = _read_rows(partial)
+    rows, last_whole = read_cut_rows(partial)
     if rows and not last_whole:
         rows.pop()
     for position, row in enumerate(rows):
@@ -94,7 +87,7 @@ def resume_point(
     errors_partial = partial_path(errors)
     reasons = {}
     if errors_partial.exists():
-        reasons = {row[0]: row[1] for row in _read_rows(errors_partial)[0] if len(row) == 2}
+        reasons = {row[0]: row[1] for row in read_cut_rows(errors_partial)[0] if len(row) == 2}
     _rewrite(errors_partial, [[key, reasons.get(key, LOST_REASON)] for key in failed])
     return kept, len(failed), whole - kept
 
@@ -102,7 +95,7 @@ def resume_point(
 def _unchanged(ledger: Path, files: list[ImageFile], rows: int, batch_size: int) -> int:
     """How many of the first `rows` rows to keep: up to the batch of the first image that is no longer as the
     ledger says it was read (replaced, rewritten, or missing from the ledger)."""
-    recorded = _read_rows(partial_path(ledger))[0] if partial_path(ledger).exists() else []
+    recorded = read_cut_rows(partial_path(ledger))[0] if partial_path(ledger).exists() else []
     for position in range(rows):
         entry = recorded[position] if position < len(recorded) else None
         image = files[position]

@@ -1,6 +1,7 @@
 """The challenge's predictions contract in one place: how its scorer reads a predictions CSV and which files it
 accepts. `harness validate`, `harness score` and every run's own check of the CSV it committed read rows through
-`read_rows` and judge them by `problems`, so the three can never disagree.
+`read_rows` (harness/results/writer.py, the one reader of the harness's CSV dialect, as it is the one writer) and
+judge them by `problems`, so the three can never disagree.
 
 The rules (the ObjectNet scorer's), held by every file of its shape (`scorer_shaped`): no header,
 `key,id1,conf1,...,id5,conf5`, ids in -1..312 read as `int()` reads them (empty counts as -1), rows matched by the
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from harness.results.label_maps import OBJECTNET_TOPK
 from harness.results.rows import Layout
-from harness.results.writer import open_csv
+from harness.results.writer import read_rows
 
 ID_MIN, ID_MAX = -1, 312
 TOPK = OBJECTNET_TOPK
@@ -28,13 +29,6 @@ BYTE_ORDER_MARK = "\ufeff"
 def scorer_key(key: str) -> str:
     """The scorer keeps only the basename (`os.path.split(row[0])[1]` on Linux: '/' separates, '\\' does not)."""
     return posixpath.basename(key)
-
-
-def read_rows(path: Path) -> list[list[str]]:
-    """Every row as the scorer's csv reader sees it, blank lines included (as empty rows). Raises OSError,
-    UnicodeDecodeError or csv.Error when the file cannot be read as a CSV."""
-    with open_csv(path) as f:
-        return list(csv.reader(f))
 
 
 def _is_int(text: str) -> bool:

@@ -51,6 +51,26 @@ def row_writer(file: TextIO) -> Callable[[list[str]], None]:
     return write
 
 
+def read_rows(path: Path) -> list[list[str]]:
+    """Every row of a CSV in this dialect, as the scorer's csv reader sees it, blank lines included (as empty
+    rows). Raises OSError, UnicodeDecodeError or csv.Error when the file cannot be read as a CSV."""
+    with open_csv(path) as f:
+        return list(csv.reader(f))
+
+
+def read_cut_rows(path: Path) -> tuple[list[list[str]], bool]:
+    """Rows of a CSV that may end mid-row (an interrupted run's), and whether its last row is whole (the file ends
+    with a newline)."""
+    with open_csv(path) as f:
+        text = f.read()
+    rows: list[list[str]] = []
+    try:
+        rows.extend(csv.reader(io.StringIO(text, newline="")))  # not splitlines(): names may hold \x0c etc.
+    except csv.Error:  # an unterminated quote at the very end: the row was cut mid-write
+        return rows, False
+    return rows, text.endswith("\n")
+
+
 def _space_left(folder: Path) -> str:
     try:
         return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free on {folder}"

@@ -38,9 +38,10 @@ from harness.pipeline.decode_options import Decoding
 from harness.pipeline.files import ImageFile, run_files
 from harness.pipeline.host import usable_cpus
 from harness.pipeline.runner import RunPlan, finish, prepare
-from harness.results.contract import read_rows, scorer_key
+from harness.results.contract import scorer_key
 from harness.results.labels import IMAGENET_CLASSES, LabelMap, Score, class_ids, id_names, make_label_map
 from harness.results.report import RunReport, describe_preprocessing, preprocessing_sources
+from harness.results.writer import read_rows
 from harness.tools.arguments import PHOTO_ANSWERS
 from harness.tools.audit import (
     Decoder,

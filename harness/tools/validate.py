@@ -16,7 +16,8 @@ from pathlib import Path
 
 from harness.errors import CheckFailedError, ToolFileError
 from harness.pipeline.files import discover
-from harness.results.contract import problems, read_rows, scorer_key
+from harness.results.contract import problems, scorer_key
+from harness.results.writer import read_rows
 
 MAX_REPORTED = 50  # problems listed before the rest are only counted
 
