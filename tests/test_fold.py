@@ -274,3 +274,46 @@ def test_a_forward_that_reads_a_folded_batchnorms_attributes_still_runs() -> Non
     after = _scores(model, IMAGES)
     assert torch.allclose(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
     assert sum(p.numel() for p in model.parameters()) == 8 * 3 * 9 + 8 + 8 * 5 + 5  # no BatchNorm's left over
+
+
+class Shifted(nn.Module):
+    """A convolution and its BatchNorm, whose shift adds `offset` that the forward takes off again."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.offset = offset
+        _randomise_statistics(self)
+        with torch.no_grad():
+            self.norm.bias += offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.norm(self.conv(x)) - self.offset).mean((2, 3))
+
+
+def test_a_fold_that_moves_its_layers_output_by_a_thousandth_is_put_back() -> None:
+    """In half precision the folded weights are rounded to 11 bits: the layer's output moves by about 1e-3 of its
+    largest value, ten times what a fold may move it, so the fold is undone and the scores stay the model's."""
+    torch.manual_seed(0)
+    model = Shifted().half()
+    images = IMAGES[:, :, :16, :16].half()
+    before = _scores(model, images)
+    result = _fold(model, images)
+    assert (result.folded, result.why) == (0, "none folded: 1 folds changed their layer's output")
+    assert isinstance(model.norm, nn.BatchNorm2d) and model.conv.bias is not None
+    assert torch.equal(_scores(model, images), before)
+
+
+def test_a_fold_only_the_whole_models_scores_tell_from_the_model_is_put_back() -> None:
+    """A shift of a million, taken off after the BatchNorm: float32 rounding at that size moves each output by a few
+    hundredths, well within the layer's check (1e-4 of a million) but not the model's, so the whole-model check on
+    the check images undoes the fold and the model gives its own scores again, bit for bit."""
+    torch.manual_seed(0)
+    model = Shifted(offset=1e6)
+    images = IMAGES[:, :, :16, :16]
+    before = _scores(model, images)
+    weight = model.conv.weight.detach().clone()
+    result = _fold(model, images)
+    assert (result.folded, result.why) == (0, "none folded: the folded model gave other scores")
+    assert isinstance(model.norm, nn.BatchNorm2d) and torch.equal(model.conv.weight, weight)
+    assert torch.equal(_scores(model, images), before)

@@ -84,6 +84,17 @@ def test_wrong_column_count_and_bad_confidence(tmp_path: Path, images: Path) -> 
     assert problems[1] == "line 2, column 5: confidence 'nan' is not a finite number"
 
 
+@pytest.mark.parametrize("pairs", [4, 6])
+def test_a_row_of_another_number_of_pairs_is_refused_whatever_its_width_says(
+    tmp_path: Path, images: Path, pairs: int
+) -> None:
+    """The scorer reads five pairs a row: four (9 fields) or six (13) reject the file, a width that is itself a
+    whole number of pairs included."""
+    row = "a.png," + ",".join(["5", "0.5"] * pairs)
+    problems = _check(tmp_path, images, [row, _row("b"), _row("c")])
+    assert problems == [f"line 1: {1 + 2 * pairs} columns, expected 11 (key and 5 id,confidence pairs)"]
+
+
 def test_the_cli_exits_8_with_one_line_per_problem(tmp_path: Path, images: Path, capsys) -> None:
     path = tmp_path / "predictions.csv"
     path.write_text(_row("a") + "\n" + _row("a") + "\n")

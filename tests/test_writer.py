@@ -15,7 +15,7 @@ from harness.pipeline.decode import seen
 from harness.pipeline.files import ImageFile
 from harness.pipeline.resume import resume_point
 from harness.results.outputs import ledger_path
-from harness.results.rows import Layout
+from harness.results.rows import Layout, Prediction, format_score
 from harness.results.writer import AtomicCsvWriter, check_writable
 from tests.helpers import SAMPLES, read_rows
 
@@ -141,3 +141,12 @@ def test_save_probs_under_a_file_is_refused_before_any_image(tmp_path: Path, cap
     assert main([*argv, "--save-probs", str(tmp_path / "a-file" / "probs.npz")]) == 6
     assert "cannot create output folder" in capsys.readouterr().err
     assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_a_confidence_is_written_to_exactly_six_significant_digits() -> None:
+    """The template's precision, pinned digit for digit: the goldens allow 2e-5 between CPUs, which a digit fewer
+    would slip under."""
+    values = (0.123456789, 0.99999951, 1234567.0, 1e-7, 0.5, -2.0)
+    assert [format_score(value) for value in values] == ["0.123457", "1", "1.23457e+06", "1e-07", "0.5", "-2"]
+    row = Layout(2).format("a.png", Prediction(("7", "3"), (0.87654321, 0.0123456789)))
+    assert row == ["a.png", "7", "0.876543", "3", "0.0123457"]
