@@ -454,6 +454,7 @@ def test_a_hostile_model_is_refused_in_one_line(tmp_path: Path, stage: dict, kin
     assert not _accepted(stage["listener"])
 
 
+@pytest.mark.slow
 def test_the_same_attempts_succeed_unconfined(tmp_path: Path, stage: dict) -> None:
     """--confine off lets a model do what the tests above refuse: they would fail if confinement did nothing."""
     done = _run(stage, _class_model(tmp_path / "model", "write+read+connect", stage), "--confine", "off")
@@ -463,6 +464,7 @@ def test_the_same_attempts_succeed_unconfined(tmp_path: Path, stage: dict) -> No
     assert "not confined: --confine off" in done.stderr
 
 
+@pytest.mark.slow
 def test_a_hugging_face_folder_with_its_own_code_is_refused_unrun_whatever_stdin_says(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     from tests.helpers import tiny_hf_vit

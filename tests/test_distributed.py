@@ -308,6 +308,7 @@ def test_world_size_without_a_place_to_meet_is_exit_2(tmp_path: Path) -> None:
     assert "WORLD_SIZE=2 without MASTER_ADDR and MASTER_PORT" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["timeout", "SIGTERM"])
 def test_a_rank_whose_peer_never_comes_ends_instead_of_hanging(tmp_path: Path, stop: str) -> None:
     """Its rendezvous ends after --dist-timeout as exit 2, and docker stop (SIGTERM) ends the wait at once: 130."""

@@ -206,6 +206,7 @@ def test_user_mistakes_give_one_clear_line_and_an_exit_code(tmp_path: Path, argv
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_entrypoint_module_and_script_expose_the_same_cli(tmp_path: Path) -> None:
     helps = [_cli(*prefix, "--help").stdout for prefix in (["entrypoint.py"], ["-m", "harness"])]
     script = subprocess.run(["harness", "--help"], capture_output=True, text=True, cwd=REPO)

@@ -123,6 +123,7 @@ def _model_folder(tmp_path: Path, transform_body: str) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_slow_image_times_out_alone(tmp_path: Path) -> None:
     folder = _model_folder(tmp_path, "if image.size == (447, 296):  # chelsea.png less its border\n    time.sleep(30)")
     output = tmp_path / "p.csv"
@@ -167,6 +168,7 @@ def _worker_fault_argv(tmp_path: Path, model_folder: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_an_error_naming_the_files(tmp_path: Path) -> None:
     folder = _model_folder(tmp_path, "if image.size == (447, 296):\n    os.kill(os.getpid(), signal.SIGKILL)")
     result = subprocess.run(
@@ -183,6 +185,7 @@ def test_a_killed_worker_is_an_error_naming_the_files(tmp_path: Path) -> None:
     assert (tmp_path / "p.csv.partial").exists()
 
 
+@pytest.mark.slow
 def test_a_hung_worker_is_an_error_not_a_hang(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -262,6 +265,7 @@ def test_a_transform_that_raises_on_one_image_is_the_models_error(tmp_path: Path
     assert not output.exists() and output.with_name("p.csv.partial").exists()
 
 
+@pytest.mark.slow
 def test_a_transform_that_changes_size_on_one_image_fails_that_image_alone(tmp_path: Path) -> None:
     body = """if image.size == (447, 296):  # chelsea.png less its border
     return T.ToTensor()(image)"""
@@ -288,6 +292,7 @@ class Slow(torch.nn.Module):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", ["check-model", "export-onnx", "check"])
 def test_a_tool_stopped_by_docker_stop_is_exit_130_in_one_line(tmp_path: Path, tool: str) -> None:
     folder = tmp_path / "model"

@@ -116,7 +116,10 @@ def test_the_decoding_is_described_once_a_run(tmp_path: Path, monkeypatch: pytes
     assert len(made) == 1
 
 
-@pytest.mark.parametrize(("kill", "what"), [(True, "was killed by signal 9"), (False, "stopped answering")])
+@pytest.mark.parametrize(
+    ("kill", "what"),
+    [(True, "was killed by signal 9"), pytest.param(False, "stopped answering", marks=pytest.mark.slow)],  # a timeout
+)
 def test_a_decoder_that_dies_or_hangs_is_an_error_naming_its_file(tmp_path: Path, kill: bool, what: str) -> None:
     folder = tmp_path / "images"
     folder.mkdir()

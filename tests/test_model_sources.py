@@ -98,6 +98,7 @@ def test_a_timm_models_resize_follows_a_new_input_size_as_timms_does(timm_checkp
     assert preprocessing["settings_from"]["input_size"] == "command line"
 
 
+@pytest.mark.slow
 def test_ema_true_and_false_choose(timm_checkpoint, tmp_path: Path) -> None:
     checkpoint, model, ema = timm_checkpoint
     output = tmp_path / "p.csv"

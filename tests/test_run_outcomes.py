@@ -219,6 +219,7 @@ def _limited(limit: int):  # type: ignore[no-untyped-def]
     return apply
 
 
+@pytest.mark.slow
 @pytest.mark.equivalence
 def test_a_full_disk_is_exit_6_and_resume_goes_on(tmp_path: Path, model: Path) -> None:
     images = image_set(tmp_path / "in", ["good"] * 40)
@@ -529,6 +530,7 @@ def _open_files(limit: int) -> Callable[[], None]:
     return apply
 
 
+@pytest.mark.slow
 def test_workers_are_fitted_to_the_open_files_limit_in_one_line(tmp_path: Path) -> None:
     """ulimit -n 48 with --workers 8: the run goes on with the workers that fit and says so (was: "Too many open
     files" from inside torch, a traceback)."""

@@ -119,6 +119,7 @@ print(f"exit {code}, GOMP_SPINCOUNT {seen[0]} as torch loaded")
 """
 
 
+@pytest.mark.slow
 def test_a_run_sets_the_omp_spin_before_torch_loads(tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()

@@ -66,6 +66,7 @@ def test_a_zip_submission_runs(tmp_path: Path, prefix: str) -> None:
     assert len(rows) == 19 and all(len(row) == 7 and row[1] in ("0", "1", "2") for row in rows)
 
 
+@pytest.mark.slow
 def test_the_process_removes_the_unpacked_zip_when_it_exits(tmp_path: Path) -> None:
     """The entrypoint ends without Python's teardown (cli.exit_process); the atexit clean-up must still run and
     the closing line must still reach a piped stdout."""
