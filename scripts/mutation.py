@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""The mutation pass over the code behind the README's promises: mutmut (pinned in the lock) mutates the modules
+pyproject.toml's [tool.mutmut] names, one change at a time, and runs against each mutant only the tests that reached
+its function, fastest first (tests/mutmut_plugin.py); a mutant no test fails on has survived. This script runs the
+pass within a time budget, reads its results, sets aside the mutants [tool.mutmut] marks equivalent (each with why,
+and the change it names, so a mark cannot drift onto another mutant), prints each module's figures and every
+survivor, and exits 1 when the kill rate of the others is below the floor or the pass ran out of time.
+
+    python3 scripts/mutation.py                  # the whole pass, from scratch (what .ci/run runs)
+    python3 scripts/mutation.py --report         # the figures of the last pass again, without running it
+    python3 scripts/mutation.py 'harness.results.rows.*'   # only these mutants (shell patterns), for a quick look
+
+`mutmut show NAME` prints a mutant's change, `mutmut apply NAME` writes it to the source (undo with git).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+MUTANTS = REPO / "mutants"
+LOG = MUTANTS / "mutation.log"
+BUDGET_S = 30 * 60  # CI's slow step: the whole pass on a 2-core machine
+FLOOR = 0.95  # the kill rate of the non-equivalent mutants the pass must reach
+# mutmut's exit codes of a mutant's test run: a failing test (1, or 3 for pytest's internal error) kills it; a
+# run past its time limit (the mutant looped) counts as killed too, as mutmut's own score counts it.
+KILLED = {1: "killed", 3: "killed", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", 36: "timeout"}
+SURVIVED = {0: "survived", 5: "no tests", 33: "no tests"}
+
+
+def settings() -> dict[str, Any]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["mutmut"]
+
+
+def module_of(path: str) -> str:
+    return path.removesuffix(".py").replace("/", ".")
+
+
+def function_key(name: str) -> str:
+    """A function or method as mutmut names its mutants: `x_name`, or `xǁClassǁname` for `Class.name`."""
+    owner, _, function = name.rpartition(".")
+    return f"xǁ{owner}ǁ{function}" if owner else f"x_{function}"
+
+
+def patterns(config: dict[str, Any]) -> list[str]:
+    """The mutants of the pass: every function of each module in `only_mutate`, or in a module `functions` lists,
+    only those."""
+    chosen = config.get("functions", {})
+    found = []
+    for path in config["only_mutate"]:
+        module = module_of(path)
+        names = chosen.get(path)
+        found += [f"{module}.*"] if names is None else [f"{module}.{function_key(n)}__mutmut_*" for n in names]
+    return found
+
+
+def run_pass(selected: list[str], budget_s: float, max_children: int | None) -> float:
+    """Run mutmut over `selected` (from scratch), its output in mutants/mutation.log; the wall time, or exit 1 when
+    it ran past `budget_s` or failed."""
+    shutil.rmtree(MUTANTS, ignore_errors=True)  # a fresh pass: mutmut would keep results of earlier code and tests
+    MUTANTS.mkdir()
+    mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or shutil.which("mutmut")
+    if mutmut is None:
+        sys.exit("mutation: mutmut is not installed: pip install -c constraints.txt -e '.[dev]'")
+    command = [mutmut, "run", *([f"--max-children={max_children}"] if max_children else []), *selected]
+    started = time.monotonic()
+    with LOG.open("w", encoding="utf-8") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = process.wait(timeout=budget_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # mutmut, its fork server and every mutant's tests
+            process.wait()
+            sys.exit(f"mutation: the pass ran past its budget of {budget_s / 60:g} minutes ({LOG} has how far it got)")
+    elapsed = time.monotonic() - started
+    if code != 0:
+        tail = "\n".join(LOG.read_text(encoding="utf-8", errors="replace").replace("\r", "\n").splitlines()[-40:])
+        sys.exit(f"mutation: mutmut failed (exit {code}); the end of {LOG}:\n{tail}")
+    return elapsed
+
+
+@dataclass
+class Figures:
+    mutants: int = 0
+    killed: int = 0
+    survived: list[str] = field(default_factory=list)
+    equivalent: int = 0
+
+    @property
+    def rate(self) -> float:
+        counted = self.mutants - self.equivalent
+        return self.killed / counted if counted else 1.0
+
+
+def change_of(name: str, path: str) -> str:
+    """The mutant's change, as mutmut's diff gives it: each line it removes (-) and adds (+)."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        diff = get_diff_for_mutant(name, path=path)
+    finally:
+        os.chdir(cwd)
+    changed = [line for line in diff.splitlines()[2:] if line[:1] in "+-"]
+    return " / ".join(f"{line[0]}{line[1:].strip()}" for line in changed)
+
+
+def results(config: dict[str, Any], selected: list[str]) -> tuple[dict[str, Figures], list[str]]:
+    """Each module's figures, and what is wrong with the marks of equivalence (a mark on a killed mutant, one whose
+    change is no longer the one it names, one for a mutant that no longer exists)."""
+    marks = {mark["mutant"]: mark for mark in config.get("equivalent", [])}
+    figures: dict[str, Figures] = {}
+    wrong, seen = [], set()
+    for path in config["only_mutate"]:
+        meta = MUTANTS / f"{path}.meta"
+        codes = json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"] if meta.is_file() else {}
+        module = figures.setdefault(path, Figures())
+        for name, code in codes.items():
+            if not any(fnmatch.fnmatchcase(name, pattern) for pattern in selected):
+                continue
+            module.mutants += 1
+            mark = marks.get(name)
+            if mark is not None:
+                seen.add(name)
+                if mark["change"] not in change_of(name, path):
+                    wrong.append(f"{name} is marked equivalent for `{mark['change']}`, but it now changes: "
+                                 f"{change_of(name, path)}")
+            if code is None:
+                wrong.append(f"{name} was not run (the pass stopped early?)")
+            elif code in KILLED:
+                module.killed += 1
+                if mark is not None:
+                    wrong.append(f"{name} is marked equivalent, but a test kills it: remove the mark")
+            elif mark is not None:
+                module.equivalent += 1
+            else:
+                status = SURVIVED.get(code, f"suspicious, exit {code}")
+                module.survived.append(f"{name} ({status}): {change_of(name, path)}")
+    wrong += [f"{name} is marked equivalent but is not a mutant of the pass" for name in marks.keys() - seen]
+    return figures, wrong
+
+
+def report(figures: dict[str, Figures], wrong: list[str], elapsed: float | None, floor: float) -> int:
+    total = Figures()
+    print(f"\n{'module':<34} {'mutants':>8} {'killed':>7} {'survived':>9} {'equivalent':>11} {'kill rate':>10}")
+    for path, module in figures.items():
+        print(f"{path:<34} {module.mutants:>8} {module.killed:>7} {len(module.survived):>9} {module.equivalent:>11} "
+              f"{module.rate:>10.1%}")
+        total.mutants += module.mutants
+        total.killed += module.killed
+        total.survived += module.survived
+        total.equivalent += module.equivalent
+    print(f"{'all':<34} {total.mutants:>8} {total.killed:>7} {len(total.survived):>9} {total.equivalent:>11} "
+          f"{total.rate:>10.1%}")
+    if elapsed is not None:
+        print(f"\nthe pass took {elapsed / 60:.1f} minutes")
+    if total.survived:
+        print(f"\n{len(total.survived)} survivors (mutmut show NAME prints one whole):")
+        print("\n".join(f"  {line}" for line in total.survived))
+    if wrong:
+        print("\nmarks of equivalence to fix in pyproject.toml's [tool.mutmut]:")
+        print("\n".join(f"  {line}" for line in wrong))
+    if total.rate < floor:
+        print(f"\nmutation: the kill rate {total.rate:.1%} is below {floor:.0%}: write a test that fails on each "
+              "survivor, or mark it equivalent (with why) where no input can tell it from the code")
+    return 1 if wrong or total.rate < floor else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mutants", nargs="*", help="only these mutants (shell patterns over mutmut's names)")
+    parser.add_argument("--report", action="store_true", help="print the last pass's figures, without running it")
+    parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds the pass may take (default %(default)s)")
+    parser.add_argument("--max-children", type=int, help="mutants tested at once (mutmut's default: the CPUs)")
+    args = parser.parse_args()
+    config = settings()
+    selected = patterns(config)
+    if args.mutants:
+        selected = args.mutants
+    elapsed = None if args.report else run_pass(selected, args.budget, args.max_children)
+    figures, wrong = results(config, selected)
+    return report(figures, wrong, elapsed, FLOOR if not args.mutants else 0.0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
