@@ -23,6 +23,14 @@ benchmark's model put in its model/ folder with its weights in a file, run with 
 cpu_objectnet_eval.py on the CPU where it has one) and timm's inference.py (`-b 32 -j 2`, timm's model of the same
 name, seeded random weights from a file); it reports the median seconds, the rows each wrote, their memory, and
 the others' time over the harness's.
+
+    python scripts/bench.py --against REF [--runs N] [--model resnet50] [-- HARNESS OPTIONS]
+
+runs the working tree and the harness as it was at the git ref REF (checked out in a temporary worktree, its
+model folder the same) in turns on the same images, and reports the working tree's wall time, CPU time (its
+process tree's), model load (run.json) and peak memory over REF's, with the verdict: slower or bigger by more
+than the rounds' own spread is a regression. Run it against the previous release before a stop that touches the
+pipeline or the models.
 """
 
 from __future__ import annotations
@@ -110,9 +118,10 @@ def make_dataset(folder: Path, count: int, png_share: float, seed: int) -> Path:
     return target
 
 
-def model_folder(name: str, scratch: Path) -> Path:
+def model_folder(name: str, scratch: Path, root: Path = REPO) -> Path:
+    """The benchmark's model: the example in `root`'s model folder (as that checkout ships it), or ResNet-50."""
     if name == "efficientnet_lite0":
-        return REPO / "model"
+        return root / "model"
     folder = scratch / "model-resnet50"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.py").write_text(RESNET50_PY)
@@ -230,6 +239,8 @@ class Measured:
     peak_mb: float
     main_mb: float
     halves_mb: list[float]
+    cpu_s: float = 0.0  # the process and the workers it reaped (user + system)
+    load_s: float = 0.0  # the model load, from the run's run.json
 
 
 def measured_run(command: list[str], cwd: Path) -> Measured:
@@ -248,7 +259,7 @@ def measured_run(command: list[str], cwd: Path) -> Measured:
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    _, status = os.waitpid(process.pid, 0)
+    _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     finished.set()
     watcher.join()
@@ -257,7 +268,7 @@ def measured_run(command: list[str], cwd: Path) -> Measured:
         raise SystemExit(f"bench: the run failed with exit code {process.returncode}: {' '.join(command)}")
     middle = start + seconds / 2
     halves = [max((rss for t, rss in samples if (t < middle) == first), default=0) / 2**20 for first in (True, False)]
-    return Measured(seconds, max(halves), main_peak[0] / 2**20, halves)
+    return Measured(seconds, max(halves), main_peak[0] / 2**20, halves, usage.ru_utime + usage.ru_stime)
 
 
 def end_to_end(model_dir: Path, data: Path, out: Path, harness_args: list[str]) -> Measured:
@@ -374,11 +385,13 @@ def _save_state_dict(code: str, path: Path) -> Path:
     return path
 
 
-def harness_system(model_dir: Path, data: Path, harness_args: list[str]) -> System:
+def harness_system(model_dir: Path, data: Path, harness_args: list[str], root: Path = REPO) -> System:
+    """The harness of the checkout at `root` (its own package: the entry point's folder comes first on the path)."""
+
     def command(out: Path) -> list[str]:
         return [
             sys.executable,
-            str(REPO / "entrypoint.py"),
+            str(root / "entrypoint.py"),
             str(data),
             str(out / "predictions.csv"),
             "--model-dir",
@@ -388,7 +401,7 @@ def harness_system(model_dir: Path, data: Path, harness_args: list[str]) -> Syst
             *harness_args,
         ]
 
-    return System(command, REPO, lambda out: _csv_rows(out / "predictions.csv"))
+    return System(command, root, lambda out: _csv_rows(out / "predictions.csv"))
 
 
 def template_system(template: Path, scratch: Path, model_dir: Path, data: Path, config: Config, device: str) -> System:
@@ -452,14 +465,39 @@ def timm_system(inference: Path, scratch: Path, model: str, data: Path, device: 
     return System(command, REPO, lambda out: sum(_csv_rows(path, header=True) for path in out.glob("*.csv")))
 
 
+Runs = dict[str, list[Measured]]
+
+
+def in_turns(systems: dict[str, System], scratch: Path, rounds: int) -> tuple[Runs, dict[str, int]]:
+    """Whole runs of each system in turns, the order reversed every other round (so drift on a shared machine falls
+    on each alike): each one's runs, and the rows it wrote."""
+    runs: Runs = {}
+    rows: dict[str, int] = {}
+    names = list(systems)
+    for round_ in range(rounds):
+        for number, name in enumerate(names if round_ % 2 == 0 else names[::-1]):
+            out = scratch / f"run-{round_}-{number}"
+            out.mkdir()
+            runs.setdefault(name, []).append(measured_run(systems[name].command(out), systems[name].cwd))
+            runs[name][-1].load_s = _load_seconds(out / "run.json")
+            rows[name] = systems[name].rows(out)
+    return runs, rows
+
+
+def _load_seconds(report: Path) -> float:
+    """The model load's seconds as the run's own report gives them (0 where it gives none)."""
+    try:
+        return float(json.loads(report.read_text())["timings"]["load_model_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
 def compare(args: argparse.Namespace, data: Path, harness_args: list[str]) -> dict:
     """Whole runs of the harness, the template and timm on `data`, in turns, the order reversed every other round
     (so drift on a shared machine falls on each alike), `args.runs` rounds: seconds, rows written and memory."""
     import torch
 
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
-    runs: dict[str, list[Measured]] = {}
-    rows: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="harness-bench-") as folder:
         scratch = Path(folder)
         model_dir = model_folder(args.model, scratch)
@@ -469,13 +507,7 @@ def compare(args: argparse.Namespace, data: Path, harness_args: list[str]) -> di
             systems["template"] = template_system(args.template.resolve(), scratch, model_dir, data, config, device)
         if args.timm_inference:
             systems["timm"] = timm_system(args.timm_inference.resolve(), scratch, args.model, data, device)
-        names = list(systems)
-        for round_ in range(args.runs):
-            for name in names if round_ % 2 == 0 else names[::-1]:
-                out = scratch / f"{name}-{round_}"
-                out.mkdir()
-                runs.setdefault(name, []).append(measured_run(systems[name].command(out), systems[name].cwd))
-                rows[name] = systems[name].rows(out)
+        runs, rows = in_turns(systems, scratch, args.runs)
     harness_s = statistics.median(m.seconds for m in runs["harness"])
     result: dict = {"model": args.model, "images": args.images, "png_share": args.png_share, "device": device}
     result.update(machine=machine(), torch=torch.__version__, runs=args.runs, systems={})
@@ -491,6 +523,65 @@ def compare(args: argparse.Namespace, data: Path, harness_args: list[str]) -> di
             "peak_rss_mb": round(max(m.peak_mb for m in each), 1),
         }
     return result
+
+
+# ---- --against REF: the working tree beside an earlier version of itself ----
+
+AGAINST_FIGURES = {"wall": "seconds", "cpu": "cpu_s", "model load": "load_s", "peak memory": "peak_mb"}
+NOISE_FLOOR = 0.03  # the least spread a verdict allows: two runs of one version rarely agree closer
+
+
+def against(args: argparse.Namespace, data: Path, harness_args: list[str]) -> dict:
+    """The working tree and `args.against` (a temporary git worktree, each with its own model folder) in turns;
+    per figure the working tree's median over REF's, and the verdict."""
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="harness-bench-") as folder:
+        scratch = Path(folder)
+        tree = scratch / "ref"
+        git = ["git", "-C", str(REPO), "worktree"]
+        subprocess.run([*git, "add", "--detach", "--quiet", str(tree), args.against], check=True)
+        try:
+            systems = {
+                "working tree": harness_system(model_folder(args.model, scratch), data, harness_args),
+                args.against: harness_system(model_folder(args.model, scratch, tree), data, harness_args, tree),
+            }
+            runs, rows = in_turns(systems, scratch, args.runs)
+        finally:
+            subprocess.run([*git, "remove", "--force", str(tree)], check=False)
+    result: dict = {"model": args.model, "images": args.images, "png_share": args.png_share, "against": args.against}
+    result.update(machine=machine(), torch=torch.__version__, runs=args.runs, rows=rows, figures={}, verdict=[])
+    new, old = runs["working tree"], runs[args.against]
+    for figure, field in AGAINST_FIGURES.items():
+        mine, theirs = ([getattr(m, field) for m in each] for each in (new, old))
+        ratio = statistics.median(mine) / statistics.median(theirs) if statistics.median(theirs) else float("nan")
+        noise = max(NOISE_FLOOR, _spread(mine), _spread(theirs))
+        result["figures"][figure] = {"working_tree": _rounded(mine), args.against: _rounded(theirs)}
+        result["figures"][figure].update(ratio=round(ratio, 3), noise=round(noise, 3))
+        if ratio > 1 + noise:
+            result["verdict"].append(f"{figure} {ratio:.2f}x {args.against}'s (beyond the runs' spread of {noise:.0%})")
+    return result
+
+
+def _spread(values: list[float]) -> float:
+    """How far one version's runs lie apart, over their median."""
+    middle = statistics.median(values)
+    return (max(values) - min(values)) / middle if middle else 0.0
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [round(value, 3) for value in values]
+
+
+def against_table(result: dict) -> str:
+    """The figures as a table for a closing note, the verdict last."""
+    ref = result["against"]
+    lines = [f"| figure | working tree (median) | {ref} (median) | ratio | spread |", "|---|---|---|---|---|"]
+    for figure, values in result["figures"].items():
+        mine, theirs = statistics.median(values["working_tree"]), statistics.median(values[ref])
+        lines.append(f"| {figure} | {mine:.2f} | {theirs:.2f} | {values['ratio']:.3f} | {values['noise']:.0%} |")
+    verdict = "; ".join(result["verdict"]) or f"no regression against {ref}"
+    return "\n".join([*lines, "", f"verdict: {verdict}"])
 
 
 def compare_row(result: dict) -> str:
@@ -523,6 +614,12 @@ def main() -> None:
     harness_args = ["--device", args.device, *args.harness_args]
     load_before = os.getloadavg()[0]
     data = make_dataset(args.cache, args.images, args.png_share, args.seed)
+    if args.against:
+        result = against(args, data, harness_args)
+        result["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        report(result, args.json, None)
+        print(against_table(result), file=sys.stderr)
+        sys.exit(1 if result["verdict"] else 0)
     if args.compare:
         result = compare(args, data, harness_args)
         result["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
@@ -551,7 +648,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--template", type=Path, help="with --compare: a checkout of the ObjectNet template")
     parser.add_argument("--timm-inference", type=Path, help="with --compare: timm's inference.py (timm installed)")
-    parser.add_argument("--runs", type=int, default=2, help="with --compare: rounds of runs, medians reported")
+    parser.add_argument(
+        "--against", metavar="REF", help="whole runs only: the working tree beside the harness at git ref REF"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=2, help="with --compare or --against: rounds of runs, medians reported"
+    )
     parser.add_argument("--phase", choices=("model", "decode"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)

@@ -111,3 +111,19 @@ def test_compare_runs_the_template_and_timm_as_their_command_lines_ask(tmp_path:
     assert sorted(systems) == ["harness", "template", "timm"]
     assert all(figures["rows"] == 4 and figures["median_s"] > 0 for figures in systems.values())
     assert systems["harness"]["over_harness"] == 1
+
+
+@pytest.mark.slow
+def test_against_runs_the_working_tree_and_a_ref_in_turns_and_judges_them(tmp_path: Path) -> None:
+    """HEAD against itself: both run whole on every image, the figures and their ratios are reported, and the
+    temporary worktree is gone afterwards."""
+    command = [sys.executable, "scripts/bench.py", "--against", "HEAD", "--images", "4", "--png-share", "1"]
+    command += ["--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "against.json")]
+    result = subprocess.run(command, cwd=REPO, env=env_without_build_args(), capture_output=True, text=True)
+    figures = json.loads((tmp_path / "against.json").read_text())
+    assert figures["rows"] == {"working tree": 4, "HEAD": 4}
+    assert sorted(figures["figures"]) == ["cpu", "model load", "peak memory", "wall"]
+    assert all(len(each["working_tree"]) == 2 and each["ratio"] > 0 for each in figures["figures"].values())
+    assert result.returncode == (1 if figures["verdict"] else 0) and "| wall |" in result.stderr
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True).stdout
+    assert "harness-bench-" not in worktrees

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
+from harness.results.contract import committed_problems, problems, row_problems, scorer_id
 from harness.tools.validate import validate_predictions
 
 
@@ -109,3 +110,73 @@ def test_the_harness_own_output_validates(harness_run, tmp_path: Path) -> None:
     code, _ = harness_run("--batch-size", "19")
     assert code == 0
     assert validate_predictions(tmp_path / "predictions.csv", Path("sample-images"))[1:] == ([], [])
+
+
+def test_an_id_is_read_as_the_scorer_reads_it_an_empty_one_as_minus_one() -> None:
+    assert [scorer_id(text) for text in ("", "0", " 5", "+5", "312")] == [-1, 0, 5, 5, 312]
+    for text in (" ", "5.0", "x"):
+        with pytest.raises(ValueError):
+            scorer_id(text)
+
+
+@pytest.mark.parametrize(
+    ("row", "line", "hint"),
+    [
+        (["filename", "label"], 1, True),  # a header: the first row, a word where an id goes
+        (["filename"], 1, True),  # a header of one field
+        (["filename", "label"], 2, False),  # the same below the first line is no header
+        (["a.png", "5", "0.9"], 1, False),  # a short row of data: an id where an id goes
+        (["a.png", "5"], 1, False),  # and one of two fields
+    ],
+)
+def test_a_row_of_the_wrong_width_is_called_a_header_only_where_it_looks_like_one(
+    row: list[str], line: int, hint: bool
+) -> None:
+    expected = f"line {line}: {len(row)} columns, expected 11 (key and 5 id,confidence pairs)"
+    assert row_problems(row, line) == [expected + (" (a header row?)" if hint else "")]
+
+
+@pytest.mark.parametrize(("line", "hint"), [(1, " (a header row?)"), (2, "")])
+def test_a_word_for_an_id_is_called_a_header_only_on_the_first_line(line: int, hint: str) -> None:
+    row = ["a.png", "x", "0.5", *["1", "0.1"] * 4]
+    assert row_problems(row, line) == [f"line {line}, column 2: id 'x' is not an integer as the scorer reads it{hint}"]
+
+
+def test_the_ends_of_the_id_range_are_ids() -> None:
+    assert row_problems(["a.png", "312", "0.5", "-1", "0", *["0", "0.1"] * 3], 1) == []
+
+
+def test_a_byte_order_mark_is_named_with_the_fix() -> None:
+    found, lines = problems([["\ufeffa.png", *["1", "0.5"] * 5]])
+    assert found == [
+        "line 1: the file starts with a UTF-8 byte-order mark, which the scorer reads as part of the first image's "
+        "name: save it as UTF-8 without BOM"
+    ]
+    assert lines == {"\ufeffa.png": 1}
+
+
+def test_a_blank_row_ends_no_search_for_duplicates() -> None:
+    row = ["a.png", *["1", "0.5"] * 5]
+    found, _ = problems([row, [], row])
+    assert found[-1] == "line 3: duplicate key a.png (first on line 1); the scorer rejects it"
+
+
+def test_a_committed_file_with_a_blank_line_is_not_one_row_per_image(tmp_path: Path) -> None:
+    path = tmp_path / "p.csv"
+    path.write_text("a.png," + ",".join(["1", "0.5"] * 5) + "\n\n")
+    assert committed_problems(path, ["a.png"], 11, scorer_rules=True) == [
+        "it holds 2 rows for 1 images; line 2 is '', expected the end of the file"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("written", "said"),
+    [
+        (["b.png", "a.png"], "it holds 2 rows for 2 images; line 1 is 'b.png', expected 'a.png'"),
+        (["a.png"], "it holds 1 rows for 2 images; line 2 is the end of the file, expected 'b.png'"),
+    ],
+)
+def test_a_committed_file_names_its_first_row_out_of_place(tmp_path: Path, written: list[str], said: str) -> None:
+    path = tmp_path / "p.csv"
+    path.write_text("".join(key + "," + ",".join(["1", "0.5"] * 5) + "\n" for key in written))
+    assert committed_problems(path, ["a.png", "b.png"], 11, scorer_rules=True) == [said]

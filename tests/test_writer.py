@@ -15,7 +15,7 @@ from harness.pipeline.decode import seen
 from harness.pipeline.files import ImageFile
 from harness.pipeline.resume import resume_point
 from harness.results.outputs import ledger_path
-from harness.results.rows import Layout, Prediction, format_score
+from harness.results.rows import Layout, Parts, Prediction, format_score
 from harness.results.writer import AtomicCsvWriter, check_writable
 from tests.helpers import SAMPLES, read_rows
 
@@ -150,3 +150,10 @@ def test_a_confidence_is_written_to_exactly_six_significant_digits() -> None:
     assert [format_score(value) for value in values] == ["0.123457", "1", "1.23457e+06", "1e-07", "0.5", "-2"]
     row = Layout(2).format("a.png", Prediction(("7", "3"), (0.87654321, 0.0123456789)))
     assert row == ["a.png", "7", "0.876543", "3", "0.0123457"]
+
+
+def test_a_row_splits_into_its_key_ids_and_scores_in_either_layout() -> None:
+    assert Layout(None).split(["a.png", "0.5"]) == Parts("a.png", [], ["0.5"])
+    assert Layout(2).split(["a.png", "7", "0.9", "3", "0.1"]) == Parts("a.png", ["7", "3"], ["0.9", "0.1"])
+    with pytest.raises(ValueError, match="^3 columns, expected 5$"):
+        Layout(2).split(["a.png", "7", "0.9"])
