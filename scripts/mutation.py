@@ -6,7 +6,7 @@ pass within a time budget, reads its results, sets aside the mutants [tool.mutmu
 and the change it names, so a mark cannot drift onto another mutant), prints each module's figures and every
 survivor, and exits 1 when the kill rate of the others is below the floor or the pass ran out of time.
 
-    python3 scripts/mutation.py                  # the whole pass, from scratch (what .ci/run runs)
+    python3 scripts/mutation.py                  # the whole pass, from scratch
     python3 scripts/mutation.py --report         # the figures of the last pass again, without running it
     python3 scripts/mutation.py 'harness.results.rows.*'   # only these mutants (shell patterns), for a quick look
 
@@ -24,15 +24,16 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 REPO = Path(__file__).resolve().parents[1]
 MUTANTS = REPO / "mutants"
 LOG = MUTANTS / "mutation.log"
-BUDGET_S = 30 * 60  # CI's slow step: the whole pass on a 2-core machine
+BUDGET_S = 30 * 60  # what CI's slow step could give it on a 2-core machine (docs/robustness.md: Mutation testing)
 FLOOR = 0.95  # the kill rate of the non-equivalent mutants the pass must reach
 # mutmut's exit codes of a mutant's test run: a failing test (1, or 3 for pytest's internal error) kills it; a
 # run past its time limit (the mutant looped) counts as killed too, as mutmut's own score counts it.
@@ -136,8 +137,10 @@ def results(config: dict[str, Any], selected: list[str]) -> tuple[dict[str, Figu
             if mark is not None:
                 seen.add(name)
                 if mark["change"] not in change_of(name, path):
-                    wrong.append(f"{name} is marked equivalent for `{mark['change']}`, but it now changes: "
-                                 f"{change_of(name, path)}")
+                    wrong.append(
+                        f"{name} is marked equivalent for `{mark['change']}`, but it now changes: "
+                        f"{change_of(name, path)}"
+                    )
             if code is None:
                 wrong.append(f"{name} was not run (the pass stopped early?)")
             elif code in KILLED:
@@ -157,14 +160,18 @@ def report(figures: dict[str, Figures], wrong: list[str], elapsed: float | None,
     total = Figures()
     print(f"\n{'module':<34} {'mutants':>8} {'killed':>7} {'survived':>9} {'equivalent':>11} {'kill rate':>10}")
     for path, module in figures.items():
-        print(f"{path:<34} {module.mutants:>8} {module.killed:>7} {len(module.survived):>9} {module.equivalent:>11} "
-              f"{module.rate:>10.1%}")
+        print(
+            f"{path:<34} {module.mutants:>8} {module.killed:>7} {len(module.survived):>9} {module.equivalent:>11} "
+            f"{module.rate:>10.1%}"
+        )
         total.mutants += module.mutants
         total.killed += module.killed
         total.survived += module.survived
         total.equivalent += module.equivalent
-    print(f"{'all':<34} {total.mutants:>8} {total.killed:>7} {len(total.survived):>9} {total.equivalent:>11} "
-          f"{total.rate:>10.1%}")
+    print(
+        f"{'all':<34} {total.mutants:>8} {total.killed:>7} {len(total.survived):>9} {total.equivalent:>11} "
+        f"{total.rate:>10.1%}"
+    )
     if elapsed is not None:
         print(f"\nthe pass took {elapsed / 60:.1f} minutes")
     if total.survived:
@@ -174,8 +181,10 @@ def report(figures: dict[str, Figures], wrong: list[str], elapsed: float | None,
         print("\nmarks of equivalence to fix in pyproject.toml's [tool.mutmut]:")
         print("\n".join(f"  {line}" for line in wrong))
     if total.rate < floor:
-        print(f"\nmutation: the kill rate {total.rate:.1%} is below {floor:.0%}: write a test that fails on each "
-              "survivor, or mark it equivalent (with why) where no input can tell it from the code")
+        print(
+            f"\nmutation: the kill rate {total.rate:.1%} is below {floor:.0%}: write a test that fails on each "
+            "survivor, or mark it equivalent (with why) where no input can tell it from the code"
+        )
     return 1 if wrong or total.rate < floor else 0
 
 
@@ -183,7 +192,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mutants", nargs="*", help="only these mutants (shell patterns over mutmut's names)")
     parser.add_argument("--report", action="store_true", help="print the last pass's figures, without running it")
-    parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds the pass may take (default %(default)s)")
+    parser.add_argument(
+        "--budget", type=float, default=BUDGET_S, help="seconds the pass may take (default %(default)s)"
+    )
     parser.add_argument("--max-children", type=int, help="mutants tested at once (mutmut's default: the CPUs)")
     args = parser.parse_args()
     config = settings()
