@@ -155,5 +155,5 @@ def test_a_confidence_is_written_to_exactly_six_significant_digits() -> None:
 def test_a_row_splits_into_its_key_ids_and_scores_in_either_layout() -> None:
     assert Layout(None).split(["a.png", "0.5"]) == Parts("a.png", [], ["0.5"])
     assert Layout(2).split(["a.png", "7", "0.9", "3", "0.1"]) == Parts("a.png", ["7", "3"], ["0.9", "0.1"])
-    with pytest.raises(ValueError, match="^3 columns, expected 5$"):
+    with pytest.raises(ValueError, match=r"^3 columns, expected 5$"):
         Layout(2).split(["a.png", "7", "0.9"])
