@@ -23,6 +23,7 @@ from PIL import Image
 
 import harness.pipeline.files
 from harness.cli import main
+from harness.results.verdict import failure_limit
 from harness.results.writer import output_folder_lock
 from harness.tools.validate import validate_predictions
 from tests.helpers import REPO, SAMPLES, env_without_build_args, read_rows
@@ -549,3 +550,20 @@ def test_workers_are_fitted_to_the_open_files_limit_in_one_line(tmp_path: Path) 
     assert done.returncode == 0, done.stderr
     assert "the open-files limit (48, ulimit -n) allows 2 decoding worker(s) here, not 8" in done.stderr
     assert "Traceback" not in done.stderr and len(read_rows(output)) == 24
+
+
+@pytest.mark.parametrize(
+    ("given", "images", "limit"),
+    [
+        (None, 100, None),  # none given: any number but all
+        (0, 100, 0),
+        (1, 100, 1),
+        (5, 100, 5),
+        (1.5, 100, 1),  # a count, rounded down
+        (0.01, 100, 1),  # a fraction of the images, rounded down
+        (0.01, 99, 0),
+        (0.5, 7, 3),
+    ],
+)
+def test_max_failures_is_a_count_from_one_up_and_a_fraction_below_it(given: float | None, images: int, limit) -> None:
+    assert failure_limit(given, images) == limit
