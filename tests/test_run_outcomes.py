@@ -23,7 +23,8 @@ from PIL import Image
 
 import harness.pipeline.files
 from harness.cli import main
-from harness.results.verdict import failure_limit
+from harness.errors import CheckFailedError, TooManyFailuresError
+from harness.results.verdict import Verdict, failure_limit
 from harness.results.writer import output_folder_lock
 from harness.tools.validate import validate_predictions
 from tests.helpers import REPO, SAMPLES, env_without_build_args, read_rows
@@ -567,3 +568,24 @@ def test_workers_are_fitted_to_the_open_files_limit_in_one_line(tmp_path: Path) 
 )
 def test_max_failures_is_a_count_from_one_up_and_a_fraction_below_it(given: float | None, images: int, limit) -> None:
     assert failure_limit(given, images) == limit
+
+
+def test_a_verdict_says_in_one_line_why_the_file_is_not_right_to_submit(tmp_path: Path) -> None:
+    path, errors = tmp_path / "p.csv", tmp_path / "errors.csv"
+    problems = [f"line {line}: x" for line in range(1, 6)]
+    with pytest.raises(CheckFailedError) as caught:
+        Verdict("invalid predictions", problems, 0, 5, 0).raise_unless_complete(path, errors)
+    shown = "line 1: x; line 2: x; line 3: x (and 2 more)"
+    assert str(caught.value) == f"{path} was written but is not right to submit: {shown}"
+    with pytest.raises(TooManyFailuresError) as caught:
+        Verdict("too many failures", [], 2, 5, 1).raise_unless_complete(path, errors)
+    assert str(caught.value) == (
+        "2 of 5 images failed, more than --max-failures allows (1: pass --max-failures N or a fraction to allow "
+        f"more); the predictions were written, and {errors} says why each failed"
+    )
+    with pytest.raises(TooManyFailuresError) as caught:
+        Verdict("too many failures", [], 5, 5, None).raise_unless_complete(path, None)
+    assert str(caught.value) == (
+        "every one of the 5 images failed (is the right folder mounted?); the predictions were written"
+    )
+    Verdict("complete", [], 1, 5, 1).raise_unless_complete(path, errors)
