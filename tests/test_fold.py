@@ -58,14 +58,18 @@ def test_a_resnet_folds_every_batchnorm_and_keeps_its_scores() -> None:
     assert torch.allclose(_scores(model, IMAGES), before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
 
 
-class ReadTwice(nn.Module):
-    """The convolution's output is read by its BatchNorm and again by the sum: folding would change the sum."""
+class _ConvNormHead(nn.Module):
+    """A convolution, its BatchNorm and a head: the subclasses differ in what else reads the convolution."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.norm = nn.BatchNorm2d(8)
         self.head = nn.Linear(8, 5)
+
+
+class ReadTwice(_ConvNormHead):
+    """The convolution's output is read by its BatchNorm and again by the sum: folding would change the sum."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
@@ -130,15 +134,9 @@ def test_only_the_plain_pair_of_a_mixed_model_is_folded() -> None:
     assert torch.allclose(_scores(model, IMAGES), before, rtol=1e-4, atol=1e-5)
 
 
-class BrightBranch(nn.Module):
+class BrightBranch(_ConvNormHead):
     """On very bright images only, a second branch reads the convolution's weight itself (F.conv2d): no check image
     takes it, so no sample can prove a fold safe; folding would change every bright image's scores."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.norm = nn.BatchNorm2d(8)
-        self.head = nn.Linear(8, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(self.conv(x))

@@ -23,6 +23,8 @@ from PIL import Image
 
 import harness.pipeline.files
 from harness.cli import main
+from harness.errors import CheckFailedError, TooManyFailuresError
+from harness.results.verdict import Verdict, failure_limit
 from harness.results.writer import output_folder_lock
 from harness.tools.validate import validate_predictions
 from tests.helpers import REPO, SAMPLES, env_without_build_args, read_rows
@@ -549,3 +551,41 @@ def test_workers_are_fitted_to_the_open_files_limit_in_one_line(tmp_path: Path) 
     assert done.returncode == 0, done.stderr
     assert "the open-files limit (48, ulimit -n) allows 2 decoding worker(s) here, not 8" in done.stderr
     assert "Traceback" not in done.stderr and len(read_rows(output)) == 24
+
+
+@pytest.mark.parametrize(
+    ("given", "images", "limit"),
+    [
+        (None, 100, None),  # none given: any number but all
+        (0, 100, 0),
+        (1, 100, 1),
+        (5, 100, 5),
+        (1.5, 100, 1),  # a count, rounded down
+        (0.01, 100, 1),  # a fraction of the images, rounded down
+        (0.01, 99, 0),
+        (0.5, 7, 3),
+    ],
+)
+def test_max_failures_is_a_count_from_one_up_and_a_fraction_below_it(given: float | None, images: int, limit) -> None:
+    assert failure_limit(given, images) == limit
+
+
+def test_a_verdict_says_in_one_line_why_the_file_is_not_right_to_submit(tmp_path: Path) -> None:
+    path, errors = tmp_path / "p.csv", tmp_path / "errors.csv"
+    problems = [f"line {line}: x" for line in range(1, 6)]
+    with pytest.raises(CheckFailedError) as caught:
+        Verdict("invalid predictions", problems, 0, 5, 0).raise_unless_complete(path, errors)
+    shown = "line 1: x; line 2: x; line 3: x (and 2 more)"
+    assert str(caught.value) == f"{path} was written but is not right to submit: {shown}"
+    with pytest.raises(TooManyFailuresError) as caught:
+        Verdict("too many failures", [], 2, 5, 1).raise_unless_complete(path, errors)
+    assert str(caught.value) == (
+        "2 of 5 images failed, more than --max-failures allows (1: pass --max-failures N or a fraction to allow "
+        f"more); the predictions were written, and {errors} says why each failed"
+    )
+    with pytest.raises(TooManyFailuresError) as caught:
+        Verdict("too many failures", [], 5, 5, None).raise_unless_complete(path, None)
+    assert str(caught.value) == (
+        "every one of the 5 images failed (is the right folder mounted?); the predictions were written"
+    )
+    Verdict("complete", [], 1, 5, 1).raise_unless_complete(path, errors)

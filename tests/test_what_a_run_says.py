@@ -40,12 +40,18 @@ def test_the_start_up_line_shows_the_preprocessing_and_where_it_came_from(tmp_pa
     assert run["preprocessing"]["settings_from"]["crop_offset"] == "default"
 
 
-def test_defaults_are_said_to_be_defaults(tmp_path: Path, capsys) -> None:
+def _three_channel_model(tmp_path: Path) -> Path:
+    """A model folder whose model answers with its input's three channel means: any preprocessing runs it."""
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "model.py").write_text(
         "import torch\n\nclass Model(torch.nn.Module):\n    def forward(self, x):\n        return x.mean((2, 3))\n"
     )
+    return folder
+
+
+def test_defaults_are_said_to_be_defaults(tmp_path: Path, capsys) -> None:
+    folder = _three_channel_model(tmp_path)
     code, lines, run = _run(tmp_path, capsys, "--model-dir", str(folder), "--topk", "3")
     assert code == 0
     assert "(the harness's defaults, torchvision's ImageNet recipe: set your model's in model/config.yaml)" in (
@@ -101,11 +107,7 @@ def test_imagenet_names_label_a_photo_with_its_class(tmp_path: Path, capsys) -> 
 
 
 def test_imagenet_names_need_an_imagenet_head(tmp_path: Path, capsys) -> None:
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "model.py").write_text(
-        "import torch\n\nclass Model(torch.nn.Module):\n    def forward(self, x):\n        return x.mean((2, 3))\n"
-    )
+    folder = _three_channel_model(tmp_path)
     code, lines, _ = _run(tmp_path, capsys, "--model-dir", str(folder), "--label-map", "imagenet-names")
     assert code == 2
     assert lines[-1].startswith("harness: error: label map imagenet-names names a 1000-class ImageNet head's")
