@@ -577,6 +577,9 @@ def test_a_verdict_says_in_one_line_why_the_file_is_not_right_to_submit(tmp_path
         Verdict("invalid predictions", problems, 0, 5, 0).raise_unless_complete(path, errors)
     shown = "line 1: x; line 2: x; line 3: x (and 2 more)"
     assert str(caught.value) == f"{path} was written but is not right to submit: {shown}"
+    with pytest.raises(CheckFailedError) as caught:
+        Verdict("invalid predictions", problems[:3], 0, 5, 0).raise_unless_complete(path, errors)
+    assert str(caught.value) == f"{path} was written but is not right to submit: line 1: x; line 2: x; line 3: x"
     with pytest.raises(TooManyFailuresError) as caught:
         Verdict("too many failures", [], 2, 5, 1).raise_unless_complete(path, errors)
     assert str(caught.value) == (
