@@ -35,10 +35,9 @@ MUTANTS = REPO / "mutants"
 LOG = MUTANTS / "mutation.log"
 BUDGET_S = 30 * 60  # what CI's slow step could give it on a 2-core machine (docs/robustness.md: Mutation testing)
 FLOOR = 0.95  # the kill rate of the non-equivalent mutants the pass must reach
-# mutmut's exit codes of a mutant's test run: a failing test (1, or 3 for pytest's internal error) kills it; a
-# run past its time limit (the mutant looped) counts as killed too, as mutmut's own score counts it.
-KILLED = {1: "killed", 3: "killed", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", 36: "timeout"}
-SURVIVED = {0: "survived", 5: "no tests", 33: "no tests"}
+# mutmut's verdicts on a mutant's test run (its own table of exit codes): a failing test kills it; a run past its
+# time limit (the mutant looped) counts as killed too, as mutmut's own score counts it. "no tests" survives.
+KILLED = {"killed", "timeout"}
 
 
 def settings() -> dict[str, Any]:
@@ -122,6 +121,8 @@ def change_of(name: str, path: str) -> str:
 def results(config: dict[str, Any], selected: list[str]) -> tuple[dict[str, Figures], list[str]]:
     """Each module's figures, and what is wrong with the marks of equivalence (a mark on a killed mutant, one whose
     change is no longer the one it names, one for a mutant that no longer exists)."""
+    from mutmut.stats import status_by_exit_code
+
     marks = {mark["mutant"]: mark for mark in config.get("equivalent", [])}
     figures: dict[str, Figures] = {}
     wrong, seen = [], set()
@@ -143,16 +144,17 @@ def results(config: dict[str, Any], selected: list[str]) -> tuple[dict[str, Figu
                     )
             if code is None:
                 wrong.append(f"{name} was not run (the pass stopped early?)")
-            elif code in KILLED:
+            elif status_by_exit_code[code] in KILLED:
                 module.killed += 1
                 if mark is not None:
                     wrong.append(f"{name} is marked equivalent, but a test kills it: remove the mark")
             elif mark is not None:
                 module.equivalent += 1
             else:
-                status = SURVIVED.get(code, f"suspicious, exit {code}")
+                status = f"{status_by_exit_code[code]}, exit {code}"
                 module.survived.append(f"{name} ({status}): {change_of(name, path)}")
-    wrong += [f"{name} is marked equivalent but is not a mutant of the pass" for name in marks.keys() - seen]
+    unseen = [name for name in marks.keys() - seen if any(fnmatch.fnmatchcase(name, p) for p in selected)]
+    wrong += [f"{name} is marked equivalent but is not a mutant of the pass" for name in sorted(unseen)]
     return figures, wrong
 
 

@@ -28,7 +28,7 @@ from harness.pipeline.runner import finish, prepare
 from harness.results.gate import make_folder, remove_folder, replace_output
 from harness.results.outputs import part_output, parts_folder
 from harness.results.report import RunReport
-from harness.results.writer import AtomicCsvWriter, partial_path, read_rows
+from harness.results.writer import AtomicCsvWriter, iter_rows, partial_path
 
 
 def part_config(config: Config) -> Config:
@@ -141,7 +141,7 @@ def merge(config: Config, report: RunReport, outcomes: list[dict], found: Discov
         for rank in range(config.world_size):
             part = folder / f"rank{rank}"
             for name, writer in ((config.output_file.name, predictions), (config.errors_csv.name, errors)):
-                for row in read_rows(part / name):
+                for row in iter_rows(part / name):
                     writer.write(row)
                     if writer is predictions:
                         keys.append(row[0])

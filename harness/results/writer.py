@@ -51,11 +51,17 @@ def row_writer(file: TextIO) -> Callable[[list[str]], None]:
     return write
 
 
-def read_rows(path: Path) -> list[list[str]]:
+def iter_rows(path: Path) -> Iterator[list[str]]:
     """Every row of a CSV in this dialect, as the scorer's csv reader sees it, blank lines included (as empty
-    rows). Raises OSError, UnicodeDecodeError or csv.Error when the file cannot be read as a CSV."""
+    rows), one at a time (a torchrun merge of millions of rows holds none of them). Raises OSError,
+    UnicodeDecodeError or csv.Error when the file cannot be read as a CSV."""
     with open_csv(path) as f:
-        return list(csv.reader(f))
+        yield from csv.reader(f)
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    """iter_rows' rows, all at once."""
+    return list(iter_rows(path))
 
 
 def read_cut_rows(path: Path) -> tuple[list[list[str]], bool]:
