@@ -23,6 +23,7 @@ from PIL import Image
 
 import harness.pipeline.files
 from harness.cli import main
+from harness.config import DEFAULT_MAX_FAILURES
 from harness.errors import CheckFailedError, TooManyFailuresError
 from harness.results.verdict import Verdict, failure_limit
 from harness.results.writer import output_folder_lock
@@ -344,7 +345,7 @@ def test_validate_and_score_agree(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 KINDS = st.lists(st.sampled_from(["good", "bad", "white"]), min_size=1, max_size=6)
-LIMITS = st.sampled_from([None, "0", "1", "2", "0.5"])
+LIMITS = st.sampled_from([None, "none", "0", "1", "2", "0.5", "0.01"])  # None: the option not given
 
 
 @pytest.mark.slow
@@ -360,10 +361,11 @@ def test_exit_0_holds_exactly_when_the_csv_validates_and_the_failures_are_within
     options = ["--batch-size", "2", "--workers", "0"] + (["--max-failures", limit] if limit else [])
     code = run(images, output, model, *options)
     failures = sum(kind != "good" for kind in kinds)
-    if limit is None:
+    given = limit or str(DEFAULT_MAX_FAILURES)
+    if given == "none":
         allowed = failures < len(kinds)
     else:
-        number = float(limit)
+        number = float(given)
         allowed = failures <= (int(number) if number >= 1 or number == 0 else int(number * len(kinds)))
     valid = output.exists() and _validated(output, images) == ([], [])
     assert (code == 0) == (valid and allowed), (kinds, limit, code)
