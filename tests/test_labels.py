@@ -10,6 +10,7 @@ import torch
 
 from harness.cli import main
 from harness.errors import ConfigError, ModelError
+from harness.results.label_maps import check_objectnet_topk
 from harness.results.labels import ObjectNetLegacy, ObjectNetSummed, Score, TopK, imagenet_to_objectnet, make_label_map
 from harness.results.rows import Prediction
 from tests.helpers import SAMPLES, shared_file
@@ -121,3 +122,14 @@ def test_a_misspelt_label_map_is_refused_before_the_model_loads(tmp_path: Path, 
     assert main([str(SAMPLES), str(output), "--label-map", "objectnot", "--model", "timm:no_such_model"]) == 2
     assert "--label-map objectnot: not one of auto, none, objectnet, objectnet-legacy" in capsys.readouterr().err
     assert not output.parent.exists()
+
+
+def test_another_topk_with_an_objectnet_map_is_refused_with_the_fix() -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_objectnet_topk("objectnet", 3)
+    assert str(caught.value) == (
+        "--topk 3 with the objectnet label map: the ObjectNet scorer reads exactly 5 (id, confidence) pairs a row. "
+        "Use --topk 5, or --label-map none for the model's own ids"
+    )
+    check_objectnet_topk("objectnet", 5)
+    check_objectnet_topk("none", 3)

@@ -157,3 +157,8 @@ def test_a_row_splits_into_its_key_ids_and_scores_in_either_layout() -> None:
     assert Layout(2).split(["a.png", "7", "0.9", "3", "0.1"]) == Parts("a.png", ["7", "3"], ["0.9", "0.1"])
     with pytest.raises(ValueError, match=r"^3 columns, expected 5$"):
         Layout(2).split(["a.png", "7", "0.9"])
+
+
+def test_a_prediction_whose_ids_and_scores_differ_in_number_writes_no_row() -> None:
+    with pytest.raises(ValueError):
+        Layout(2).format("a.png", Prediction(("7", "3"), (0.9,)))
