@@ -1,9 +1,11 @@
 """pytest hooks for the mutation pass only (scripts/mutation.py; pyproject.toml's [tool.mutmut] loads them with -p):
-a mutant's tests run fastest first, so that the first to fail ends its run early; and the marker of mutmut's
-coverage run stays out of the processes the tests start."""
+a mutant's tests run fastest first, so that the first to fail ends its run early; the objects a mutant's process
+inherits are left out of its garbage collections; and the marker of mutmut's coverage run stays out of the processes
+the tests start."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -20,6 +22,11 @@ def pytest_configure(config: pytest.Config) -> None:
     not. That run's calls are not counted either way: mutmut sees only the calls of its own process."""
     if os.environ.get(MARKER) == "stats":
         del os.environ[MARKER]
+    if "__mutmut_" in os.environ.get(MARKER, ""):
+        # A mutant's tests run in a process forked from mutmut's server, which holds torch and every test module:
+        # pytest collects garbage at its end, and walking those inherited objects (copying each page it touches)
+        # cost more than most mutants' tests. They outlive the process anyway, so the collector leaves them be.
+        gc.freeze()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

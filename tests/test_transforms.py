@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision import transforms as T
+from transformers.image_transforms import center_crop as hf_center_crop
+from transformers.image_transforms import resize as hf_resize
+from transformers.image_utils import PILImageResampling
 
 from harness.config import Preprocess
 from harness.pipeline.decode import load_rgb
 from harness.pipeline.devices import DeviceNormalizer
-from harness.pipeline.transforms import geometry
+from harness.pipeline.transforms import center_crop, geometry
 from tests.helpers import SAMPLES
 
 IMAGES = ["coffee.png", "grace_hopper.jpg", "camera.png", "9419e565a04b4fd.png"]
@@ -24,6 +29,39 @@ def test_geometry_matches_torchvision_resize_and_centre_crop(name: str, interpol
     pre = Preprocess(input_size=224, resize_size=256, interpolation=interpolation)
     expected = T.PILToTensor()(T.CenterCrop(224)(T.Resize(256, interpolation=mode)(image)))
     assert torch.equal(torch.from_numpy(geometry(image, pre)), expected)
+
+
+def odd_margins() -> Image.Image:
+    """300 x 260 with a 221 crop: margins of 79 and 39, halves of 39.5 and 19.5, which round (to even) up to 40 and
+    20 and floor down to 39 and 19: the two offsets give different pixels on both axes."""
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (260, 300, 3), dtype=np.uint8))
+
+
+def test_the_crop_offset_places_the_crop_as_torchvision_rounds_or_as_hugging_face_floors() -> None:
+    image = odd_margins()
+    rounded = np.asarray(center_crop(image, 221))
+    floored = np.asarray(center_crop(image, 221, "floor"))
+    assert np.array_equal(rounded, T.CenterCrop(221)(image))
+    assert np.array_equal(floored, hf_center_crop(np.asarray(image), (221, 221), input_data_format="channels_last"))
+    assert not np.array_equal(rounded, floored)
+
+
+def test_a_hugging_face_preprocessing_crops_with_its_floor_and_squashes_as_its_resize() -> None:
+    image = odd_margins()
+    cropped = geometry(image, Preprocess(input_size=221, resize_size=260, crop_offset="floor"))
+    expected = hf_center_crop(np.asarray(image), (221, 221), input_data_format="channels_last")
+    assert np.array_equal(cropped, expected.transpose(2, 0, 1))
+    squashed = geometry(image, Preprocess(input_size=224, resize_mode="squash"))  # bilinear: not Pillow's default
+    resized = hf_resize(
+        np.asarray(image), (224, 224), resample=PILImageResampling.BILINEAR, input_data_format="channels_last"
+    )
+    assert squashed.dtype == np.uint8
+    assert np.array_equal(squashed, resized.transpose(2, 0, 1))
+    square = Image.fromarray(np.asarray(image)[:224, :224])
+    assert np.array_equal(
+        geometry(square, Preprocess(input_size=224, resize_mode="squash")), np.asarray(square).transpose(2, 0, 1)
+    )
 
 
 def test_normaliser_matches_to_tensor_and_normalize() -> None:
