@@ -179,3 +179,23 @@ def test_an_objectnet_file_has_five_pairs_a_row(label_map: str) -> None:
 def test_config_yamls_model_key_is_named_as_written(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"'model' '\.\./elsewhere\.onnx' is outside the model folder"):
         build_config({"model_dir": str(tmp_path)}, {}, {"model": "../elsewhere.onnx"})
+
+
+def test_config_yamls_model_names_a_file_in_its_folder_or_a_timm_name_and_says_so(tmp_path: Path) -> None:
+    """config.yaml's `model:` takes a timm name (the weights are then the folder's), or a model file inside the
+    folder; an empty one leaves the defaults, and the origin of what it set is config.yaml."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    source = str(folder / "config.yaml")
+    cli = {"model_dir": str(folder)}
+    timm = build_config(cli, {}, {"model": "  timm:resnet18 "})
+    assert (timm.model, timm.origins["model"], timm.module) == ("timm:resnet18", source, None)
+    own = build_config(cli, {}, {"model": " net.onnx"})
+    assert (own.module, own.origins["module"], own.model) == ("net.onnx", source, None)
+    for empty in (None, "", "  "):
+        unset = build_config(cli, {}, {"model": empty})
+        assert (unset.model, unset.module) == (None, None) and not {"model", "module"} & set(unset.origins)
+    with pytest.raises(ConfigError, match=r"config\.yaml: model 'hf:google/vit' would take the model from elsewhere"):
+        build_config(cli, {}, {"model": "hf:google/vit"})
+    with pytest.raises(ConfigError, match=r"config\.yaml: 'model' '/abs/net\.onnx' is outside the model folder"):
+        build_config(cli, {}, {"model": "/abs/net.onnx"})

@@ -4,8 +4,10 @@ line, while `--confine off` lets the same attempts through (so the tests can fai
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -19,9 +21,20 @@ import pytest
 
 from harness.cli import main
 from harness.config import RUN_FIELDS
-from harness.pipeline import sandbox
-from harness.pipeline.confine import rules
-from harness.results.gate import OutputFiles, gated, open_output, remove_output, replace_output
+from harness.pipeline import confine, sandbox
+from harness.pipeline.confine import Confinement, denial, rules
+from harness.results import gate
+from harness.results.gate import (
+    ANYTHING,
+    OutputFiles,
+    gated,
+    make_folder,
+    open_output,
+    remove_folder,
+    remove_output,
+    replace_output,
+    sync_folder,
+)
 from harness.results.outputs import run_outputs
 from harness.sources import build_config
 from tests.helpers import REPO, SAMPLES, env_without_build_args
@@ -275,6 +288,175 @@ def test_the_gate_opens_only_the_runs_files_and_never_through_a_link(tmp_path: P
         with pytest.raises(OSError, match="No such device or address"):  # a pipe nobody reads: refused at once
             open_output(output.with_name("p.csv.partial"), os.O_WRONLY)
     assert victim.read_text() == "keep\n" and stat.S_ISFIFO(os.lstat(output.with_name("p.csv.partial")).st_mode)
+
+
+def test_each_refusal_of_a_confined_run_is_worded_by_what_was_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The line a user sees for an error the confinement caused (the kernel's errno, or a library's error that kept
+    only its words), found anywhere in the error's chain; any other error is not the confinement's."""
+    images, model = tmp_path / "images", tmp_path / "model"
+    granted = (sandbox.Rule(images, sandbox.READ), sandbox.Rule(model / "weights.pt", sandbox.READ_FILE))
+    granted += (sandbox.Rule(tmp_path / "scratch", sandbox.WRITE), sandbox.Rule(Path("/dev/null"), sandbox.DEVICE))
+    confined = Confinement("filesystem+network", rules=granted)
+    assert confined.readable(images) and confined.readable(images / "a" / "b.png")
+    assert confined.readable(model / "weights.pt") and not confined.readable(model / "other.pt")
+    assert not confined.readable(tmp_path / "imagesX") and not confined.readable(tmp_path)
+    assert Confinement("filesystem", rules=(sandbox.Rule(images, sandbox.MAKE_REG),)).readable(images) is False
+    assert confined.paths(sandbox.READ_FILE) == sorted(str(rule.path) for rule in granted)
+    assert confined.paths(sandbox.READ) == [str(images), str(tmp_path / "scratch")]
+    assert confined.paths(sandbox.MAKE_REG) == [str(tmp_path / "scratch")]
+    monkeypatch.setattr(confine._process, "confinement", confined)
+    lift = "--confine off to allow"
+    outside = tmp_path / "elsewhere.txt"
+
+    def said(error: BaseException, who: str = "the model") -> str | None:
+        return denial(error, who)
+
+    assert (
+        said(OSError(sandbox.NETWORK_ERRNO, "down"))
+        == f"the model tried to use the network: a confined run has none; {lift}"
+    )
+    assert (
+        said(PermissionError(errno.EACCES, "denied"))
+        == f"the model tried to use the network: a confined run has none; {lift}"
+    )
+    assert said(PermissionError(errno.EACCES, "denied", str(outside))) == (
+        f"the model tried to open {outside}: a confined run may read only its images, its model's files and Python, "
+        f"and write only its output files; {lift}"
+    )
+    assert said(PermissionError(errno.EACCES, "denied", str(images / "x.png")), who="the harness") == (
+        f"the harness tried to write {images / 'x.png'}: a confined run may write only its output files; {lift}"
+    )
+    assert said(PermissionError(errno.EACCES, "denied", os.fsencode(outside))) == said(
+        PermissionError(errno.EACCES, "denied", str(outside))
+    )
+    assert said(PermissionError(errno.EPERM, "not permitted")) == (
+        "the model was refused an operation outside the run: a confined run may signal only its own processes and "
+        f"use no io_uring or terminal input; {lift}"
+    )
+    assert said(PermissionError(errno.EPERM, "not permitted", str(outside))) is None
+    assert said(FileNotFoundError(errno.ENOENT, "missing", str(outside))) is None
+    torch_words = f"unable to open file <{outside}> in read-binary mode: Permission denied"
+    assert said(RuntimeError(f"loading failed\n{torch_words}")) == said(PermissionError(errno.EACCES, "", str(outside)))
+    assert said(RuntimeError("Permission denied, somewhere")) == (
+        f"the model was refused a file outside what a confined run may reach; {lift}"
+    )
+    assert said(RuntimeError("the model's own failure")) is None
+    try:
+        try:
+            raise PermissionError(errno.EACCES, "denied", str(outside))
+        except PermissionError as cause:
+            raise ValueError("a wrapper") from cause
+    except ValueError as wrapped:
+        assert said(wrapped) == said(PermissionError(errno.EACCES, "denied", str(outside)))
+    try:
+        try:
+            raise OSError(sandbox.NETWORK_ERRNO, "down")
+        except OSError:
+            raise KeyError("raised while handling it") from None
+    except KeyError as context_only:
+        assert context_only.__cause__ is None and said(context_only) is not None  # found through __context__
+    looped = RuntimeError("a cycle")
+    looped.__context__ = ValueError("back")
+    looped.__context__.__context__ = looped
+    assert said(looped) is None
+    monkeypatch.setattr(confine._process, "confinement", Confinement("off", "--confine off"))
+    assert said(OSError(sandbox.NETWORK_ERRNO, "down")) is None
+
+
+def test_the_gate_makes_and_removes_only_the_runs_folders_and_joins_two_sets(tmp_path: Path) -> None:
+    """torchrun's parts folder is made and removed whole; any other folder is refused, whichever set names it."""
+    output, parts, other = tmp_path / "p.csv", tmp_path / "parts", tmp_path / "other"
+    other.mkdir()
+    joined = OutputFiles.of([output]) | OutputFiles.of([], [parts])
+    assert joined == OutputFiles(OutputFiles.of([output]).files, frozenset({parts}))
+    assert (joined | ANYTHING).anything and not joined.anything
+    with gated(joined):
+        make_folder(parts)
+        (parts / "rank0.csv").write_text("a.png,1\n")
+        sync_folder(tmp_path)
+        for refused in (make_folder, remove_folder, sync_folder):
+            with pytest.raises(PermissionError, match="not one of the run's output folders"):
+                refused(other)
+        remove_folder(parts)
+    assert not parts.exists() and other.is_dir()
+    with gated(OutputFiles.of([output])), pytest.raises(PermissionError, match="output folders"):
+        make_folder(parts)
+    assert not parts.exists()
+
+
+def test_the_gates_loop_answers_each_request_by_its_number_and_outlives_garbage(tmp_path: Path) -> None:
+    """The gate's loop and the run's end of it, in this process (the run forks the loop; here a thread serves it,
+    so that every line of both is reached): replies by number, refusals as errors, garbage answered, a stale
+    reply skipped and its descriptor closed, the private folder removed once the run's end closes."""
+    output, scratch = tmp_path / "p.csv", tmp_path / "scratch"
+    scratch.mkdir()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server = threading.Thread(target=gate._serve, args=(OutputFiles.of([output]), theirs, [scratch]))
+    server.start()
+    remote = gate._Remote(ours)
+    fd = remote({"op": "open", "path": str(output), "flags": os.O_WRONLY | os.O_CREAT})
+    assert fd is not None
+    os.write(fd, b"a.png,1\n")
+    os.close(fd)
+    with pytest.raises(PermissionError, match="not one of the run's output files") as refused:
+        remote({"op": "open", "path": str(tmp_path / "other.csv"), "flags": os.O_WRONLY | os.O_CREAT})
+    assert refused.value.filename == str(tmp_path / "other.csv") and not (tmp_path / "other.csv").exists()
+    with pytest.raises(OSError, match="no such operation 'chmod'"):
+        remote({"op": "chmod", "path": str(output)})
+    for garbage in (b"{not json", b"[1]"):
+        ours.send(garbage)
+        assert json.loads(ours.recv(65536)) == {
+            "id": None,
+            "errno": errno.EINVAL,
+            "strerror": "not a request the gate takes",
+        }
+    ours.send(b"{not json")  # its reply, numbered None, waits unread: the next request's is not it
+    assert remote({"op": "remove", "path": str(output.with_name("p.csv.partial"))}) is None
+    ours.send(json.dumps({"op": "open", "path": str(output), "flags": os.O_RDONLY, "id": "stale"}).encode())
+    before = set(os.listdir("/proc/self/fd"))
+    fd = remote({"op": "open", "path": str(output), "flags": os.O_RDONLY})
+    assert fd is not None and os.read(fd, 100) == b"a.png,1\n"
+    os.close(fd)
+    assert set(os.listdir("/proc/self/fd")) <= before  # the stale reply's descriptor was closed, not kept
+    assert remote({"op": "remove", "path": str(output)}) is None and not output.exists()
+    ours.close()
+    server.join(10)
+    assert not server.is_alive() and not scratch.exists()
+    with pytest.raises(OSError, match="the output gate has gone") as gone:
+        gate._Remote(theirs)({"op": "remove", "path": str(output)})
+    assert gone.value.errno == errno.EPIPE and gone.value.filename == str(output)
+
+
+def _children() -> set[int]:
+    return {int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()}
+
+
+def test_the_gate_is_a_process_of_its_own_that_outlives_signals_and_cleans_up(tmp_path: Path) -> None:
+    """start_gate in this process (the run's own order of things is tested in a fresh interpreter below): the
+    operations go to a forked gate from then on, which ignores Ctrl-C and SIGTERM, answers until the run's end of
+    the channel closes, then removes the private folder and exits 0."""
+    output, scratch = tmp_path / "p.csv", tmp_path / "scratch"
+    scratch.mkdir()
+    before, previous = _children(), gate._current
+    gate.start_gate(OutputFiles.of([output]), [scratch])
+    try:
+        (pid,) = _children() - before
+        assert isinstance(gate._current, gate._Remote)
+        fd = open_output(output, os.O_WRONLY | os.O_CREAT)  # answered: the gate is past its start
+        for sent in (signal.SIGINT, signal.SIGTERM):
+            os.kill(pid, sent)
+        os.write(fd, b"a.png,1\n")
+        os.close(fd)
+        with pytest.raises(PermissionError):
+            open_output(tmp_path / "other.csv", os.O_WRONLY | os.O_CREAT)
+        gate._current.channel.close()
+    finally:
+        gate._current = previous
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert output.read_text() == "a.png,1\n" and not scratch.exists() and not (tmp_path / "other.csv").exists()
 
 
 GATE = r"""

@@ -250,9 +250,11 @@ def start_gate(allowed: OutputFiles, remove_at_exit: list[Path]) -> None:
     global _current
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
-    if pid == 0:  # the gate
+    if pid == 0:  # the gate: it outlives a Ctrl-C (the run still writes run.json after one)
         ours.close()
         try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             _serve(allowed, theirs, remove_at_exit)
         finally:
             os._exit(0)
@@ -261,10 +263,8 @@ def start_gate(allowed: OutputFiles, remove_at_exit: list[Path]) -> None:
 
 
 def _serve(allowed: OutputFiles, channel: socket.socket, remove_at_exit: list[Path]) -> None:
-    """The gate's life: answer requests until every descriptor of the run's end is closed, then clean up. It
-    outlives a Ctrl-C (the run still writes run.json after one) and takes no request it cannot parse."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """The gate's life: answer requests until every descriptor of the run's end is closed, then clean up. It takes
+    no request it cannot parse."""
     while True:
         try:
             data = channel.recv(MESSAGE_BYTES)
