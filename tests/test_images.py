@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from harness.errors import InputError
-from harness.pipeline.decode import DecodeOptions, detect_border, load_rgb, strip_border
+from harness.pipeline.decode import DecodeOptions, detect_border, load_rgb, scaled_to_rgb, strip_border
 from harness.pipeline.files import discover
 from tests.helpers import OBJECTNET_SAMPLES, SAMPLES
 
@@ -90,6 +90,28 @@ def test_sixteen_bit_grey_is_clipped_unless_scaled(tmp_path: Path) -> None:
     assert load_rgb(str(tmp_path / "g16.png")).getpixel((0, 0)) == (255, 255, 255)
     scaled = load_rgb(str(tmp_path / "g16.png"), DecodeOptions(sixteen_bit="scale"))
     assert scaled.getpixel((0, 0)) == (128, 128, 128)
+
+
+def _grey(image: Image.Image) -> list[int]:
+    rgb = scaled_to_rgb(image)
+    assert rgb.mode == "RGB"
+    channels = np.asarray(rgb)
+    assert (channels == channels[..., :1]).all()
+    return channels[..., 0].ravel().tolist()
+
+
+def test_deep_grey_is_scaled_by_its_high_byte_or_its_float_range_and_clipped_at_the_ends() -> None:
+    """--sixteen-bit scale: integers keep their high byte (anything below 0 or above 65535 at the ends), floats in
+    0..1 (1.0 included) or else 0..255 rounded to 0..255, anything outside clipped, never wrapped around."""
+    sixteen = Image.fromarray(np.array([[0, 255, 256, 65535]], dtype=np.uint16))
+    assert _grey(sixteen) == [0, 0, 1, 255]
+    wide = Image.fromarray(np.array([[-5, 0, 32768, 70000]], dtype=np.int32))
+    assert wide.mode == "I" and _grey(wide) == [0, 0, 128, 255]
+    unit = Image.fromarray(np.array([[0.0, 0.25, 0.5, 1.0]], dtype=np.float32))
+    assert unit.mode == "F" and _grey(unit) == [0, 64, 128, 255]
+    byte_range = Image.fromarray(np.array([[-3.0, 0.0, 1.5, 2.0, 255.0, 300.0]], dtype=np.float32))
+    assert _grey(byte_range) == [0, 0, 2, 2, 255, 255]
+    assert scaled_to_rgb(Image.new("F", (0, 0))).size == (0, 0)
 
 
 def test_exif_orientation_is_applied_only_when_asked(tmp_path: Path) -> None:

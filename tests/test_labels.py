@@ -59,6 +59,31 @@ def test_legacy_maps_each_imagenet_id_and_writes_minus_one_for_the_rest() -> Non
     ids = _ids(row)
     assert ids[:4] == [MAPPING[mapped[0]], -1, MAPPING[mapped[1]], MAPPING[mapped[2]]]
     assert row.scores[0] > row.scores[1] > row.scores[2]
+    assert row.scores[0] == pytest.approx(float(torch.tensor([9.0, 8, 7, 6]).softmax(0)[0]), rel=1e-3)
+    (raw,) = ObjectNetLegacy(5, softmax=False)(_logits((mapped[0], 9), (unmapped, 8)))
+    assert raw.scores[:2] == (9.0, 8.0)
+
+
+def test_a_one_score_head_writes_its_raw_value_whatever_topk_and_softmax_say() -> None:
+    """A detector's or regressor's N x 1 output: one raw value a row, never softmaxed (softmax over one class is
+    1.0 for every image), and --save-probs records it as raw for the ensemble tool."""
+    for topk, softmax in ((5, True), (3, False)):
+        head, _ = make_label_map("auto", 1, topk, softmax)
+        assert isinstance(head, Score) and (head.topk, head.softmax) == (1, False)
+        assert head(torch.tensor([[2.5], [-1.0]])) == [Prediction(None, (2.5,)), Prediction(None, (-1.0,))]
+
+
+def test_a_labels_file_holds_one_name_a_line_and_says_so_when_not(tmp_path: Path) -> None:
+    names = tmp_path / "labels.txt"
+    names.write_text("café\n  dog \n\n\n", encoding="utf-8")
+    assert make_label_map(str(names), 2, 1, True)[0].names == ["café", "dog"]
+    for bad in ("cat\n\ndog\n", "\n\n", ""):
+        names.write_text(bad, encoding="utf-8")
+        with pytest.raises(ConfigError, match=rf"^labels file {names} must hold one non-empty name per line$"):
+            make_label_map(str(names), 2, 1, True)
+    names.write_bytes(b"caf\xe9\ndog\n")  # Latin-1, not UTF-8
+    with pytest.raises(ConfigError, match=rf"^cannot read labels file {names}: 'utf-8' codec can't decode"):
+        make_label_map(str(names), 2, 1, True)
 
 
 def test_summed_map_adds_the_probabilities_of_shared_classes() -> None:

@@ -4,6 +4,7 @@ choice. Tiny models, so the tests are fast; which layout is really faster is scr
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import harness.pipeline.layout
 from harness.cli import main
 from harness.config import Preprocess
 from harness.pipeline.devices import DevicePlan
-from harness.pipeline.layout import choose_layout, settle_layout
+from harness.pipeline.layout import LayoutChoice, choose_layout, settle_layout
 from harness.pipeline.resume import record_path, run_identity
 from harness.results.writer import partial_path
 from harness.sources import build_config
@@ -143,6 +144,95 @@ def test_on_the_cpu_contiguous_is_kept_only_after_every_round_says_so(monkeypatc
     assert calls == [False, True, False, True]
 
 
+class Records(Convolutional):
+    """Notes, each pass, the layout of its weights and of its input, and its input's dtype and device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bool, bool, torch.dtype, str]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights_last = _layout_of(self)
+        input_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        self.seen.append((weights_last, input_last, x.dtype, x.device.type))
+        return super().forward(x.float())
+
+
+class _Float64Plan(DevicePlan):
+    """A plan whose normaliser makes float64: the trial must feed the model what the run's plan makes."""
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return torch.float64
+
+
+def test_each_timed_pass_runs_the_model_and_its_input_in_the_layout_it_times() -> None:
+    model = Records()
+    choose_layout(model, _Float64Plan(torch.device("cpu")), PRE, SAMPLE, batch_size=64)
+    assert model.seen[:2] == [(False, False, torch.float64, "cpu"), (True, True, torch.float64, "cpu")]
+
+
+def _trial(
+    monkeypatch: pytest.MonkeyPatch, plan: DevicePlan, seconds: list[float], last_scores: float = 0.0, fails: str = ""
+) -> LayoutChoice:
+    """choose_layout with stand-in passes (each the next of `seconds` an image; channels_last's scores all
+    `last_scores`, contiguous's 0; channels_last raising `fails`) and a clock that says the trial took 1.23456 s."""
+    each = iter(seconds)
+
+    def timed_pass(
+        model: nn.Module, plan: DevicePlan, pre: Preprocess, images: torch.Tensor, channels_last: bool
+    ) -> tuple[float, torch.Tensor]:
+        if channels_last and fails:
+            raise RuntimeError(fails)
+        return next(each) * len(images), torch.full((len(images), 5), last_scores if channels_last else 0.0)
+
+    clock = itertools.cycle([100.0, 101.23456])  # a start and an end, each trial
+    monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", timed_pass)
+    monkeypatch.setattr(harness.pipeline.layout, "_put", lambda model, channels_last: None)
+    monkeypatch.setattr(harness.pipeline.layout.time, "perf_counter", lambda: next(clock))
+    return choose_layout(Convolutional(), plan, PRE, SAMPLE, batch_size=64)
+
+
+def test_the_trials_figures_and_words_say_exactly_what_it_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    meta = DevicePlan(torch.device("meta"))  # a device but the CPU: no margin, TRIAL_ROUNDS passes each
+    choice = _trial(monkeypatch, CPU, [0.00123456, 0.001])
+    assert choice == LayoutChoice(
+        True, {"contiguous": 1.235, "channels_last": 1.0}, "channels_last was faster on 4 images x 1 timed pass", 1.235
+    )
+    choice = _trial(monkeypatch, CPU, [1.0, 1.2] * 4)
+    assert (choice.channels_last, choice.why) == (False, "contiguous was faster on 4 images x 4 timed passes")
+    choice = _trial(monkeypatch, CPU, [1.0, 1.0])
+    assert choice.channels_last and choice.why == (
+        "channels_last was within 5% of contiguous on 4 images: a close trial on the CPU"
+    )
+    for seconds in ([1.0, 1.02, 1.0, 1.02], [1.0, 1.0, 1.0, 1.0]):  # a tie keeps the default where no margin applies
+        choice = _trial(monkeypatch, meta, seconds)
+        assert (choice.channels_last, choice.why) == (False, "contiguous was faster on 4 images x 2 timed passes")
+    assert _trial(monkeypatch, meta, [1.0, 0.9, 1.0, 0.9]).channels_last
+
+
+def test_the_layouts_scores_are_compared_within_the_documented_tolerance(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Contiguous scores 0 here: channels_last's within atol (1e-4) agree; beyond it they do not. And 1 against
+    1.0005 agree by rtol (1e-3) though not by atol alone."""
+    assert _trial(monkeypatch, CPU, [1.0, 0.9], last_scores=5e-5).channels_last
+    other = _trial(monkeypatch, CPU, [1.0, 0.9], last_scores=5e-4)
+    assert (other.channels_last, other.why) == (False, "channels_last gives other scores")
+
+    def relative(model: nn.Module, plan: DevicePlan, pre: Preprocess, images: torch.Tensor, last: bool):
+        return 0.5 * len(images) if last else len(images), torch.full((len(images), 5), 1.0005 if last else 1.0)
+
+    monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", relative)
+    assert choose_layout(Convolutional(), CPU, PRE, SAMPLE, batch_size=64).channels_last
+
+
+def test_a_layout_the_model_fails_in_is_named_with_the_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    choice = _trial(monkeypatch, CPU, [1.0, 1.0], fails="view size is not compatible\nmore")
+    assert (choice.channels_last, choice.why) == (
+        False,
+        "channels_last failed on 4 random images: RuntimeError: view size is not compatible",
+    )
+
+
 def test_a_real_trial_times_both_layouts_and_agrees() -> None:
     model = Convolutional()
     choice = choose_layout(model, CPU, PRE, SAMPLE, batch_size=64)
@@ -150,6 +240,7 @@ def test_a_real_trial_times_both_layouts_and_agrees() -> None:
     assert "faster" in choice.why or "a close trial" in choice.why  # two layouts a tiny model runs alike
     assert _layout_of(model) is choice.channels_last
     assert choice.describe()["trial_s"] > 0
+    assert all(0 < ms < 60_000 for ms in choice.ms_per_image.values())  # milliseconds an image, as timed
 
 
 @pytest.mark.parametrize(("model", "why"), [(Views(), "channels_last failed"), (ReadsMemory(), "other scores")])

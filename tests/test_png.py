@@ -6,6 +6,7 @@ included."""
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
 import struct
 import tempfile
 import time
@@ -270,3 +271,26 @@ def test_the_decode_timeout_stops_libspng_too(monkeypatch: pytest.MonkeyPatch) -
         str(SAMPLES / "coffee.png"), Decoding(Preprocess(), DecodeLimits(timeout=0.5)), np.asarray
     )
     assert image is None and reason.startswith("DecodeTimeout") and time.monotonic() - started < 5
+
+
+def test_libspng_is_loaded_from_pyspngs_library_or_left_to_pillow_when_it_cannot_be(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The decoder the run loads at import (harness.pipeline.png.LIBSPNG), loaded again here: it decodes a PNG as
+    the one loaded at import does; without pyspng, or with a build whose library hides libspng's names or cannot
+    be loaded, there is none and Pillow decodes."""
+    path = _random_png(tmp_path / "rgba.png", 6, 8, (7, 5), False)
+    found = open_png(str(path), DEFAULT)
+    assert found is not None and harness.pipeline.png.LIBSPNG is not None
+    fresh = harness.pipeline.png._libspng()
+    assert fresh is not None
+    pixels = fresh.load(found.data, found.size, "RGBA")
+    assert pixels is not None and np.array_equal(pixels, np.asarray(Image.open(path)))
+    assert fresh.load(found.data[:-20], found.size, "RGBA") is None  # the end cut off: refused, not guessed
+    for stand_in in (
+        None,
+        type("Build", (), {"__file__": ctypes.util.find_library("c") or "libc.so.6"}),
+        type("Gone", (), {"__file__": str(tmp_path / "none.so")}),
+    ):
+        monkeypatch.setattr(harness.pipeline.png, "_pyspng", stand_in)
+        assert harness.pipeline.png._libspng() is None

@@ -5,6 +5,7 @@ predictions' own failure rows."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from harness.pipeline.resume import (
     check_identity,
     model_files,
     record_identity,
+    record_path,
     recorded_settings,
     run_identity,
 )
@@ -247,3 +249,20 @@ def test_the_runs_own_files_in_the_model_folder_are_never_model_files(tmp_path: 
     config = build_config({"output_file": str(output), "model_dir": str(tmp_path)}, {}, {})
     recorded = model_files(tmp_path, [], outputs=run_outputs(config).files)
     assert list(recorded) == ["model.onnx"]
+
+
+def test_a_refused_resume_names_what_differs_with_digests_cut_short_and_records_in_key_order(tmp_path: Path) -> None:
+    output = tmp_path / "p.csv"
+    digest, other = "0123456789abcdef" * 4, "f" * 64
+    recorded = {"model": {"weights.pt": digest}, "extra": {"b": 1, "a": 2}, "name": "x" * 63}
+    record_path(output).write_text(json.dumps(recorded), encoding="utf-8")
+    current = {"model": {"weights.pt": other}, "extra": None, "name": "y" * 63}
+    with pytest.raises(ConfigError) as refused:
+        check_identity(output, current)
+    assert str(refused.value) == (
+        f"--resume: {output}.partial was written by another model or other settings "
+        f'(extra: {{"a": 2, "b": 1}} then, null now; '
+        f'model weights.pt: "0123456789a... then, "fffffffffff... now; '
+        f'name: "{"x" * 63}" then, "{"y" * 63}" now). '
+        "Resume with the same ones, or run without --resume to start over."
+    )
