@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """The mutation pass over the code behind the README's promises: mutmut (pinned in the lock) mutates the modules
 pyproject.toml's [tool.mutmut] names, one change at a time, and runs against each mutant only the tests that reached
-its function, fastest first (tests/mutmut_plugin.py); a mutant no test fails on has survived. This script runs the
-pass within a time budget, reads its results, sets aside the mutants [tool.mutmut] marks equivalent (each with why,
-and the change it names, so a mark cannot drift onto another mutant), prints each module's figures and every
-survivor, and exits 1 when the kill rate of the others is below the floor or the pass ran out of time.
+its function, fastest first and up to a few seconds of them (tests/mutmut_plugin.py); a mutant no test fails on has
+survived. This script runs the pass within a time budget, reads its results, sets aside the mutants [tool.mutmut]
+marks equivalent (each with why, and the change it names, so a mark cannot drift onto another mutant), prints each
+module's figures and every survivor (with why, where [tool.mutmut] gives one), and exits 1 when the kill rate of
+the others is below the floor or the pass ran out of time.
 
     python3 scripts/mutation.py                  # the whole pass, from scratch
     python3 scripts/mutation.py --report         # the figures of the last pass again, without running it
@@ -39,6 +40,7 @@ FLOOR = 0.95  # the kill rate of the non-equivalent mutants the pass must reach
 # its time limit (the mutant looped), as mutmut's own score counts it, and one the kernel killed (mutmut says
 # "segfault" for SIGKILL too: a mutant that sized an image by width * height ran out of memory). "no tests" survives.
 KILLED = {"killed", "timeout", "segfault"}
+MARKS = ("equivalent", "survivor")  # [[tool.mutmut.equivalent]] and [[tool.mutmut.survivor]]: see results()
 
 
 def settings() -> dict[str, Any]:
@@ -120,11 +122,13 @@ def change_of(name: str, path: str) -> str:
 
 
 def results(config: dict[str, Any], selected: list[str]) -> tuple[dict[str, Figures], list[str]]:
-    """Each module's figures, and what is wrong with the marks of equivalence (a mark on a killed mutant, one whose
-    change is no longer the one it names, one for a mutant that no longer exists)."""
+    """Each module's figures, and what is wrong with the marks (a mark on a killed mutant, one whose change is no
+    longer the one it names, one for a mutant that no longer exists). Two kinds of mark, each with why: an
+    `equivalent` mutant (no input can tell it from the code) is left out of the kill rate; a `survivor` (only a
+    GPU, say, could tell) counts as survived, and is listed with its why."""
     from mutmut.stats import status_by_exit_code
 
-    marks = {mark["mutant"]: mark for mark in config.get("equivalent", [])}
+    marks = {mark["mutant"]: (kind, mark) for kind in MARKS for mark in config.get(kind, [])}
     figures: dict[str, Figures] = {}
     wrong, seen = [], set()
     for path in config["only_mutate"]:
@@ -135,27 +139,27 @@ def results(config: dict[str, Any], selected: list[str]) -> tuple[dict[str, Figu
             if not any(fnmatch.fnmatchcase(name, pattern) for pattern in selected):
                 continue
             module.mutants += 1
-            mark = marks.get(name)
+            kind, mark = marks.get(name, (None, None))
             if mark is not None:
                 seen.add(name)
                 if mark["change"] not in change_of(name, path):
                     wrong.append(
-                        f"{name} is marked equivalent for `{mark['change']}`, but it now changes: "
-                        f"{change_of(name, path)}"
+                        f"{name} is marked {kind} for `{mark['change']}`, but it now changes: {change_of(name, path)}"
                     )
             if code is None:
                 wrong.append(f"{name} was not run (the pass stopped early?)")
             elif status_by_exit_code[code] in KILLED:
                 module.killed += 1
                 if mark is not None:
-                    wrong.append(f"{name} is marked equivalent, but a test kills it: remove the mark")
-            elif mark is not None:
+                    wrong.append(f"{name} is marked {kind}, but a test kills it: remove the mark")
+            elif kind == "equivalent":
                 module.equivalent += 1
             else:
+                why = f" [{mark['why']}]" if mark is not None else ""
                 status = f"{status_by_exit_code[code]}, exit {code}"
-                module.survived.append(f"{name} ({status}): {change_of(name, path)}")
+                module.survived.append(f"{name} ({status}): {change_of(name, path)}{why}")
     unseen = [name for name in marks.keys() - seen if any(fnmatch.fnmatchcase(name, p) for p in selected)]
-    wrong += [f"{name} is marked equivalent but is not a mutant of the pass" for name in sorted(unseen)]
+    wrong += [f"{name} is marked {marks[name][0]} but is not a mutant of the pass" for name in sorted(unseen)]
     return figures, wrong
 
 

@@ -8,6 +8,7 @@ import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -189,7 +190,7 @@ def _trial(
     clock = itertools.cycle([100.0, 101.23456])  # a start and an end, each trial
     monkeypatch.setattr(harness.pipeline.layout, "_timed_pass", timed_pass)
     monkeypatch.setattr(harness.pipeline.layout, "_put", lambda model, channels_last: None)
-    monkeypatch.setattr(harness.pipeline.layout.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(harness.pipeline.layout, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     return choose_layout(Convolutional(), plan, PRE, SAMPLE, batch_size=64)
 
 
