@@ -16,7 +16,10 @@ from harness.results.writer import open_csv
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample-images"
-SHARED = REPO.parent / "shared"
+# Beside the repository; the mutation pass runs these tests from a copy in mutants/, one folder deeper.
+SHARED = next(
+    (folder / "shared" for folder in REPO.parents[:2] if (folder / "shared").is_dir()), REPO.parent / "shared"
+)
 OBJECTNET_SAMPLES = sorted(p.name for p in SAMPLES.glob("*.png") if len(p.stem) == 15)
 
 

@@ -376,10 +376,13 @@ def test_the_gate_makes_and_removes_only_the_runs_folders_and_joins_two_sets(tmp
         make_folder(parts)
         (parts / "rank0.csv").write_text("a.png,1\n")
         sync_folder(tmp_path)
+        make_folder(parts)  # there already: no error
         for refused in (make_folder, remove_folder, sync_folder):
-            with pytest.raises(PermissionError, match="not one of the run's output folders"):
+            with pytest.raises(PermissionError) as error:
                 refused(other)
+            assert (error.value.strerror, error.value.filename) == ("not one of the run's output folders", str(other))
         remove_folder(parts)
+        remove_folder(parts)  # gone already: no error
     assert not parts.exists() and other.is_dir()
     with gated(OutputFiles.of([output])), pytest.raises(PermissionError, match="output folders"):
         make_folder(parts)
@@ -392,6 +395,7 @@ def test_the_gates_loop_answers_each_request_by_its_number_and_outlives_garbage(
     reply skipped and its descriptor closed, the private folder removed once the run's end closes."""
     output, scratch = tmp_path / "p.csv", tmp_path / "scratch"
     scratch.mkdir()
+    descriptors = set(os.listdir("/proc/self/fd"))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     server = threading.Thread(target=gate._serve, args=(OutputFiles.of([output]), theirs, [scratch]))
     server.start()
@@ -415,11 +419,9 @@ def test_the_gates_loop_answers_each_request_by_its_number_and_outlives_garbage(
     ours.send(b"{not json")  # its reply, numbered None, waits unread: the next request's is not it
     assert remote({"op": "remove", "path": str(output.with_name("p.csv.partial"))}) is None
     ours.send(json.dumps({"op": "open", "path": str(output), "flags": os.O_RDONLY, "id": "stale"}).encode())
-    before = set(os.listdir("/proc/self/fd"))
     fd = remote({"op": "open", "path": str(output), "flags": os.O_RDONLY})
     assert fd is not None and os.read(fd, 100) == b"a.png,1\n"
     os.close(fd)
-    assert set(os.listdir("/proc/self/fd")) <= before  # the stale reply's descriptor was closed, not kept
     assert remote({"op": "remove", "path": str(output)}) is None and not output.exists()
     ours.close()
     server.join(10)
@@ -427,6 +429,48 @@ def test_the_gates_loop_answers_each_request_by_its_number_and_outlives_garbage(
     with pytest.raises(OSError, match="the output gate has gone") as gone:
         gate._Remote(theirs)({"op": "remove", "path": str(output)})
     assert gone.value.errno == errno.EPIPE and gone.value.filename == str(output)
+    theirs.close()
+    assert set(os.listdir("/proc/self/fd")) <= descriptors  # the stale reply's descriptor was closed, not kept
+
+
+def test_a_gate_that_goes_while_a_request_waits_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    def take_one_and_go() -> None:
+        theirs.recv(65536)
+        theirs.close()
+
+    server = threading.Thread(target=take_one_and_go)
+    server.start()
+    with pytest.raises(OSError) as gone:
+        gate._Remote(ours)({"op": "remove", "path": str(tmp_path / "p.csv")})
+    server.join(10)
+    assert (gone.value.errno, gone.value.strerror, gone.value.filename) == (
+        errno.EPIPE,
+        "the output gate has gone (it closed its end)",
+        str(tmp_path / "p.csv"),
+    )
+
+
+class _Hangs:
+    """A run's end that sends one request, then is gone before the gate's reply: the reply cannot be sent."""
+
+    def __init__(self, request: bytes) -> None:
+        self.requests = [request]
+
+    def recv(self, size: int) -> bytes:
+        return self.requests.pop() if self.requests else b""
+
+    def sendmsg(self, *args: object) -> int:
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+
+def test_the_gate_cleans_up_when_the_run_goes_before_a_reply_and_minds_no_folder_already_gone(tmp_path: Path) -> None:
+    output, scratch, gone = tmp_path / "p.csv", tmp_path / "scratch", tmp_path / "gone"
+    scratch.mkdir()
+    request = json.dumps({"op": "remove", "path": str(output), "id": 0}).encode()
+    gate._serve(OutputFiles.of([output]), _Hangs(request), [gone, scratch])  # type: ignore[arg-type]
+    assert not scratch.exists()
 
 
 def _children() -> set[int]:
@@ -451,7 +495,15 @@ def test_the_gate_is_a_process_of_its_own_that_outlives_signals_and_cleans_up(tm
         os.close(fd)
         with pytest.raises(PermissionError):
             open_output(tmp_path / "other.csv", os.O_WRONLY | os.O_CREAT)
-        gate._current.channel.close()
+        channel = gate._current.channel
+        for number in (7, 8):  # two requests sent at once are two messages: the gate answers each
+            channel.send(json.dumps({"op": "remove", "path": str(tmp_path / "x.csv"), "id": number}).encode())
+        replies = [json.loads(channel.recv(65536)) for _ in range(2)]
+        assert [(reply["id"], reply["strerror"]) for reply in replies] == [
+            (7, "not one of the run's output files"),
+            (8, "not one of the run's output files"),
+        ]
+        channel.close()
     finally:
         gate._current = previous
     _, status = os.waitpid(pid, 0)
@@ -482,6 +534,7 @@ results["forged"] = json.loads(socket.recv_fds(channel, 65536, 1)[0])["strerror"
 gate.remove_output(Path(places["output"]).with_name("p.csv.partial"))
 results["alive"] = "yes"
 print(json.dumps(results))
+sys.exit(3)  # the run's exit code is its own process's: the gate is a child, not the other way round
 """
 
 
@@ -492,7 +545,7 @@ def test_the_gate_process_answers_only_for_the_runs_files_and_cleans_up_after_it
     done = subprocess.run(
         [sys.executable, "-c", GATE, json.dumps(places)], cwd=REPO, capture_output=True, text=True, timeout=60
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 3, done.stderr
     assert json.loads(done.stdout) == {
         "other": "refused",
         "garbage": "not a request the gate takes",
