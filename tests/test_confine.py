@@ -4,7 +4,9 @@ line, while `--confine off` lets the same attempts through (so the tests can fai
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import glob
 import json
 import os
 import signal
@@ -20,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.config import RUN_FIELDS
+from harness.config import RUN_FIELDS, Config
 from harness.pipeline import confine, sandbox
-from harness.pipeline.confine import Confinement, denial, rules
+from harness.pipeline.confine import SYSTEM_READ, SYSTEM_RUN, Confinement, denial, rules
 from harness.results import gate
 from harness.results.gate import (
     ANYTHING,
@@ -259,6 +261,65 @@ def test_a_runs_rules_read_its_files_and_write_nothing_of_its_output_folder(tmp_
     assert {path for path, rights in granted.items() if rights & sandbox.MAKE_REG} == {Path("/dev/shm"), scratch}
     assert not any(output.parent.is_relative_to(path) for path in granted)  # not even readable
     assert run_outputs(config).files >= {output, output.with_name("run.json"), output.with_name("errors.csv.partial")}
+
+
+def test_rules_covered_by_another_are_left_out_and_none_is_lost() -> None:
+    """A rule goes when a folder above it, or the same path already kept, grants all it grants; the rest stay, in
+    order: the rights of one path given twice add up before the folders below them are judged."""
+    rule = sandbox.Rule
+    read, run, write, read_file = sandbox.READ, sandbox.RUN, sandbox.WRITE, sandbox.READ_FILE
+    given = [
+        rule(Path("/a"), read),
+        rule(Path("/a/b"), read),  # /a reads it already
+        rule(Path("/a/b"), run),  # and execution too: more than /a grants
+        rule(Path("/c"), read),
+        rule(Path("/c"), read),  # the same again
+        rule(Path("/c"), read_file),  # less than /c's
+        rule(Path("/x"), read),
+        rule(Path("/x"), write & ~read),  # /x: read and write, given in two rules
+        rule(Path("/x/y"), write),  # within what /x's two rules grant together
+        rule(Path("/d/e"), write),
+        rule(Path("/d"), read),
+    ]
+    assert confine._without_repeats(given) == [
+        rule(Path("/a"), read),
+        rule(Path("/a/b"), run),
+        rule(Path("/c"), read),
+        rule(Path("/x"), read),
+        rule(Path("/x"), write & ~read),
+        rule(Path("/d/e"), write),
+        rule(Path("/d"), read),
+    ]
+
+
+def test_a_runs_rules_read_the_system_its_libraries_and_devices_and_name_servers_only_under_torchrun(
+    tmp_path: Path,
+) -> None:
+    config = build_config({"model_dir": REPO / "model"}, {}, {})
+    extra = tmp_path / "extra.txt"
+    environ = {"LD_LIBRARY_PATH": "/opt/vendor/lib:relative/lib::/usr/local/cuda/lib64"}
+
+    def granted(config: Config) -> list[sandbox.Rule]:
+        return rules(config, environ, [extra], tmp_path / "scratch")
+
+    def covered(found: list[sandbox.Rule], path: Path, rights: int) -> bool:
+        return any(
+            (path == rule.path or path.is_relative_to(rule.path)) and rule.rights & rights == rights for rule in found
+        )
+
+    alone, ranked = granted(config), granted(dataclasses.replace(config, world_size=2))
+    for found in (alone, ranked):
+        assert all(covered(found, Path(place), sandbox.RUN) for place in SYSTEM_RUN)
+        assert all(covered(found, Path(place), sandbox.READ) for place in SYSTEM_READ)
+        devices = [Path(device) for pattern in confine.DEVICES for device in glob.glob(pattern)]
+        assert devices and all(covered(found, device, sandbox.DEVICE) for device in devices)
+        assert all(covered(found, place, sandbox.RUN) for place in confine.software_places())
+        for library in ("/opt/vendor/lib", "/usr/local/cuda/lib64"):
+            assert covered(found, Path(library), sandbox.RUN)
+        assert not any(str(rule.path).startswith("relative") for rule in found)
+        assert covered(found, extra.resolve(), sandbox.READ) and covered(found, REPO / "model", sandbox.READ)
+    assert not covered(alone, Path("/etc/resolv.conf"), sandbox.READ_FILE)
+    assert covered(ranked, Path("/etc/resolv.conf"), sandbox.READ)
 
 
 # ---- the gate ----

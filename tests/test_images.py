@@ -111,6 +111,8 @@ def test_deep_grey_is_scaled_by_its_high_byte_or_its_float_range_and_clipped_at_
     assert unit.mode == "F" and _grey(unit) == [0, 64, 128, 255]
     byte_range = Image.fromarray(np.array([[-3.0, 0.0, 1.5, 2.0, 255.0, 300.0]], dtype=np.float32))
     assert _grey(byte_range) == [0, 0, 2, 2, 255, 255]
+    just_above_one = Image.fromarray(np.array([[0.0, 1.5, 2.0]], dtype=np.float32))  # 0..255, however dark
+    assert _grey(just_above_one) == [0, 2, 2]
     assert scaled_to_rgb(Image.new("F", (0, 0))).size == (0, 0)
 
 

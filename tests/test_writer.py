@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.errors import OutputError
+from harness.errors import ConfigError, OutputError
 from harness.pipeline.decode import seen
 from harness.pipeline.files import ImageFile
 from harness.pipeline.resume import resume_point
@@ -85,6 +85,33 @@ def test_resume_keeps_awkward_rows_byte_for_byte(tmp_path: Path) -> None:
     assert resume_point(out, tmp_path / "errors.csv", files, Layout(1), 1) == (len(AWKWARD), 0, 0)
     Path(files[1].path).write_bytes(b"another image")  # replaced since it was read: its row and those after go
     assert resume_point(out, tmp_path / "errors.csv", files, Layout(1), 1) == (1, 0, len(AWKWARD) - 1)
+
+
+def test_a_partial_file_of_other_rows_is_refused_naming_the_first_row_that_does_not_fit(tmp_path: Path) -> None:
+    """Nothing to resume without a partial file; with one, each row must be the next image's with the layout's
+    width (topk 1: 3 fields), else the message names the row, what it holds and what was expected."""
+    out = tmp_path / "p.csv"
+    files = [ImageFile(str(tmp_path / f"{i}.png"), f"{i}.png") for i in range(2)]
+    assert resume_point(out, tmp_path / "errors.csv", files, Layout(1), 1) == (0, 0, 0)
+    for rows, said in (
+        ([["0.png", "1", "0.5"], ["2.png", "1", "0.5"]], "row 2 is '2.png' with 3 fields, expected '1.png' with 3"),
+        ([["0.png", "1", "0.5", "2"]], "row 1 is '0.png' with 4 fields, expected '0.png' with 3"),
+        (
+            [["0.png", "1", "0.5"], ["1.png", "1", "0.5"], ["2.png", "1", "0.5"]],
+            "row 3 is '2.png' with 3 fields, expected 'no more images' with 3",
+        ),
+        ([["0.png", "1", "0.5"], []], "row 2 is 'an empty row' with 0 fields, expected '1.png' with 3"),
+    ):
+        with AtomicCsvWriter(out) as writer:
+            for row in rows:
+                writer.write(row)
+            writer.flush()
+        with pytest.raises(ConfigError) as refused:
+            resume_point(out, tmp_path / "errors.csv", files, Layout(1), 1)
+        assert str(refused.value) == (
+            f"--resume: {out}.partial does not belong to this run: {said}. Delete it, or run without --resume to "
+            "start over."
+        )
 
 
 def test_an_output_that_is_not_a_csv_file_the_harness_writes_is_never_replaced(tmp_path: Path, capsys) -> None:

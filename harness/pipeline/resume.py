@@ -71,7 +71,7 @@ def resume_point(
     if rows and not last_whole:
         rows.pop()
     for position, row in enumerate(rows):
-        if position >= len(keys) or row[0] != keys[position] or len(row) != row_width:
+        if position >= len(keys) or len(row) != row_width or row[0] != keys[position]:
             shown = row[0] if row else "an empty row"
             expected = keys[position] if position < len(keys) else "no more images"
             raise ConfigError(
