@@ -11,7 +11,17 @@ import torch
 from harness.cli import main
 from harness.errors import ConfigError, ModelError
 from harness.results.label_maps import check_objectnet_topk
-from harness.results.labels import ObjectNetLegacy, ObjectNetSummed, Score, TopK, imagenet_to_objectnet, make_label_map
+from harness.results.labels import (
+    ObjectNetLegacy,
+    ObjectNetSummed,
+    Score,
+    TopK,
+    id_names,
+    imagenet_names,
+    imagenet_to_objectnet,
+    make_label_map,
+    objectnet_names,
+)
 from harness.results.rows import Prediction
 from tests.helpers import SAMPLES, shared_file
 
@@ -158,3 +168,14 @@ def test_another_topk_with_an_objectnet_map_is_refused_with_the_fix() -> None:
     )
     check_objectnet_topk("objectnet", 5)
     check_objectnet_topk("none", 3)
+
+
+def test_the_names_check_shows_for_each_id_are_objectnets_imagenets_or_none() -> None:
+    objectnet = id_names(make_label_map("objectnet", 1000, 5, True)[0], 1000)
+    assert objectnet == {str(index): name for index, name in enumerate(objectnet_names())} and len(objectnet) == 313
+    assert id_names(make_label_map("objectnet-legacy", 1000, 5, True)[0], 1000) == objectnet
+    imagenet = id_names(make_label_map("none", 1000, 5, True)[0], 1000)
+    assert len(imagenet) == 1000 and imagenet["967"] == "espresso" and imagenet["0"] == imagenet_names()[0]
+    assert id_names(make_label_map("none", 10, 5, True)[0], 10) == {}
+    assert id_names(make_label_map("imagenet-names", 1000, 5, True)[0], 1000) == {}  # its ids are the names
+    assert id_names(make_label_map("auto", 1, 5, True)[0], 1) == {}
