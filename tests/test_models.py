@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from harness.errors import ModelError
+from harness.models.checkpoint import load_weights
 from harness.models.load import load_model
 from harness.models.python_class import load_custom_transform
 from harness.sources import build_config
@@ -170,3 +171,20 @@ def test_template_model_folder_with_its_own_transform(tmp_path: Path) -> None:
     from PIL import Image
 
     assert transform(Image.new("RGB", (64, 48))).shape == (3, 32, 32)
+
+
+def test_a_checkpoint_that_does_not_fit_lists_the_first_ten_of_each_kind_and_counts_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "w.pth"
+    model = torch.nn.Sequential(*(torch.nn.Linear(1, 1, bias=False) for _ in range(11)))
+    names = [f"{index}.weight" for index in range(11)]
+    with pytest.raises(ModelError) as eleven:
+        load_weights(model, {}, path)
+    assert str(eleven.value) == (
+        f"{path} does not fit the model class. 11 missing: {', '.join(names[:10])}, ... (1 more)"
+    )
+    with pytest.raises(ModelError) as ten:
+        load_weights(model, {"0.weight": torch.zeros(2, 1), "extra": torch.zeros(1)}, path)
+    assert str(ten.value) == (
+        f"{path} does not fit the model class. 10 missing: {', '.join(names[1:])}; 1 unexpected: extra; "
+        "1 wrong shape (file vs model): 0.weight (2, 1) vs (1, 1)"
+    )

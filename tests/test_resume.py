@@ -23,10 +23,12 @@ from harness.pipeline.resume import (
     model_files,
     record_identity,
     record_path,
+    recorded_layout,
     recorded_settings,
     run_identity,
 )
 from harness.results.outputs import run_outputs
+from harness.results.writer import partial_path
 from harness.sources import build_config
 from tests.helpers import SAMPLES, read_rows
 
@@ -266,3 +268,25 @@ def test_a_refused_resume_names_what_differs_with_digests_cut_short_and_records_
         f'name: "{"x" * 63}" then, "{"y" * 63}" now). '
         "Resume with the same ones, or run without --resume to start over."
     )
+
+
+def test_a_setting_only_one_side_has_is_a_difference_and_four_are_shown_at_most(tmp_path: Path) -> None:
+    output = tmp_path / "p.csv"
+    recorded = {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5, "path": str(tmp_path)}
+    record_path(output).write_text(json.dumps(recorded), encoding="utf-8")
+    check_identity(output, {**recorded, "path": tmp_path})  # a Path is recorded as its text: the same
+    with pytest.raises(ConfigError, match=r"\(amp: null then, \"bf16\" now\)"):
+        check_identity(output, {**recorded, "amp": "bf16"})
+    with pytest.raises(ConfigError, match=r"\(e: 5 then, null now\)"):
+        check_identity(output, {key: value for key, value in recorded.items() if key != "e"})
+    with pytest.raises(ConfigError) as five:
+        check_identity(output, {**recorded, "a": 0, "b": 0, "c": 0, "d": 0, "e": 0})
+    assert "(a: 1 then, 0 now; b: 2 then, 0 now; c: 3 then, 0 now; d: 4 then, 0 now)" in str(five.value)
+
+
+def test_a_resumed_run_takes_only_a_layout_the_record_holds_as_true_or_false(tmp_path: Path) -> None:
+    output = tmp_path / "p.csv"
+    partial_path(output).write_text("", encoding="utf-8")
+    for placed, taken in ((True, True), (False, False), ("true", None), (1, None), (None, None)):
+        record_path(output).write_text(json.dumps({"placed": {"channels_last": placed}}), encoding="utf-8")
+        assert recorded_layout(output) is taken

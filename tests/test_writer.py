@@ -13,10 +13,10 @@ from harness.cli import main
 from harness.errors import ConfigError, OutputError
 from harness.pipeline.decode import seen
 from harness.pipeline.files import ImageFile
-from harness.pipeline.resume import resume_point
+from harness.pipeline.resume import LOST_REASON, resume_point
 from harness.results.outputs import ledger_path
 from harness.results.rows import Layout, Parts, Prediction, format_score
-from harness.results.writer import AtomicCsvWriter, check_writable
+from harness.results.writer import AtomicCsvWriter, check_writable, partial_path
 from tests.helpers import SAMPLES, read_rows
 
 AWKWARD = [
@@ -189,3 +189,38 @@ def test_a_row_splits_into_its_key_ids_and_scores_in_either_layout() -> None:
 def test_a_prediction_whose_ids_and_scores_differ_in_number_writes_no_row() -> None:
     with pytest.raises(ValueError):
         Layout(2).format("a.png", Prediction(("7", "3"), (0.9,)))
+
+
+def test_resume_keeps_whole_batches_of_images_the_ledger_vouches_for_and_each_failures_reason(tmp_path: Path) -> None:
+    """Five rows, batches of two: four kept while the ledger has all five; the failures among them keep the
+    reasons errors.csv had (a row there of another shape is not one), a failure whose reason is gone says so.
+    A ledger of three images keeps two rows; no ledger keeps none."""
+    out, errors = tmp_path / "p.csv", tmp_path / "errors.csv"
+    layout = Layout(1)
+    files = [ImageFile(str(tmp_path / f"{i}.png"), f"{i}.png") for i in range(5)]
+    rows = [["0.png", "1", "0.5"], layout.failure("1.png"), ["2.png", "1", "0.5"], layout.failure("3.png")]
+    rows.append(["4.png", "1", "0.5"])
+
+    def leave(vouched: int | None) -> None:
+        for name, written in ((out, rows), (errors, [["1.png", "decode failed"], ["3.png", "a", "b"]])):
+            with AtomicCsvWriter(name) as writer:
+                for row in written:
+                    writer.write(row)
+                writer.flush()
+        ledger = partial_path(ledger_path(out))
+        ledger.unlink(missing_ok=True)
+        if vouched is not None:
+            with AtomicCsvWriter(ledger_path(out)) as writer:
+                for image in files[:vouched]:
+                    Path(image.path).write_bytes(b"png")
+                    writer.write([image.key, seen(image.path)])
+                writer.flush()
+
+    leave(5)
+    assert resume_point(out, errors, files, layout, 2) == (4, 2, 0)
+    assert read_rows(partial_path(out)) == rows[:4]
+    assert read_rows(partial_path(errors)) == [["1.png", "decode failed"], ["3.png", LOST_REASON]]
+    leave(3)
+    assert resume_point(out, errors, files, layout, 2) == (2, 1, 2)
+    leave(None)
+    assert resume_point(out, errors, files, layout, 2) == (0, 0, 4)
