@@ -17,6 +17,7 @@ from torch import nn
 import harness.pipeline.layout
 from harness.cli import main
 from harness.config import Preprocess
+from harness.errors import ModelError
 from harness.pipeline.devices import DevicePlan
 from harness.pipeline.layout import LayoutChoice, choose_layout, settle_layout
 from harness.pipeline.resume import record_path, run_identity
@@ -315,3 +316,13 @@ def test_on_the_cpu_contiguous_must_be_clearly_faster_to_be_kept(
     choice = choose_layout(Convolutional(), CPU, PRE, SAMPLE, batch_size=64)
     assert choice.channels_last is channels_last
     assert ("close trial" in choice.why) is channels_last
+
+
+def test_a_model_whose_to_fails_while_its_layout_is_set_is_its_error_naming_the_call() -> None:
+    class RefusesLayouts(Convolutional):
+        def to(self, *args: object, **kwargs: object) -> nn.Module:
+            raise ValueError("no layouts here")
+
+    with pytest.raises(ModelError) as failed:
+        harness.pipeline.layout._put(RefusesLayouts(), True)
+    assert str(failed.value) == "the model's to(memory_format) failed: ValueError: no layouts here"
