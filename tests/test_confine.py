@@ -375,7 +375,7 @@ def test_each_refusal_of_a_confined_run_is_worded_by_what_was_refused(
         return denial(error, who)
 
     assert (
-        said(OSError(sandbox.NETWORK_ERRNO, "down"))
+        denial(OSError(sandbox.NETWORK_ERRNO, "down"))  # who: the model, by default
         == f"the model tried to use the network: a confined run has none; {lift}"
     )
     assert (
