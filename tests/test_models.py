@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from harness.errors import ModelError
-from harness.models.checkpoint import load_weights
+from harness.models.checkpoint import load_weights, read_state_dict
 from harness.models.load import load_model
 from harness.models.python_class import load_custom_transform
 from harness.sources import build_config
@@ -187,4 +188,76 @@ def test_a_checkpoint_that_does_not_fit_lists_the_first_ten_of_each_kind_and_cou
     assert str(ten.value) == (
         f"{path} does not fit the model class. 10 missing: {', '.join(names[1:])}; 1 unexpected: extra; "
         "1 wrong shape (file vs model): 0.weight (2, 1) vs (1, 1)"
+    )
+
+
+def _saved(path: Path, data: object) -> Path:
+    torch.save(data, path)
+    return path
+
+
+def test_timms_ema_rule_chooses_the_weights_and_one_line_says_which(tmp_path: Path, capsys) -> None:
+    own, ema = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
+    both = _saved(tmp_path / "ckpt.pth", {"state_dict": own, "state_dict_ema": ema, "epoch": 3})
+    for choice, entry, rule in (
+        (None, "state_dict_ema", "timm's rule; --ema false for its own"),
+        (True, "state_dict_ema", "--ema true"),
+        (False, "state_dict", "--ema false"),
+    ):
+        weights = read_state_dict(both, choice)
+        assert (weights.entry, float(weights.state["w"]), weights.is_ema) == (
+            entry,
+            float(entry == "state_dict_ema"),
+            entry == "state_dict_ema",
+        )
+        assert capsys.readouterr().err == (
+            f"harness: ckpt.pth holds its own weights (state_dict) and EMA weights (state_dict_ema): using {entry} "
+            f"({rule})\n"
+        )
+    alone = _saved(tmp_path / "own.pth", {"model": own})
+    assert read_state_dict(alone).entry == "model" and capsys.readouterr().err == ""
+    keys = {f"k{i:02d}": torch.zeros(1) for i in range(12)}
+    for data, held in (
+        ({"state_dict": own, "args": 1}, "args, state_dict"),
+        (keys, ", ".join(sorted(keys)[:10])),
+        ([1], "list"),
+    ):
+        with pytest.raises(ModelError) as refused:
+            read_state_dict(_saved(tmp_path / "no-ema.pth", data), True)
+        assert str(refused.value) == (
+            f"--ema: {tmp_path / 'no-ema.pth'} holds no EMA weights (state_dict_ema or model_ema); it holds: {held}"
+        )
+    with pytest.raises(ModelError, match=r"does not hold a state_dict \(a mapping of parameter names to tensors\)$"):
+        read_state_dict(_saved(tmp_path / "list.pth", [torch.zeros(1)]))
+
+
+def test_a_checkpoint_file_is_read_as_its_kind_or_refused_in_words(tmp_path: Path, monkeypatch) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"w": torch.arange(3.0)}
+    for name in ("w.safetensors", "W.SAFETENSORS"):
+        save_file(tensors, tmp_path / name)
+        assert torch.equal(read_state_dict(tmp_path / name).state["w"], tensors["w"])
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    with pytest.raises(ModelError, match=rf"^{tmp_path / 'bad.safetensors'} is not a readable safetensors file: "):
+        read_state_dict(tmp_path / "bad.safetensors")
+    cut = _saved(tmp_path / "cut.pth", tensors)
+    cut.write_bytes(cut.read_bytes()[:200])
+    with pytest.raises(ModelError, match=rf"^{cut} is not a PyTorch checkpoint: RuntimeError: "):
+        read_state_dict(cut)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ModelError) as missing:
+        read_state_dict(tmp_path / "w.safetensors")
+    assert str(missing.value) == (
+        f"{tmp_path / 'w.safetensors'} is a safetensors file, and safetensors is not installed: pip install safetensors"
+    )
+
+
+def test_a_pickled_object_in_a_checkpoint_is_named_and_the_fix_given(tmp_path: Path) -> None:
+    path = _saved(tmp_path / "whole.pth", {"model": torch.nn.Identity()})
+    with pytest.raises(ModelError) as refused:
+        read_state_dict(path)
+    assert str(refused.value) == (
+        f"{path} holds pickled Python objects (torch.nn.modules.linear.Identity), so it is not loaded: that would "
+        "run code from the file. Save the weights with torch.save(model.state_dict(), ...)."
     )
