@@ -134,6 +134,31 @@ def test_only_the_plain_pair_of_a_mixed_model_is_folded() -> None:
     assert torch.allclose(_scores(model, IMAGES), before, rtol=1e-4, atol=1e-5)
 
 
+class SamePadded(nn.Conv2d):
+    """Pads, then convolves with its own weight through F.conv2d (timm's Conv2dSame, as EfficientNets have)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, self.stride, 0)
+
+
+class SamePaddedNet(_ConvNormHead):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = SamePadded(3, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.conv(x)).mean((2, 3)))
+
+
+def test_a_convolution_that_calls_conv2d_on_its_own_weight_is_proven_and_folded() -> None:
+    torch.manual_seed(0)
+    model = _randomise_statistics(SamePaddedNet())
+    before = _scores(model, IMAGES)
+    result = _fold(model, IMAGES)
+    assert result.folded == 1 and isinstance(model.norm, nn.Identity)
+    assert torch.allclose(_scores(model, IMAGES), before, rtol=1e-4, atol=1e-5)
+
+
 class BrightBranch(_ConvNormHead):
     """On very bright images only, a second branch reads the convolution's weight itself (F.conv2d): no check image
     takes it, so no sample can prove a fold safe; folding would change every bright image's scores."""
