@@ -16,6 +16,7 @@ from harness.results.labels import (
     ObjectNetSummed,
     Score,
     TopK,
+    class_ids,
     id_names,
     imagenet_names,
     imagenet_to_objectnet,
@@ -179,3 +180,20 @@ def test_the_names_check_shows_for_each_id_are_objectnets_imagenets_or_none() ->
     assert id_names(make_label_map("none", 10, 5, True)[0], 10) == {}
     assert id_names(make_label_map("imagenet-names", 1000, 5, True)[0], 1000) == {}  # its ids are the names
     assert id_names(make_label_map("auto", 1, 5, True)[0], 1) == {}
+
+
+def test_the_ids_each_class_is_written_as_and_when_they_are_the_scorers(tmp_path: Path) -> None:
+    """A plain head's ids are 0..C-1: the scorer's kind while C <= 313 (held to its rules), not beyond; a labels
+    file's ids are its names; ObjectNet's maps write each ImageNet class's ObjectNet id, -1 where it has none."""
+    assert make_label_map("none", 313, 5, True)[0].scorer_ids is True
+    assert make_label_map("none", 314, 5, True)[0].scorer_ids is False
+    assert class_ids(make_label_map("none", 3, 5, True)[0], 3) == ["0", "1", "2"]
+    names = tmp_path / "labels.txt"
+    names.write_text("cat\ndog\n", encoding="utf-8")
+    named = make_label_map(str(names), 2, 1, True)[0]
+    assert (named.scorer_ids, named.name, class_ids(named, 2)) == (False, "names", ["cat", "dog"])
+    assert make_label_map("imagenet-names", 1000, 5, True)[0].name == "imagenet-names"
+    mapped = class_ids(make_label_map("objectnet", 1000, 5, True)[0], 1000)
+    unmapped = next(index for index in range(1000) if index not in MAPPING)
+    assert mapped[unmapped] == "-1" and all(mapped[index] == str(MAPPING[index]) for index in MAPPING)
+    assert class_ids(make_label_map("objectnet-legacy", 1000, 5, True)[0], 1000) == mapped
