@@ -28,8 +28,9 @@ def _randomise_statistics(model: nn.Module) -> nn.Module:
             count = module.num_features
             module.running_mean.copy_(torch.randn(count, generator=generator))
             module.running_var.copy_(torch.rand(count, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(count, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.randn(count, generator=generator))
+            if module.affine:
+                module.weight.data.copy_(torch.rand(count, generator=generator) + 0.5)
+                module.bias.data.copy_(torch.randn(count, generator=generator))
     return model.eval()
 
 
@@ -340,3 +341,84 @@ def test_a_fold_only_the_whole_models_scores_tell_from_the_model_is_put_back() -
     assert (result.folded, result.why) == (0, "none folded: the folded model gave other scores")
     assert isinstance(model.norm, nn.BatchNorm2d) and torch.equal(model.conv.weight, weight)
     assert torch.equal(_scores(model, images), before)
+
+
+def test_a_layers_tolerance_is_a_share_of_its_own_largest_value_however_small() -> None:
+    """The half-precision fold above, on a layer whose outputs are hundredths: it moves them by about 1e-3 of
+    their size, so it is undone here too (a floor of 1 under the scale would have let it through)."""
+    torch.manual_seed(0)
+    model = Shifted()
+    with torch.no_grad():
+        model.norm.weight.mul_(0.01)
+        model.norm.bias.mul_(0.01)
+    model = model.half()
+    images = IMAGES[:, :, :16, :16].half()
+    result = _fold(model, images)
+    assert (result.folded, result.why) == (0, "none folded: 1 folds changed their layer's output")
+
+
+class Aliased(_ConvNormHead):
+    """The BatchNorm is also reachable by a second name, which the forward calls it by."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.same_norm = self.norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.same_norm(self.conv(x)).mean((2, 3)))
+
+
+class Unscaled(_ConvNormHead):
+    """A BatchNorm without its affine (no weight, no bias) after a convolution without a bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(8, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("model_class", [Aliased, Unscaled])
+def test_a_batchnorm_by_two_names_or_without_affine_folds_everywhere_it_is_called(model_class: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    model = _randomise_statistics(model_class())
+    before = _scores(model, IMAGES)
+    result = _fold(model, IMAGES)
+    assert result.folded == 1 and not any(isinstance(m, nn.BatchNorm2d) for m in model.children())
+    assert torch.allclose(_scores(model, IMAGES), before, rtol=1e-4, atol=1e-5)
+
+
+class RefusesABias(nn.Conv2d):
+    """Written for bias=False: a bias given to it after the fact makes it fail (or, with `wraps`, return a tuple)."""
+
+    wraps = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return super().forward(x)
+        if self.wraps:
+            return (super().forward(x),)  # type: ignore[return-value]
+        raise RuntimeError("this convolution takes no bias")
+
+
+class BiasFree(_ConvNormHead):
+    def __init__(self, wraps: bool) -> None:
+        super().__init__()
+        self.conv = RefusesABias(3, 8, 3, padding=1, bias=False)
+        self.conv.wraps = wraps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("wraps", [False, True], ids=["raises", "returns-a-tuple"])
+def test_a_convolution_that_fails_or_changes_with_a_bias_keeps_its_batchnorm(wraps: bool) -> None:
+    torch.manual_seed(0)
+    model = _randomise_statistics(BiasFree(wraps))
+    before = _scores(model, IMAGES)
+    result = _fold(model, IMAGES)
+    assert (result.folded, result.why) == (0, "none folded: 1 folds changed their layer's output")
+    assert isinstance(model.norm, nn.BatchNorm2d) and model.conv.bias is None
+    assert torch.equal(_scores(model, IMAGES), before)
