@@ -181,7 +181,7 @@ class _Remote:
                 while True:
                     data, fds, _, _ = socket.recv_fds(self.channel, MESSAGE_BYTES, 1)
                     if not data:
-                        raise OSError(errno.EPIPE, "the output gate has gone", str(request.get("path")))
+                        raise ConnectionError("it closed its end")
                     reply = json.loads(data)
                     if reply.get("id") == number:
                         break
