@@ -275,9 +275,11 @@ def test_rules_covered_by_another_are_left_out_and_none_is_lost() -> None:
         rule(Path("/c"), read),
         rule(Path("/c"), read),  # the same again
         rule(Path("/c"), read_file),  # less than /c's
+        rule(Path("/c"), run),  # execution too: more than /c was given
         rule(Path("/x"), read),
         rule(Path("/x"), write & ~read),  # /x: read and write, given in two rules
         rule(Path("/x/y"), write),  # within what /x's two rules grant together
+        rule(Path("/x"), read),  # given already, by the first of them
         rule(Path("/d/e"), write),
         rule(Path("/d"), read),
     ]
@@ -285,6 +287,7 @@ def test_rules_covered_by_another_are_left_out_and_none_is_lost() -> None:
         rule(Path("/a"), read),
         rule(Path("/a/b"), run),
         rule(Path("/c"), read),
+        rule(Path("/c"), run),
         rule(Path("/x"), read),
         rule(Path("/x"), write & ~read),
         rule(Path("/d/e"), write),
@@ -465,9 +468,13 @@ def test_the_gates_loop_answers_each_request_by_its_number_and_outlives_garbage(
     assert fd is not None
     os.write(fd, b"a.png,1\n")
     os.close(fd)
-    with pytest.raises(PermissionError, match="not one of the run's output files") as refused:
+    with pytest.raises(PermissionError) as refused:
         remote({"op": "open", "path": str(tmp_path / "other.csv"), "flags": os.O_WRONLY | os.O_CREAT})
-    assert refused.value.filename == str(tmp_path / "other.csv") and not (tmp_path / "other.csv").exists()
+    assert (refused.value.strerror, refused.value.filename) == (
+        "not one of the run's output files",
+        str(tmp_path / "other.csv"),
+    )
+    assert not (tmp_path / "other.csv").exists()
     with pytest.raises(OSError, match="no such operation 'chmod'"):
         remote({"op": "chmod", "path": str(output)})
     for garbage in (b"{not json", b"[1]"):
@@ -520,7 +527,9 @@ class _Hangs:
         self.requests = [request]
 
     def recv(self, size: int) -> bytes:
-        return self.requests.pop() if self.requests else b""
+        if self.requests:
+            return self.requests.pop()
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
 
     def sendmsg(self, *args: object) -> int:
         raise BrokenPipeError(errno.EPIPE, "Broken pipe")
@@ -531,6 +540,11 @@ def test_the_gate_cleans_up_when_the_run_goes_before_a_reply_and_minds_no_folder
     scratch.mkdir()
     request = json.dumps({"op": "remove", "path": str(output), "id": 0}).encode()
     gate._serve(OutputFiles.of([output]), _Hangs(request), [gone, scratch])  # type: ignore[arg-type]
+    assert not scratch.exists()
+    scratch.mkdir()
+    reset = _Hangs(b"")
+    reset.requests.clear()  # its end fails at once
+    gate._serve(OutputFiles.of([output]), reset, [scratch])  # type: ignore[arg-type]
     assert not scratch.exists()
 
 

@@ -422,3 +422,53 @@ def test_a_convolution_that_fails_or_changes_with_a_bias_keeps_its_batchnorm(wra
     assert (result.folded, result.why) == (0, "none folded: 1 folds changed their layer's output")
     assert isinstance(model.norm, nn.BatchNorm2d) and model.conv.bias is None
     assert torch.equal(_scores(model, IMAGES), before)
+
+
+class KeywordWeight(nn.Conv2d):
+    """Calls conv2d with its weight by keyword (`by_keyword`) or as the second of exactly two positions."""
+
+    by_keyword = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.by_keyword:
+            return F.conv2d(x, weight=self.weight, bias=self.bias, padding=1)
+        return F.conv2d(x, self.weight, bias=self.bias, padding=1)
+
+
+class Nested(nn.Module):
+    """The convolution one level down (block.conv), so its weight's owner is found by its whole path."""
+
+    def __init__(self, by_keyword: bool) -> None:
+        super().__init__()
+        self.block = nn.Module()
+        self.block.conv = KeywordWeight(3, 8, 3)
+        self.block.conv.by_keyword = by_keyword
+        self.norm = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.block.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("by_keyword", [True, False], ids=["keyword", "two-positions"])
+def test_a_conv2d_call_names_its_weight_by_keyword_or_position_and_is_folded(by_keyword: bool) -> None:
+    torch.manual_seed(0)
+    model = _randomise_statistics(Nested(by_keyword))
+    before = _scores(model, IMAGES)
+    result = _fold(model, IMAGES)
+    assert result.folded == 1 and isinstance(model.norm, nn.Identity)
+    assert torch.allclose(_scores(model, IMAGES), before, rtol=1e-4, atol=1e-5)
+
+
+class ReadsRunningMean(_ConvNormHead):
+    """Reads its BatchNorm's running mean (a buffer, not a parameter) beside the BatchNorm: a fold would change it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.conv(x)).mean((2, 3)) + self.norm.running_mean)
+
+
+def test_a_batchnorm_whose_running_statistics_are_read_elsewhere_is_not_folded() -> None:
+    torch.manual_seed(0)
+    model = _randomise_statistics(ReadsRunningMean())
+    result = _fold(model, IMAGES)
+    assert result.folded == 0 and isinstance(model.norm, nn.BatchNorm2d)

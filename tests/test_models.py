@@ -261,3 +261,15 @@ def test_a_pickled_object_in_a_checkpoint_is_named_and_the_fix_given(tmp_path: P
         f"{path} holds pickled Python objects (torch.nn.modules.linear.Identity), so it is not loaded: that would "
         "run code from the file. Save the weights with torch.save(model.state_dict(), ...)."
     )
+
+
+def test_a_file_that_does_not_unpickle_and_names_wrapped_or_not(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ModelError) as refused:
+        read_state_dict(garbage)
+    assert str(refused.value) == f"{garbage} is not a PyTorch checkpoint (it does not unpickle)"
+    wrapped = {"module.a": torch.zeros(1), "module.b": torch.zeros(1)}
+    assert set(read_state_dict(_saved(tmp_path / "ddp.pth", wrapped)).state) == {"a", "b"}
+    mixed = {"module.a": torch.zeros(1), "b": torch.zeros(1)}  # not a wrapper's: every name kept as written
+    assert set(read_state_dict(_saved(tmp_path / "mixed.pth", mixed)).state) == {"module.a", "b"}

@@ -290,3 +290,18 @@ def test_a_resumed_run_takes_only_a_layout_the_record_holds_as_true_or_false(tmp
     for placed, taken in ((True, True), (False, False), ("true", None), (1, None), (None, None)):
         record_path(output).write_text(json.dumps({"placed": {"channels_last": placed}}), encoding="utf-8")
         assert recorded_layout(output) is taken
+
+
+def test_a_partial_file_without_a_readable_record_is_refused_saying_what_to_do(tmp_path: Path) -> None:
+    output = tmp_path / "p.csv"
+    for record in (None, "{not json", "[1]"):
+        record_path(output).unlink(missing_ok=True)
+        if record is not None:
+            record_path(output).write_text(record, encoding="utf-8")
+        with pytest.raises(ConfigError) as refused:
+            check_identity(output, {"a": 1})
+        assert str(refused.value) == (
+            f"--resume: {output}.partial has no readable record of the model and settings that wrote it "
+            f"({record_path(output)}), so it cannot be continued safely. Delete it, or run without --resume to "
+            "start over."
+        )

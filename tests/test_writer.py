@@ -220,6 +220,10 @@ def test_resume_keeps_whole_batches_of_images_the_ledger_vouches_for_and_each_fa
     assert resume_point(out, errors, files, layout, 2) == (4, 2, 0)
     assert read_rows(partial_path(out)) == rows[:4]
     assert read_rows(partial_path(errors)) == [["1.png", "decode failed"], ["3.png", LOST_REASON]]
+    leave(5)
+    partial_path(errors).unlink()  # stopped before errors.csv was first flushed
+    assert resume_point(out, errors, files, layout, 2) == (4, 2, 0)
+    assert read_rows(partial_path(errors)) == [["1.png", LOST_REASON], ["3.png", LOST_REASON]]
     leave(3)
     assert resume_point(out, errors, files, layout, 2) == (2, 1, 2)
     leave(None)
