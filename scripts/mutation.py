@@ -10,6 +10,7 @@ the others is below the floor or the pass ran out of time.
     python3 scripts/mutation.py                  # the whole pass, from scratch
     python3 scripts/mutation.py --report         # the figures of the last pass again, without running it
     python3 scripts/mutation.py 'harness.results.rows.*'   # only these mutants (shell patterns), for a quick look
+    python3 scripts/mutation.py --again NAME...   # these again after new tests, in the last pass; its figures
 
 `mutmut show NAME` prints a mutant's change, `mutmut apply NAME` writes it to the source (undo with git).
 """
@@ -69,11 +70,13 @@ def patterns(config: dict[str, Any]) -> list[str]:
     return found
 
 
-def run_pass(selected: list[str], budget_s: float, max_children: int | None) -> float:
-    """Run mutmut over `selected` (from scratch), its output in mutants/mutation.log; the wall time, or exit 1 when
-    it ran past `budget_s` or failed."""
-    shutil.rmtree(MUTANTS, ignore_errors=True)  # a fresh pass: mutmut would keep results of earlier code and tests
-    MUTANTS.mkdir()
+def run_pass(selected: list[str], budget_s: float, max_children: int | None, again: bool = False) -> float:
+    """Run mutmut over `selected` (from scratch, or with `again` in the last pass's folder, the other mutants'
+    results kept), its output in mutants/mutation.log; the wall time, or exit 1 when it ran past `budget_s` or
+    failed."""
+    if not again:
+        shutil.rmtree(MUTANTS, ignore_errors=True)  # a fresh pass: mutmut would keep results of earlier code and tests
+    MUTANTS.mkdir(exist_ok=True)
     mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or shutil.which("mutmut")
     if mutmut is None:
         sys.exit("mutation: mutmut is not installed: pip install -c constraints.txt -e '.[dev]'")
@@ -203,14 +206,21 @@ def main() -> int:
         "--budget", type=float, default=BUDGET_S, help="seconds the pass may take (default %(default)s)"
     )
     parser.add_argument("--max-children", type=int, help="mutants tested at once (mutmut's default: the CPUs)")
+    parser.add_argument(
+        "--again",
+        action="store_true",
+        help="run the mutants named again (after new tests) in the last pass's folder: the whole pass's figures",
+    )
     args = parser.parse_args()
     config = settings()
     selected = patterns(config)
-    if args.mutants:
-        selected = args.mutants
-    elapsed = None if args.report else run_pass(selected, args.budget, args.max_children)
-    figures, wrong = results(config, selected)
-    return report(figures, wrong, elapsed, FLOOR if not args.mutants else 0.0)
+    if args.again and not args.mutants:
+        parser.error("--again needs the mutants to run again")
+    chosen = args.mutants or selected
+    elapsed = None if args.report else run_pass(chosen, args.budget, args.max_children, args.again)
+    shown = selected if args.again else chosen
+    figures, wrong = results(config, shown)
+    return report(figures, wrong, elapsed, FLOOR if shown is selected else 0.0)
 
 
 if __name__ == "__main__":
