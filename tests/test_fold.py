@@ -5,6 +5,7 @@ it leaves as written, byte for byte."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -149,15 +150,6 @@ class SamePaddedNet(_ConvNormHead):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(self.conv(x)).mean((2, 3)))
-
-
-def test_a_convolution_that_calls_conv2d_on_its_own_weight_is_proven_and_folded() -> None:
-    torch.manual_seed(0)
-    model = _randomise_statistics(SamePaddedNet())
-    before = _scores(model, IMAGES)
-    result = _fold(model, IMAGES)
-    assert result.folded == 1 and isinstance(model.norm, nn.Identity)
-    assert torch.allclose(_scores(model, IMAGES), before, rtol=1e-4, atol=1e-5)
 
 
 class BrightBranch(_ConvNormHead):
@@ -380,16 +372,6 @@ class Unscaled(_ConvNormHead):
         return self.head(self.norm(self.conv(x)).mean((2, 3)))
 
 
-@pytest.mark.parametrize("model_class", [Aliased, Unscaled])
-def test_a_batchnorm_by_two_names_or_without_affine_folds_everywhere_it_is_called(model_class: type[nn.Module]) -> None:
-    torch.manual_seed(0)
-    model = _randomise_statistics(model_class())
-    before = _scores(model, IMAGES)
-    result = _fold(model, IMAGES)
-    assert result.folded == 1 and not any(isinstance(m, nn.BatchNorm2d) for m in model.children())
-    assert torch.allclose(_scores(model, IMAGES), before, rtol=1e-4, atol=1e-5)
-
-
 class RefusesABias(nn.Conv2d):
     """Written for bias=False: a bias given to it after the fact makes it fail (or, with `wraps`, return a tuple)."""
 
@@ -450,13 +432,20 @@ class Nested(nn.Module):
         return self.head(self.norm(self.block.conv(x)).mean((2, 3)))
 
 
-@pytest.mark.parametrize("by_keyword", [True, False], ids=["keyword", "two-positions"])
-def test_a_conv2d_call_names_its_weight_by_keyword_or_position_and_is_folded(by_keyword: bool) -> None:
+@pytest.mark.parametrize(
+    "make",
+    [SamePaddedNet, Aliased, Unscaled, lambda: Nested(by_keyword=True), lambda: Nested(by_keyword=False)],
+    ids=["same-padding", "two-names", "no-affine", "weight-by-keyword", "weight-in-two-positions"],
+)
+def test_each_proven_pair_is_folded_everywhere_its_batchnorm_is_called(make: Callable[[], nn.Module]) -> None:
+    """A convolution module that calls conv2d on its own weight (timm's same padding), by keyword or in two
+    positions one module down; a BatchNorm by two names, or without its affine: each folds, with the model's
+    scores."""
     torch.manual_seed(0)
-    model = _randomise_statistics(Nested(by_keyword))
+    model = _randomise_statistics(make())
     before = _scores(model, IMAGES)
     result = _fold(model, IMAGES)
-    assert result.folded == 1 and isinstance(model.norm, nn.Identity)
+    assert result.folded == 1 and _norms(model) == 0
     assert torch.allclose(_scores(model, IMAGES), before, rtol=1e-4, atol=1e-5)
 
 
