@@ -429,6 +429,51 @@ def test_each_refusal_of_a_confined_run_is_worded_by_what_was_refused(
     assert said(OSError(sandbox.NETWORK_ERRNO, "down")) is None
 
 
+def test_the_gates_refusals_say_what_and_name_the_file(tmp_path: Path) -> None:
+    """Each refusal an errno, its words and the file; a request that lacks a field is read with that field empty
+    (the working folder, opened read-only), never as some other name."""
+    output, other = tmp_path / "p.csv", tmp_path / "other.csv"
+    partial = output.with_name("p.csv.partial")
+    allowed = OutputFiles.of([output])
+
+    def refusal(request: dict) -> tuple[int | None, str | None, str | None]:
+        with pytest.raises(OSError) as refused:
+            gate._perform(allowed, request)
+        return refused.value.errno, refused.value.strerror, refused.value.filename
+
+    assert refusal({"op": "open", "path": str(other), "flags": os.O_RDONLY}) == (
+        errno.EACCES,
+        "not one of the run's output files",
+        str(other),
+    )
+    assert refusal({"op": "open", "path": str(output), "flags": os.O_WRONLY | os.O_SYNC}) == (
+        errno.EINVAL,
+        "flags the gate does not take",
+        str(output),
+    )
+    partial.mkdir()  # a folder where a file is written
+    assert refusal({"op": "open", "path": str(partial), "flags": os.O_RDONLY}) == (
+        errno.EINVAL,
+        "not a regular file",
+        str(partial),
+    )
+    assert refusal({"op": "replace", "path": str(partial), "to": str(output)}) == (
+        errno.EINVAL,
+        "not a regular file",
+        str(partial),
+    )
+    assert refusal({"op": "chmod", "path": str(output)}) == (errno.EINVAL, "no such operation 'chmod'", None)
+    assert refusal({"op": "open", "flags": os.O_RDONLY}) == (errno.EACCES, "not one of the run's output files", ".")
+    output.write_text("a.png,1\n")
+    assert refusal({"op": "replace", "path": str(output)}) == (errno.EACCES, "not one of the run's output files", ".")
+    fd = gate._perform(allowed, {"op": "open", "path": str(output)})  # no flags: read-only
+    assert fd is not None
+    try:
+        assert os.read(fd, 100) == b"a.png,1\n" and os.get_blocking(fd)
+    finally:
+        os.close(fd)
+
+
 def test_the_gate_makes_and_removes_only_the_runs_folders_and_joins_two_sets(tmp_path: Path) -> None:
     """torchrun's parts folder is made and removed whole; any other folder is refused, whichever set names it."""
     output, parts, other = tmp_path / "p.csv", tmp_path / "parts", tmp_path / "other"
