@@ -143,15 +143,15 @@ def results(config: dict[str, Any], selected: list[str]) -> tuple[dict[str, Figu
                 continue
             module.mutants += 1
             kind, mark = marks.get(name, (None, None))
+            killed = code is not None and status_by_exit_code[code] in KILLED
+            change = change_of(name, path) if mark is not None or not killed else ""  # mutmut's diff: read once
             if mark is not None:
                 seen.add(name)
-                if mark["change"] not in change_of(name, path):
-                    wrong.append(
-                        f"{name} is marked {kind} for `{mark['change']}`, but it now changes: {change_of(name, path)}"
-                    )
+                if mark["change"] not in change:
+                    wrong.append(f"{name} is marked {kind} for `{mark['change']}`, but it now changes: {change}")
             if code is None:
                 wrong.append(f"{name} was not run (the pass stopped early?)")
-            elif status_by_exit_code[code] in KILLED:
+            elif killed:
                 module.killed += 1
                 if mark is not None:
                     wrong.append(f"{name} is marked {kind}, but a test kills it: remove the mark")
@@ -160,7 +160,7 @@ def results(config: dict[str, Any], selected: list[str]) -> tuple[dict[str, Figu
             else:
                 why = f" [{mark['why']}]" if mark is not None else ""
                 status = f"{status_by_exit_code[code]}, exit {code}"
-                module.survived.append(f"{name} ({status}): {change_of(name, path)}{why}")
+                module.survived.append(f"{name} ({status}): {change}{why}")
     unseen = [name for name in marks.keys() - seen if any(fnmatch.fnmatchcase(name, p) for p in selected)]
     wrong += [f"{name} is marked {marks[name][0]} but is not a mutant of the pass" for name in sorted(unseen)]
     return figures, wrong
@@ -188,7 +188,7 @@ def report(figures: dict[str, Figures], wrong: list[str], elapsed: float | None,
         print(f"\n{len(total.survived)} survivors (mutmut show NAME prints one whole):")
         print("\n".join(f"  {line}" for line in total.survived))
     if wrong:
-        print("\nmarks of equivalence to fix in pyproject.toml's [tool.mutmut]:")
+        print("\nmarks to fix in pyproject.toml's [tool.mutmut]:")
         print("\n".join(f"  {line}" for line in wrong))
     if total.rate < floor:
         print(

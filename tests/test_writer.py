@@ -63,23 +63,33 @@ def test_unwritable_output_is_reported_before_any_work(tmp_path: Path) -> None:
             check_writable(locked / "p.csv")
 
 
+def _interrupted(output: Path, rows: list[list[str]]) -> None:
+    """Leave `output`'s partial file holding `rows`, as a run stopped after flushing them leaves it."""
+    with AtomicCsvWriter(output) as writer:
+        for row in rows:
+            writer.write(row)
+        writer.flush()
+
+
+def _read_as_recorded(output: Path, files: list[ImageFile]) -> None:
+    """Each image written and its ledger row recorded, as a run records an image it read."""
+    with AtomicCsvWriter(ledger_path(output)) as ledger:
+        for image in files:
+            Path(image.path).write_bytes(b"png")
+            ledger.write([image.key, seen(image.path)])
+        ledger.flush()
+
+
 def test_resume_keeps_awkward_rows_byte_for_byte(tmp_path: Path) -> None:
     """Resuming rewrites the kept rows in the writer's own dialect, so a name with a lone CR stays one row."""
     out = tmp_path / "p.csv"
-    with AtomicCsvWriter(out) as writer:
-        for name in AWKWARD:
-            writer.write([name, "1", "0.5"])
-        writer.flush()
+    _interrupted(out, [[name, "1", "0.5"] for name in AWKWARD])
     partial = out.with_name("p.csv.partial")
     written = partial.read_bytes()
     images = tmp_path / "images"
     images.mkdir()
     files = [ImageFile(str(images / f"{i}.png"), name) for i, name in enumerate([*AWKWARD, "next.png"])]
-    with AtomicCsvWriter(ledger_path(out)) as ledger:  # each image as it was read, as a run records them
-        for image in files:
-            Path(image.path).write_bytes(b"png")
-            ledger.write([image.key, seen(image.path)])
-        ledger.flush()
+    _read_as_recorded(out, files)
     assert resume_point(out, tmp_path / "errors.csv", files, Layout(1), 1) == (len(AWKWARD), 0, 0)
     assert partial.read_bytes() == written
     assert resume_point(out, tmp_path / "errors.csv", files, Layout(1), 1) == (len(AWKWARD), 0, 0)
@@ -102,10 +112,7 @@ def test_a_partial_file_of_other_rows_is_refused_naming_the_first_row_that_does_
         ),
         ([["0.png", "1", "0.5"], []], "row 2 is 'an empty row' with 0 fields, expected '1.png' with 3"),
     ):
-        with AtomicCsvWriter(out) as writer:
-            for row in rows:
-                writer.write(row)
-            writer.flush()
+        _interrupted(out, rows)
         with pytest.raises(ConfigError) as refused:
             resume_point(out, tmp_path / "errors.csv", files, Layout(1), 1)
         assert str(refused.value) == (
@@ -202,19 +209,11 @@ def test_resume_keeps_whole_batches_of_images_the_ledger_vouches_for_and_each_fa
     rows.append(["4.png", "1", "0.5"])
 
     def leave(vouched: int | None) -> None:
-        for name, written in ((out, rows), (errors, [["1.png", "decode failed"], ["3.png", "a", "b"]])):
-            with AtomicCsvWriter(name) as writer:
-                for row in written:
-                    writer.write(row)
-                writer.flush()
-        ledger = partial_path(ledger_path(out))
-        ledger.unlink(missing_ok=True)
+        _interrupted(out, rows)
+        _interrupted(errors, [["1.png", "decode failed"], ["3.png", "a", "b"]])
+        partial_path(ledger_path(out)).unlink(missing_ok=True)
         if vouched is not None:
-            with AtomicCsvWriter(ledger_path(out)) as writer:
-                for image in files[:vouched]:
-                    Path(image.path).write_bytes(b"png")
-                    writer.write([image.key, seen(image.path)])
-                writer.flush()
+            _read_as_recorded(out, files[:vouched])
 
     leave(5)
     assert resume_point(out, errors, files, layout, 2) == (4, 2, 0)
