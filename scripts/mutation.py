@@ -101,6 +101,7 @@ def run_pass(selected: list[str], budget_s: float, max_children: int | None, aga
 class Figures:
     mutants: int = 0
     killed: int = 0
+    timeouts: list[str] = field(default_factory=list)  # counted as killed, listed: load can look like a loop
     survived: list[str] = field(default_factory=list)
     equivalent: int = 0
 
@@ -153,6 +154,8 @@ def results(config: dict[str, Any], selected: list[str]) -> tuple[dict[str, Figu
                 wrong.append(f"{name} was not run (the pass stopped early?)")
             elif killed:
                 module.killed += 1
+                if status_by_exit_code[code] == "timeout":
+                    module.timeouts.append(name)
                 if mark is not None:
                     wrong.append(f"{name} is marked {kind}, but a test kills it: remove the mark")
             elif kind == "equivalent":
@@ -168,22 +171,29 @@ def results(config: dict[str, Any], selected: list[str]) -> tuple[dict[str, Figu
 
 def report(figures: dict[str, Figures], wrong: list[str], elapsed: float | None, floor: float) -> int:
     total = Figures()
-    print(f"\n{'module':<34} {'mutants':>8} {'killed':>7} {'survived':>9} {'equivalent':>11} {'kill rate':>10}")
-    for path, module in figures.items():
-        print(
-            f"{path:<34} {module.mutants:>8} {module.killed:>7} {len(module.survived):>9} {module.equivalent:>11} "
-            f"{module.rate:>10.1%}"
-        )
+    print(
+        f"\n{'module':<34} {'mutants':>8} {'killed':>7} {'of which timeout':>17} {'survived':>9} {'equivalent':>11} "
+        f"{'kill rate':>10}"
+    )
+    for module in figures.values():
         total.mutants += module.mutants
         total.killed += module.killed
+        total.timeouts += module.timeouts
         total.survived += module.survived
         total.equivalent += module.equivalent
-    print(
-        f"{'all':<34} {total.mutants:>8} {total.killed:>7} {len(total.survived):>9} {total.equivalent:>11} "
-        f"{total.rate:>10.1%}"
-    )
+    for path, module in [*figures.items(), ("all", total)]:
+        print(
+            f"{path:<34} {module.mutants:>8} {module.killed:>7} {len(module.timeouts):>17} {len(module.survived):>9} "
+            f"{module.equivalent:>11} {module.rate:>10.1%}"
+        )
     if elapsed is not None:
         print(f"\nthe pass took {elapsed / 60:.1f} minutes")
+    if total.timeouts:
+        print(
+            f"\n{len(total.timeouts)} killed by their time limit (a loop, or a busy machine: --again NAME... reruns "
+            "them):"
+        )
+        print("  " + " ".join(total.timeouts))
     if total.survived:
         print(f"\n{len(total.survived)} survivors (mutmut show NAME prints one whole):")
         print("\n".join(f"  {line}" for line in total.survived))
