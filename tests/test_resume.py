@@ -5,6 +5,7 @@ predictions' own failure rows."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness import __version__
 from harness.cli import main
 from harness.config import PREPROCESS_FIELDS, RUN_FIELDS, SETTINGS
 from harness.errors import ConfigError
@@ -20,6 +22,7 @@ from harness.pipeline.resume import (
     LOST_REASON,
     ROW_NEUTRAL,
     check_identity,
+    file_digest,
     model_files,
     record_identity,
     record_path,
@@ -305,3 +308,119 @@ def test_a_partial_file_without_a_readable_record_is_refused_saying_what_to_do(t
             f"({record_path(output)}), so it cannot be continued safely. Delete it, or run without --resume to "
             "start over."
         )
+
+
+RECORD_FIELDS = {
+    "harness_version",
+    "settings",
+    "placed",
+    "model_class",
+    "model_files",
+    "software",
+    "model_source",
+    "checkpoint",
+    "weights",
+    "transform_file",
+    "label_map",
+    "labels_file",
+}
+
+
+def test_each_thing_a_row_depends_on_is_its_own_field_of_the_record_and_changes_only_it(tmp_path: Path) -> None:
+    """The record's fields, as a refused resume names them; each file by its contents (read, not None), and each
+    input changed alone changes its own fields alone."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("class_name: Model\n", encoding="utf-8")
+    config = build_config({"output_file": str(tmp_path / "p.csv"), "model_dir": str(folder)}, {}, {})
+    files = {name: tmp_path / "elsewhere" / name for name in ("model.py", "weights.pt", "labels.txt")}
+    files["model.py"].parent.mkdir()
+    files["transform"] = config.transform_file
+    config = dataclasses.replace(config, label_map=str(files["labels.txt"]))
+    for name, path in files.items():
+        path.write_text(f"the {name}\n", encoding="utf-8")
+    model = {"class": "Model", "source": str(files["model.py"]), "checkpoint": str(files["weights.pt"])}
+    placed = {"device": "cpu", "batch_size_total": 4, "channels_last": False}
+    identity = run_identity(config, model, [], placed)
+    assert set(identity) == RECORD_FIELDS and set(identity["software"]) == {"python", "packages", "installed"}
+    assert identity["harness_version"] == __version__ and identity["placed"] == placed
+    assert identity["model_class"] == "Model" and set(identity["model_files"]) == {
+        "config.yaml",
+        files["transform"].name,
+    }
+    for field, name in [("model_source", "model.py"), ("checkpoint", "weights.pt"), ("transform_file", "transform")]:
+        assert identity[field] == file_digest(files[name]) != file_digest(files["labels.txt"]), field
+    assert identity["label_map"] == "a labels file" and identity["labels_file"] == file_digest(files["labels.txt"])
+    assert identity["weights"] is None
+    named = run_identity(dataclasses.replace(config, label_map="objectnet"), model, [], placed)
+    assert (named["label_map"], named["labels_file"]) == ("objectnet", None)
+    assert run_identity(config, {**model, "weights": "ema"}, [], placed)["weights"] == "ema"
+    for fields, name in [
+        (["model_source"], "model.py"),
+        (["checkpoint"], "weights.pt"),
+        (["model_files", "transform_file"], "transform"),
+        (["labels_file"], "labels.txt"),
+    ]:
+        files[name].write_text("edited\n", encoding="utf-8")
+        changed = run_identity(config, model, [], placed)
+        assert sorted(key for key in RECORD_FIELDS if changed[key] != identity[key]) == fields, name
+        files[name].write_text(f"the {name}\n", encoding="utf-8")
+
+
+def test_the_model_files_are_every_file_of_its_folder_but_hidden_ones_and_caches_and_every_file_it_read(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "model"
+    for name in (".hidden", "__pycache__/m.cpython-311.pyc", "a.py", "sub/b.bin", ".git/config", "sub/.cache/x"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(name, encoding="utf-8")
+    outside = tmp_path / "outside.pt"
+    outside.write_text("weights read from elsewhere", encoding="utf-8")
+    read = [str(folder.resolve() / "sub" / "b.bin"), str(outside)]
+    found = model_files(folder, read)
+    assert found == {
+        "a.py": file_digest(folder / "a.py"),
+        "sub/b.bin": file_digest(folder / "sub" / "b.bin"),
+        str(outside): file_digest(outside),
+    }
+    assert len(set(found.values())) == 3
+
+
+@pytest.mark.parametrize(
+    ("files", "bytes_max", "listed"),
+    [
+        (2, 10**6, True),  # as many files as allowed
+        (3, 10**6, False),  # one more
+        (2, 12, True),  # exactly the bytes allowed (two of 6)
+        (2, 11, False),  # their sum over it, each under it
+        (3, 10**6 * 2**10, False),  # too many files, few bytes
+    ],
+)
+def test_a_model_folder_past_its_bounds_counts_only_the_files_loading_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: int, bytes_max: int, listed: bool
+) -> None:
+    from harness.pipeline import resume
+
+    monkeypatch.setattr(resume, "FOLDER_FILES_MAX", 2)
+    monkeypatch.setattr(resume, "FOLDER_BYTES_MAX", bytes_max)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for index in range(files):
+        (folder / f"{index}.bin").write_text("6bytes", encoding="utf-8")
+    read = str(folder.resolve() / "0.bin")
+    expected = {f"{index}.bin" for index in range(files)} if listed else {"0.bin"}
+    assert set(model_files(folder, [read])) == expected
+
+
+def test_a_files_digest_is_its_contents_sha256_and_none_for_no_file(tmp_path: Path) -> None:
+    path = tmp_path / "w.bin"
+    contents = bytes(range(256)) * 5000  # more than one block read
+    path.write_bytes(contents)
+    assert file_digest(path) == hashlib.sha256(contents).hexdigest()
+    assert file_digest(None) is None and file_digest(tmp_path / "missing") is None and file_digest(tmp_path) is None
+
+
+def test_a_path_in_the_record_is_written_as_its_text(tmp_path: Path) -> None:
+    output = tmp_path / "p.csv"
+    record_identity(output, {"model": tmp_path / "m.py"})
+    assert json.loads(record_path(output).read_text(encoding="utf-8")) == {"model": str(tmp_path / "m.py")}
