@@ -4,7 +4,9 @@ it leaves as written, byte for byte."""
 
 from __future__ import annotations
 
+import functools
 import json
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 from harness.cli import main
-from harness.models.fold import fold_batchnorm
+from harness.models.fold import FoldResult, fold_batchnorm
 from tests.helpers import REPO, SAMPLES, compare_predictions
 
 pytestmark = pytest.mark.equivalence  # outputs pinned against a reference: run again under other CPU kernels
@@ -461,3 +463,236 @@ def test_a_batchnorm_whose_running_statistics_are_read_elsewhere_is_not_folded()
     model = _randomise_statistics(ReadsRunningMean())
     result = _fold(model, IMAGES)
     assert result.folded == 0 and isinstance(model.norm, nn.BatchNorm2d)
+
+
+class EveryPairing(nn.Module):
+    """One pair the watched pass must keep, and one of each kind it must not: a convolution called twice, a
+    BatchNorm called twice, a convolution sharing its weight, one whose output is read beside its BatchNorm, a
+    convolution and a BatchNorm called by keyword (a hook sees no positional input), and a BatchNorm after an
+    activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plain, self.plain_norm = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.twice, self.twice_norm = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.first, self.second, self.shared_norm = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.tied, self.tied_twin, self.tied_norm = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.tied_twin.weight = self.tied.weight
+        self.read, self.read_norm = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.keyword, self.keyword_norm = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.after_act_norm = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.plain_norm(self.plain(x))
+        x = self.twice_norm(self.twice(x)) + self.twice(x)
+        x = self.shared_norm(self.first(x)) + self.shared_norm(self.second(x))
+        x = self.tied_norm(self.tied(x)) + self.tied_twin(x)
+        y = self.read(x)
+        x = self.read_norm(y) + y
+        x = self.keyword_norm(input=self.keyword(input=x))
+        return self.after_act_norm(torch.relu(x)).mean((2, 3))
+
+
+def _no_hooks_left(model: nn.Module) -> bool:
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_the_watched_pass_alone_keeps_only_a_pair_nothing_else_touches() -> None:
+    """The watched half of the proof holds on its own (the static half is tested alone below): each pair it keeps
+    was seen one call each, the weight its own, the output read by its BatchNorm alone; its hooks are all gone."""
+    from harness.models.fold import _watch
+
+    model = _randomise_statistics(EveryPairing())
+    pairs, reference = _watch(model, IMAGES[:2, :, :8, :8], lambda output: output)
+    assert [(pair.conv, pair.norm) for pair in pairs] == [(model.plain, model.plain_norm)]
+    assert reference.shape == (2, 4) and _no_hooks_left(model)
+
+
+def test_a_model_with_every_pairing_folds_its_one_plain_pair_and_keeps_its_scores() -> None:
+    model = _randomise_statistics(EveryPairing())
+    images = IMAGES[:2, :, :8, :8]
+    before = _scores(model, images)
+    assert _fold(model, images) == FoldResult(1, "1 BatchNorms folded into their convolutions")
+    assert isinstance(model.plain_norm, nn.Identity) and _no_hooks_left(model)
+    assert torch.allclose(_scores(model, images), before, rtol=1e-4, atol=1e-5)
+
+
+class StaticCases(nn.Module):
+    """Calls the static proof must never pair, traced but never run: a product with a convolution's weight, a
+    convolution function on a top-level weight, on a linear layer's weight and on a transposed convolution's
+    weight; and one plain pair it must find, after them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.lin, self.transposed = nn.Conv2d(3, 3, 1), nn.Linear(3, 3), nn.ConvTranspose2d(3, 3, 1)
+        self.w = nn.Parameter(torch.ones(3, 3, 1, 1))
+        self.norms = nn.ModuleList(nn.BatchNorm2d(3) for _ in range(4))
+        self.plain, self.plain_norm = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norms[0](torch.mul(x, self.conv.weight))
+        x = self.norms[1](F.conv2d(x, self.w))
+        x = self.norms[2](F.conv2d(x, self.lin.weight))
+        x = self.norms[3](F.conv2d(x, self.transposed.weight))
+        return self.plain_norm(self.plain(x))
+
+
+@pytest.mark.parametrize(
+    ("model", "pairs"),
+    [
+        (StaticCases(), lambda m: {(m.plain, m.plain_norm)}),
+        (Mixed(), lambda m: {(m.plain, m.plain_norm)}),  # not the called-twice, the acting, the standardised one
+        (ReadTwice(), lambda m: set()),
+        (EveryPairing(), lambda m: {(m.plain, m.plain_norm)}),  # a BatchNorm called by keyword: not proven
+    ],
+    ids=["weights-read-otherwise", "mixed", "read-twice", "every-pairing"],
+)
+def test_the_static_proof_alone_pairs_only_a_convolution_whose_output_only_its_batchnorm_reads(
+    model: nn.Module, pairs: Callable[[nn.Module], set[tuple[nn.Module, nn.Module]]]
+) -> None:
+    from harness.models.fold import proven_pairs
+
+    proven, why = proven_pairs(model.eval())
+    assert why == "" and proven == {(id(conv), id(norm)) for conv, norm in pairs(model)}
+
+
+class Untraceable(nn.Module):
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.conv, self.norm, self.message = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), message
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError(self.message)
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [("", ""), ("first line\nsecond line", "first line"), ("x" * 200, "x" * 120)],
+    ids=["empty", "two-lines", "long"],
+)
+def test_a_model_fx_cannot_trace_is_not_folded_saying_why_in_one_short_line(message: str, shown: str) -> None:
+    assert _fold(Untraceable(message).eval(), IMAGES) == FoldResult(
+        0, f"not folded: the model does not trace with torch.fx (ValueError: {shown}), so no fold is proven"
+    )
+
+
+class FailsOnceFolded(_ConvNormHead):
+    """Runs only while its BatchNorm is one (a model that checks its own layers)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.norm, nn.BatchNorm2d):
+            raise RuntimeError("my BatchNorm is gone")
+        return self.head(self.norm(self.conv(x)).mean((2, 3)))
+
+
+class WrongHead(_ConvNormHead):
+    """Traces, but fails on every input: its head takes another width."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.norm(self.conv(x)).mean((2, 3)), torch.ones(5, 3))
+
+
+def test_each_way_a_fold_ends_is_reported_word_for_word_and_the_model_left_as_written() -> None:
+    from torch.nn.modules import module as torch_module
+
+    assert _fold(nn.Sequential(nn.Conv2d(3, 4, 1)), IMAGES) == FoldResult(0, "no BatchNorm to fold")
+    hooked = "not folded: module hooks are registered globally (they would see other numbers)"
+    for register in (torch_module.register_module_forward_hook, torch_module.register_module_forward_pre_hook):
+        handle = register(lambda *_: None)
+        try:
+            model = _randomise_statistics(Plain())
+            assert _fold(model, IMAGES) == FoldResult(0, hooked) and isinstance(model.norm, nn.BatchNorm2d)
+        finally:
+            handle.remove()
+    assert _fold(_randomise_statistics(WrongHead()), IMAGES) == FoldResult(
+        0, "not folded: the model failed on the check images"
+    )
+    assert _fold(_randomise_statistics(ReadTwice()), IMAGES) == FoldResult(
+        0, "no BatchNorm that only a convolution's output feeds, and nothing else reads"
+    )
+    model = _randomise_statistics(FailsOnceFolded())
+    weight, bias = model.conv.weight.detach().clone(), model.conv.bias
+    assert _fold(model, IMAGES) == FoldResult(0, "none folded: the folded model failed (RuntimeError)")
+    assert isinstance(model.norm, nn.BatchNorm2d) and torch.equal(model.conv.weight, weight) and model.conv.bias is bias
+
+
+class TwoShiftedOnePlain(nn.Module):
+    """Two folds that move their layer (half precision, as above) and one that does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shifted = nn.ModuleList([Shifted(), Shifted()])
+        self.plain, self.plain_norm = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shifted[0](x) + self.shifted[1](x) + self.plain_norm(self.plain(x)).mean((2, 3))
+
+
+def test_folds_put_back_are_counted_beside_those_kept() -> None:
+    torch.manual_seed(0)
+    model = _randomise_statistics(TwoShiftedOnePlain()).half()
+    with torch.no_grad():  # the plain pair an identity: exact in half precision too
+        model.plain_norm.running_mean.zero_(), model.plain_norm.running_var.fill_(1 - model.plain_norm.eps)
+        model.plain_norm.weight.fill_(1), model.plain_norm.bias.zero_()
+    result = fold_batchnorm(model, IMAGES[:1, :, :16, :16].half(), lambda output: output.float())
+    assert result == FoldResult(
+        1, "1 BatchNorms folded into their convolutions; 2 left as written (folding changed their layer's output)"
+    )
+
+
+def _moved_after_the_first(reference: torch.Tensor, delta: torch.Tensor) -> Callable[[object], torch.Tensor]:
+    """Scores that are `reference` on the watched pass and `reference + delta` on the folded model's."""
+    calls = []
+
+    def scores(_: object) -> torch.Tensor:
+        calls.append(1)
+        return reference if len(calls) == 1 else reference + delta
+
+    return scores
+
+
+@pytest.mark.parametrize(
+    ("largest", "where", "moved", "kept"),
+    [
+        (1000.0, 0, 0.9e-4 * 1000, True),  # the absolute tolerance grows with the largest score
+        (1000.0, 0, 1.1e-4 * 1000, False),
+        (0.5, 0, 0.9e-4, True),  # but never shrinks under 1e-4
+        (0.5, 0, 1.5e-4, False),
+        (1000.0, 1, 1000 * 1e-3 + 0.9e-4 * 1000, True),  # and the relative one holds on top of it, at 1e-3
+        (1000.0, 1, 1000 * 1e-3 + 1.1e-4 * 1000, False),
+    ],
+)
+def test_the_whole_models_check_allows_what_outputs_same_allows_and_no_more(
+    largest: float, where: int, moved: float, kept: bool
+) -> None:
+    """The folded model's scores against the written model's: within SAME_RTOL of each score plus SAME_ATOL of the
+    largest (at least 1), on a score of 0 (where 0) or on the largest (where 1)."""
+    reference = torch.tensor([[0.0, largest, -largest / 2]])
+    delta = torch.zeros_like(reference)
+    delta[0, where] = moved
+    model = _randomise_statistics(Plain())
+    result = fold_batchnorm(model, IMAGES[:1], _moved_after_the_first(reference, delta))
+    assert result.folded == (1 if kept else 0), result
+
+
+def test_a_model_with_no_scores_to_compare_folds() -> None:
+    empty = torch.zeros(1, 0)
+    result = fold_batchnorm(_randomise_statistics(Plain()), IMAGES[:1], _moved_after_the_first(empty, empty))
+    assert result.folded == 1
+
+
+@pytest.mark.parametrize(
+    ("func", "reads"),
+    [
+        (torch.Tensor.add, True),
+        (torch.Tensor.size, False),
+        (torch.Tensor.shape.__get__, False),  # an attribute read through the mode: metadata
+        (torch.Tensor.grad.__get__, True),
+        (functools.partial(torch.add), True),  # no name: a read
+        (types.SimpleNamespace(__name__="__get__", __self__=object()), True),  # a getter of nothing named
+    ],
+)
+def test_only_calls_that_read_a_tensors_metadata_are_no_reads_of_its_values(func: object, reads: bool) -> None:
+    from harness.models.fold import _reads_values
+
+    assert _reads_values(func) is reads  # type: ignore[arg-type]
