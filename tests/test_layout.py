@@ -4,6 +4,7 @@ choice. Tiny models, so the tests are fast; which layout is really faster is scr
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Callable
@@ -326,3 +327,45 @@ def test_a_model_whose_to_fails_while_its_layout_is_set_is_its_error_naming_the_
     with pytest.raises(ModelError) as failed:
         harness.pipeline.layout._put(RefusesLayouts(), True)
     assert str(failed.value) == "the model's to(memory_format) failed: ValueError: no layouts here"
+
+
+def _measured(*args: object) -> LayoutChoice:
+    return LayoutChoice(True, {"contiguous": 2.0, "channels_last": 1.0}, "measured")
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "images", "trial"),
+    [(64, 159, False), (64, 160, True), (2, 79, False), (2, 80, True)],  # 10 x (min(batch, 4) x 2 layouts x 2 rounds)
+)
+def test_a_cpu_run_gets_a_trial_from_ten_times_the_trials_own_images(
+    monkeypatch: pytest.MonkeyPatch, batch_size: int, images: int, trial: bool
+) -> None:
+    monkeypatch.setattr(harness.pipeline.layout, "choose_layout", _measured)
+    settled, choice = settle_layout(build_config({}, {}, {}), Convolutional(), CPU, SAMPLE, batch_size, images)
+    expected = (
+        _measured() if trial else LayoutChoice(False, {}, f"{images} images are too few to pay for a trial on the CPU")
+    )
+    assert choice == expected and settled.channels_last is expected.channels_last
+
+
+def test_each_layout_chosen_without_a_trial_says_why_word_for_word(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(harness.pipeline.layout, "choose_layout", _measured)
+    config = build_config({"output_file": str(tmp_path / "p.csv")}, {}, {})
+    partial_path(config.output_file).write_text("")
+    record_path(config.output_file).write_text(json.dumps({"placed": {"channels_last": True}}))
+    assert settle_layout(config, Convolutional(), CPU, SAMPLE, 64, 10**6)[1] == _measured()  # not resuming
+    resumed = dataclasses.replace(config, resume=True)
+    assert settle_layout(resumed, Convolutional(), CPU, SAMPLE, 64, 10**6)[1] == LayoutChoice(
+        True, {}, "the choice of the run this one resumes"
+    )
+    settled, choice = settle_layout(config, Convolutional(), CPU, SAMPLE, 64, 10**6, runtime="ONNX Runtime")
+    assert choice == LayoutChoice(False, {}, "ONNX Runtime runs the model and chooses its layout")
+    assert settled.channels_last is False
+    for setting in (True, False):
+        given = dataclasses.replace(config, channels_last=setting)
+        plan = DevicePlan(torch.device("cpu"), channels_last=setting)
+        assert settle_layout(given, Convolutional(), plan, SAMPLE, 64, 10**6)[1] == LayoutChoice(
+            setting, {}, f"set: channels_last {str(setting).lower()}"
+        )

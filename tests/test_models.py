@@ -273,3 +273,42 @@ def test_a_file_that_does_not_unpickle_and_names_wrapped_or_not(tmp_path: Path) 
     assert set(read_state_dict(_saved(tmp_path / "ddp.pth", wrapped)).state) == {"a", "b"}
     mixed = {"module.a": torch.zeros(1), "b": torch.zeros(1)}  # not a wrapper's: every name kept as written
     assert set(read_state_dict(_saved(tmp_path / "mixed.pth", mixed)).state) == {"module.a", "b"}
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("Unsupported global: GLOBAL a.A was not an allowed global; Unsupported global: GLOBAL b.B", "a.A, b.B"),
+        ("Weights only load failed: Unsupported global", "not only tensors"),
+    ],
+)
+def test_a_pickle_refusal_names_every_class_it_names_or_says_it_holds_more_than_tensors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, named: str
+) -> None:
+    import pickle
+
+    path = _saved(tmp_path / "w.pth", {"w": torch.zeros(1)})
+
+    def refuses(*_: object, **__: object) -> None:
+        raise pickle.UnpicklingError(text)
+
+    monkeypatch.setattr(torch, "load", refuses)
+    with pytest.raises(ModelError, match=rf"^{path} holds pickled Python objects \({named}\), so it is not loaded"):
+        read_state_dict(path)
+
+
+def test_a_checkpoint_not_found_lists_the_model_folders_files_or_none(tmp_path: Path) -> None:
+    from harness.models.checkpoint import resolve_checkpoint
+
+    folder = tmp_path / "model"
+    for present, listed in ((None, "none"), ([], "none"), (["b.pt", "a.txt"], "a.txt, b.pt")):
+        if present is not None:
+            folder.mkdir(exist_ok=True)
+            for name in present:
+                (folder / name).write_text("x")
+        config = build_config({"model_dir": str(folder), "checkpoint": "w.pth"}, {}, {})
+        with pytest.raises(ModelError) as missing:
+            resolve_checkpoint(config)
+        assert str(missing.value) == (
+            f"checkpoint w.pth not found (looked in the working directory and {folder}). Files in {folder}: {listed}"
+        )

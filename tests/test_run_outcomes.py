@@ -25,7 +25,7 @@ import harness.pipeline.files
 from harness.cli import main
 from harness.config import DEFAULT_MAX_FAILURES
 from harness.errors import CheckFailedError, TooManyFailuresError
-from harness.results.verdict import Verdict, failure_limit
+from harness.results.verdict import Verdict, failure_limit, judge
 from harness.results.writer import output_folder_lock
 from harness.tools.validate import validate_predictions
 from tests.helpers import REPO, SAMPLES, env_without_build_args, read_rows
@@ -594,3 +594,43 @@ def test_a_verdict_says_in_one_line_why_the_file_is_not_right_to_submit(tmp_path
         "every one of the 5 images failed (is the right folder mounted?); the predictions were written"
     )
     Verdict("complete", [], 1, 5, 1).raise_unless_complete(path, errors)
+
+
+def test_four_problems_show_three_and_one_more(tmp_path: Path) -> None:
+    problems = [f"line {line}: x" for line in range(1, 5)]
+    with pytest.raises(CheckFailedError) as caught:
+        Verdict("invalid predictions", problems, 0, 4, 0).raise_unless_complete(tmp_path / "p.csv", None)
+    assert str(caught.value).endswith("line 1: x; line 2: x; line 3: x (and 1 more)")
+
+
+@pytest.mark.parametrize(
+    ("failures", "total", "max_failures", "status", "limit"),
+    [
+        (0, 0, None, "complete", None),  # nothing to classify: nothing failed
+        (4, 5, None, "complete", None),  # no limit given: any number but all
+        (5, 5, None, "too many failures", None),
+        (1, 5, 1, "complete", 1),
+        (2, 5, 1, "too many failures", 1),
+        (5, 5, 10, "complete", 10),  # a limit given allows even all
+        (5, 5, 0.5, "too many failures", 2),
+    ],
+)
+def test_a_verdict_is_the_file_the_failures_and_their_limit(
+    tmp_path: Path, failures: int, total: int, max_failures: float | None, status: str, limit: int | None
+) -> None:
+    path = tmp_path / "p.csv"
+    path.write_text("a.png,1,0.5,2,0.1,3,0.1,4,0.1,5,0.1\n")
+    assert judge(path, ["a.png"], 11, True, failures, total, max_failures) == Verdict(
+        status, [], failures, total, limit
+    )
+
+
+def test_a_file_that_breaks_the_scorers_rules_is_invalid_whatever_the_failures(tmp_path: Path) -> None:
+    path = tmp_path / "p.csv"
+    row = ",1,0.5,2,0.1,3,0.1,4,0.1,5,0.1\n"
+    path.write_text(f"x/a.png{row}y/a.png{row}")
+    said = "line 2: duplicate key a.png (first on line 1); the scorer rejects it"
+    keys = ["x/a.png", "y/a.png"]
+    assert judge(path, keys, 11, True, 0, 2, None) == Verdict("invalid predictions", [said], 0, 2, None)
+    assert judge(path, keys, 11, True, 2, 2, 1) == Verdict("invalid predictions", [said], 2, 2, 1)
+    assert judge(path, keys, 11, False, 0, 2, None) == Verdict("complete", [], 0, 2, None)

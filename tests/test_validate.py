@@ -180,3 +180,45 @@ def test_a_committed_file_names_its_first_row_out_of_place(tmp_path: Path, writt
     path = tmp_path / "p.csv"
     path.write_text("".join(key + "," + ",".join(["1", "0.5"] * 5) + "\n" for key in written))
     assert committed_problems(path, ["a.png", "b.png"], 11, scorer_rules=True) == [said]
+
+
+def test_a_committed_file_lists_every_bad_row_by_its_line_then_the_scorers_own_reasons(tmp_path: Path) -> None:
+    """Rows in order, each problem once with its line (a too-narrow row, confidences that are not finite numbers,
+    text among them), a failure row's confidence never judged, and the scorer's reasons after them."""
+    good = ["1", "0.5"] * 5
+    rows = [
+        ["a.png", *good[:-2]],  # line 1: 9 fields
+        ["b.png", *good[:-1], "nan"],
+        ["c.png", *good[:-1], "inf"],
+        ["d.png", *good[:-1], "high"],
+        ["e.png", *["", "0"] * 5],  # a failure row
+        ["dir/f.png", *good],
+        ["f.png", *good],
+    ]
+    path = tmp_path / "p.csv"
+    path.write_text("".join(",".join(row) + "\n" for row in rows))
+    keys = [row[0] for row in rows]
+    expected = [
+        "line 1: 9 columns, expected 11",
+        "line 2: a confidence that is not a finite number",
+        "line 3: a confidence that is not a finite number",
+        "line 4: a confidence that is not a finite number",
+    ]
+    assert committed_problems(path, keys, 11, scorer_rules=False) == expected
+    scorers = problems(rows)[0]
+    assert len(scorers) >= 2 and committed_problems(path, keys, 11, scorer_rules=True) == expected + scorers
+
+
+def test_only_a_finite_number_is_a_confidence() -> None:
+    from harness.results.contract import is_finite_number
+
+    assert [is_finite_number(text) for text in ("0.5", "1e-3", "-2", "nan", "inf", "-inf", "high", "")] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+        False,
+        False,
+    ]
