@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from harness.cli import main
+from harness.errors import ConfigError
+from harness.sources import build_config
 from tests.helpers import SAMPLES
 
 pytest.importorskip("onnx")
@@ -121,3 +123,41 @@ def test_trust_pickle_from_the_command_line_is_the_only_way_in(tmp_path: Path) -
     argv = [str(SAMPLES), str(output), "--model", str(folder / "model.pt"), "--progress", "false", "--trust-pickle"]
     assert main(argv) == 4  # it is no model, but its code ran: what --trust-pickle allows
     assert sentinel.exists()
+
+
+def test_a_run_setting_in_a_model_file_is_refused_naming_where_it_may_be_set(tmp_path: Path) -> None:
+    from harness.config import ENV_FIELDS
+    from harness.sources import model_setting
+
+    by_variable = "gpus"  # HARNESS_GPUS-like: an environment variable sets it too
+    variable = next(v for v, name in ENV_FIELDS.items() if name == by_variable)
+    for name, where in ((by_variable, f"--gpus or {variable}"), ("max_failures", "--max-failures")):
+        with pytest.raises(ConfigError) as refused:
+            model_setting(name, 1, "model/config.yaml", tmp_path)
+        assert str(refused.value) == (
+            f"model/config.yaml: '{name}' is not the model's to set ({where}): a model's own files describe the "
+            "model (its preprocessing, class, weights inside its folder, label map, softmax), not how or where it "
+            "runs: set that on the command line or in the environment"
+        )
+
+
+def test_a_model_files_paths_are_its_folders_and_its_values_parsed_as_its_source_says(tmp_path: Path) -> None:
+    from harness.sources import model_setting
+
+    (tmp_path / "pkg").mkdir()
+    assert model_setting("module", "pkg/net.py", "config.yaml", tmp_path) == "pkg/net.py"
+    assert model_setting("checkpoint", "w.pth", "config.yaml", tmp_path) == str(tmp_path / "w.pth")
+    assert model_setting("label_map", "labels.txt", "config.yaml", tmp_path) == str(tmp_path / "labels.txt")
+    assert model_setting("label_map", "objectnet", "config.yaml", tmp_path) == "objectnet"
+    with pytest.raises(ConfigError, match=r"^its metadata: "):
+        model_setting("softmax", "perhaps", "its metadata", tmp_path)
+
+
+def test_config_yaml_preprocessing_is_checked_as_the_models_own_and_named_by_its_file(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("preprocess:\n  input_size: big\n")
+    with pytest.raises(ConfigError, match=r"config.yaml \(preprocess\): "):
+        build_config({"model_dir": str(tmp_path)}, {})
+    (tmp_path / "config.yaml").write_text("preprocess: [224]\n")
+    with pytest.raises(ConfigError) as refused:
+        build_config({"model_dir": str(tmp_path)}, {})
+    assert str(refused.value).endswith(": 'preprocess' must be a mapping of setting: value")
