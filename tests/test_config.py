@@ -48,6 +48,9 @@ def test_a_config_yaml_written_for_another_class_is_refused_naming_both_and_the_
     assert "model/config.yaml was written for class EfficientNetLite0 (its class_name)" in said
     assert "this run's class is ResNet (from the environment variable MODEL_CLASS_NAME)" in said
     assert "set class_name: ResNet in model/config.yaml, or for_any_class: true" in said
+    assert "its preprocess may not fit ResNet" in said
+    with pytest.raises(ConfigError, match="its preprocess, checkpoint may not fit ResNet"):
+        build_config({}, {"MODEL_CLASS_NAME": "ResNet"}, {**yaml_data, "checkpoint": "w.pth"})
     with pytest.raises(ConfigError, match="from the command line"):
         build_config(_cli("imgs", "out.csv", "ResNet"), {}, yaml_data)
     assert build_config({}, {"MODEL_CLASS_NAME": "EfficientNetLite0"}, yaml_data).class_name == "EfficientNetLite0"
