@@ -294,3 +294,42 @@ def test_libspng_is_loaded_from_pyspngs_library_or_left_to_pillow_when_it_cannot
     ):
         monkeypatch.setattr(harness.pipeline.png, "_pyspng", stand_in)
         assert harness.pipeline.png._libspng() is None
+
+
+MAX_TEXT = harness.pipeline.png.PngImagePlugin.MAX_TEXT_MEMORY
+
+
+def _bad_crc(kind: bytes, body: bytes) -> bytes:
+    whole = chunk(kind, body)
+    return whole[:-4] + bytes(4)
+
+
+@pytest.mark.parametrize(
+    ("tail", "text_memory", "exif_transpose", "nothing"),
+    [
+        (b"", 0, False, True),
+        (b"\0" * 7, 0, False, True),  # less than a chunk's header: where Pillow stops
+        (struct.pack(">I", 0) + b"tEXt", 0, False, False),  # a header whose CRC is missing: cut short
+        (chunk(b"tEXt", b"Comment\0hello")[:-2], 0, False, False),  # its CRC cut in two
+        (struct.pack(">I", 0xFFFFFFF0) + b"IDAT", 0, False, False),  # a length past the end
+        (chunk(b"tEXt", b"Comment\0hello"), 0, False, True),  # a whole chunk that ends the file exactly
+        (chunk(b"IDAT", b"xx") + chunk(b"IEND", b""), 0, False, True),
+        (_bad_crc(b"tEXt", b"Comment\0hello") + chunk(b"IEND", b""), 0, False, False),
+        (_bad_crc(b"IDAT", b"xx") + chunk(b"IEND", b""), 0, False, True),  # libspng checks the image data's
+        (chunk(b"zzZz", b"private") + chunk(b"IEND", b""), 0, False, True),  # no reader in Pillow
+        (chunk(b"tEXt", b"Comment\0hi") + chunk(b"pHYs", bytes(9)), 0, False, False),
+        (chunk(b"tEXt", b"exif\0data"), 0, True, False),  # orientation, when the run turns images
+        (chunk(b"tEXt", b"exif\0data"), 0, False, True),
+        (chunk(b"tEXt", b"exif\0x\0y"), 0, True, False),  # the keyword ends at the first NUL
+        (chunk(b"tEXt", b"Comment\0" + b"x" * 6) * 2, MAX_TEXT - 10, False, False),  # text adds up
+        (chunk(b"tEXt", b"Comment\0" + b"x" * 5) * 2, MAX_TEXT - 10, False, True),  # up to the limit exactly
+        (chunk(b"tEXt", b"\0" + b"x" * 10), MAX_TEXT, False, True),  # no keyword: Pillow keeps no text
+    ],
+)
+def test_what_follows_the_image_data_is_judged_chunk_by_chunk(
+    tail: bytes, text_memory: int, exif_transpose: bool, nothing: bool
+) -> None:
+    from harness.pipeline.png import _pillow_reads_nothing_after
+
+    head = b"\x89PNG\r\n\x1a\n"
+    assert _pillow_reads_nothing_after(head + tail, len(head), text_memory, exif_transpose) is nothing
