@@ -333,3 +333,16 @@ def test_what_follows_the_image_data_is_judged_chunk_by_chunk(
 
     head = b"\x89PNG\r\n\x1a\n"
     assert _pillow_reads_nothing_after(head + tail, len(head), text_memory, exif_transpose) is nothing
+
+
+@pytest.mark.parametrize("default_image", [False, True], ids=["first-frame-is-the-image", "image-outside-animation"])
+def test_an_animated_png_is_pillows_to_decode_whole(tmp_path: Path, default_image: bool) -> None:
+    """An APNG's pixels are Pillow's first frame, which is not the image data libspng would decode when the file's
+    default image stands outside the animation."""
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "green", "blue")]
+    path = tmp_path / "animated.png"
+    frames[0].save(path, save_all=True, append_images=frames[1:], default_image=default_image)
+    assert open_png(str(path), DEFAULT) is None
+    with Image.open(path) as reference:
+        expected = np.asarray(reference.convert("RGB"))
+    assert np.array_equal(np.asarray(decode(str(path), DEFAULT)), expected)
