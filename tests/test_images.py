@@ -160,3 +160,147 @@ def test_a_border_wider_than_the_image_leaves_it_whole() -> None:
     tiny = Image.new("RGB", (3, 3), RED)
     assert strip_border(tiny, 2).size == (3, 3)
     assert strip_border(Image.new("RGB", (1, 1)), "auto").size == (1, 1)
+
+
+def _jpeg(path: Path, size: tuple[int, int]) -> str:
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
+def test_max_pixels_is_checked_on_the_files_own_size_up_to_it_exactly(tmp_path: Path, kind: str) -> None:
+    from harness.pipeline.decode import ImageTooLarge, decode
+
+    path = tmp_path / f"a.{kind}"
+    if kind == "png":
+        Image.new("RGB", (40, 30), "red").save(path)
+    else:
+        _jpeg(path, (40, 30))
+    assert decode(str(path), max_pixels=1200).size == (40, 30)  # 40 x 30 exactly
+    assert load_rgb(str(path), max_pixels=1200).size == (40, 30)
+    for refuse in (lambda: decode(str(path), max_pixels=1199), lambda: load_rgb(str(path), max_pixels=1199)):
+        with pytest.raises(ImageTooLarge, match=r"^40x30 pixels is more than max_pixels \(1199\)$"):
+            refuse()
+
+
+@pytest.mark.parametrize(
+    ("draft_to", "border", "size"),
+    [
+        (150, 0, (200, 150)),  # both sides reach twice 150: decoded at half scale
+        (151, 0, (400, 300)),  # they do not: full size
+        (150, 3, (196, 146)),  # the frame shrinks with it: 3 x 0.5, every pixel it touches (2)
+        (151, 3, (394, 294)),
+    ],
+)
+def test_a_jpeg_is_drafted_only_where_both_sides_reach_twice_the_size_and_its_frame_with_it(
+    tmp_path: Path, draft_to: int, border: int, size: tuple[int, int]
+) -> None:
+    from harness.pipeline.decode import decode
+
+    path = _jpeg(tmp_path / "a.jpg", (400, 300))
+    decoded = decode(path, draft_to=draft_to, border=border)
+    assert decoded.size == size
+    with Image.open(path) as reference:
+        reference.draft("RGB", (draft_to, draft_to))
+        whole = reference.convert("RGB")
+        cut = (size[0] - whole.width) // -2
+        expected = whole.crop((cut, cut, whole.width - cut, whole.height - cut))
+    assert np.array_equal(np.asarray(decoded), np.asarray(expected))
+
+
+def test_a_png_is_never_drafted_and_auto_frames_survive_a_draft(tmp_path: Path) -> None:
+    from harness.pipeline.decode import decode
+
+    png = tmp_path / "a.png"
+    Image.new("RGB", (400, 300), "red").save(png)
+    assert decode(str(png), draft_to=150).size == (400, 300)
+    assert decode(_jpeg(tmp_path / "a.jpg", (400, 300)), draft_to=150, border="auto").size == (200, 150)
+
+
+def test_an_rgb_image_as_opened_is_returned_usable(tmp_path: Path) -> None:
+    """A JPEG already RGB and no frame: the decoded image is the opened one, copied before the file closes."""
+    from harness.pipeline.decode import decode
+
+    path = _jpeg(tmp_path / "a.jpg", (40, 30))
+    with Image.open(path) as reference:
+        expected = np.asarray(reference.convert("RGB"))
+    assert np.array_equal(np.asarray(decode(path)), expected)
+
+
+@pytest.mark.parametrize(
+    ("mode", "size", "limit", "refused"),
+    [
+        (
+            "shorter",
+            (20000, 1),
+            10**6,
+            "its 20000 x 1 pixels resized to 224 on the shorter side would be 4480000 x 224",
+        ),
+        ("shorter", (448, 224), 448 * 224, ""),  # exactly the limit
+        (
+            "shorter",
+            (449, 224),
+            448 * 224,
+            "its 449 x 224 pixels resized to 224 on the shorter side would be 449 x 224",
+        ),
+        ("squash", (20000, 1), 10**6, ""),  # squashed to the input size whatever its shape
+        ("shorter", (20000, 1), None, ""),
+    ],
+)
+def test_an_aspect_ratio_bomb_is_refused_by_the_size_its_resize_would_make(
+    mode: str, size: tuple[int, int], limit: int | None, refused: str
+) -> None:
+    from harness.config import Preprocess
+    from harness.pipeline.decode import ImageTooLarge, check_resized
+
+    pre = Preprocess(resize_mode=mode, resize_size=224, input_size=224)
+    if not refused:
+        check_resized(size, pre, limit)
+        return
+    with pytest.raises(ImageTooLarge) as caught:
+        check_resized(size, pre, limit)
+    assert str(caught.value) == f"{refused}, more than max_pixels ({limit:,})"
+
+
+def test_a_file_that_cannot_be_statted_is_seen_as_nothing(tmp_path: Path) -> None:
+    from harness.pipeline.decode import seen
+
+    assert seen(str(tmp_path / "missing.png")) == ""
+    (tmp_path / "a.png").write_bytes(b"12345")
+    assert seen(str(tmp_path / "a.png")).startswith("5:")
+
+
+def test_a_decoder_takes_the_runs_draft_frame_and_limits_and_says_why_a_file_failed(tmp_path: Path) -> None:
+    from harness.config import Preprocess
+    from harness.pipeline.decode import ModelFailure, ModelFault, decode_sample
+    from harness.pipeline.decode_options import DecodeLimits, Decoding
+
+    path = _jpeg(tmp_path / "a.jpg", (400, 300))
+    pre = Preprocess(jpeg_draft=True, resize_size=150, input_size=150, border=3)
+    assert decode_sample(path, Decoding(pre), lambda image: image.size)[:2] == ((196, 146), "")
+    small = DecodeLimits(max_pixels=119_999)
+    assert decode_sample(path, Decoding(Preprocess(), small), lambda image: image.size)[:2] == (
+        None,
+        "ImageTooLarge: 400x300 pixels is more than max_pixels (119999)",
+    )
+    strip = _jpeg(tmp_path / "strip.jpg", (2000, 8))
+    bomb = DecodeLimits(max_pixels=10**5)
+    image, why, _ = decode_sample(strip, Decoding(Preprocess(border=0), bomb), lambda image: image.size)
+    assert image is None and why.startswith("ImageTooLarge: its 2000 x 8 pixels resized to ")
+
+    def fails(_: Image.Image) -> None:
+        raise ModelFault("the model's transform broke")
+
+    _, why, _ = decode_sample(path, Decoding(Preprocess()), fails)
+    assert isinstance(why, ModelFailure) and why == "the model's transform broke"
+
+    def changes_the_file(image: Image.Image) -> tuple[int, int]:
+        with open(path, "ab") as file:
+            file.write(b"more")
+        return image.size
+
+    assert decode_sample(path, Decoding(Preprocess()), changes_the_file)[:2] == (
+        None,
+        "the file changed while it was read",
+    )
