@@ -197,3 +197,38 @@ def test_the_ids_each_class_is_written_as_and_when_they_are_the_scorers(tmp_path
     unmapped = next(index for index in range(1000) if index not in MAPPING)
     assert mapped[unmapped] == "-1" and all(mapped[index] == str(MAPPING[index]) for index in MAPPING)
     assert class_ids(make_label_map("objectnet-legacy", 1000, 5, True)[0], 1000) == mapped
+
+
+def test_each_label_map_a_head_gets_with_its_settings_and_every_refusal_word_for_word(tmp_path: Path) -> None:
+
+    with pytest.raises(ModelError) as none:
+        make_label_map("auto", 0, 5, True)
+    assert str(none.value) == "the model outputs 0 classes: it must return N x C scores with C >= 1"
+    for name in ("auto", "none"):
+        assert isinstance(make_label_map(name, 1, 5, True)[0], Score)
+    for name in ("objectnet", "objectnet-legacy"):
+        with pytest.raises(ConfigError) as narrow:
+            make_label_map(name, 10, 5, True)
+        assert str(narrow.value) == (
+            f"label map {name} needs a 1000-class ImageNet head, but the model outputs 10 classes: use --label-map "
+            "none or a labels file"
+        )
+    with pytest.raises(ConfigError, match=r"^--topk 3 with the objectnet-legacy label map: "):
+        make_label_map("objectnet-legacy", 1000, 3, True)
+    legacy, summed = make_label_map("objectnet-legacy", 1000, 5, True)[0], make_label_map("auto", 1000, 5, False)[0]
+    assert isinstance(legacy, ObjectNetLegacy) and (legacy.topk, legacy.softmax) == (5, True)
+    assert isinstance(summed, ObjectNetSummed) and (summed.topk, summed.softmax) == (5, False)
+    with pytest.raises(ConfigError) as names:
+        make_label_map("imagenet-names", 10, 5, True)
+    assert str(names.value) == (
+        "label map imagenet-names names a 1000-class ImageNet head's classes, but the model outputs 10: use "
+        "--label-map none or a labels file"
+    )
+    carried = ["cat", "dog", "cow"]
+    assert make_label_map("auto", 3, 2, True, carried)[0].names == carried  # type: ignore[attr-defined]
+    assert make_label_map("auto", 3, 2, True, carried[:2])[0].names is None  # type: ignore[attr-defined]
+    assert make_label_map("none", 3, 2, True, carried)[0].names is None  # type: ignore[attr-defined]
+    exact, said = make_label_map("none", 3, 3, False)
+    assert isinstance(exact, TopK) and exact.topk == 3 and said == []
+    wide, said = make_label_map("none", 3, 4, False)
+    assert wide.topk == 3 and said == ["topk 4 is more than the model's 3 classes: writing 3"]
