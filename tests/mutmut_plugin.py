@@ -1,8 +1,10 @@
 """pytest hooks for the mutation pass only (scripts/mutation.py; pyproject.toml's [tool.mutmut] loads them with -p):
-a mutant runs only the tests that executed the line it changes (mutmut itself knows only which tests reached the
-function), its module's own test files first, each part fastest first, so that the first to fail ends its run
-early, and no more of them than a budget; the objects a mutant's process inherits are left out of its garbage
-collections; and the marker of mutmut's coverage run stays out of the processes the tests start."""
+a mutant runs only the tests that executed the statement it changes (mutmut itself knows only which tests reached
+the function; its list stands where no test executed the statement in the test's own process, as in a forked
+child, and for a change to the signature), its module's own test files first, each part fastest first, so that the
+first to fail ends its run early, and no more of them than a budget; the objects a mutant's process inherits are
+left out of its garbage collections; and the marker of mutmut's coverage run stays out of the processes the tests
+start."""
 
 from __future__ import annotations
 
@@ -103,14 +105,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """A mutant's tests: those that executed the line it changes (all that reached its function, where the line is
     not known), its module's own test files first, each part fastest first (mutmut runs them in no order, and stops
     at the first failure), and only as many as fit TESTS_BUDGET_S by the coverage run's timings: the rest are
-    deselected. No test executed the line: none runs, and the mutant survives as untested."""
+    deselected."""
     mutant = os.environ.get(MARKER, "")
     if "__mutmut_" not in mutant or not TIMES.is_file():
         return
     times = _read(TIMES, {})
     path = re.split(r"\.x[_ǁ]", mutant, maxsplit=1)[0].replace(".", "/") + ".py"
     reached = _tests_of_line(path, mutant)
-    if reached is not None:
+    if reached:  # none: the line ran only where coverage cannot see (a forked child), or never; mutmut's list stands
         config.hook.pytest_deselected(items=[item for item in items if item.nodeid not in reached])
         items[:] = [item for item in items if item.nodeid in reached]
     own = set(_settings().get("own_tests", {}).get(path, []))
@@ -140,7 +142,7 @@ def _tests_of_line(path: str, mutant: str) -> set[str] | None:
 def changed_lines(source: str, mutant: str) -> set[int] | None:
     """The lines of the original function (`x_name__mutmut_orig` in mutmut's copy of the module) whose statements
     the mutant (`x_name__mutmut_N`) changes, each widened to its whole statement (a compound one's header only);
-    None where the change is on the `def` line or the functions are not found."""
+    None where the change is in the signature or the functions are not found."""
     tree = ast.parse(source)
     functions = {node.name: node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)}
     name = mutant.rpartition("__mutmut_")[0]
@@ -153,7 +155,7 @@ def changed_lines(source: str, mutant: str) -> set[int] | None:
     after[0] = after[0].replace(mutant, f"{name}__mutmut_orig", 1)
     edits = difflib.SequenceMatcher(None, before, after, autojunk=False).get_opcodes()
     lines = {original.lineno + i for tag, i1, i2, _, _ in edits if tag != "equal" for i in range(i1, max(i2, i1 + 1))}
-    if not lines or original.lineno in lines:
+    if not lines or min(lines) < original.body[0].lineno:  # the signature (a default value): every call
         return None
     return {covered for line in lines for covered in _statement(original, line)}
 
