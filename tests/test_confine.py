@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import glob
 import json
 import os
@@ -282,6 +283,7 @@ def test_rules_covered_by_another_are_left_out_and_none_is_lost() -> None:
         rule(Path("/x"), read),  # given already, by the first of them
         rule(Path("/d/e"), write),
         rule(Path("/d"), read),
+        rule(Path("/e/f"), sandbox.EXECUTE),  # a right alone (its bit is 1), under no folder given anything
     ]
     assert confine._without_repeats(given) == [
         rule(Path("/a"), read),
@@ -292,6 +294,7 @@ def test_rules_covered_by_another_are_left_out_and_none_is_lost() -> None:
         rule(Path("/x"), write & ~read),
         rule(Path("/d/e"), write),
         rule(Path("/d"), read),
+        rule(Path("/e/f"), sandbox.EXECUTE),
     ]
 
 
@@ -1021,3 +1024,67 @@ def test_images_behind_links_are_read_where_the_links_lead(tmp_path: Path) -> No
         assert done.returncode == 0, done.stderr
         rows[mode] = output.read_text()
     assert rows["auto"] == rows["off"] and rows["auto"].count("\n") == 2
+
+
+def test_an_output_folder_opens_only_as_the_folder_itself_never_through_a_link_nor_a_file(tmp_path: Path) -> None:
+    output = tmp_path / "out" / "p.csv"
+    output.parent.mkdir()
+    allowed = OutputFiles.of([output])
+    fd = gate._open(allowed, output.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC  # no process the model starts inherits it
+    finally:
+        os.close(fd)
+    output.parent.rmdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    output.parent.symlink_to(elsewhere)
+    with pytest.raises(OSError) as linked:
+        gate._open(allowed, output.parent, os.O_RDONLY | os.O_DIRECTORY)
+    assert linked.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    output.parent.unlink()
+    output.parent.write_text("a file where the folder should be")
+    with pytest.raises(NotADirectoryError):
+        gate._open(allowed, output.parent, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def test_an_output_file_is_made_with_the_gates_mode_and_a_folder_that_cannot_sync_is_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "p.csv"
+    allowed = OutputFiles.of([output])
+    umask = os.umask(0)
+    try:
+        os.close(gate._open(allowed, output, os.O_WRONLY | os.O_CREAT))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(output.stat().st_mode) == gate.FILE_MODE
+
+    def refuses(fd: int) -> None:
+        raise OSError(errno.EINVAL, "this file system syncs no folder")
+
+    monkeypatch.setattr(os, "fsync", refuses)
+    gate._sync_folder(allowed, tmp_path)
+
+
+def test_an_error_without_words_is_answered_in_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fails(allowed: object, request: object) -> None:
+        raise OSError("the disk said no")
+
+    monkeypatch.setattr(gate, "_perform", fails)
+    request = json.dumps({"op": "remove", "path": str(tmp_path / "p.csv"), "id": 7}).encode()
+    replies: list[bytes] = []
+
+    class _Once:
+        def __init__(self) -> None:
+            self.requests = [request]
+
+        def recv(self, size: int) -> bytes:
+            return self.requests.pop() if self.requests else b""
+
+        def sendmsg(self, buffers: list[bytes], *args: object) -> int:
+            replies.append(buffers[0])
+            return len(buffers[0])
+
+    gate._serve(OutputFiles.of([tmp_path / "p.csv"]), _Once(), [])  # type: ignore[arg-type]
+    assert json.loads(replies[0]) == {"id": 7, "errno": errno.EIO, "strerror": "the disk said no"}
