@@ -424,3 +424,20 @@ def test_a_path_in_the_record_is_written_as_its_text(tmp_path: Path) -> None:
     output = tmp_path / "p.csv"
     record_identity(output, {"model": tmp_path / "m.py"})
     assert json.loads(record_path(output).read_text(encoding="utf-8")) == {"model": str(tmp_path / "m.py")}
+
+
+def test_the_record_leaves_out_the_runs_own_files_and_reads_no_file_named_like_a_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"onnx")
+    output = folder / "p.csv"
+    config = build_config({"output_file": str(output), "model_dir": str(folder), "label_map": "objectnet"}, {}, {})
+    output.write_text("the run's own predictions")
+    model = {"class": "Model", "source": None, "checkpoint": None}
+    identity = run_identity(config, model, [], {}, run_outputs(config).files)
+    assert list(identity["model_files"]) == ["model.onnx"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "objectnet").write_text("a file that happens to share the map's name")
+    assert run_identity(config, model, [], {})["labels_file"] is None
