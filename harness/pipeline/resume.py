@@ -222,6 +222,7 @@ def run_identity(
     how it runs (device type, GPUs, the batch it sees, the layout chosen under `channels_last: auto`, torch's
     threads), `outputs` the run's own files, which are never the model's even when they lie in its folder."""
     label_map = config.label_map
+    named = is_named_map(label_map)  # a named map is never read from a file, whatever the working folder holds
     installed = software()
     digest = _digests_once()
     return {
@@ -240,8 +241,8 @@ def run_identity(
         "checkpoint": digest(model["checkpoint"]),
         "weights": model.get("weights"),  # a training checkpoint's own or EMA weights
         "transform_file": digest(config.transform_file),
-        "label_map": label_map if is_named_map(label_map) else "a labels file",
-        "labels_file": digest(label_map) if Path(label_map).is_file() else None,
+        "label_map": label_map if named else "a labels file",
+        "labels_file": None if named else digest(label_map),
     }
 
 
