@@ -690,6 +690,7 @@ def test_a_model_with_no_scores_to_compare_folds() -> None:
         (torch.Tensor.grad.__get__, True),
         (functools.partial(torch.add), True),  # no name: a read
         (types.SimpleNamespace(__name__="__get__", __self__=object()), True),  # a getter of nothing named
+        (types.SimpleNamespace(__name__="__get__"), True),  # a getter bound to nothing
     ],
 )
 def test_only_calls_that_read_a_tensors_metadata_are_no_reads_of_its_values(func: object, reads: bool) -> None:

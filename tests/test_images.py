@@ -304,3 +304,68 @@ def test_a_decoder_takes_the_runs_draft_frame_and_limits_and_says_why_a_file_fai
         None,
         "the file changed while it was read",
     )
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "cut", "cuts"),
+    [
+        (20, 20, -1, 0),
+        (20, 20, 0, 0),
+        (20, 20, 1, 1),
+        (20, 10, 5, 0),  # as wide as the two sides' frames: nothing would be left
+        (20, 11, 5, 5),
+        (10, 20, 5, 0),
+        (11, 20, 5, 5),
+    ],
+)
+def test_a_frame_is_cut_only_from_an_image_that_keeps_a_pixel(height: int, width: int, cut: int, cuts: int) -> None:
+    from harness.pipeline.decode import border_width
+
+    assert border_width(np.zeros((height, width, 3), dtype=np.uint8), cut) == cuts
+
+
+def _framed(size: tuple[int, int], rings: list[tuple[int, int, int]], inside: tuple[int, int, int]) -> np.ndarray:
+    pixels = np.empty((size[1], size[0], 3), dtype=np.uint8)
+    pixels[:] = inside
+    for k, colour in enumerate(rings):
+        pixels[k, k : size[0] - k] = colour
+        pixels[size[1] - 1 - k, k : size[0] - k] = colour
+        pixels[k : size[1] - k, k] = colour
+        pixels[k : size[1] - k, size[0] - 1 - k] = colour
+    return pixels
+
+
+def test_auto_finds_each_ring_within_the_tolerance_and_stops_short_of_the_middle() -> None:
+    red, near, blue = (255, 0, 0), (215, 0, 0), (0, 0, 255)  # near: exactly the tolerance (40) from red
+    assert detect_border(_framed((40, 30), [red, near], blue)) == 2
+    assert detect_border(_framed((40, 30), [red, (214, 0, 0)], blue)) == 1
+    assert detect_border(np.full((5, 7, 3), 9, dtype=np.uint8)) == 2  # one colour: up to the rings around the middle
+    assert detect_border(np.full((40, 40, 3), 9, dtype=np.uint8)) == 8  # at most AUTO_BORDER_MAX
+    image = Image.fromarray(_framed((10, 10), [red], blue))
+    assert strip_border(image, 1).size == (8, 8) and strip_border(image, 0) is image
+
+
+def test_auto_judges_an_rgba_frame_by_its_colour_alone(tmp_path: Path) -> None:
+    """The frame is found on the pixels `convert("RGB")` gives: a ring of the frame's colour, transparent, is frame."""
+    from harness.pipeline.decode import decode
+
+    pixels = np.dstack([_framed((40, 30), [(255, 0, 0)] * 3, (0, 0, 255)), np.full((30, 40), 255, dtype=np.uint8)])
+    pixels[2, 2:38, 3] = 0  # the third ring's top row: red, but transparent
+    path = tmp_path / "framed.png"
+    Image.fromarray(pixels, "RGBA").save(path)
+    with Image.open(path) as reference:
+        expected = strip_border(reference.convert("RGB"), "auto")
+    assert expected.size == (34, 24)
+    assert np.array_equal(np.asarray(decode(str(path), border="auto")), np.asarray(expected))
+
+
+def test_an_image_partly_transparent_is_composited_onto_the_colour_as_pillow_composites() -> None:
+    from harness.pipeline.decode import to_rgb
+
+    pixels = np.array([[[200, 100, 50, 255], [200, 100, 50, 128], [10, 20, 30, 0]]], dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGBA")
+    options = DecodeOptions(alpha="black")
+    expected = Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image).convert("RGB")
+    assert np.array_equal(np.asarray(to_rgb(image, options)), np.asarray(expected))
+    assert np.asarray(to_rgb(image, options))[0, 2].tolist() == [0, 0, 0]
+    assert np.array_equal(np.asarray(to_rgb(image)), pixels[..., :3])  # no colour given: the alpha dropped

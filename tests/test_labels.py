@@ -232,3 +232,13 @@ def test_each_label_map_a_head_gets_with_its_settings_and_every_refusal_word_for
     assert isinstance(exact, TopK) and exact.topk == 3 and said == []
     wide, said = make_label_map("none", 3, 4, False)
     assert wide.topk == 3 and said == ["topk 4 is more than the model's 3 classes: writing 3"]
+
+
+def test_a_head_without_names_writes_its_indices_and_keeps_its_softmax_setting() -> None:
+    logits = torch.tensor([[0.0, 2.0, 1.0]])
+    for softmax in (True, False):
+        label_map = make_label_map("none", 3, 2, softmax)[0]
+        assert label_map.softmax is softmax and TopK(2, softmax).softmax is softmax
+        (prediction,) = label_map(logits)
+        scores = logits.softmax(1)[0] if softmax else logits[0]
+        assert prediction == Prediction(("1", "2"), (float(scores[1]), float(scores[2])))

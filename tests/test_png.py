@@ -346,3 +346,25 @@ def test_an_animated_png_is_pillows_to_decode_whole(tmp_path: Path, default_imag
     with Image.open(path) as reference:
         expected = np.asarray(reference.convert("RGB"))
     assert np.array_equal(np.asarray(decode(str(path), DEFAULT)), expected)
+
+
+def test_every_libspng_context_made_is_freed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One per decoded file: a context left behind would hold memory for every image of a run of millions."""
+    library = harness.pipeline.png.LIBSPNG
+    if library is None:
+        pytest.skip("pyspng is not installed")
+    made: list[int] = []
+    freed: list[int] = []
+    new, free = library.new, library.free
+
+    def counted_new(flags: int) -> int:
+        made.append(new(flags))
+        return made[-1]
+
+    monkeypatch.setattr(library, "new", counted_new)
+    monkeypatch.setattr(library, "free", lambda context: (freed.append(context), free(context)))
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), "red").save(path)
+    png = open_png(str(path), DEFAULT)
+    assert png is not None and png.pixels() is not None
+    assert made and all(made) and freed == made

@@ -609,6 +609,7 @@ def test_four_problems_show_three_and_one_more(tmp_path: Path) -> None:
         (0, 0, None, "complete", None),  # nothing to classify: nothing failed
         (4, 5, None, "complete", None),  # no limit given: any number but all
         (5, 5, None, "too many failures", None),
+        (1, 1, None, "too many failures", None),  # one image, and it failed
         (1, 5, 1, "complete", 1),
         (2, 5, 1, "too many failures", 1),
         (5, 5, 10, "complete", 10),  # a limit given allows even all

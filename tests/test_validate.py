@@ -222,3 +222,11 @@ def test_only_a_finite_number_is_a_confidence() -> None:
         False,
         False,
     ]
+
+
+def test_a_one_score_file_is_read_as_key_and_score(tmp_path: Path) -> None:
+    path = tmp_path / "p.csv"
+    path.write_text("a.png,0.25\nb.png,\nc.png,nan\n")  # a score, a failed image's empty one, no number
+    assert committed_problems(path, ["a.png", "b.png", "c.png"], 2, scorer_rules=False) == [
+        "line 3: a confidence that is not a finite number"
+    ]
