@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """The mutation pass over the code behind the README's promises: mutmut (pinned in the lock) mutates the modules
-pyproject.toml's [tool.mutmut] names, one change at a time, and runs against each mutant only the tests that reached
-its function, fastest first and up to a few seconds of them (tests/mutmut_plugin.py); a mutant no test fails on has
-survived. This script runs the pass within a time budget, reads its results, sets aside the mutants [tool.mutmut]
-marks equivalent (each with why, and the change it names, so a mark cannot drift onto another mutant), prints each
-module's figures and every survivor (with why, where [tool.mutmut] gives one), and exits 1 when the kill rate of
-the others is below the floor or the pass ran out of time.
+pyproject.toml's [tool.mutmut] names, one change at a time, and runs against each mutant only the tests that executed
+the statement it changes, its module's own first, fastest first and up to a few seconds of them
+(tests/mutmut_plugin.py); a mutant no test fails on has survived. This script runs the pass within a time budget,
+reads its results, sets aside the mutants [tool.mutmut] marks equivalent (each with why, and the change it names, so
+a mark cannot drift onto another mutant), prints each module's figures and every survivor (with why, where
+[tool.mutmut] gives one), and exits 1 when the kill rate of the others is below the floor or the pass ran out of
+time.
 
     python3 scripts/mutation.py                  # the whole pass, from scratch
     python3 scripts/mutation.py --report         # the figures of the last pass again, without running it
