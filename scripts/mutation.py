@@ -145,7 +145,10 @@ def results(config: dict[str, Any], selected: list[str]) -> tuple[dict[str, Figu
                 continue
             module.mutants += 1
             kind, mark = marks.get(name, (None, None))
-            killed = code is not None and status_by_exit_code[code] in KILLED
+            status = status_by_exit_code[code] if code is not None else None
+            # a marked mutant that ran out of time ran on a busy machine: an equivalent one cannot loop, and a GPU
+            # one's tests are the CPU's; it keeps its mark (only a failing test disproves one)
+            killed = status in KILLED and not (mark is not None and status == "timeout")
             change = change_of(name, path) if mark is not None or not killed else ""  # mutmut's diff: read once
             if mark is not None:
                 seen.add(name)
@@ -155,7 +158,7 @@ def results(config: dict[str, Any], selected: list[str]) -> tuple[dict[str, Figu
                 wrong.append(f"{name} was not run (the pass stopped early?)")
             elif killed:
                 module.killed += 1
-                if status_by_exit_code[code] == "timeout":
+                if status == "timeout":
                     module.timeouts.append(name)
                 if mark is not None:
                     wrong.append(f"{name} is marked {kind}, but a test kills it: remove the mark")
@@ -163,8 +166,7 @@ def results(config: dict[str, Any], selected: list[str]) -> tuple[dict[str, Figu
                 module.equivalent += 1
             else:
                 why = f" [{mark['why']}]" if mark is not None else ""
-                status = f"{status_by_exit_code[code]}, exit {code}"
-                module.survived.append(f"{name} ({status}): {change}{why}")
+                module.survived.append(f"{name} ({status}, exit {code}): {change}{why}")
     unseen = [name for name in marks.keys() - seen if any(fnmatch.fnmatchcase(name, p) for p in selected)]
     wrong += [f"{name} is marked {marks[name][0]} but is not a mutant of the pass" for name in sorted(unseen)]
     return figures, wrong
