@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import re
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     times = _read(TIMES, {})
     path = re.split(r"\.x[_ǁ]", mutant, maxsplit=1)[0].replace(".", "/") + ".py"
     reached = _tests_of_line(path, mutant)
-    if reached:  # none: the line ran only where coverage cannot see (a forked child), or never; mutmut's list stands
+    if reached:  # none (a forked child's line, one never run, or not known): mutmut's list stands
         config.hook.pytest_deselected(items=[item for item in items if item.nodeid not in reached])
         items[:] = [item for item in items if item.nodeid in reached]
     own = set(_settings().get("own_tests", {}).get(path, []))
@@ -128,30 +129,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             return
 
 
-def _tests_of_line(path: str, mutant: str) -> set[str] | None:
+def _tests_of_line(path: str, mutant: str) -> set[str]:
     """The tests that executed any statement the mutant changes, as the coverage run saw them in the function's
-    original (mutants/ holds it beside each mutant); None where that cannot be told."""
+    original (mutants/ holds it beside each mutant); none where that cannot be told."""
     if not LINES.is_file():
-        return None
+        return set()
     lines = changed_lines(Path(path).read_text(encoding="utf-8"), mutant.rpartition(".")[2])
-    if lines is None:
-        return None
     found = _read(LINES, {"tests": [], "lines": {}})
     executed = found["lines"].get(path, {})
-    return {found["tests"][number] for line in lines for number in executed.get(str(line), [])}
+    return {found["tests"][number] for line in lines or () for number in executed.get(str(line), [])}
 
 
 def changed_lines(source: str, mutant: str) -> set[int] | None:
     """The lines of the original function (`x_name__mutmut_orig` in mutmut's copy of the module) whose statements
     the mutant (`x_name__mutmut_N`) changes, each widened to its whole statement (a compound one's header only);
     None where the change is in the signature or the functions are not found."""
-    tree = ast.parse(source)
-    functions = {node.name: node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)}
+    text = source.splitlines()
     name = mutant.rpartition("__mutmut_")[0]
-    original, changed = functions.get(f"{name}__mutmut_orig"), functions.get(mutant)
+    original, changed = _function(text, f"{name}__mutmut_orig"), _function(text, mutant)
     if original is None or changed is None or original.end_lineno is None or changed.end_lineno is None:
         return None
-    text = source.splitlines()
     before = text[original.lineno - 1 : original.end_lineno]
     after = text[changed.lineno - 1 : changed.end_lineno]
     after[0] = after[0].replace(mutant, f"{name}__mutmut_orig", 1)
@@ -160,6 +157,29 @@ def changed_lines(source: str, mutant: str) -> set[int] | None:
     if not lines or min(lines) < original.body[0].lineno:  # the signature (a default value): every call
         return None
     return {covered for line in lines for covered in _statement(original, line)}
+
+
+def _function(text: list[str], name: str) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
+    """The function `name` of mutmut's copy of a module, parsed on its own, its lines numbered as in the file; None
+    where it is not found whole. The copy holds every mutant of the module: parsing all of it (a megabyte for the
+    fold's) cost each of its hundreds of mutants half a second."""
+    define = re.compile(rf"(\s*)(?:async\s+)?def {re.escape(name)}\(")
+    start = next((number for number, line in enumerate(text) if define.match(line)), None)
+    if start is None:
+        return None
+    indent = len(text[start]) - len(text[start].lstrip())
+    end = start + 1  # to the next code line as far out as the `def`, a signature's closing bracket aside
+    while end < len(text) and (
+        not text[end].strip() or text[end].lstrip()[0] in "#)]}" or len(text[end]) - len(text[end].lstrip()) > indent
+    ):
+        end += 1
+    try:
+        node = ast.parse(textwrap.dedent("\n".join(text[start:end]))).body[0]
+    except SyntaxError:  # a line of a string at the margin ended it early: told as not found
+        return None
+    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or node.name != name:
+        return None
+    return ast.increment_lineno(node, start)
 
 
 def _statement(function: ast.FunctionDef | ast.AsyncFunctionDef, line: int) -> range:
