@@ -12,15 +12,17 @@ neither's parameters or buffers are read anywhere else (no `F.conv2d(x, self.con
 with another module. A watched forward pass then confirms it on the run's own images, with every torch call
 recorded: the BatchNorm reads the very tensor the convolution returned and nothing else reads it, and neither has
 hooks (a hook on the BatchNorm would stop firing; one on the convolution would see other numbers). Every fold is
-then checked: each folded convolution must give its BatchNorm's old output on the same input, and the whole model
-its old scores on the real images, or the model is put back as it was written. A failure anywhere means "as
-written". Where a folded BatchNorm sat, a stand-in passes its input on and still answers for the BatchNorm's
-attributes (`num_features`, `eps`, ...).
+checked: in that pass, as its BatchNorm returns, the folded convolution must give the BatchNorm's output on the
+same input (checked there, not after the pass, so no layer's activations are kept: they were most of a run's peak
+memory), and then the whole model its old scores on the real images, or the model is put back as it was written.
+A failure anywhere means "as written". Where a folded BatchNorm sat, a stand-in passes its input on and still
+answers for the BatchNorm's attributes (`num_features`, `eps`, ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,8 +54,7 @@ class FoldResult:
 class _Pair:
     conv: _ConvNd
     norm: _BatchNorm
-    conv_input: torch.Tensor
-    norm_output: torch.Tensor
+    agrees: bool  # folded, the convolution gave the BatchNorm's output on the input it saw in the watched pass
 
 
 @dataclass
@@ -102,13 +103,10 @@ def fold_batchnorm(model: nn.Module, sample: torch.Tensor, scores: Callable[[obj
     undo: list[_Undo] = []
     kept = 0
     for pair in pairs:
-        step = _fold(model, pair)
-        if _layer_agrees(pair):
-            undo.append(step)
+        if pair.agrees:
+            undo.append(_fold(model, pair))
         else:
-            _restore([step])
             kept += 1
-    del pairs
     if not undo:
         return FoldResult(0, f"none folded: {kept} folds changed their layer's output")
     try:
@@ -257,26 +255,43 @@ def _reads_values(func: Callable[..., object]) -> bool:
 
 
 class _Readers(TorchFunctionMode):
-    """Records every torch call that reads the values of a watched tensor (a convolution's output), and which
-    BatchNorm was running when it did."""
+    """Records every torch call that reads the values of a watched tensor (a convolution's output) while it lives,
+    and which BatchNorm was running when it did. A watched tensor is not held (the pass keeps no activation the
+    model itself would not): when it is freed its watch ends, and a new tensor at its address is not mistaken for
+    it."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.watched: dict[int, torch.Tensor] = {}
-        self.reads: dict[int, list[tuple[str, nn.Module | None]]] = {}
+        self.watched: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}  # id of a live tensor: (it, its number)
+        self.reads: list[list[tuple[str, nn.Module | None]]] = []  # by the watch's number
         self.norm: nn.Module | None = None  # the BatchNorm whose forward is running
-        self.paused = False  # our own hooks' copies are no reads
+        self.paused = False  # our own checks are no reads
 
-    def watch(self, tensor: torch.Tensor) -> None:
-        self.watched[id(tensor)] = tensor  # held, so its id is not reused while the pass runs
-        self.reads[id(tensor)] = []
+    def watch(self, tensor: torch.Tensor, freed: Callable[[int], None]) -> int:
+        """Watch `tensor` until it is freed, then call `freed` with the watch's number, which this returns."""
+        key, number = id(tensor), len(self.reads)
+        self.reads.append([])
+
+        def forget(ref: weakref.ref[torch.Tensor]) -> None:
+            if self.watched.get(key, (None, 0))[0] is ref:
+                del self.watched[key]
+            freed(number)
+
+        self.watched[key] = (weakref.ref(tensor, forget), number)
+        return number
+
+    def number(self, tensor: torch.Tensor) -> int | None:
+        """The watch of `tensor`, or None where it is not watched."""
+        entry = self.watched.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         if not self.paused and _reads_values(func):
             for leaf in tree_flatten((args, kwargs))[0]:
-                if isinstance(leaf, torch.Tensor) and self.watched.get(id(leaf)) is leaf:
-                    self.reads[id(leaf)].append((getattr(func, "__name__", ""), self.norm))
+                number = self.number(leaf) if isinstance(leaf, torch.Tensor) else None
+                if number is not None:
+                    self.reads[number].append((getattr(func, "__name__", ""), self.norm))
         return func(*args, **kwargs)
 
 
@@ -285,19 +300,21 @@ def _watch(
 ) -> tuple[list[_Pair], torch.Tensor]:
     """One forward pass with hooks and every torch call recorded: each (convolution, BatchNorm) where the BatchNorm
     read exactly the tensor the convolution returned and nothing else read it, both called once, the convolution's
-    weight its own and neither hooked by anyone else; and the model's scores."""
+    weight its own and neither hooked by anyone else, with whether its fold gave the BatchNorm's output there; and
+    the model's scores."""
     convs = [m for m in model.modules() if _foldable_conv(m) and not m._forward_hooks]
     norms = [m for m in model.modules() if _foldable_norm(m) and not _hooked(m)]
     calls: Counter[nn.Module] = Counter()
-    produced: dict[int, tuple[_ConvNd, torch.Tensor, torch.Tensor]] = {}
+    produced: dict[int, tuple[_ConvNd, torch.Tensor]] = {}  # by watch: a live output's convolution and its input
     seen: list[tuple[_Pair, int]] = []
     readers = _Readers()
 
     def after_conv(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if readers.paused:  # a fold's check, below
+            return
         calls[module] += 1
         if isinstance(output, torch.Tensor) and inputs and isinstance(inputs[0], torch.Tensor):
-            produced[id(output)] = (module, inputs[0], output)  # type: ignore[assignment]
-            readers.watch(output)
+            produced[readers.watch(output, lambda number: produced.pop(number, None))] = (module, inputs[0])  # type: ignore[assignment]
 
     def before_norm(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         readers.norm = module
@@ -305,12 +322,16 @@ def _watch(
     def after_norm(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         readers.norm = None
         calls[module] += 1
-        entry = produced.get(id(inputs[0])) if inputs else None
-        if entry is not None and entry[2] is inputs[0] and isinstance(output, torch.Tensor):
-            # copies: an in-place activation after the BatchNorm (ReLU(inplace=True)) would change them
+        number = readers.number(inputs[0]) if inputs and isinstance(inputs[0], torch.Tensor) else None
+        entry = produced.pop(number, None) if number is not None else None
+        if entry is not None and isinstance(output, torch.Tensor):
+            # now: an in-place activation after the BatchNorm (ReLU(inplace=True)) changes its output
             readers.paused = True
-            seen.append((_Pair(entry[0], module, entry[1].clone(), output.clone()), id(inputs[0])))  # type: ignore[arg-type]
-            readers.paused = False
+            try:
+                agrees = _layer_agrees(entry[0], module, entry[1], output)  # type: ignore[arg-type]
+            finally:
+                readers.paused = False
+            seen.append((_Pair(entry[0], module, agrees), number))  # type: ignore[arg-type]
 
     hooks = [m.register_forward_hook(after_conv) for m in convs]
     hooks += [m.register_forward_pre_hook(before_norm) for m in norms]
@@ -333,12 +354,12 @@ def _alone(
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     return [
         pair
-        for pair, watched in seen
+        for pair, number in seen
         if calls[pair.conv] == 1
         and calls[pair.norm] == 1
         and owners[id(pair.conv.weight)] == 1
         and pair.norm.num_features == pair.conv.out_channels
-        and readers.reads[watched] == [("batch_norm", pair.norm)]  # its BatchNorm, and nothing else, read it
+        and readers.reads[number] == [("batch_norm", pair.norm)]  # its BatchNorm, and nothing else, read it
     ]
 
 
@@ -357,6 +378,19 @@ class FoldedBatchNorm(nn.Identity):
             return getattr(object.__getattribute__(self, "folded"), name)
 
 
+def _folded(conv: _ConvNd, norm: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The convolution's weight and bias with the BatchNorm inside them, computed in double precision."""
+    with torch.no_grad():
+        weight = conv.weight.double()
+        scale = norm.running_var.double().add(norm.eps).rsqrt()
+        if norm.weight is not None:
+            scale = scale * norm.weight.double()
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+        shift = norm.bias.double() if norm.bias is not None else torch.zeros_like(scale)
+        folded = weight * scale.reshape(-1, *[1] * (weight.dim() - 1))
+        return folded.to(conv.weight.dtype), ((bias - norm.running_mean.double()) * scale + shift).to(conv.weight.dtype)
+
+
 def _fold(model: nn.Module, pair: _Pair) -> _Undo:
     conv, norm = pair.conv, pair.norm
     places = [
@@ -365,30 +399,28 @@ def _fold(model: nn.Module, pair: _Pair) -> _Undo:
         if module is norm and name
     ]
     undo = _Undo(conv, conv.weight.detach().clone(), conv.bias, norm, places)
+    weight, bias = _folded(conv, norm)
     with torch.no_grad():
-        weight = conv.weight.double()
-        scale = norm.running_var.double().add(norm.eps).rsqrt()
-        if norm.weight is not None:
-            scale = scale * norm.weight.double()
-        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
-        shift = norm.bias.double() if norm.bias is not None else torch.zeros_like(scale)
-        conv.weight.copy_(weight * scale.reshape(-1, *[1] * (weight.dim() - 1)))
-        conv.bias = nn.Parameter(
-            ((bias - norm.running_mean.double()) * scale + shift).to(conv.weight.dtype), requires_grad=False
-        )
+        conv.weight.copy_(weight)
+    conv.bias = nn.Parameter(bias, requires_grad=False)
     for parent, attribute in places:
         setattr(parent, attribute, FoldedBatchNorm(norm))
     return undo
 
 
-def _layer_agrees(pair: _Pair) -> bool:
-    """The folded convolution on the input it saw gives what its BatchNorm gave."""
+def _layer_agrees(conv: _ConvNd, norm: _BatchNorm, conv_input: torch.Tensor, expected: torch.Tensor) -> bool:
+    """The convolution, folded for a moment, gives on `conv_input` what its BatchNorm gave (`expected`)."""
+    weight, bias = conv.weight, conv.bias
+    folded_weight, folded_bias = _folded(conv, norm)
     try:
+        conv.weight = nn.Parameter(folded_weight, requires_grad=False)
+        conv.bias = nn.Parameter(folded_bias, requires_grad=False)
         with torch.inference_mode():
-            folded = pair.conv(pair.conv_input)
+            folded = conv(conv_input)
     except Exception:  # a convolution whose forward does not take a bias it did not have
         return False
-    expected = pair.norm_output
+    finally:
+        conv.weight, conv.bias = weight, bias
     if not isinstance(folded, torch.Tensor) or folded.shape != expected.shape:
         return False
     scale = float(expected.abs().max()) if expected.numel() else 0.0
