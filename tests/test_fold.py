@@ -711,7 +711,7 @@ def test_the_watched_pass_holds_no_activation_past_its_life() -> None:
     refs: list[weakref.ref[torch.Tensor]] = []
 
     def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        if refs and refs[-1]() is inputs[0]:  # the layer's check, calling the convolution again
+        if len(inputs[0]) == 1:  # the layer's check, calling the convolution again on the first image
             return
         alive.append([ref() is not None for ref in refs])
         refs.append(weakref.ref(inputs[0]))

@@ -13,8 +13,9 @@ with another module. A watched forward pass then confirms it on the run's own im
 recorded: the BatchNorm reads the very tensor the convolution returned and nothing else reads it, and neither has
 hooks (a hook on the BatchNorm would stop firing; one on the convolution would see other numbers). Every fold is
 checked: in that pass, as its BatchNorm returns, the folded convolution must give the BatchNorm's output on the
-same input (checked there, not after the pass, so no layer's activations are kept: they were most of a run's peak
-memory), and then the whole model its old scores on the real images, or the model is put back as it was written.
+same input, the first check image's (there, not after the pass, so no layer's activations are kept: they were most
+of a run's peak memory), and then the whole model its old scores on every check image, or the model is put back as
+it was written.
 A failure anywhere means "as written". Where a folded BatchNorm sat, a stand-in passes its input on and still
 answers for the BatchNorm's attributes (`num_features`, `eps`, ...).
 """
@@ -327,8 +328,8 @@ def _watch(
         if entry is not None and isinstance(output, torch.Tensor):
             # now: an in-place activation after the BatchNorm (ReLU(inplace=True)) changes its output
             readers.paused = True
-            try:
-                agrees = _layer_agrees(entry[0], module, entry[1], output)  # type: ignore[arg-type]
+            try:  # on the first check image: the whole model's check after the folds takes every one
+                agrees = _layer_agrees(entry[0], module, entry[1][:1], output[:1])  # type: ignore[arg-type]
             finally:
                 readers.paused = False
             seen.append((_Pair(entry[0], module, agrees), number))  # type: ignore[arg-type]
