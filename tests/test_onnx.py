@@ -15,9 +15,10 @@ from harness.cli import main
 from harness.errors import ModelError
 from harness.models.kinds import find_saved_file
 from harness.models.load import load_model
+from harness.models.onnx_export import export
 from harness.models.onnx_runtime import CUDA_PROVIDER, OnnxModule, make_session
 from harness.sources import build_config
-from harness.tools.export_onnx import check_parity, export
+from harness.tools.export_onnx import check_parity
 from tests.helpers import REPO, SAMPLES, ids_and_confidences, read_rows
 
 pytest.importorskip("onnx")  # the exporter needs it; onnxruntime alone runs ONNX models
@@ -34,7 +35,7 @@ def _tiny() -> nn.Module:
 def tiny_onnx(tmp_path: Path) -> Path:
     folder = tmp_path / "onnx-model"
     folder.mkdir()
-    (folder / "tiny.onnx").write_bytes(export(_tiny().eval(), 64, 17))
+    (folder / "tiny.onnx").write_bytes(export(_tiny().eval(), torch.zeros(1, 3, 64, 64), 17))
     (folder / "config.yaml").write_text("preprocess:\n  input_size: 64\n  resize_size: 64\n")
     return folder
 

@@ -37,14 +37,15 @@ def _pickled(sentinel: Path) -> bytes:
 
 
 def _onnx_with_settings(folder: Path, settings: dict) -> Path:
-    from harness.tools.export_onnx import export, store_settings
+    from harness.models.onnx_export import export
+    from harness.tools.export_onnx import store_settings
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     tiny = nn.Sequential(nn.Conv2d(3, 4, 3, stride=8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     path = folder / "tiny.onnx"
     settings = {"input_size": 32, "resize_size": 32, "label_map": "none", **settings}
-    path.write_bytes(store_settings(export(tiny.eval(), 32, 17), settings))
+    path.write_bytes(store_settings(export(tiny.eval(), torch.zeros(1, 3, 32, 32), 17), settings))
     return path
 
 

@@ -1,18 +1,15 @@
 """`harness export-onnx`: the model folder's model as ONNX, checked against PyTorch before anyone relies on it.
 
-The export uses PyTorch's TorchScript-based exporter (`torch.onnx.export(dynamo=False)`), which needs only the
-`onnx` package; the newer dynamo exporter also needs `onnxscript`. The batch axis is dynamic. Parity: the same
-preprocessed sample images go through PyTorch and onnxruntime (CPU), in batches of --batch-size so the dynamic
-axis is exercised; the export fails unless every image gets the same top-1 class and the probabilities differ
-by less than --tolerance. The file carries the run's preprocessing and label map in its metadata, so
-`harness --model model.onnx` reproduces the PyTorch run with no config.yaml beside it.
+The export is harness/models/onnx_export.py's (PyTorch's TorchScript-based exporter, the batch axis dynamic).
+Parity: the same preprocessed sample images go through PyTorch and onnxruntime (CPU), in batches of --batch-size
+so the dynamic axis is exercised; the export fails unless every image gets the same top-1 class and the
+probabilities differ by less than --tolerance. The file carries the run's preprocessing and label map in its
+metadata, so `harness --model model.onnx` reproduces the PyTorch run with no config.yaml beside it.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +23,9 @@ from harness.errors import (
     ConfigError,
     InputError,
     ModelError,
-    describe_user_error,
-    is_onnx_package_missing,
 )
 from harness.models.load import load_model, open_onnx
+from harness.models.onnx_export import export
 from harness.models.onnx_metadata import METADATA_KEY, settings_text
 from harness.models.outputs import as_logits
 from harness.pipeline.decode_options import Decoding
@@ -39,19 +35,6 @@ from harness.pipeline.loader import ImageDataset
 from harness.results.labels import read_labels_file
 from harness.results.writer import write_atomic_bytes
 
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
-
-
-class _Logits(nn.Module):
-    """The model with its output reduced to the N x C tensor the harness reads (tuple, dict, .logits)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return as_logits(self.model(images), images.shape[0])
-
 
 @dataclass
 class Parity:
@@ -59,37 +42,6 @@ class Parity:
     max_prob_diff: float
     max_logit_diff: float
     top1_agree: int
-
-
-def export(model: nn.Module, input_size: int, opset: int) -> bytes:
-    """The model as an ONNX file's bytes (kept in memory until the parity check holds)."""
-    blank = torch.zeros(1, 3, input_size, input_size)
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
-    try:
-        with torch.inference_mode():
-            as_logits(model(blank), 1)  # an output a run would refuse is refused before it is exported
-    except ModelError:
-        raise
-    except Exception as error:
-        raise ModelError(f"the model failed on a blank image before export: {describe_user_error(error)}") from error
-    written = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-            torch.onnx.export(
-                _Logits(model).eval(),
-                (blank,),
-                written,
-                dynamo=False,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes=axes,
-                opset_version=opset,
-            )
-    except Exception as error:
-        hint = " (pip install onnx)" if is_onnx_package_missing(error) else ""
-        raise ModelError(f"ONNX export failed{hint}: {type(error).__name__}: {error}") from error
-    return written.getvalue()
 
 
 def carried_settings(config: Config, labels: list[str] | None) -> dict[str, Any]:
@@ -164,7 +116,8 @@ def export_onnx(args: argparse.Namespace, config: Config) -> int:
         )
     images = sample_batch(config, args.images, args.parity_images)
     size = config.preprocess.input_size
-    data = store_settings(export(loaded.module, size, args.opset), carried_settings(config, loaded.labels))
+    blank = torch.zeros(1, 3, size, size)
+    data = store_settings(export(loaded.module, blank, args.opset), carried_settings(config, loaded.labels))
     parity = check_parity(loaded.module, open_onnx(data, want_cuda=False), images, config.batch_size)
     matches = parity.top1_agree == parity.images and parity.max_prob_diff < args.tolerance
     if matches:
