@@ -206,6 +206,12 @@ class Config:
         "fold each BatchNorm into the convolution that feeds it, each fold checked at start-up against the model "
         "as written (docs/speed.md)",
     )
+    engine: str = _setting(
+        "auto",
+        parsers.choice("auto", "torch", "onnxruntime"),
+        "what runs a PyTorch model on the CPU: torch, or onnxruntime on an export of it checked against torch; auto: "
+        "onnxruntime where torch.export captures the whole model, the scores agree and it is faster (docs/speed.md)",
+    )
     max_failures: float | None = _setting(
         DEFAULT_MAX_FAILURES,
         parsers.max_failures,

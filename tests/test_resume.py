@@ -26,7 +26,7 @@ from harness.pipeline.resume import (
     model_files,
     record_identity,
     record_path,
-    recorded_layout,
+    recorded_choice,
     recorded_settings,
     run_identity,
 )
@@ -292,7 +292,7 @@ def test_a_resumed_run_takes_only_a_layout_the_record_holds_as_true_or_false(tmp
     partial_path(output).write_text("", encoding="utf-8")
     for placed, taken in ((True, True), (False, False), ("true", None), (1, None), (None, None)):
         record_path(output).write_text(json.dumps({"placed": {"channels_last": placed}}), encoding="utf-8")
-        assert recorded_layout(output) is taken
+        assert recorded_choice(output, "channels_last", (False, True)) is taken
 
 
 def test_a_partial_file_without_a_readable_record_is_refused_saying_what_to_do(tmp_path: Path) -> None:

@@ -33,10 +33,16 @@ def _onnxruntime() -> ModuleType:
     return onnxruntime
 
 
-def make_session(model: Path | bytes, want_cuda: bool) -> Any:
+def make_session(model: Path | bytes, want_cuda: bool, threads: int | None = None) -> Any:
     """A session on CUDA when asked for and possible, else the CPU; a silent CPU fallback is warned about. `model`
-    is the file, or its bytes (an export being checked before it is written)."""
+    is the file, or its bytes (an export being checked before it is written). With `threads` (the run's engine,
+    beside its decoders) the CPU work takes that many threads, which sleep when idle rather than spin: a spinning
+    thread holds its core from the idle-priority decoders, as libgomp's did (docs/speed.md)."""
     ort = _onnxruntime()
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     available = ort.get_available_providers()
     providers = [CUDA_PROVIDER, CPU_PROVIDER] if want_cuda and CUDA_PROVIDER in available else [CPU_PROVIDER]
     if want_cuda and CUDA_PROVIDER not in available:
@@ -45,7 +51,7 @@ def make_session(model: Path | bytes, want_cuda: bool) -> Any:
             "To use the GPU, replace it with onnxruntime-gpu: pip uninstall onnxruntime && pip install onnxruntime-gpu"
         )
     try:
-        session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), providers=providers)
+        session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)
     except Exception as error:  # onnxruntime's own exception types differ between versions
         shown = "the exported model" if isinstance(model, bytes) else model
         raise ModelError(f"onnxruntime cannot load {shown}: {error}") from error

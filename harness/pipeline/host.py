@@ -35,6 +35,19 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
 
 
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the kernel once (glibc's malloc_trim), where start-up's one-off work
+    (the fold's proof, an export) left them: the decoding workers fork after it, and every page still in the heap
+    then counts again in each worker's memory. The batches' blocks are taken again once and kept from then on.
+    False where libc is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        malloc_trim = ctypes.CDLL(name or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return bool(malloc_trim(0))
+
+
 def yield_cores() -> None:
     """Put this decoder process at the lowest CPU priority (SCHED_IDLE; nice 19 where that is refused): it then
     runs on the cycles the model's threads leave, and never takes a core from one of them in mid-step.

@@ -20,7 +20,7 @@ from harness.config import Config, Preprocess
 from harness.errors import describe_user_error, model_code
 from harness.models.outputs import SAME_ATOL, SAME_RTOL, as_logits
 from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context
-from harness.pipeline.resume import recorded_layout
+from harness.pipeline.resume import recorded_choice
 
 # Timed passes per layout on a GPU (on the CPU see CPU_TRIAL_MAX_ROUNDS), alternating; the faster of each layout's
 # counts. Its first pass also warms a layout up (oneDNN's or cuDNN's kernels chosen, weights reordered), which the
@@ -71,7 +71,7 @@ def settle_layout(
     PyTorch runs the model (its kind says: harness/models/kinds.py), or else as measured now."""
     if config.channels_last != "auto":
         return plan, LayoutChoice(plan.channels_last, {}, f"set: channels_last {str(plan.channels_last).lower()}")
-    recorded = recorded_layout(config.output_file) if config.resume else None
+    recorded = recorded_choice(config.output_file, "channels_last", (False, True)) if config.resume else None
     cpu_trial_images = min(batch_size, CPU_TRIAL_IMAGES) * 2 * TRIAL_ROUNDS
     if recorded is not None:
         choice = LayoutChoice(recorded, {}, "the choice of the run this one resumes")

@@ -1,6 +1,7 @@
 """The model put where it runs, ready for the first batch: on its device(s), its BatchNorms folded where that is
-proven to change nothing, its output width probed, its memory layout settled, and the forward pass that feeds it
-batches. The run and scripts/bench.py place a model through this one function, so what is measured is what runs.
+proven to change nothing, its output width probed, its memory layout and its engine settled, and the forward pass
+that feeds it batches. The run and scripts/bench.py place a model through this one function, so what is measured is
+what runs.
 
 Every speed-up is checked on the same few real images of the run (loader.check_sample), not on a random tensor:
 a model's branches follow its input, and random pixels may never reach the branch a speed-up would break.
@@ -16,6 +17,7 @@ from harness.config import Config
 from harness.models.fold import FoldResult
 from harness.models.load import LoadedModel
 from harness.pipeline.devices import fold_sample, plan_devices, prepare_model
+from harness.pipeline.engine import EngineChoice, settle_engine
 from harness.pipeline.forward import Forward, first_piece, probe_classes
 from harness.pipeline.layout import LayoutChoice, settle_layout
 from harness.pipeline.loader import ImageDataset, check_sample
@@ -28,6 +30,7 @@ class Placement:
     batch_size: int  # images a step takes, over every GPU
     folded: FoldResult
     layout: LayoutChoice
+    engine: EngineChoice
     sample: object  # the check images (N x 3 x H x W as the decoders make them), for --compile's check after
 
     def describe_for_resume(self) -> dict[str, object]:
@@ -40,6 +43,7 @@ class Placement:
             "channels_last": plan.channels_last,
             "torch_threads": torch.get_num_threads(),
             "batchnorms_folded": self.folded.folded,
+            "engine": self.engine.engine,
         }
 
 
@@ -54,6 +58,8 @@ def place_model(config: Config, loaded: LoadedModel, dataset: ImageDataset, imag
     graph = loaded.kind.torch_graph
     runtime = None if graph else loaded.class_name
     plan, layout = settle_layout(config, model, plan, sample, batch_size, images, runtime)
+    runs, plan, engine = settle_engine(config, model, plan, sample, images, runtime)
     normalize = plan.normalizer(config.preprocess)
-    forward = Forward(model, normalize, plan, first_piece(plan, batch_size), classes, torch_graph=graph)
-    return Placement(forward, classes, batch_size, folded, layout, sample)
+    graph = graph and engine.engine == "torch"
+    forward = Forward(runs, normalize, plan, first_piece(plan, batch_size), classes, torch_graph=graph)
+    return Placement(forward, classes, batch_size, folded, layout, engine, sample)

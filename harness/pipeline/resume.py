@@ -250,16 +250,17 @@ def record_identity(output: Path, identity: dict[str, Any]) -> None:
     write_atomic_text(record_path(output), json.dumps(identity, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def recorded_layout(output: Path) -> bool | None:
-    """The memory layout the run that left `output`'s partial file ran in, for a resumed `channels_last: auto` run
-    to take rather than measure anew (the two layouts' scores differ in the last digits); None where unknown."""
+def recorded_choice(output: Path, name: str, choices: tuple[object, ...]) -> object:
+    """Which of `choices` the run that left `output`'s partial file made for `name` where it measured
+    (`channels_last`, `engine`), for a resumed `auto` run to take rather than measure anew (the choices' scores differ
+    in the last digits); None where unknown or not one of them (of the same type: 1 is no True)."""
     if not partial_path(output).exists():
         return None
     try:
-        layout = json.loads(read_output_text(record_path(output)))["placed"].get("channels_last")
+        made = json.loads(read_output_text(record_path(output)))["placed"].get(name)
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return None
-    return layout if isinstance(layout, bool) else None
+    return next((choice for choice in choices if type(choice) is type(made) and choice == made), None)
 
 
 def check_identity(output: Path, identity: dict[str, Any]) -> None:

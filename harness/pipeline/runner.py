@@ -28,7 +28,7 @@ from harness.pipeline.devices import tune_process
 from harness.pipeline.files import Discovery, ImageFile
 from harness.pipeline.forward import Forward, compiled_forward
 from harness.pipeline.headstart import HeadStart
-from harness.pipeline.host import open_files_limit, usable_cpus
+from harness.pipeline.host import open_files_limit, release_freed_memory, usable_cpus
 from harness.pipeline.loader import Batch, ImageDataset, fit_to_open_files, fit_to_shm, make_loader, shm_free_bytes
 from harness.pipeline.placement import Placement, place_model
 from harness.pipeline.resume import check_identity, record_identity, resume_point, run_identity
@@ -170,6 +170,7 @@ def prepare(config: Config, found: Discovery, decoding: Decoding, head: HeadStar
     loaded, dataset, placed = _load_and_place(config, decoding, files, report)
     label_map = _label_map(config, placed.classes, loaded.labels)
     head_images = head.stop(placed.batch_size) if head is not None else 0  # none when resuming: it never runs then
+    release_freed_memory()  # before the workers fork (harness/pipeline/host.py)
     workers, prefetch = _decoders(config, dataset, placed.batch_size)
     identity = run_identity(
         config, report.model, loaded.files_read, placed.describe_for_resume(), run_outputs(config).files
@@ -245,6 +246,7 @@ def _load_and_place(
     dataset = ImageDataset.of(files, decoding)
     placed = place_model(config, loaded, dataset, len(files))
     report.fold_batchnorm, report.layout = placed.folded.describe(), placed.layout.describe()
+    report.engine = placed.engine.describe()
     transform = decoding.transform_file
     report.model = loaded.describe(
         placed.classes, "model folder's data_transform_description.py" if transform else "harness"

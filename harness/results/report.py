@@ -137,6 +137,7 @@ class RunReport:
     tuning: dict[str, Any] = field(default_factory=dict)
     layout: dict[str, Any] = field(default_factory=dict)  # the memory layout, and how it was chosen
     fold_batchnorm: dict[str, Any] = field(default_factory=dict)  # BatchNorms folded, or why none
+    engine: dict[str, Any] = field(default_factory=dict)  # what runs the model, and how it was chosen
     world_size: int = 1
     confinement: dict[str, Any] = field(default_factory=dict)  # what the run could reach (pipeline/confine.py)
     preprocessing: dict[str, Any] = field(default_factory=dict)  # as it runs, and where each value came from
@@ -181,6 +182,7 @@ class RunReport:
             "tuning": self.tuning,
             "layout": self.layout,
             "fold_batchnorm": self.fold_batchnorm,
+            "engine": self.engine,
             "world_size": self.world_size,
             "preprocessing": self.preprocessing,
             "confinement": self.confinement,

@@ -1,0 +1,169 @@
+"""What runs a PyTorch model on the CPU (`engine`): PyTorch itself, or ONNX Runtime on an export of it, chosen as
+the memory layout is (harness/pipeline/layout.py): measured on the run's own check images, before the first batch
+and while the head start decodes.
+
+ONNX Runtime ran EfficientNet-Lite0 several times and ResNet-50 about 1.6 times as fast as PyTorch on the 2-core
+VM (docs/speed.md), but an export is another program than the model, so it is used only where it is provably the
+same one: torch.export must capture the whole model with the batch size free (no branch on the input's values, no
+batch size fixed in the code: harness/models/onnx_export.py), the export is traced on two check images, and its
+scores on every check image (another batch size) must agree with PyTorch's within the tolerance the layouts and
+--compile are held to (SAME_RTOL of each score plus SAME_ATOL of the largest). `auto` then keeps it only where it
+was the faster on the check images. The two engines' scores differ in the last digits, so a top-k id may differ
+only between classes whose scores lie that close (a tie); a resumed run takes the engine of the run it continues;
+`torch` runs the model exactly as PyTorch does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from harness.config import Config, Preprocess
+from harness.errors import ConfigError, ModelError, describe_user_error
+from harness.models.onnx_export import NotExported, proven_export
+from harness.models.onnx_runtime import OnnxModule, make_session
+from harness.models.outputs import SAME_ATOL, SAME_RTOL, as_logits
+from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context
+from harness.pipeline.resume import recorded_choice
+
+ENGINES = ("torch", "onnxruntime")
+OPSET = 17
+# The proof, the export and the checks take seconds (docs/speed.md): `auto` keeps PyTorch for fewer images.
+PAYBACK_IMAGES = 256
+# `auto` keeps ONNX Runtime only where its fastest pass on the check images beat PyTorch's by this much; within
+# it the model runs as PyTorch runs it.
+MARGIN = 1.05
+TRIAL_IMAGES = 4  # a pass, as the CPU's layout trial (harness/pipeline/layout.py)
+TRIAL_ROUNDS = 2  # passes of each engine, alternating; the fastest of each counts
+PACKAGES = {"onnx": "onnx", "onnxruntime": "onnxruntime"}  # module -> what pip installs it as
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    engine: str
+    why: str
+    ms_per_image: dict[str, float] = field(default_factory=dict)  # each engine's fastest pass, where timed
+    export_s: float = 0.0  # the proof, the export, the session and the check
+    max_score_diff: float | None = None  # onnxruntime's farthest score from PyTorch's on the check images
+
+    def describe(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def settle_engine(
+    config: Config,
+    model: nn.Module,
+    plan: DevicePlan,
+    sample: torch.Tensor,
+    images: int,
+    runtime: str | None = None,
+) -> tuple[nn.Module, DevicePlan, EngineChoice]:
+    """The module that runs a run of `images` images, the plan it runs on (onnxruntime takes contiguous float32)
+    and why: as `engine` says, or for `auto` as the run a resumed one continues chose, or PyTorch where an export
+    cannot be used or cannot pay, or else as measured now. `runtime`: the runtime a model not made of PyTorch
+    layers comes with (its kind says: harness/models/kinds.py)."""
+    wanted = config.engine
+    if runtime is not None:
+        if wanted == "torch":
+            raise ConfigError(f"--engine torch: {runtime} runs this model, not PyTorch; leave --engine auto")
+        return model, plan, EngineChoice("onnxruntime", f"{runtime} runs the model")
+    if wanted == "torch":
+        return model, plan, EngineChoice("torch", "set: engine torch")
+    why_not = _why_not(config, plan)
+    if why_not is not None:
+        if wanted == "onnxruntime":
+            raise ConfigError(f"--engine onnxruntime: {why_not}; use --engine torch or auto")
+        return model, plan, EngineChoice("torch", why_not)
+    recorded = recorded_choice(config.output_file, "engine", ENGINES) if config.resume and wanted == "auto" else None
+    if recorded == "torch":
+        return model, plan, EngineChoice("torch", "the choice of the run this one resumes")
+    forced = "set: engine onnxruntime" if wanted == "onnxruntime" else None
+    forced = forced or ("the choice of the run this one resumes" if recorded == "onnxruntime" else None)
+    if forced is None and images < PAYBACK_IMAGES:
+        return model, plan, EngineChoice("torch", f"{images} images are too few to pay for an export")
+    missing = [package for module, package in PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        why = f"{' and '.join(missing)} not installed (pip install {' '.join(missing)})"
+        if forced:
+            raise ModelError(f"--engine onnxruntime ({forced}): {why}")
+        return model, plan, EngineChoice("torch", why)
+    started = time.perf_counter()
+    exported, why, difference = _exported(model, plan, config.preprocess, sample)
+    export_s = round(time.perf_counter() - started, 3)
+    if exported is None:
+        if forced:
+            raise ModelError(f"--engine onnxruntime ({forced}): {why}; use --engine torch")
+        return model, plan, EngineChoice("torch", why, export_s=export_s, max_score_diff=difference)
+    contiguous = dataclasses.replace(plan, channels_last=False)
+    if forced:
+        return exported, contiguous, EngineChoice("onnxruntime", forced, {}, export_s, difference)
+    ms = _trial(model, exported, plan, config.preprocess, sample)
+    if ms["onnxruntime"] * MARGIN < ms["torch"]:
+        faster = f"onnxruntime was {ms['torch'] / ms['onnxruntime']:.2f}x as fast on {TRIAL_IMAGES} images"
+        return exported, contiguous, EngineChoice("onnxruntime", faster, ms, export_s, difference)
+    slower = f"onnxruntime was not {MARGIN - 1:.0%} faster than PyTorch on {TRIAL_IMAGES} images"
+    return model, plan, EngineChoice("torch", slower, ms, export_s, difference)
+
+
+def _why_not(config: Config, plan: DevicePlan) -> str | None:
+    """Why this run cannot use onnxruntime, or None."""
+    if plan.device.type != "cpu":
+        return f"onnxruntime runs a PyTorch model on the CPU only, and this run is on {plan.device.type}"
+    if config.amp:
+        return f"--amp {config.amp} is PyTorch's mixed precision"
+    if config.compile:
+        return "--compile compiles the PyTorch model"
+    return None
+
+
+def _exported(
+    model: nn.Module, plan: DevicePlan, pre: Preprocess, sample: torch.Tensor
+) -> tuple[OnnxModule | None, str, float | None]:
+    """(onnxruntime running an export of `model`, "", its farthest score from PyTorch's on the check images), or
+    (None, why not, that difference where it was measured)."""
+    inputs = DeviceNormalizer(pre, plan.device, torch.float32, False)(sample)
+    traced = inputs.repeat(2, 1, 1, 1)[:2]  # two images: with one, torch.export fixes the batch size at 1
+    try:
+        data = proven_export(model, traced, OPSET)
+    except NotExported as refusal:
+        return None, str(refusal), None
+    try:
+        module = OnnxModule(make_session(data, want_cuda=False, threads=torch.get_num_threads()))
+        with inference_context(plan):
+            expected = as_logits(model(plan.normalizer(pre)(sample)), len(sample)).float()
+            got = as_logits(module(inputs), len(sample)).float()
+    except (Exception, SystemExit) as error:  # onnxruntime's or the model's: PyTorch runs it then
+        return None, f"onnxruntime failed on the export ({describe_user_error(error)})", None
+    if got.shape != expected.shape:
+        return None, f"the export returned {tuple(got.shape)} scores for PyTorch's {tuple(expected.shape)}", None
+    difference = float((got - expected).abs().max()) if got.numel() else 0.0
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    if not torch.allclose(got, expected, rtol=SAME_RTOL, atol=SAME_ATOL * scale):
+        why = f"the export's scores differ from PyTorch's on the check images (by up to {difference:.3g})"
+        return None, why, difference
+    return module, "", difference
+
+
+def _trial(
+    model: nn.Module, exported: OnnxModule, plan: DevicePlan, pre: Preprocess, sample: torch.Tensor
+) -> dict[str, float]:
+    """Each engine's fastest pass over TRIAL_IMAGES check images, in ms an image, the two alternating; PyTorch in
+    the layout the run settled on."""
+    images = sample.repeat(-(-TRIAL_IMAGES // len(sample)), 1, 1, 1)[:TRIAL_IMAGES]
+    runs = {
+        "torch": (model, plan.normalizer(pre)),
+        "onnxruntime": (exported, DeviceNormalizer(pre, plan.device, torch.float32, False)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(TRIAL_ROUNDS):
+        for name, (module, normalize) in runs.items():
+            started = time.perf_counter()
+            with inference_context(plan):
+                as_logits(module(normalize(images)), len(images))
+            times[name].append(time.perf_counter() - started)
+    return {name: round(1000 * min(each) / len(images), 3) for name, each in times.items()}
