@@ -50,9 +50,12 @@ class LoadedModel:
         }
 
 
-def open_onnx(model: Path | bytes, want_cuda: bool, output_name: str | None = None) -> OnnxModule:
-    """An ONNX file (or its bytes) as a module the pipeline calls (onnxruntime runs it)."""
-    return OnnxModule(make_session(model, want_cuda), output_name)
+def open_onnx(
+    model: Path | bytes, want_cuda: bool, output_name: str | None = None, threads: int | None = None
+) -> OnnxModule:
+    """An ONNX file (or its bytes) as a module the pipeline calls (onnxruntime runs it; `threads`: see
+    make_session)."""
+    return OnnxModule(make_session(model, want_cuda, threads), output_name)
 
 
 def load_onnx(config: Config) -> LoadedModel:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,8 +26,8 @@ from torch import nn
 
 from harness.config import Config, Preprocess
 from harness.errors import ConfigError, ModelError, describe_user_error
+from harness.models.load import open_onnx
 from harness.models.onnx_export import NotExported, proven_export
-from harness.models.onnx_runtime import OnnxModule, make_session
 from harness.models.outputs import SAME_ATOL, SAME_RTOL, as_logits
 from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context
 from harness.pipeline.resume import recorded_choice
@@ -38,8 +39,9 @@ PAYBACK_IMAGES = 256
 # `auto` keeps ONNX Runtime only where its fastest pass on the check images beat PyTorch's by this much; within
 # it the model runs as PyTorch runs it.
 MARGIN = 1.05
-TRIAL_IMAGES = 4  # a pass, as the CPU's layout trial (harness/pipeline/layout.py)
-TRIAL_ROUNDS = 2  # passes of each engine, alternating; the fastest of each counts
+TRIAL_ROUNDS = (
+    2  # passes of each engine over the check images, alternating, the first also the check; the fastest counts
+)
 PACKAGES = {"onnx": "onnx", "onnxruntime": "onnxruntime"}  # module -> what pip installs it as
 
 
@@ -67,33 +69,12 @@ def settle_engine(
     and why: as `engine` says, or for `auto` as the run a resumed one continues chose, or PyTorch where an export
     cannot be used or cannot pay, or else as measured now. `runtime`: the runtime a model not made of PyTorch
     layers comes with (its kind says: harness/models/kinds.py)."""
-    wanted = config.engine
-    if runtime is not None:
-        if wanted == "torch":
-            raise ConfigError(f"--engine torch: {runtime} runs this model, not PyTorch; leave --engine auto")
-        return model, plan, EngineChoice("onnxruntime", f"{runtime} runs the model")
-    if wanted == "torch":
-        return model, plan, EngineChoice("torch", "set: engine torch")
-    why_not = _why_not(config, plan)
-    if why_not is not None:
-        if wanted == "onnxruntime":
-            raise ConfigError(f"--engine onnxruntime: {why_not}; use --engine torch or auto")
-        return model, plan, EngineChoice("torch", why_not)
-    recorded = recorded_choice(config.output_file, "engine", ENGINES) if config.resume and wanted == "auto" else None
-    if recorded == "torch":
-        return model, plan, EngineChoice("torch", "the choice of the run this one resumes")
-    forced = "set: engine onnxruntime" if wanted == "onnxruntime" else None
-    forced = forced or ("the choice of the run this one resumes" if recorded == "onnxruntime" else None)
-    if forced is None and images < PAYBACK_IMAGES:
-        return model, plan, EngineChoice("torch", f"{images} images are too few to pay for an export")
-    missing = [package for module, package in PACKAGES.items() if importlib.util.find_spec(module) is None]
-    if missing:
-        why = f"{' and '.join(missing)} not installed (pip install {' '.join(missing)})"
-        if forced:
-            raise ModelError(f"--engine onnxruntime ({forced}): {why}")
-        return model, plan, EngineChoice("torch", why)
+    decided, forced = _before_export(config, plan, images, runtime)
+    if decided is not None:
+        return model, plan, decided
     started = time.perf_counter()
-    exported, why, difference = _exported(model, plan, config.preprocess, sample)
+    rounds = 1 if forced else TRIAL_ROUNDS
+    exported, why, difference, ms = _exported(model, plan, config.preprocess, sample, rounds)
     export_s = round(time.perf_counter() - started, 3)
     if exported is None:
         if forced:
@@ -102,12 +83,44 @@ def settle_engine(
     contiguous = dataclasses.replace(plan, channels_last=False)
     if forced:
         return exported, contiguous, EngineChoice("onnxruntime", forced, {}, export_s, difference)
-    ms = _trial(model, exported, plan, config.preprocess, sample)
     if ms["onnxruntime"] * MARGIN < ms["torch"]:
-        faster = f"onnxruntime was {ms['torch'] / ms['onnxruntime']:.2f}x as fast on {TRIAL_IMAGES} images"
+        faster = f"onnxruntime was {ms['torch'] / ms['onnxruntime']:.2f}x as fast on {len(sample)} images"
         return exported, contiguous, EngineChoice("onnxruntime", faster, ms, export_s, difference)
-    slower = f"onnxruntime was not {MARGIN - 1:.0%} faster than PyTorch on {TRIAL_IMAGES} images"
+    slower = f"onnxruntime was not {MARGIN - 1:.0%} faster than PyTorch on {len(sample)} images"
     return model, plan, EngineChoice("torch", slower, ms, export_s, difference)
+
+
+def _before_export(
+    config: Config, plan: DevicePlan, images: int, runtime: str | None
+) -> tuple[EngineChoice | None, str | None]:
+    """(the choice, where it is made before any export), or (None, why onnxruntime is wanted without a trial:
+    None for `auto`'s trial); an explicit engine this run cannot use is refused."""
+    wanted = config.engine
+    if runtime is not None:
+        if wanted == "torch":
+            raise ConfigError(f"--engine torch: {runtime} runs this model, not PyTorch; leave --engine auto")
+        return EngineChoice("onnxruntime", f"{runtime} runs the model"), None
+    if wanted == "torch":
+        return EngineChoice("torch", "set: engine torch"), None
+    why_not = _why_not(config, plan)
+    if why_not is not None:
+        if wanted == "onnxruntime":
+            raise ConfigError(f"--engine onnxruntime: {why_not}; use --engine torch or auto")
+        return EngineChoice("torch", why_not), None
+    recorded = recorded_choice(config.output_file, "engine", ENGINES) if config.resume and wanted == "auto" else None
+    if recorded == "torch":
+        return EngineChoice("torch", "the choice of the run this one resumes"), None
+    forced = "set: engine onnxruntime" if wanted == "onnxruntime" else None
+    forced = forced or ("the choice of the run this one resumes" if recorded == "onnxruntime" else None)
+    if forced is None and images < PAYBACK_IMAGES:
+        return EngineChoice("torch", f"{images} images are too few to pay for an export"), None
+    missing = [package for module, package in PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        why = f"{' and '.join(missing)} not installed (pip install {' '.join(missing)})"
+        if forced:
+            raise ModelError(f"--engine onnxruntime ({forced}): {why}")
+        return EngineChoice("torch", why), None
+    return None, forced
 
 
 def _why_not(config: Config, plan: DevicePlan) -> str | None:
@@ -122,48 +135,48 @@ def _why_not(config: Config, plan: DevicePlan) -> str | None:
 
 
 def _exported(
-    model: nn.Module, plan: DevicePlan, pre: Preprocess, sample: torch.Tensor
-) -> tuple[OnnxModule | None, str, float | None]:
-    """(onnxruntime running an export of `model`, "", its farthest score from PyTorch's on the check images), or
-    (None, why not, that difference where it was measured)."""
-    inputs = DeviceNormalizer(pre, plan.device, torch.float32, False)(sample)
-    traced = inputs.repeat(2, 1, 1, 1)[:2]  # two images: with one, torch.export fixes the batch size at 1
+    model: nn.Module, plan: DevicePlan, pre: Preprocess, sample: torch.Tensor, rounds: int
+) -> tuple[nn.Module | None, str, float | None, dict[str, float]]:
+    """(onnxruntime running an export of `model`, "", its farthest score from PyTorch's on the check images, each
+    engine's fastest of `rounds` passes over them), or (None, why not, that difference where it was measured, {})."""
+    onnx_input = DeviceNormalizer(pre, plan.device, torch.float32, False)
     try:
-        data = proven_export(model, traced, OPSET)
+        data = proven_export(model, onnx_input(sample).repeat(2, 1, 1, 1)[:2], OPSET)  # one image fixes the batch
     except NotExported as refusal:
-        return None, str(refusal), None
+        return None, str(refusal), None, {}
     try:
-        module = OnnxModule(make_session(data, want_cuda=False, threads=torch.get_num_threads()))
-        with inference_context(plan):
-            expected = as_logits(model(plan.normalizer(pre)(sample)), len(sample)).float()
-            got = as_logits(module(inputs), len(sample)).float()
+        module = open_onnx(data, want_cuda=False, threads=torch.get_num_threads())
+        engines = {"torch": (model, plan.normalizer(pre)), "onnxruntime": (module, onnx_input)}
+        scores, ms = _passes(engines, plan, sample, rounds)
     except (Exception, SystemExit) as error:  # onnxruntime's or the model's: PyTorch runs it then
-        return None, f"onnxruntime failed on the export ({describe_user_error(error)})", None
+        return None, f"onnxruntime failed on the export ({describe_user_error(error)})", None, {}
+    expected, got = scores["torch"], scores["onnxruntime"]
     if got.shape != expected.shape:
-        return None, f"the export returned {tuple(got.shape)} scores for PyTorch's {tuple(expected.shape)}", None
+        return None, f"the export returned {tuple(got.shape)} scores for PyTorch's {tuple(expected.shape)}", None, {}
     difference = float((got - expected).abs().max()) if got.numel() else 0.0
     scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
     if not torch.allclose(got, expected, rtol=SAME_RTOL, atol=SAME_ATOL * scale):
         why = f"the export's scores differ from PyTorch's on the check images (by up to {difference:.3g})"
-        return None, why, difference
-    return module, "", difference
+        return None, why, difference, {}
+    return module, "", difference, ms
 
 
-def _trial(
-    model: nn.Module, exported: OnnxModule, plan: DevicePlan, pre: Preprocess, sample: torch.Tensor
-) -> dict[str, float]:
-    """Each engine's fastest pass over TRIAL_IMAGES check images, in ms an image, the two alternating; PyTorch in
-    the layout the run settled on."""
-    images = sample.repeat(-(-TRIAL_IMAGES // len(sample)), 1, 1, 1)[:TRIAL_IMAGES]
-    runs = {
-        "torch": (model, plan.normalizer(pre)),
-        "onnxruntime": (exported, DeviceNormalizer(pre, plan.device, torch.float32, False)),
-    }
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(TRIAL_ROUNDS):
-        for name, (module, normalize) in runs.items():
+def _passes(
+    engines: dict[str, tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]],
+    plan: DevicePlan,
+    sample: torch.Tensor,
+    rounds: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Each engine over the check images, alternating, `rounds` times (PyTorch in the layout the run settled on, a
+    first pass of each warming it up as the layout trial's do): the scores of each one's first pass, and its
+    fastest pass in ms an image."""
+    scores: dict[str, torch.Tensor] = {}
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, (module, normalize) in engines.items():
             started = time.perf_counter()
             with inference_context(plan):
-                as_logits(module(normalize(images)), len(images))
+                output = as_logits(module(normalize(sample)), len(sample)).float()
             times[name].append(time.perf_counter() - started)
-    return {name: round(1000 * min(each) / len(images), 3) for name, each in times.items()}
+            scores.setdefault(name, output)
+    return scores, {name: round(1000 * min(each) / len(sample), 3) for name, each in times.items()}
