@@ -201,9 +201,9 @@ def test_one_onnx_runtime_per_image(name: str, extra: str, runtime: str) -> None
     names = {re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0] for requirement in project["dependencies"]}
     assert not names & {"onnxruntime", "onnxruntime-gpu"}, "an ONNX runtime in the dependencies goes into both images"
     extras = project["optional-dependencies"]
-    for name_, wanted in (("onnx", "onnxruntime"), ("onnx-gpu", "onnxruntime-gpu")):
-        packages = [r.split(">=")[0] for r in extras[name_]]
-        assert [p for p in packages if p.startswith("onnxruntime")] == [wanted]
+    for image_extra, wanted in (("onnx", "onnxruntime"), ("onnx-gpu", "onnxruntime-gpu")):
+        packages = [r.split(">=")[0] for r in extras[image_extra]]
+        assert [package for package in packages if package.startswith("onnxruntime")] == [wanted]
         assert "onnx" in packages, "the exporter behind the CPU's onnxruntime engine (harness/pipeline/engine.py)"
     assert any(r.startswith("onnxruntime>=") for r in extras["dev"]), "the tests run ONNX models (CPU runtime)"
 
