@@ -24,13 +24,13 @@ cpu_objectnet_eval.py on the CPU where it has one) and timm's inference.py (`-b 
 name, seeded random weights from a file); it reports the median seconds, the rows each wrote, their memory, and
 the others' time over the harness's.
 
-    python scripts/bench.py --against REF [--runs N] [--model resnet50] [-- HARNESS OPTIONS]
+    python scripts/bench.py --against REF [--runs N] [--model resnet50] [--markdown] [-- HARNESS OPTIONS]
 
 runs the working tree and the harness as it was at the git ref REF (checked out in a temporary worktree, its
 model folder the same) in turns on the same images, and reports the working tree's wall time, CPU time (its
 process tree's), model load (run.json) and peak memory over REF's, with the verdict: slower or bigger by more
 than the rounds' own spread is a regression. Run it against the previous release before a stop that touches the
-pipeline or the models.
+pipeline or the models; `--markdown` adds its row to docs/benchmarks.md (one a release).
 """
 
 from __future__ import annotations
@@ -584,6 +584,28 @@ def against_table(result: dict) -> str:
     return "\n".join([*lines, "", f"verdict: {verdict}"])
 
 
+AGAINST_HEADING = "## Against the previous release: `python scripts/bench.py --against REF --markdown`"
+AGAINST_HEADER = (
+    "| date | machine | torch | commit | against | model | images | runs | wall | cpu | model load | peak memory "
+    "| verdict |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+)
+
+
+def against_row(result: dict) -> str:
+    """One row a release: the working tree's commit, each figure's ratio over REF's (medians), the verdict."""
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    ratios = " | ".join(f"{result['figures'][figure]['ratio']:.3f}" for figure in AGAINST_FIGURES)
+    verdict = "; ".join(result["verdict"]) or "no regression"
+    row = (
+        f"| {time.strftime('%Y-%m-%d')} | {result['machine']} | {result['torch']} | {commit} | {result['against']} | "
+        f"{result['model']} | {result['images']} | {result['runs']} | {ratios} | {verdict} |\n"
+    )
+    append_row(AGAINST_HEADING, AGAINST_HEADER, row)
+    return row
+
+
 def compare_row(result: dict) -> str:
     systems = result["systems"]
 
@@ -617,7 +639,7 @@ def main() -> None:
     if args.against:
         result = against(args, data, harness_args)
         result["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-        report(result, args.json, None)
+        report(result, args.json, against_row if args.markdown else None)
         print(against_table(result), file=sys.stderr)
         sys.exit(1 if result["verdict"] else 0)
     if args.compare:

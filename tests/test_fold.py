@@ -724,3 +724,58 @@ def test_the_watched_pass_holds_no_activation_past_its_life() -> None:
             handle.remove()
     assert len(pairs) == 4 and all(pair.agrees for pair in pairs)
     assert alive[3] == [True, False, False]  # the sample (its caller holds it), then two freed blocks' inputs
+
+
+def test_a_convolution_without_a_batchnorm_frees_its_input_with_its_output() -> None:
+    """The pass holds a convolution's input only while its output lives (to check a fold when a BatchNorm reads
+    it): where none does, both go when the model lets the output go."""
+    from harness.models.fold import _watch
+
+    model = nn.Sequential(*(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()) for _ in range(4))).eval()
+    alive: list[list[bool]] = []
+    refs: list[weakref.ref[torch.Tensor]] = []
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        alive.append([ref() is not None for ref in refs])
+        refs.append(weakref.ref(inputs[0]))
+
+    handles = [block[0].register_forward_pre_hook(record) for block in model]
+    try:
+        assert _watch(model, IMAGES[:2, :, :8, :8].clone(), lambda output: output)[0] == []
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert alive[3] == [True, False, False]
+
+
+class TwoNorms(_ConvNormHead):
+    """One convolution's output read by two BatchNorms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.other = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head((self.norm(y) + self.other(y)).mean((2, 3)))
+
+
+class UnfoldableFirst(nn.Module):
+    """A pair the static proof must refuse (a BatchNorm that does more), then one it must find."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acting, self.acting_norm = nn.Conv2d(3, 3, 1), NormAct(3)
+        self.plain, self.plain_norm = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.plain_norm(self.plain(self.acting_norm(self.acting(x)))).mean((2, 3))
+
+
+def test_two_batchnorms_on_one_output_are_no_pair_and_the_proof_goes_on_past_a_refused_pair() -> None:
+    from harness.models.fold import _watch, proven_pairs
+
+    model = _randomise_statistics(TwoNorms())
+    assert _watch(model, IMAGES[:2], lambda output: output)[0] == []
+    model = _randomise_statistics(UnfoldableFirst())
+    assert proven_pairs(model) == ({(id(model.plain), id(model.plain_norm))}, "")

@@ -263,22 +263,18 @@ class _Readers(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.watched: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}  # id of a live tensor: (it, its number)
+        self.watched: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}  # a tensor's id: (it, its number)
         self.reads: list[list[tuple[str, nn.Module | None]]] = []  # by the watch's number
         self.norm: nn.Module | None = None  # the BatchNorm whose forward is running
         self.paused = False  # our own checks are no reads
 
     def watch(self, tensor: torch.Tensor, freed: Callable[[int], None]) -> int:
-        """Watch `tensor` until it is freed, then call `freed` with the watch's number, which this returns."""
-        key, number = id(tensor), len(self.reads)
+        """Watch `tensor` until it is freed, then call `freed` with the watch's number, which this returns. A freed
+        tensor's entry stays (a few bytes) until a new watch at its address replaces it: `number` tells the two
+        apart by the tensor itself."""
+        number = len(self.reads)
         self.reads.append([])
-
-        def forget(ref: weakref.ref[torch.Tensor]) -> None:
-            if self.watched.get(key, (None, 0))[0] is ref:
-                del self.watched[key]
-            freed(number)
-
-        self.watched[key] = (weakref.ref(tensor, forget), number)
+        self.watched[id(tensor)] = (weakref.ref(tensor, lambda _: freed(number)), number)
         return number
 
     def number(self, tensor: torch.Tensor) -> int | None:

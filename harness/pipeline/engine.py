@@ -39,9 +39,7 @@ PAYBACK_IMAGES = 256
 # `auto` keeps ONNX Runtime only where its fastest pass on the check images beat PyTorch's by this much; within
 # it the model runs as PyTorch runs it.
 MARGIN = 1.05
-TRIAL_ROUNDS = (
-    2  # passes of each engine over the check images, alternating, the first also the check; the fastest counts
-)
+TRIAL_ROUNDS = 2  # passes of each engine over the check images, alternating (the first is the check too)
 PACKAGES = {"onnx": "onnx", "onnxruntime": "onnxruntime"}  # module -> what pip installs it as
 
 
