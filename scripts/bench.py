@@ -28,7 +28,8 @@ the others' time over the harness's.
 
 runs the working tree and the harness as it was at the git ref REF (checked out in a temporary worktree, its
 model folder the same) in turns on the same images, and reports the working tree's wall time, CPU time (its
-process tree's), model load (run.json) and peak memory over REF's, with the verdict: slower or bigger by more
+process tree's), model load (run.json) and peak memory (the tree's RSS summed, and its PSS: the RSS sum counts a
+page the workers share with the main process once in each) over REF's, with the verdict: slower or bigger by more
 than the rounds' own spread is a regression. Run it against the previous release before a stop that touches the
 pipeline or the models; `--markdown` adds its row to docs/benchmarks.md (one a release).
 """
@@ -198,8 +199,10 @@ def phase_decode(model_dir: str, data: str, harness_args: list[str]) -> float:
 # ---- the parent: runs each phase as a child and watches the end-to-end run's memory ----
 
 
-def _tree_rss_bytes(root: int) -> int:
-    """Resident bytes of `root` and all its descendants (the DataLoader workers), from /proc."""
+def _tree_memory_bytes(root: int) -> tuple[int, int]:
+    """Resident bytes of `root` and all its descendants (the DataLoader workers), from /proc: summed (a page the
+    workers share with the main process, as forked, counts once in each) and proportional (PSS: each shared page
+    split among the processes sharing it, what the run takes from the machine)."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -213,12 +216,21 @@ def _tree_rss_bytes(root: int) -> int:
             continue
         children.setdefault(parent, []).append(int(entry))
         rss[int(entry)] = pages * os.sysconf("SC_PAGE_SIZE")
-    total, stack = 0, [root]
+    total, proportional, stack = 0, 0, [root]
     while stack:
         pid = stack.pop()
         total += rss.get(pid, 0)
+        proportional += _pss_bytes(pid)
         stack.extend(children.get(pid, []))
-    return total
+    return total, proportional
+
+
+def _pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:")), 0)
+    except OSError:
+        return 0
 
 
 def _peak_rss_bytes(pid: int) -> int:
@@ -240,6 +252,7 @@ class Measured:
     main_mb: float
     halves_mb: list[float]
     cpu_s: float = 0.0  # the process and the workers it reaped (user + system)
+    pss_mb: float = 0.0  # the tree's peak proportional memory (shared pages split among their sharers)
     load_s: float = 0.0  # the model load, from the run's run.json
 
 
@@ -248,12 +261,14 @@ def measured_run(command: list[str], cwd: Path) -> Measured:
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL)
     samples: list[tuple[float, int]] = []
-    main_peak = [0]
+    main_peak, pss_peak = [0], [0]
     finished = threading.Event()
 
     def watch() -> None:
         while not finished.is_set():
-            samples.append((time.perf_counter(), _tree_rss_bytes(process.pid)))
+            summed, proportional = _tree_memory_bytes(process.pid)
+            samples.append((time.perf_counter(), summed))
+            pss_peak[0] = max(pss_peak[0], proportional)
             main_peak[0] = max(main_peak[0], _peak_rss_bytes(process.pid))
             finished.wait(0.1)
 
@@ -268,7 +283,8 @@ def measured_run(command: list[str], cwd: Path) -> Measured:
         raise SystemExit(f"bench: the run failed with exit code {process.returncode}: {' '.join(command)}")
     middle = start + seconds / 2
     halves = [max((rss for t, rss in samples if (t < middle) == first), default=0) / 2**20 for first in (True, False)]
-    return Measured(seconds, max(halves), main_peak[0] / 2**20, halves, usage.ru_utime + usage.ru_stime)
+    cpu_s = usage.ru_utime + usage.ru_stime
+    return Measured(seconds, max(halves), main_peak[0] / 2**20, halves, cpu_s, pss_peak[0] / 2**20)
 
 
 def end_to_end(model_dir: Path, data: Path, out: Path, harness_args: list[str]) -> Measured:
@@ -527,7 +543,13 @@ def compare(args: argparse.Namespace, data: Path, harness_args: list[str]) -> di
 
 # ---- --against REF: the working tree beside an earlier version of itself ----
 
-AGAINST_FIGURES = {"wall": "seconds", "cpu": "cpu_s", "model load": "load_s", "peak memory": "peak_mb"}
+AGAINST_FIGURES = {
+    "wall": "seconds",
+    "cpu": "cpu_s",
+    "model load": "load_s",
+    "peak memory": "peak_mb",  # the tree's summed RSS
+    "peak memory (PSS)": "pss_mb",
+}
 NOISE_FLOOR = 0.03  # the least spread a verdict allows: two runs of one version rarely agree closer
 
 
@@ -587,7 +609,7 @@ def against_table(result: dict) -> str:
 AGAINST_HEADING = "## Against the previous release: `python scripts/bench.py --against REF --markdown`"
 AGAINST_HEADER = (
     "| date | machine | torch | commit | against | model | images | runs | wall | cpu | model load | peak memory "
-    "| verdict |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    "| peak memory (PSS) | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
 )
 
 
