@@ -25,6 +25,7 @@ from harness.pipeline.resume import record_path
 from harness.results.writer import partial_path
 from harness.sources import build_config
 from tests.helpers import REPO, SAMPLES, compare_predictions
+from tests.test_layout import Convolutional  # the same tiny model the layout's trial is tested on
 
 pytest.importorskip("onnx")  # the exporter writes through it
 pytest.importorskip("onnxruntime")
@@ -33,17 +34,6 @@ CPU = DevicePlan(torch.device("cpu"))
 PRE = {"input_size": "16", "resize_size": "16"}
 SAMPLE = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 MANY = 10**6
-
-
-class Convolutional(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.conv(x).mean((2, 3)))
 
 
 class Branches(Convolutional):
