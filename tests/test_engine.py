@@ -100,6 +100,12 @@ def _no_export(*args: object) -> None:
     raise AssertionError("no export expected")
 
 
+def test_a_system_that_cannot_fork_keeps_pytorch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(os, "fork")
+    why = "the export runs in a forked process, and this system cannot fork"
+    assert _settle(_config(), Convolutional())[2] == EngineChoice("torch", why)
+
+
 def test_an_explicit_onnxruntime_that_cannot_be_used_is_refused_in_one_line() -> None:
     for settings, why in (
         ({"amp": "bf16"}, "--amp bf16 is PyTorch's mixed precision"),

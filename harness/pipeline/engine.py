@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -129,6 +130,8 @@ def _why_not(config: Config, plan: DevicePlan) -> str | None:
         return f"--amp {config.amp} is PyTorch's mixed precision"
     if config.compile:
         return "--compile compiles the PyTorch model"
+    if not hasattr(os, "fork"):
+        return "the export runs in a forked process, and this system cannot fork"
     return None
 
 
