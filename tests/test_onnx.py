@@ -57,6 +57,14 @@ def test_dynamic_batch_and_parity_with_torch(tiny_onnx: Path) -> None:
     assert parity.top1_agree == 7 and parity.max_prob_diff < 1e-5
 
 
+def test_releasing_the_arena_leaves_the_session_as_it_was(tiny_onnx: Path) -> None:
+    module = OnnxModule(make_session(tiny_onnx / "tiny.onnx", want_cuda=False, threads=1))
+    images = torch.randn(5, 3, 64, 64)
+    before = module(images)
+    module.release_memory(images[:1])
+    assert torch.equal(module(images), before)
+
+
 @pytest.mark.filterwarnings("ignore:Specified provider")  # onnxruntime's own, quieter warning
 def test_a_silent_cpu_fallback_is_warned_about(tiny_onnx: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA_PROVIDER, "CPUExecutionProvider"])

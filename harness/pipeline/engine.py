@@ -149,6 +149,7 @@ def _exported(
         module = open_onnx(data, want_cuda=False, threads=torch.get_num_threads())
         engines = {"torch": (model, plan.normalizer(pre)), "onnxruntime": (module, onnx_input)}
         scores, ms = _passes(engines, plan, sample, rounds)
+        module.release_memory(onnx_input(sample[:1]))  # before the workers fork
     except (Exception, SystemExit) as error:  # onnxruntime's or the model's: PyTorch runs it then
         return None, f"onnxruntime failed on the export ({describe_user_error(error)})", None, {}
     expected, got = scores["torch"], scores["onnxruntime"]
