@@ -37,7 +37,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from harness.models.outputs import SAME_ATOL, SAME_RTOL
+from harness.models.outputs import same_scores
 
 RTOL = 1e-4  # a fold changes a layer's output by float32 rounding, far below this share of its largest value
 
@@ -116,10 +116,7 @@ def fold_batchnorm(model: nn.Module, sample: torch.Tensor, scores: Callable[[obj
     except (Exception, SystemExit) as error:  # the folded model read something the fold took away
         _restore(undo)
         return FoldResult(0, f"none folded: the folded model failed ({type(error).__name__})")
-    scale = float(reference.abs().max()) if reference.numel() else 1.0
-    if folded.shape != reference.shape or not torch.allclose(
-        folded, reference, rtol=SAME_RTOL, atol=SAME_ATOL * max(1.0, scale)
-    ):
+    if not same_scores(folded, reference):
         _restore(undo)
         return FoldResult(0, "none folded: the folded model gave other scores")
     note = f"; {kept} left as written (folding changed their layer's output)" if kept else ""

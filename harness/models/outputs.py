@@ -14,6 +14,13 @@ from harness.errors import ModelError
 SAME_RTOL, SAME_ATOL = 1e-3, 1e-4
 
 
+def same_scores(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether `got` is `expected` run another way (folded, compiled, exported): the same shape, and each score
+    within SAME_RTOL of itself plus SAME_ATOL of the largest (at least 1)."""
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    return got.shape == expected.shape and torch.allclose(got, expected, rtol=SAME_RTOL, atol=SAME_ATOL * scale)
+
+
 def as_logits(output: Any, batch: int) -> torch.Tensor:
     """The model's scores as N x C real numbers: a tensor, a dict's or an object's `logits` (Hugging Face). A
     one-dimensional output of N numbers is one score column. Anything else is refused, naming what came back:

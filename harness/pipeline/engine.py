@@ -29,7 +29,7 @@ from harness.config import Config, Preprocess
 from harness.errors import ConfigError, ModelError, describe_user_error
 from harness.models.load import open_onnx
 from harness.models.onnx_export import NotExported, proven_export
-from harness.models.outputs import SAME_ATOL, SAME_RTOL, as_logits
+from harness.models.outputs import as_logits, same_scores
 from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context
 from harness.pipeline.resume import recorded_choice
 
@@ -156,8 +156,7 @@ def _exported(
     if got.shape != expected.shape:
         return None, f"the export returned {tuple(got.shape)} scores for PyTorch's {tuple(expected.shape)}", None, {}
     difference = float((got - expected).abs().max()) if got.numel() else 0.0
-    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
-    if not torch.allclose(got, expected, rtol=SAME_RTOL, atol=SAME_ATOL * scale):
+    if not same_scores(got, expected):
         why = f"the export's scores differ from PyTorch's on the check images (by up to {difference:.3g})"
         return None, why, difference, {}
     return module, "", difference, ms

@@ -13,7 +13,7 @@ from torch import nn
 
 from harness.console import say
 from harness.errors import HarnessError, ModelError, describe_user_error, is_dataloader_failure
-from harness.models.outputs import SAME_ATOL, SAME_RTOL, as_logits
+from harness.models.outputs import as_logits, same_scores
 from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context
 
 
@@ -117,8 +117,7 @@ def compiled_forward(forward: Forward, sample: torch.Tensor) -> Forward:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         say(f"torch.compile failed ({type(error).__name__}: {first_line[:200]}): running eagerly")
         return forward
-    scale = max(1.0, float(eager.abs().max()))
-    if not torch.allclose(compiled, eager, rtol=SAME_RTOL, atol=SAME_ATOL * scale):
+    if not same_scores(compiled, eager):
         say("torch.compile changed the model's scores on the check images: running eagerly")
         return forward
     say(f"compiled the model in {time.perf_counter() - started:.1f} s")
