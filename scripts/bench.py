@@ -220,24 +220,16 @@ def _tree_memory_bytes(root: int) -> tuple[int, int]:
     while stack:
         pid = stack.pop()
         total += rss.get(pid, 0)
-        proportional += _pss_bytes(pid)
+        proportional += _proc_bytes(pid, "smaps_rollup", "Pss")
         stack.extend(children.get(pid, []))
     return total, proportional
 
 
-def _pss_bytes(pid: int) -> int:
+def _proc_bytes(pid: int, file: str, field: str) -> int:
+    """A memory figure of the process from /proc/PID/FILE (its `field:` line, in kB) in bytes, 0 once it is gone."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
-            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:")), 0)
-    except OSError:
-        return 0
-
-
-def _peak_rss_bytes(pid: int) -> int:
-    """The process's own high-water mark of resident memory (VmHWM), 0 once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+        with open(f"/proc/{pid}/{file}", encoding="ascii") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith(f"{field}:")), 0)
     except OSError:
         return 0
 
@@ -269,7 +261,7 @@ def measured_run(command: list[str], cwd: Path) -> Measured:
             summed, proportional = _tree_memory_bytes(process.pid)
             samples.append((time.perf_counter(), summed))
             pss_peak[0] = max(pss_peak[0], proportional)
-            main_peak[0] = max(main_peak[0], _peak_rss_bytes(process.pid))
+            main_peak[0] = max(main_peak[0], _proc_bytes(process.pid, "status", "VmHWM"))  # its own peak
             finished.wait(0.1)
 
     watcher = threading.Thread(target=watch, daemon=True)
