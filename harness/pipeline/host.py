@@ -12,6 +12,7 @@ import ctypes.util
 import os
 import resource
 from collections.abc import Mapping
+from typing import Any
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt() parameter numbers (malloc.h)
 M_MMAP_MAX = -4
@@ -26,13 +27,8 @@ def keep_freed_memory() -> bool:
     as in the model. The peak stays what one batch needs (freed blocks are reused, not added up). False where libc
     is not glibc.
     """
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
 
 
 def release_freed_memory() -> bool:
@@ -40,12 +36,16 @@ def release_freed_memory() -> bool:
     (the fold's proof, an export) left them: the decoding workers fork after it, and every page still in the heap
     then counts again in each worker's memory. The batches' blocks are taken again once and kept from then on.
     False where libc is not glibc."""
-    name = ctypes.util.find_library("c")
+    malloc_trim = _glibc("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))
+
+
+def _glibc(function: str) -> Any:
+    """One of glibc's malloc functions, or None where libc is not glibc (or has none of that name)."""
     try:
-        malloc_trim = ctypes.CDLL(name or "libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), function)
     except (OSError, AttributeError):
-        return False
-    return bool(malloc_trim(0))
+        return None
 
 
 def yield_cores() -> None:
