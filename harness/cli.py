@@ -30,6 +30,7 @@ from harness.config import ENV_FIELDS, Config
 from harness.errors import BUG, EXIT_CODES, INTERRUPTED, HarnessError, ModelError, is_dataloader_failure
 from harness.options import given_settings, run_parser, sources_from, with_model_settings
 from harness.pipeline.confine import confined, denial, own_process, prepare_process
+from harness.pipeline.export_cache import export_cache
 from harness.pipeline.files import Discovery, run_files
 from harness.pipeline.host import shorten_omp_spin
 from harness.results.outputs import beside, part_output, run_outputs
@@ -75,7 +76,8 @@ def run_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     lock = contextlib.nullcontext() if config.rank else output_folder_lock(writable_folder(config))
     with lock:
         found = run_files(config.input_dir, config.skip_unreadable_folders)  # chosen once, for every step after
-        with confined(config, environ, run_outputs(config), found.linked):
+        outputs = run_outputs(config)
+        with confined(config, environ, outputs, found.linked, export_cache(config, environ, outputs.files)):
             return _classify(with_model_settings(sources), found)
 
 

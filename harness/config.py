@@ -34,6 +34,7 @@ ENV_FIELDS = {
     "WORKERS": "workers",
     "BATCH_SIZE": "batch_size",
     "GPUS": "gpus",
+    "EXPORT_CACHE": "export_cache",
     # set by torchrun for each process it starts (harness/pipeline/distributed.py)
     "WORLD_SIZE": "world_size",
     "RANK": "rank",
@@ -211,6 +212,13 @@ class Config:
         parsers.choice("auto", "torch", "onnxruntime"),
         "what runs a PyTorch model on the CPU: torch, or onnxruntime on an export of it checked against torch; auto: "
         "onnxruntime where torch.export captures the whole model, the scores agree and it is faster (docs/speed.md)",
+    )
+    export_cache: str = _setting(
+        "auto",
+        parsers.folder_auto_none,
+        "folder the ONNX exports of --engine are kept in between runs, one for each model and its settings, 4 GB "
+        "at most (a model re-exported only when it changed); auto: the user's cache folder ($XDG_CACHE_HOME or "
+        "~/.cache, objectnet-harness/exports); none: keep none (docs/speed.md)",
     )
     max_failures: float | None = _setting(
         DEFAULT_MAX_FAILURES,

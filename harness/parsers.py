@@ -108,6 +108,15 @@ def parse_text(value: Any) -> str:
 
 
 text = Parser("TEXT", parse_text)
+
+
+def parse_folder_or_word(value: Any) -> str:
+    """A folder, or auto or none (any case)."""
+    text = parse_text(value)
+    return text.lower() if text.lower() in ("auto", "none") else text
+
+
+folder_auto_none = Parser("PATH|auto|none", parse_folder_or_word)
 label_map_name = Parser("MAP", parse_text)
 path = Parser("PATH", lambda value: Path(parse_text(value)))
 

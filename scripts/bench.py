@@ -711,7 +711,8 @@ def measure(args: argparse.Namespace, data: Path, harness_args: list[str]) -> di
         run = end_to_end(model_dir, data, Path(scratch) / "out", harness_args)
         model_each.append(child("model", model_dir, data, harness_args, args.seconds))
         decode_each.append(child("decode", model_dir, data, harness_args, args.seconds))
-        device = json.loads((Path(scratch) / "out" / "run.json").read_text())["devices"]["device"]
+        report = json.loads((Path(scratch) / "out" / "run.json").read_text())
+    device, engine = report["devices"]["device"], report.get("engine", {})
     model_ips, decode_ips = statistics.mean(model_each), statistics.mean(decode_each)
     end_ips = args.images / run.seconds
     gpu = device.startswith("cuda")
@@ -737,6 +738,8 @@ def measure(args: argparse.Namespace, data: Path, harness_args: list[str]) -> di
         "peak_rss_mb": round(run.peak_mb, 1),
         "peak_rss_main_mb": round(run.main_mb, 1),
         "peak_rss_halves_mb": [round(mb, 1) for mb in run.halves_mb],
+        # the run's engine and its export: made now ("written"), taken from the export cache ("read"), or none
+        "engine": {name: engine.get(name) for name in ("engine", "cache", "export_s")},
     }
     return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,13 +12,18 @@ from harness.cli import main
 from harness.config import ENV_FIELDS
 from tests.helpers import REPO, SAMPLES, read_rows
 
+_CACHES = itertools.count()  # a folder name for each test's cache, made only where a run keeps an export
+
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Runs start from the repository root (model/ is relative) with none of the build-arg variables set."""
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Runs start from the repository root (model/ is relative) with none of the build-arg variables set, and
+    each test's runs keep their exports in a cache of its own (never the user's: a test's export would be another
+    test's, or a later session's)."""
     monkeypatch.chdir(REPO)
     for variable in ENV_FIELDS:
         monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "caches" / str(next(_CACHES))))
 
 
 @pytest.fixture

@@ -574,9 +574,9 @@ class _Hangs:
     def __init__(self, request: bytes) -> None:
         self.requests = [request]
 
-    def recv(self, size: int) -> bytes:
+    def recvmsg(self, size: int, ancillary: int) -> tuple[bytes, list, int, None]:
         if self.requests:
-            return self.requests.pop()
+            return self.requests.pop(), [], 0, None
         raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
 
     def sendmsg(self, *args: object) -> int:
@@ -1068,7 +1068,7 @@ def test_an_output_file_is_made_with_the_gates_mode_and_a_folder_that_cannot_syn
 
 
 def test_an_error_without_words_is_answered_in_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def fails(allowed: object, request: object) -> None:
+    def fails(allowed: object, request: object, store: object, fds: object) -> None:
         raise OSError("the disk said no")
 
     monkeypatch.setattr(gate, "_perform", fails)
@@ -1079,8 +1079,8 @@ def test_an_error_without_words_is_answered_in_its_own(tmp_path: Path, monkeypat
         def __init__(self) -> None:
             self.requests = [request]
 
-        def recv(self, size: int) -> bytes:
-            return self.requests.pop() if self.requests else b""
+        def recvmsg(self, size: int, ancillary: int) -> tuple[bytes, list, int, None]:
+            return (self.requests.pop() if self.requests else b""), [], 0, None
 
         def sendmsg(self, buffers: list[bytes], *args: object) -> int:
             replies.append(buffers[0])

@@ -207,11 +207,15 @@ def test_a_resumed_run_keeps_the_engine_the_first_run_chose(tmp_path: Path) -> N
 @pytest.mark.equivalence
 def test_the_example_model_in_onnxruntime_gives_the_pinned_ids_and_records_its_engine(tmp_path: Path) -> None:
     """The pinned CSV of the sample images (BatchNorms folded), within the CPUs' tolerance and up to ties; run.json
-    and the resume record say which engine ran."""
+    and the resume record say which engine ran; a second run takes the kept export and writes the same bytes."""
     output = tmp_path / "out" / "predictions.csv"
     assert main([str(SAMPLES), str(output), "--progress", "false", "--engine", "onnxruntime"]) == 0
     problems = compare_predictions(REPO / "tests" / "golden" / "sample-images.folded.csv", output)
     assert not problems, "\n".join(problems)
     engine = json.loads(output.with_name("run.json").read_text())["engine"]
     assert engine["engine"] == "onnxruntime" and engine["why"] == "set: engine onnxruntime"
-    assert engine["max_score_diff"] < 1e-3 and engine["export_s"] > 0
+    assert engine["max_score_diff"] < 1e-3 and engine["export_s"] > 0 and engine["cache"] == "written"
+    again = tmp_path / "again" / "predictions.csv"
+    assert main([str(SAMPLES), str(again), "--progress", "false", "--engine", "onnxruntime"]) == 0
+    assert json.loads(again.with_name("run.json").read_text())["engine"]["cache"] == "read"
+    assert again.read_bytes() == output.read_bytes()

@@ -18,16 +18,13 @@ from harness.cli import main
 from harness.config import PREPROCESS_FIELDS, RUN_FIELDS, SETTINGS
 from harness.errors import ConfigError
 from harness.parsers import metavar
+from harness.pipeline.identity import ROW_NEUTRAL, file_digest, model_files, recorded_settings
 from harness.pipeline.resume import (
     LOST_REASON,
-    ROW_NEUTRAL,
     check_identity,
-    file_digest,
-    model_files,
     record_identity,
     record_path,
     recorded_choice,
-    recorded_settings,
     run_identity,
 )
 from harness.results.outputs import run_outputs
@@ -399,10 +396,10 @@ def test_the_model_files_are_every_file_of_its_folder_but_hidden_ones_and_caches
 def test_a_model_folder_past_its_bounds_counts_only_the_files_loading_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: int, bytes_max: int, listed: bool
 ) -> None:
-    from harness.pipeline import resume
+    from harness.pipeline import identity
 
-    monkeypatch.setattr(resume, "FOLDER_FILES_MAX", 2)
-    monkeypatch.setattr(resume, "FOLDER_BYTES_MAX", bytes_max)
+    monkeypatch.setattr(identity, "FOLDER_FILES_MAX", 2)
+    monkeypatch.setattr(identity, "FOLDER_BYTES_MAX", bytes_max)
     folder = tmp_path / "model"
     folder.mkdir()
     for index in range(files):

@@ -41,7 +41,7 @@ from harness.errors import DeviceError
 from harness.models.reads import software_places
 from harness.pipeline import sandbox
 from harness.pipeline.sandbox import DEVICE, READ, RUN, WRITE, Rule
-from harness.results.gate import OutputFiles, gated, start_gate
+from harness.results.gate import OutputFiles, Store, gated, start_gate
 
 SYSTEM_RUN = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")  # libraries and programs
 SYSTEM_READ = (
@@ -249,22 +249,26 @@ def prepare_process() -> None:
 
 @contextlib.contextmanager
 def confined(
-    config: Config, environ: Mapping[str, str], outputs: OutputFiles, reads: Iterable[Path] = ()
+    config: Config,
+    environ: Mapping[str, str],
+    outputs: OutputFiles,
+    reads: Iterable[Path] = (),
+    store: Store | None = None,
 ) -> Iterator[Confinement]:
-    """Confine this process as `config.confine` says (auto: wherever the kernel can), writing only `outputs`
-    (through the gate) and reading what `rules` lists plus `reads` (a tool's own inputs); says so in one line.
-    Must come before torch, numpy or any thread: call it right after the settings are read."""
+    """Confine this process as `config.confine` says (auto: wherever the kernel can), writing only `outputs` and
+    `store`'s entry (through the gate) and reading what `rules` lists plus `reads` (a tool's own inputs); says so
+    in one line. Must come before torch, numpy or any thread: call it right after the settings are read."""
     if not _process.owned:
         if config.confine == "on":
             raise DeviceError(
                 "--confine on needs the harness's own process (python entrypoint.py, harness, or python -m harness): "
                 "an in-process call cannot confine its caller"
             )
-        with gated(outputs):
+        with gated(outputs, store):
             yield Confinement("off", "an in-process call: only the harness's own process confines itself")
         return
     started = time.perf_counter()
-    record = _confine(config, environ, outputs, reads, _scratch())
+    record = _confine(config, environ, outputs, reads, _scratch(), store)
     record = dataclasses.replace(record, setup_ms=1000 * (time.perf_counter() - started))
     _process.confinement = record
     if config.rank == 0:  # under torchrun one rank speaks for all
@@ -273,12 +277,17 @@ def confined(
         yield record
         return
     atexit.register(shutil.rmtree, _scratch(), ignore_errors=True)
-    with gated(outputs):
+    with gated(outputs, store):
         yield record
 
 
 def _confine(
-    config: Config, environ: Mapping[str, str], outputs: OutputFiles, reads: Iterable[Path], scratch: Path
+    config: Config,
+    environ: Mapping[str, str],
+    outputs: OutputFiles,
+    reads: Iterable[Path],
+    scratch: Path,
+    store: Store | None,
 ) -> Confinement:
     if config.confine == "off":
         return Confinement("off", "--confine off")
@@ -292,7 +301,7 @@ def _confine(
     granted = rules(config, environ, reads, scratch)
     for variable, name in CACHE_VARIABLES.items():
         os.environ[variable] = str(scratch / name)
-    start_gate(outputs, [scratch])  # the gate removes the private folder once the run has gone
+    start_gate(outputs, [scratch], store)  # the gate removes the private folder once the run has gone
     try:
         applied = sandbox.restrict(granted, close_network=config.world_size == 1)
     except sandbox.SandboxError as error:

@@ -11,6 +11,10 @@ scores on every check image (another batch size) must agree with PyTorch's withi
 was the faster on the check images. The two engines' scores differ in the last digits, so a top-k id may differ
 only between classes whose scores lie that close (a tie); a resumed run takes the engine of the run it continues;
 `torch` runs the model exactly as PyTorch does.
+
+An export that passed its check is kept in the export cache (harness/pipeline/export_cache.py), and a later run of
+the same model with the same settings and software takes it from there instead of exporting again; a kept export is
+checked on that run's check images as a new one is, and replaced where it fails.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from harness.models.load import open_onnx
 from harness.models.onnx_export import NotExported, proven_export
 from harness.models.outputs import as_logits, same_scores
 from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context
+from harness.pipeline.export_cache import keep, load, not_held
 from harness.pipeline.resume import recorded_choice
+from harness.results.outputs import run_outputs
 
 ENGINES = ("torch", "onnxruntime")
 OPSET = 17
@@ -49,8 +55,9 @@ class EngineChoice:
     engine: str
     why: str
     ms_per_image: dict[str, float] = field(default_factory=dict)  # each engine's fastest pass, where timed
-    export_s: float = 0.0  # the proof, the export, the session and the check
+    export_s: float = 0.0  # the proof and the export (or the cache's read), the session and the check
     max_score_diff: float | None = None  # onnxruntime's farthest score from PyTorch's on the check images
+    cache: str = ""  # the export cache: "read", "written", or why not (harness/pipeline/export_cache.py)
 
     def describe(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -63,30 +70,33 @@ def settle_engine(
     sample: torch.Tensor,
     images: int,
     runtime: str | None = None,
+    files_read: list[str] | None = None,
 ) -> tuple[nn.Module, DevicePlan, EngineChoice]:
     """The module that runs a run of `images` images, the plan it runs on (onnxruntime takes contiguous float32)
     and why: as `engine` says, or for `auto` as the run a resumed one continues chose, or PyTorch where an export
     cannot be used or cannot pay, or else as measured now. `runtime`: the runtime a model not made of PyTorch
-    layers comes with (its kind says: harness/models/kinds.py)."""
+    layers comes with (its kind says: harness/models/kinds.py); `files_read`: what loading the model read (an
+    export of a model that read a file the cache's key does not hold is not kept)."""
     decided, forced = _before_export(config, plan, images, runtime)
     if decided is not None:
         return model, plan, decided
     started = time.perf_counter()
     rounds = 1 if forced else TRIAL_ROUNDS
-    exported, why, difference, ms = _exported(model, plan, config.preprocess, sample, rounds)
+    trial = _exported(model, plan, config.preprocess, sample, rounds, _uncached(config, files_read or []))
     export_s = round(time.perf_counter() - started, 3)
-    if exported is None:
+    difference, ms = trial.difference, trial.ms
+    if trial.module is None:
         if forced:
-            raise ModelError(f"--engine onnxruntime ({forced}): {why}; use --engine torch")
-        return model, plan, EngineChoice("torch", why, export_s=export_s, max_score_diff=difference)
+            raise ModelError(f"--engine onnxruntime ({forced}): {trial.why}; use --engine torch")
+        return model, plan, EngineChoice("torch", trial.why, ms, export_s, difference, trial.cache)
     contiguous = dataclasses.replace(plan, channels_last=False)
     if forced:
-        return exported, contiguous, EngineChoice("onnxruntime", forced, {}, export_s, difference)
+        return trial.module, contiguous, EngineChoice("onnxruntime", forced, {}, export_s, difference, trial.cache)
     if ms["onnxruntime"] * MARGIN < ms["torch"]:
         faster = f"onnxruntime was {ms['torch'] / ms['onnxruntime']:.2f}x as fast on {len(sample)} images"
-        return exported, contiguous, EngineChoice("onnxruntime", faster, ms, export_s, difference)
+        return trial.module, contiguous, EngineChoice("onnxruntime", faster, ms, export_s, difference, trial.cache)
     slower = f"onnxruntime was not {MARGIN - 1:.0%} faster than PyTorch on {len(sample)} images"
-    return model, plan, EngineChoice("torch", slower, ms, export_s, difference)
+    return model, plan, EngineChoice("torch", slower, ms, export_s, difference, trial.cache)
 
 
 def _before_export(
@@ -122,6 +132,13 @@ def _before_export(
     return None, forced
 
 
+def _uncached(config: Config, files_read: list[str]) -> str | None:
+    """Why this run's export is neither taken from the export cache nor kept there, or None."""
+    if config.export_cache == "none":
+        return "--export-cache none"
+    return not_held(config, files_read, run_outputs(config).files)
+
+
 def _why_not(config: Config, plan: DevicePlan) -> str | None:
     """Why this run cannot use onnxruntime, or None."""
     if plan.device.type != "cpu":
@@ -135,31 +152,65 @@ def _why_not(config: Config, plan: DevicePlan) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Trial:
+    module: nn.Module | None  # onnxruntime running the export, or None
+    why: str = ""  # why there is none
+    difference: float | None = None  # the export's farthest score from PyTorch's, where measured
+    ms: dict[str, float] = field(default_factory=dict)  # each engine's fastest pass, ms an image
+    cache: str = ""  # as EngineChoice.cache
+
+
 def _exported(
-    model: nn.Module, plan: DevicePlan, pre: Preprocess, sample: torch.Tensor, rounds: int
-) -> tuple[nn.Module | None, str, float | None, dict[str, float]]:
-    """(onnxruntime running an export of `model`, "", its farthest score from PyTorch's on the check images, each
-    engine's fastest of `rounds` passes over them), or (None, why not, that difference where it was measured, {})."""
+    model: nn.Module, plan: DevicePlan, pre: Preprocess, sample: torch.Tensor, rounds: int, uncached: str | None
+) -> _Trial:
+    """onnxruntime running an export of `model` that passed its check, the kept one where there is one (else one
+    made now, then kept unless `uncached` says why not), with each engine's fastest of `rounds` passes over the
+    check images; or why there is none."""
     onnx_input = DeviceNormalizer(pre, plan.device, torch.float32, False)
+    kept = load() if uncached is None else None
+    failed = ""
+    if kept is not None:
+        trial = _checked(kept, model, plan, pre, sample, rounds, onnx_input)
+        if trial.module is not None:
+            return dataclasses.replace(trial, cache="read")
+        failed = f" (the kept export failed its check: {trial.why})"
     try:
         data = proven_export(model, onnx_input(sample).repeat(2, 1, 1, 1)[:2], OPSET)  # one image fixes the batch
     except NotExported as refusal:
-        return None, str(refusal), None, {}
+        return _Trial(None, str(refusal))
+    trial = _checked(data, model, plan, pre, sample, rounds, onnx_input)
+    if trial.module is None:
+        return trial
+    cache = f"not kept: {uncached}" if uncached is not None else keep(data)
+    return dataclasses.replace(trial, cache=cache + failed)
+
+
+def _checked(
+    data: bytes,
+    model: nn.Module,
+    plan: DevicePlan,
+    pre: Preprocess,
+    sample: torch.Tensor,
+    rounds: int,
+    onnx_input: DeviceNormalizer,
+) -> _Trial:
+    """The export `data` in onnxruntime, where its scores on the check images agree with PyTorch's."""
     try:
         module = open_onnx(data, want_cuda=False, threads=torch.get_num_threads())
         engines = {"torch": (model, plan.normalizer(pre)), "onnxruntime": (module, onnx_input)}
         scores, ms = _passes(engines, plan, sample, rounds)
         module.release_memory(onnx_input(sample[:1]))  # before the workers fork
     except (Exception, SystemExit) as error:  # onnxruntime's or the model's: PyTorch runs it then
-        return None, f"onnxruntime failed on the export ({describe_user_error(error)})", None, {}
+        return _Trial(None, f"onnxruntime failed on the export ({describe_user_error(error)})")
     expected, got = scores["torch"], scores["onnxruntime"]
     if got.shape != expected.shape:
-        return None, f"the export returned {tuple(got.shape)} scores for PyTorch's {tuple(expected.shape)}", None, {}
+        return _Trial(None, f"the export returned {tuple(got.shape)} scores for PyTorch's {tuple(expected.shape)}")
     difference = float((got - expected).abs().max()) if got.numel() else 0.0
     if not same_scores(got, expected):
         why = f"the export's scores differ from PyTorch's on the check images (by up to {difference:.3g})"
-        return None, why, difference, {}
-    return module, "", difference, ms
+        return _Trial(None, why, difference)
+    return _Trial(module, "", difference, ms)
 
 
 def _passes(

@@ -58,7 +58,7 @@ def place_model(config: Config, loaded: LoadedModel, dataset: ImageDataset, imag
     graph = loaded.kind.torch_graph
     runtime = None if graph else loaded.class_name
     plan, layout = settle_layout(config, model, plan, sample, batch_size, images, runtime)
-    runs, plan, engine = settle_engine(config, model, plan, sample, images, runtime)
+    runs, plan, engine = settle_engine(config, model, plan, sample, images, runtime, loaded.files_read)
     normalize = plan.normalizer(config.preprocess)
     graph = graph and engine.engine == "torch"
     forward = Forward(runs, normalize, plan, first_piece(plan, batch_size), classes, torch_graph=graph)

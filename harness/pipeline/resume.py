@@ -5,31 +5,29 @@ back to a batch boundary: each later batch then holds the same images as in an u
 gives the same numbers, so the final CSV is byte-identical to one written in a single go.
 
 That holds only for the same model and the same settings. So a run records, when it starts, what shapes its rows
-in `<output>.resume.json` beside the partial file: every setting but those declared row-neutral (ROW_NEUTRAL, each
-with why), what the run resolved the rest to (device, GPUs, the batch the model sees, the memory layout, torch's
-threads), the model's files by content (never the run's own outputs among them), which weights of its checkpoint,
-the harness's and the packages' versions; `--resume` compares and refuses any difference, naming it, before
-anything is overwritten. A different batch size is refused too: the batches would hold other images, and the
-model's numbers can depend on what else is in its batch.
+in `<output>.resume.json` beside the partial file: every setting but those declared row-neutral
+(harness/pipeline/identity.py: ROW_NEUTRAL, each with why), what the run resolved the rest to (device, GPUs, the
+batch the model sees, the memory layout, torch's threads), the model's files by content (never the run's own
+outputs among them), which weights of its checkpoint, the harness's and the packages' versions; `--resume`
+compares and refuses any difference, naming it, before anything is overwritten. A different batch size is refused
+too: the batches would hold other images, and the model's numbers can depend on what else is in its batch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from harness import __version__
-from harness.config import RUN_FIELDS, Config
+from harness.config import Config
 from harness.errors import ConfigError
 from harness.pipeline.decode import seen
 from harness.pipeline.files import ImageFile
-from harness.results.gate import normal
+from harness.pipeline.identity import digests_once, installed_digest, model_files, recorded_settings
 from harness.results.label_maps import is_named_map
 from harness.results.outputs import ledger_path, record_path
-from harness.results.report import distributions, software
+from harness.results.report import software
 from harness.results.rows import Layout
 from harness.results.writer import (
     open_csv,
@@ -104,112 +102,6 @@ def _unchanged(ledger: Path, files: list[ImageFile], rows: int, batch_size: int)
     return rows
 
 
-def file_digest(path: str | Path | None) -> str | None:
-    """sha256 of a file's contents, or None for no file."""
-    if path is None or not Path(path).is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-FOLDER_FILES_MAX = 2000  # a model folder with more is someone's whole tree: only the files the load read count
-FOLDER_BYTES_MAX = 16 * 2**30
-
-
-Digest = Callable[[str | Path | None], str | None]
-
-
-def _digests_once() -> Digest:
-    """file_digest for one record: a file it names twice (the checkpoint and model.py also lie in the model
-    folder) is read once. Not kept across records, so an edit between two of them is always seen."""
-    seen: dict[Path, str | None] = {}
-
-    def digest(path: str | Path | None) -> str | None:
-        if path is None:
-            return None
-        resolved = Path(path).resolve()
-        if resolved not in seen:
-            seen[resolved] = file_digest(resolved)
-        return seen[resolved]
-
-    return digest
-
-
-def model_files(
-    folder: Path, files_read: list[str], digest: Digest = file_digest, outputs: frozenset[Path] = frozenset()
-) -> dict[str, str | None]:
-    """The contents of everything the model is made of: each file in its folder (by path inside it, hidden files,
-    bytecode caches and the run's own `outputs` aside) and each file loading it read from elsewhere (by absolute
-    path)."""
-    chosen: dict[str, Path] = {}
-    if folder.is_dir():
-        listed, size = [], 0
-        for path in sorted(folder.rglob("*")):
-            inside = path.relative_to(folder).parts
-            if any(part.startswith(".") or part == "__pycache__" for part in inside) or not path.is_file():
-                continue
-            if normal(path) in outputs:
-                continue
-            listed.append(path)
-            size += path.stat().st_size
-            if len(listed) > FOLDER_FILES_MAX or size > FOLDER_BYTES_MAX:
-                listed = []
-                break
-        chosen.update((path.relative_to(folder).as_posix(), path) for path in listed)
-    resolved = folder.resolve()
-    for name in files_read:
-        path = Path(name)
-        key = path.relative_to(resolved).as_posix() if path.is_relative_to(resolved) else name
-        chosen.setdefault(key, path)
-    return {key: digest(path) for key, path in sorted(chosen.items())}
-
-
-# The settings that cannot change a finished row, each with why; every other setting is in the record as it was
-# given (tests/test_resume.py walks them: a new setting is recorded unless it is declared here).
-ROW_NEUTRAL = {
-    "input_dir": "each row's image is recorded by its own size and time, wherever its folder is mounted",
-    "output_file": "where the rows go, not what they hold",
-    "model": "the model is recorded by its files' contents (model_files, model_source, checkpoint)",
-    "model_dir": "the model is recorded by its files' contents, wherever they are unpacked",
-    "module": "the model is recorded by its files' contents",
-    "checkpoint": "recorded by its contents and the weights entry taken",
-    "label_map": "recorded as the map's name, or a labels file's contents",
-    "device": "recorded as the device the run resolved it to",
-    "gpus": "recorded as the GPUs the run used",
-    "batch_size": "recorded as the batch the model sees (batch_size_total)",
-    "channels_last": "recorded as the layout the run chose",
-    "threads": "recorded as the thread count torch ran with",
-    "workers": "every decoding process gives the same pixels",
-    "head_start": "the head start decodes as the workers do (tests/test_headstart.py)",
-    "decoder_priority": "a process's priority moves no pixel",
-    "keep_freed_memory": "the allocator's settings move no number",
-    "omp_spin_count": "how long a thread waits moves no number",
-    "max_failures": "it judges the finished run; the rows are written the same",
-    "skip_unreadable_folders": "a folder that cannot be listed has no rows either way",
-    "resume": "asks to continue, changes no row",
-    "progress": "the progress bar",
-    "confine": "a confined run writes the same bytes (tests/test_confine.py)",
-    "trust_pickle": "lets a pickled model load; what it loads is recorded by its contents",
-    "save_probs": "refused with --resume",
-    "dist_timeout": "how long the ranks wait for each other",
-    "master_addr": "where the ranks meet",
-    "master_port": "where the ranks meet",
-    "local_rank": "the GPU it picks is recorded as the device",
-    "local_world_size": "shares the cores for decoding",
-}
-
-
-def recorded_settings(config: Config) -> dict[str, Any]:
-    """Every setting that can change a row, as given: all but ROW_NEUTRAL's."""
-    values = config.to_dict()
-    settings = {name: values[name] for name in RUN_FIELDS if name not in ROW_NEUTRAL}
-    settings.update(values["preprocess"])
-    return settings
-
-
 def run_identity(
     config: Config,
     model: dict[str, Any],
@@ -224,7 +116,7 @@ def run_identity(
     label_map = config.label_map
     named = is_named_map(label_map)  # a named map is never read from a file, whatever the working folder holds
     installed = software()
-    digest = _digests_once()
+    digest = digests_once()
     return {
         "harness_version": __version__,
         "settings": recorded_settings(config),
@@ -235,7 +127,7 @@ def run_identity(
         "software": {
             "python": installed["python"],
             "packages": installed["packages"],
-            "installed": hashlib.sha256("\n".join(distributions()).encode()).hexdigest(),
+            "installed": installed_digest(),
         },
         "model_source": digest(model["source"]),
         "checkpoint": digest(model["checkpoint"]),

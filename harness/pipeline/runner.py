@@ -232,8 +232,9 @@ def _announce(
         f"{report.workers} workers, label map {label_map.name}"
     )
     say(f"preprocessing: {report.preprocessing['as_run']} ({report.preprocessing['from']})")
-    if placed.engine.export_s:  # an export was made: which engine runs, and why
-        say(f"engine: {placed.engine.engine} ({placed.engine.why})")
+    if placed.engine.export_s:  # an export was made or read: which engine runs, and why
+        kept = ", the export kept from an earlier run" if placed.engine.cache == "read" else ""
+        say(f"engine: {placed.engine.engine} ({placed.engine.why}{kept})")
     hint = frame_hint(config, decoding, files, label_map) if not resumed else None
     if hint:
         say(hint)

@@ -11,6 +11,9 @@ process, and the output folder may hold the user's other files. So before it con
 gate, a small process that stays outside the confinement and does these few operations for it, on these names
 only, handing back open descriptors; once the run's last descriptor to it closes, the gate removes the run's
 private temporary folder and exits. A model can ask the gate for nothing but what the run itself writes.
+
+The gate also keeps the run's one entry of the export cache (harness/pipeline/export_cache.py: a `Store`), which
+it alone names: the run may ask for that entry's bytes, or hand it new bytes as a descriptor, and nothing else.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 PARTIAL = ".partial"
 MESSAGE_BYTES = 65536
@@ -80,6 +83,16 @@ class OutputFiles:
 
 
 ANYTHING = OutputFiles(anything=True)
+
+
+class Store(Protocol):
+    """One entry kept between runs, named by the gate's side alone (harness/pipeline/export_cache.py)."""
+
+    def read(self) -> int | None:
+        """A read-only descriptor of the entry, or None where there is none."""
+
+    def write(self, fd: int) -> None:
+        """The entry replaced by the contents of the regular file `fd`; OSError where it is refused."""
 
 
 def _open(allowed: OutputFiles, path: Path, flags: int) -> int:
@@ -134,12 +147,23 @@ def _sync_folder(allowed: OutputFiles, path: Path) -> None:
         os.close(fd)
 
 
-def _perform(allowed: OutputFiles, request: dict[str, Any]) -> int | None:
-    """One operation, checked against `allowed`: an open descriptor for `open`, else None. Raises OSError."""
+def _perform(
+    allowed: OutputFiles, request: dict[str, Any], store: Store | None = None, fds: Sequence[int] = ()
+) -> int | None:
+    """One operation, checked against `allowed`: an open descriptor for `open` and `read_entry`, else None. Raises
+    OSError."""
     op, path = request.get("op"), Path(str(request.get("path", "")))
-    if op == "open":
+    if op in ("read_entry", "write_entry"):
+        if store is None:
+            raise OSError(errno.ENOENT, "this run keeps no export cache")
+        if op == "read_entry":
+            return store.read()
+        if len(fds) != 1:
+            raise OSError(errno.EINVAL, "an entry comes as one descriptor")
+        store.write(fds[0])
+    elif op == "open":
         return _open(allowed, path, int(request.get("flags", 0)))
-    if op == "replace":
+    elif op == "replace":
         _replace(allowed, path, Path(str(request.get("to", ""))))
     elif op == "remove":
         _remove(allowed, path)
@@ -157,11 +181,12 @@ def _perform(allowed: OutputFiles, request: dict[str, Any]) -> int | None:
 class _Local:
     """The operations in this process, checked the same way (an unconfined run, or a tool that runs no model)."""
 
-    def __init__(self, allowed: OutputFiles) -> None:
+    def __init__(self, allowed: OutputFiles, store: Store | None = None) -> None:
         self.allowed = allowed
+        self.store = store
 
-    def __call__(self, request: dict[str, Any]) -> int | None:
-        return _perform(self.allowed, request)
+    def __call__(self, request: dict[str, Any], fds: Sequence[int] = ()) -> int | None:
+        return _perform(self.allowed, request, self.store, fds)
 
 
 class _Remote:
@@ -173,11 +198,11 @@ class _Remote:
         self.numbers = itertools.count()
         self.lock = threading.Lock()
 
-    def __call__(self, request: dict[str, Any]) -> int | None:
+    def __call__(self, request: dict[str, Any], fds: Sequence[int] = ()) -> int | None:
         with self.lock:
             number = next(self.numbers)
             try:
-                self.channel.sendall(json.dumps({**request, "id": number}).encode())
+                socket.send_fds(self.channel, [json.dumps({**request, "id": number}).encode()], fds)
                 while True:
                     data, fds, _, _ = socket.recv_fds(self.channel, MESSAGE_BYTES, 1)
                     if not data:
@@ -197,8 +222,8 @@ class _Remote:
 _current: _Local | _Remote = _Local(ANYTHING)
 
 
-def _ask(request: dict[str, Any]) -> int | None:
-    return _current(request)
+def _ask(request: dict[str, Any], fds: Sequence[int] = ()) -> int | None:
+    return _current(request, fds)
 
 
 def open_output(path: Path, flags: int) -> int:
@@ -232,21 +257,32 @@ def sync_folder(path: Path) -> None:
     _ask({"op": "sync_folder", "path": str(path)})
 
 
+def read_entry() -> int | None:
+    """A read-only descriptor of the run's export cache entry, or None where it has none (OSError where the run
+    keeps no cache)."""
+    return _ask({"op": "read_entry"})
+
+
+def write_entry(fd: int) -> None:
+    """The run's export cache entry replaced by the contents of `fd` (a regular file, read from its start)."""
+    _ask({"op": "write_entry"}, [fd])
+
+
 @contextlib.contextmanager
-def gated(allowed: OutputFiles) -> Iterator[None]:
-    """Output operations in this process, limited to `allowed`, for the block (an unconfined run)."""
+def gated(allowed: OutputFiles, store: Store | None = None) -> Iterator[None]:
+    """Output operations in this process, limited to `allowed` (and `store`), for the block (an unconfined run)."""
     global _current
-    previous, _current = _current, _Local(allowed)
+    previous, _current = _current, _Local(allowed, store)
     try:
         yield
     finally:
         _current = previous
 
 
-def start_gate(allowed: OutputFiles, remove_at_exit: list[Path]) -> None:
+def start_gate(allowed: OutputFiles, remove_at_exit: list[Path], store: Store | None = None) -> None:
     """Fork the gate process (before the confinement: it stays outside it) and send every output operation of this
-    process, and of the processes it starts, there from now on. The gate removes `remove_at_exit` when the last of
-    them has gone. Must run before any other thread exists (it forks)."""
+    process, and of the processes it starts, there from now on; `store` is the export cache entry it keeps. The gate
+    removes `remove_at_exit` when the last of them has gone. Must run before any other thread exists (it forks)."""
     global _current
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
@@ -255,19 +291,21 @@ def start_gate(allowed: OutputFiles, remove_at_exit: list[Path]) -> None:
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            _serve(allowed, theirs, remove_at_exit)
+            _serve(allowed, theirs, remove_at_exit, store)
         finally:
             os._exit(0)
     theirs.close()
     _current = _Remote(ours)
 
 
-def _serve(allowed: OutputFiles, channel: socket.socket, remove_at_exit: list[Path]) -> None:
+def _serve(
+    allowed: OutputFiles, channel: socket.socket, remove_at_exit: list[Path], store: Store | None = None
+) -> None:
     """The gate's life: answer requests until every descriptor of the run's end is closed, then clean up. It takes
-    no request it cannot parse."""
+    no request it cannot parse, and closes every descriptor a request brought."""
     while True:
         try:
-            data = channel.recv(MESSAGE_BYTES)
+            data, received, _, _ = socket.recv_fds(channel, MESSAGE_BYTES, 1)
         except OSError:
             break
         if not data:
@@ -278,11 +316,14 @@ def _serve(allowed: OutputFiles, channel: socket.socket, remove_at_exit: list[Pa
             if not isinstance(request, dict):
                 raise ValueError("not a request")
             reply["id"] = request.get("id")
-            fd = _perform(allowed, request)
+            fd = _perform(allowed, request, store, received)
         except OSError as error:
             reply.update(errno=error.errno or errno.EIO, strerror=error.strerror or str(error))
         except Exception:  # anything else a malformed request raises: the gate answers and lives on
             reply.update(errno=errno.EINVAL, strerror="not a request the gate takes")
+        finally:
+            for brought in received:
+                os.close(brought)
         try:
             socket.send_fds(channel, [json.dumps(reply).encode()], [] if fd is None else [fd])
         except OSError:
