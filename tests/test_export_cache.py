@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import harness.pipeline.export_cache as export_cache
+from harness.models import reads
 from harness.pipeline import sandbox
 from harness.pipeline.export_cache import EXPORT_NEUTRAL, ExportCache, cache_folder, keep, load, not_held
 from harness.pipeline.identity import recorded_settings
@@ -265,3 +266,20 @@ def test_a_models_code_cannot_choose_its_entry_nor_reach_another(tmp_path: Path)
     (entry,) = set(cache.glob("*.onnx")) - {victim}
     assert entry.stat().st_size > 1000
 
+
+def test_package_metadata_read_while_loading_is_software_where_the_import_path_cannot_be_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A confined run cannot list the folders on the import path (Landlock), so an editable install's metadata
+    read while loading (torchvision's entry points) was taken for a file of the model's, and no export was kept."""
+    site = tmp_path / "site"
+    metadata = site / "pkg-1.0.dist-info"
+    metadata.mkdir(parents=True)
+    (metadata / "entry_points.txt").write_text("[x]\n")
+    (site / "weights.bin").write_bytes(b"w")  # a folder on the import path may hold a model's weights
+    monkeypatch.setattr(sys, "path", [*sys.path, str(site)])
+    monkeypatch.setattr(reads.glob, "glob", lambda pattern: [])
+    with reads.watch_reads() as found:
+        for name in ("pkg-1.0.dist-info/entry_points.txt", "weights.bin"):
+            (site / name).read_bytes()
+    assert found == {str((site / "weights.bin").resolve())}

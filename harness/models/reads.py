@@ -70,9 +70,19 @@ def watch_reads() -> Iterator[set[str]]:
     finally:
         _watching.pop()
         software = software_places(import_path=False)  # a folder on PYTHONPATH may hold a model's weights
+        on_path = {Path(entry or ".").resolve() for entry in sys.path}
         for name in opened:
             path = Path(name).resolve()
             if path.parts[1:2] in (("proc",), ("sys",), ("dev",)) or not path.is_file():
                 continue
-            if not any(path.is_relative_to(folder) for folder in software):
+            if not any(path.is_relative_to(folder) for folder in software) and not _metadata(path, on_path):
                 found.add(str(path))
+
+
+def _metadata(path: Path, on_path: set[Path]) -> bool:
+    """A file of an installed package's metadata (a `.dist-info` or `.egg-info` folder in a folder on the import
+    path), known by its place alone: a confined run cannot list those folders to find them (an editable install's
+    lies beside its source)."""
+    return any(
+        folder.name.endswith((".dist-info", ".egg-info")) and folder.parent in on_path for folder in path.parents
+    )
