@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -97,6 +98,11 @@ def test_an_export_of_a_model_that_read_a_file_the_key_does_not_hold_is_not_kept
     )
     assert "and 1 more" in not_held(config, [str(outside), str(tmp_path / "two.bin")])
     assert not_held(_config(folder, checkpoint=str(outside)), [str(outside)]) is None
+    own = folder / "predictions.csv"  # the run's own output in the model folder: never in the key
+    own.write_text("a.png,1\n")
+    assert not_held(config, [str(own)], OutputFiles.of([own]).files) == (
+        f"loading the model read {own}, outside its folder and the files its settings name"
+    )
 
 
 def test_the_cache_folder_is_the_users_a_given_one_or_none(tmp_path: Path) -> None:
@@ -111,9 +117,19 @@ def test_the_cache_folder_is_the_users_a_given_one_or_none(tmp_path: Path) -> No
     assert cache_folder(given, {"HOME": "/h"}) == Path.cwd() / "kept"
 
 
+def test_a_run_keeps_its_exports_where_its_settings_say_and_knows_its_own_outputs(tmp_path: Path) -> None:
+    config, outputs = _config(tmp_path), OutputFiles.of([tmp_path / "p.csv"]).files
+    store = export_cache.export_cache(config, {"XDG_CACHE_HOME": "/c"}, outputs)
+    assert store is not None
+    assert (store.folder, store.config, store.outputs) == (Path("/c/objectnet-harness/exports"), config, outputs)
+    assert export_cache.export_cache(config, {}, outputs) is None
+    assert export_cache.export_cache(_config(tmp_path, export_cache="none"), {"HOME": "/h"}, outputs) is None
+
+
 def _memfd(data: bytes) -> int:
     fd = os.memfd_create("entry")
-    os.write(fd, data)
+    with open(fd, "wb", closefd=False) as file:
+        file.write(data)
     return fd
 
 
@@ -147,6 +163,93 @@ def test_the_store_keeps_one_entry_bounded_never_through_a_link(
     with pytest.raises(OSError) as link:
         store.read()
     assert link.value.errno == errno.ELOOP
+    store.entry().unlink()
+    os.mkfifo(store.entry())  # opened without waiting for a writer, and refused
+    assert store.read() is None
+    store.entry().unlink()
+
+
+def test_entries_at_their_bounds_are_kept_whole_with_the_gates_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ExportCache(tmp_path / "deep" / "er" / "cache", _config(_model_folder(tmp_path)))
+    previous = os.umask(0o022)
+    try:
+        for data in (b"1", b"x" * 10):
+            monkeypatch.setattr(export_cache, "ENTRY_BYTES", 10)
+            fd = _memfd(data)
+            store.write(fd)
+            os.close(fd)
+            assert store.entry().read_bytes() == data and os.stat(store.entry()).st_mode & 0o777 == 0o644
+            with os.fdopen(store.read(), "rb") as entry:
+                assert entry.read() == data
+    finally:
+        os.umask(previous)
+    monkeypatch.setattr(export_cache.os, "utime", _refuse)  # another user's entry: read, not marked as used
+    with os.fdopen(store.read(), "rb") as entry:
+        assert entry.read() == b"x" * 10
+
+
+def _refuse(*args: object, **kwargs: object) -> None:
+    raise PermissionError(errno.EPERM, "Operation not permitted")
+
+
+def test_an_entry_is_copied_whole_in_any_number_of_pieces_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ExportCache(tmp_path / "cache", _config(_model_folder(tmp_path)))
+    sendfile, write = os.sendfile, os.write
+    monkeypatch.setattr(export_cache.os, "sendfile", lambda out, fd, at, count: sendfile(out, fd, at, min(count, 7)))
+    monkeypatch.setattr(export_cache.os, "write", lambda fd, data: write(fd, data[:7]))
+    with gated(OutputFiles(), store):
+        assert keep(bytes(range(50))) == "written"
+    assert store.entry().read_bytes() == bytes(range(50))
+    fstat = os.fstat
+
+    def longer(fd: int) -> os.stat_result:  # the sender's file shrank after its size was checked
+        info = list(fstat(fd))
+        info[stat.ST_SIZE] += 5
+        return os.stat_result(info)
+
+    monkeypatch.setattr(export_cache.os, "fstat", longer)
+    fd = _memfd(b"shorter")
+    with pytest.raises(OSError) as early:
+        store.write(fd)
+    os.close(fd)
+    assert (early.value.errno, early.value.strerror) == (errno.EIO, "the entry ended early")
+    assert store.entry().read_bytes() == bytes(range(50)) and len(list(store.folder.iterdir())) == 1
+
+    def shorter(fd: int) -> os.stat_result:  # the sender's file grew after its size was checked
+        info = list(fstat(fd))
+        info[stat.ST_SIZE] -= 5
+        return os.stat_result(info)
+
+    monkeypatch.setattr(export_cache.os, "fstat", shorter)
+    fd = _memfd(bytes(range(50)))
+    store.write(fd)
+    os.close(fd)
+    assert store.entry().read_bytes() == bytes(range(45))
+
+
+def test_an_entry_is_written_beside_it_under_a_name_prune_knows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a gate killed while it copies leaves: a hidden partial file in the cache folder, which a later prune
+    removes once it is a day old (a rename that fails stands for the kill)."""
+    store = ExportCache(tmp_path / "cache", _config(_model_folder(tmp_path)))
+    monkeypatch.setattr(export_cache.os, "replace", _refuse)
+    fd = _memfd(b"entry")
+    with pytest.raises(PermissionError):
+        store.write(fd)
+    os.close(fd)
+    (left,) = store.folder.iterdir()
+    assert left.name.startswith(f".{store.entry().name}.") and left.name.endswith(".partial")
+    assert left.read_bytes() == b"entry"
+    store.prune()
+    assert left.exists()  # another gate may be copying it now
+    os.utime(left, (time.time() - 2 * 86400,) * 2)
+    store.prune()
+    assert list(store.folder.iterdir()) == []
 
 
 def test_the_cache_stays_within_its_bound_removing_the_least_recently_used(
@@ -168,6 +271,20 @@ def test_the_cache_stays_within_its_bound_removing_the_least_recently_used(
     os.close(fd)
     left = sorted(path.name for path in store.folder.iterdir())
     assert left == sorted([".writing.onnx.2.partial", "middle.onnx", "new.onnx", "notes.txt", store.entry().name])
+    monkeypatch.setattr(export_cache, "CACHE_BYTES", 30)  # exactly at the bound: nothing to remove
+    store.prune()
+    assert sorted(path.name for path in store.folder.glob("*.onnx")) == sorted(
+        ["middle.onnx", "new.onnx", store.entry().name]
+    )
+    lstat, unlink = Path.lstat, Path.unlink
+    monkeypatch.setattr(Path, "lstat", lambda path: _refuse() if path.name == "new.onnx" else lstat(path))
+    monkeypatch.setattr(Path, "unlink", lambda path: _refuse() if path.name == "middle.onnx" else unlink(path))
+    monkeypatch.setattr(export_cache, "CACHE_BYTES", 5)  # another run's files may go or stay meanwhile
+    store.prune()
+    assert sorted(path.name for path in store.folder.glob("*.onnx")) == sorted(
+        ["middle.onnx", "new.onnx", store.entry().name]
+    )
+    monkeypatch.undo()
     monkeypatch.setattr(export_cache, "CACHE_BYTES", 5)  # this run's own entry stays, whatever the bound
     store.prune()
     assert sorted(path.name for path in store.folder.glob("*.onnx")) == [store.entry().name]
@@ -187,8 +304,9 @@ def test_the_gate_reads_and_replaces_its_own_entry_only_whatever_a_request_names
     remote({"op": "write_entry", "path": str(tmp_path / "victim.onnx"), "key": "victim"}, [fd])
     os.close(fd)
     assert store.entry().read_bytes() == b"first" and not (tmp_path / "victim.onnx").exists()
-    with pytest.raises(OSError, match="an entry comes as one descriptor"):
+    with pytest.raises(OSError) as refused:
         remote({"op": "write_entry"})
+    assert (refused.value.errno, refused.value.strerror) == (errno.EINVAL, "an entry comes as one descriptor")
     fd = remote({"op": "read_entry", "path": str(tmp_path / "model" / "model.py")})
     assert os.read(fd, 100) == b"first"
     os.close(fd)
@@ -203,6 +321,18 @@ def test_the_gate_reads_and_replaces_its_own_entry_only_whatever_a_request_names
         assert keep(b"data") == "not kept: this run keeps no export cache"
     with gated(OutputFiles(), store):
         assert keep(b"second") == "written" and load() == b"second"
+
+
+def test_the_gate_process_keeps_the_runs_entry(tmp_path: Path) -> None:
+    store = ExportCache(tmp_path / "cache", _config(_model_folder(tmp_path)))
+    previous = gate._current
+    gate.start_gate(OutputFiles(), [], store)
+    try:
+        assert load() is None and keep(b"kept by the gate") == "written" and load() == b"kept by the gate"
+        gate._current.channel.close()
+    finally:
+        gate._current = previous
+    assert store.entry().read_bytes() == b"kept by the gate"
 
 
 HOSTILE = """import os

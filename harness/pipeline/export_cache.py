@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import stat
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ FORMAT = 1  # what an entry holds and how the key is made: a change makes every 
 SUFFIX = ".onnx"
 ENTRY_BYTES = 2**31 - 1  # an ONNX file holds at most a 2 GB protobuf
 CACHE_BYTES = 4 * 2**30
+ENTRY_MODE = 0o644
 STALE_PARTIAL_S = 24 * 3600  # a partial file this old is a crashed gate's
 EXPORT_NEUTRAL = {"engine": "an export is the same whichever engine asked for it"}
 FOLDER_NAME = ("objectnet-harness", "exports")
@@ -63,14 +65,13 @@ def cache_folder(config: Config, environ: Mapping[str, str]) -> Path | None:
 
 
 def named_files(config: Config) -> list[Path]:
-    """Every file a setting names for the run to read, but the images (as the run looks for each: as given, and
-    inside the model folder): the model's besides its folder."""
+    """Every file a setting names for the run to read (as the run looks for each: as given, and inside the model
+    folder): the model's besides its folder; the images are a folder, never one of them."""
     found = []
     for name, spec in RUN_FIELDS.items():
         value = getattr(config, name)
-        if spec.metadata["path"] != "read" or name == "input_dir" or value is None:
-            continue
-        found += [path.resolve() for path in (Path(value), config.model_dir / value) if path.is_file()]
+        if spec.metadata["path"] == "read" and value is not None:
+            found += [path.resolve() for path in (Path(value), config.model_dir / value) if path.is_file()]
     return found
 
 
@@ -125,7 +126,7 @@ class ExportCache:
 
     def key(self) -> str:
         if self._key is None:
-            text = json.dumps(self.parts(), sort_keys=True, default=str)
+            text = json.dumps(self.parts(), sort_keys=True)
             self._key = hashlib.sha256(text.encode()).hexdigest()
         return self._key
 
@@ -151,21 +152,21 @@ class ExportCache:
             raise OSError(errno.EINVAL, f"an entry is a regular file of 1 to {ENTRY_BYTES} bytes")
         entry = self.entry()
         entry.parent.mkdir(parents=True, exist_ok=True)
-        partial = entry.with_name(f".{entry.name}.{os.getpid()}.partial")
-        out = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        out, partial = tempfile.mkstemp(prefix=f".{entry.name}.", suffix=".partial", dir=entry.parent)
         try:
+            os.fchmod(out, ENTRY_MODE)
             copied = 0
             while copied < info.st_size:  # the size as it stood when checked, whatever the sender does after
-                block = os.pread(fd, min(2**20, info.st_size - copied), copied)
-                if not block:
+                sent = os.sendfile(out, fd, copied, info.st_size - copied)
+                if not sent:
                     raise OSError(errno.EIO, "the entry ended early")
-                copied += os.write(out, block)
+                copied += sent
             os.fsync(out)
         except BaseException:
-            os.close(out)
             os.unlink(partial)
             raise
-        os.close(out)
+        finally:
+            os.close(out)
         os.replace(partial, entry)
         self.prune()
 
@@ -210,7 +211,7 @@ def load() -> bytes | None:
 
 def keep(data: bytes) -> str:
     """The run's entry replaced by `data`, through the gate: "written", or why not."""
-    fd = os.memfd_create("harness-export", os.MFD_CLOEXEC)
+    fd = os.memfd_create("harness-export")
     try:
         view, written = memoryview(data), 0
         while written < len(data):
