@@ -255,39 +255,42 @@ def test_an_entry_is_written_beside_it_under_a_name_prune_knows(
 def test_the_cache_stays_within_its_bound_removing_the_least_recently_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Entries by age of last use, never this run's; only files named as entries or their partial files: the folder
+    is the user's to choose, and their own ONNX files in it are never counted nor removed."""
     store = ExportCache(tmp_path / "cache", _config(_model_folder(tmp_path)))
     store.folder.mkdir()
     now = time.time()
-    for age, name in enumerate(("new", "middle", "old", "oldest")):
-        (store.folder / f"{name}.onnx").write_bytes(b"x" * 10)
-        os.utime(store.folder / f"{name}.onnx", (now - 100 * age, now - 100 * age))
-    (store.folder / ".crashed.onnx.1.partial").write_bytes(b"x")
-    os.utime(store.folder / ".crashed.onnx.1.partial", (now - 2 * 86400, now - 2 * 86400))
-    (store.folder / ".writing.onnx.2.partial").write_bytes(b"x")
-    (store.folder / "notes.txt").write_bytes(b"x" * 100)  # not an entry: never counted, never removed
+    new, middle, old, oldest = (f"{letter * 64}.onnx" for letter in "abcd")
+    for age, name in enumerate((new, middle, old, oldest)):
+        (store.folder / name).write_bytes(b"x" * 10)
+        os.utime(store.folder / name, (now - 100 * age, now - 100 * age))
+    crashed, writing = f".{'e' * 64}.onnx.k3j_x1.partial", f".{'f' * 64}.onnx.9zq0ab.partial"
+    users = ["mine.onnx", "notes.txt", ".mine.partial", f"{'a' * 63}.onnx", f"{'A' * 64}.onnx"]
+    for name in (crashed, writing, *users):
+        (store.folder / name).write_bytes(b"x" * 100)
+        if name != writing:
+            os.utime(store.folder / name, (now - 2 * 86400, now - 2 * 86400))
     monkeypatch.setattr(export_cache, "CACHE_BYTES", 35)
     fd = _memfd(b"y" * 10)
     store.write(fd)
     os.close(fd)
-    left = sorted(path.name for path in store.folder.iterdir())
-    assert left == sorted([".writing.onnx.2.partial", "middle.onnx", "new.onnx", "notes.txt", store.entry().name])
+    assert sorted(path.name for path in store.folder.iterdir()) == sorted(
+        [writing, middle, new, store.entry().name, *users]
+    )
     monkeypatch.setattr(export_cache, "CACHE_BYTES", 30)  # exactly at the bound: nothing to remove
     store.prune()
-    assert sorted(path.name for path in store.folder.glob("*.onnx")) == sorted(
-        ["middle.onnx", "new.onnx", store.entry().name]
-    )
+    entries = sorted([middle, new, store.entry().name])
+    assert sorted(path.name for path in store.folder.glob("????*.onnx") if path.name not in users) == entries
     lstat, unlink = Path.lstat, Path.unlink
-    monkeypatch.setattr(Path, "lstat", lambda path: _refuse() if path.name == "new.onnx" else lstat(path))
-    monkeypatch.setattr(Path, "unlink", lambda path: _refuse() if path.name == "middle.onnx" else unlink(path))
+    monkeypatch.setattr(Path, "lstat", lambda path: _refuse() if path.name == new else lstat(path))
+    monkeypatch.setattr(Path, "unlink", lambda path: _refuse() if path.name == middle else unlink(path))
     monkeypatch.setattr(export_cache, "CACHE_BYTES", 5)  # another run's files may go or stay meanwhile
     store.prune()
-    assert sorted(path.name for path in store.folder.glob("*.onnx")) == sorted(
-        ["middle.onnx", "new.onnx", store.entry().name]
-    )
+    assert sorted(path.name for path in store.folder.glob("*.onnx") if path.name not in users) == entries
     monkeypatch.undo()
     monkeypatch.setattr(export_cache, "CACHE_BYTES", 5)  # this run's own entry stays, whatever the bound
     store.prune()
-    assert sorted(path.name for path in store.folder.glob("*.onnx")) == [store.entry().name]
+    assert sorted(path.name for path in store.folder.iterdir()) == sorted([writing, store.entry().name, *users])
 
 
 def test_the_gate_reads_and_replaces_its_own_entry_only_whatever_a_request_names(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import stat
 import tempfile
 import time
@@ -40,6 +41,8 @@ from harness.results import gate
 
 FORMAT = 1  # what an entry holds and how the key is made: a change makes every older entry another key
 SUFFIX = ".onnx"
+ENTRY = re.compile(r"[0-9a-f]{64}\.onnx")  # a key and SUFFIX: what prune may remove
+PARTIAL = re.compile(r"\.[0-9a-f]{64}\.onnx\..+\.partial")  # an entry being written (mkstemp's name, in write)
 ENTRY_BYTES = 2**31 - 1  # an ONNX file holds at most a 2 GB protobuf
 CACHE_BYTES = 4 * 2**30
 ENTRY_MODE = 0o644
@@ -172,14 +175,15 @@ class ExportCache:
 
     def prune(self) -> None:
         """The cache within CACHE_BYTES: the entries least recently used removed first, never this run's; partial
-        files a crashed gate left removed."""
+        files a crashed gate left removed. Only files named as entries and their partial files are touched: the
+        folder is the user's to choose, and may hold their own ONNX files."""
         entries = []
         for path in self.folder.iterdir():
             with contextlib.suppress(OSError):
                 info = path.lstat()
-                if path.name.endswith(".partial") and time.time() - info.st_mtime > STALE_PARTIAL_S:
+                if PARTIAL.fullmatch(path.name) and time.time() - info.st_mtime > STALE_PARTIAL_S:
                     path.unlink()
-                elif path.suffix == SUFFIX and stat.S_ISREG(info.st_mode):
+                elif ENTRY.fullmatch(path.name) and stat.S_ISREG(info.st_mode):
                     entries.append((info.st_mtime, info.st_size, path))
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries):
