@@ -36,7 +36,7 @@ from typing import Any
 
 import harness
 from harness.config import RUN_FIELDS, Config
-from harness.pipeline.identity import digests_once, installed_digest, model_paths, recorded_settings
+from harness.pipeline.identity import digests_once, installed_digest, model_files, model_paths, recorded_settings
 from harness.results import gate
 
 FORMAT = 1  # what an entry holds and how the key is made: a change makes every older entry another key
@@ -115,8 +115,7 @@ class ExportCache:
 
     def parts(self) -> dict[str, Any]:
         settings = {name: value for name, value in recorded_settings(self.config).items() if name not in EXPORT_NEUTRAL}
-        digest = digests_once()
-        paths = model_paths(self.config.model_dir, named_files(self.config), self.outputs)
+        files = model_files(self.config.model_dir, named_files(self.config), digests_once(), self.outputs)
         return {
             "format": FORMAT,
             "harness": code_digest(),
@@ -124,7 +123,7 @@ class ExportCache:
             "machine": platform.machine(),
             "installed": installed_digest(),
             "settings": settings,
-            "model_files": {name: digest(path) for name, path in paths.items()},
+            "model_files": files,
         }
 
     def key(self) -> str:

@@ -81,7 +81,10 @@ def model_paths(
 
 
 def model_files(
-    folder: Path, files_read: list[str], digest: Digest = file_digest, outputs: frozenset[Path] = frozenset()
+    folder: Path,
+    files_read: Iterable[str | Path],
+    digest: Digest = file_digest,
+    outputs: frozenset[Path] = frozenset(),
 ) -> dict[str, str | None]:
     """The contents of everything the model is made of (`model_paths`)."""
     return {key: digest(path) for key, path in model_paths(folder, files_read, outputs).items()}
