@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes.util
+import io
 import struct
 import tempfile
 import time
@@ -262,7 +263,7 @@ def test_the_decode_timeout_stops_libspng_too(monkeypatch: pytest.MonkeyPatch) -
 
     class Stuck:
         @staticmethod
-        def load(data: bytes, size: tuple[int, int], mode: str) -> None:
+        def load(data: bytes, size: tuple[int, int], mode: str, checked: bool = False) -> None:
             time.sleep(30)
 
     monkeypatch.setattr(harness.pipeline.png, "LIBSPNG", Stuck)
@@ -368,3 +369,205 @@ def test_every_libspng_context_made_is_freed(tmp_path: Path, monkeypatch: pytest
     png = open_png(str(path), DEFAULT)
     assert png is not None and png.pixels() is not None
     assert made and all(made) and freed == made
+
+
+def _libspng_strict(data: bytes, size: tuple[int, int], mode: str) -> np.ndarray | None:
+    library = harness.pipeline.png.LIBSPNG
+    assert library is not None
+    return library.load(data, size, mode)
+
+
+def _stored_of(path: Path) -> tuple[bytes, bytes | None, tuple[int, int], str]:
+    data = path.read_bytes()
+    size, depth, colour = struct.unpack_from(">II", data, 16), data[24], data[25]
+    mode = harness.pipeline.png.FORMATS[(depth, colour)]
+    return data, harness.pipeline.png.stored(data, size, depth, colour), size, mode
+
+
+def _chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Each chunk's type and data, its CRC checked."""
+    found, position = [], 8
+    while position < len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        body = data[position + 8 : position + 8 + length]
+        assert struct.unpack_from(">I", data, position + 8 + length)[0] == zlib.crc32(kind + body), kind
+        found.append((kind, body))
+        position += 12 + length
+    return found
+
+
+PLAIN = [(colour, depth) for colour, depth in CASES if (depth, colour) in harness.pipeline.png.FORMATS]
+
+
+@pytest.mark.parametrize(("colour", "depth"), PLAIN, ids=[f"type{c}-{d}bit" for c, d in PLAIN])
+@pytest.mark.parametrize("size", [(37, 29), (1, 1), (257, 509), (257, 508), (1, 65534), (1, 65535)])
+def test_stored_is_the_same_png_with_its_image_data_inflated(
+    tmp_path: Path, colour: int, depth: int, size: tuple[int, int]
+) -> None:
+    """Every chunk but the image data as it was; the image data one IDAT of stored deflate blocks, whose CRC and
+    Adler-32 are right (libspng with every check on takes it); the pixels libspng gives the original, with and
+    without its checks. Sizes around one and two stored blocks (65,535 bytes) of grey 8-bit rows."""
+    path = _random_png(tmp_path / "x.png", colour, depth, size, False, after=(chunk(b"tEXt", b"Comment\0hi"),))
+    data, rebuilt, size_, mode = _stored_of(path)
+    assert rebuilt is not None
+    original, chunks = _chunks(data), _chunks(rebuilt)
+    assert [c for c in original if c[0] != b"IDAT"] == [c for c in chunks if c[0] != b"IDAT"]
+    assert [kind for kind, _ in chunks].count(b"IDAT") == 1
+    assert chunks.index(next(c for c in chunks if c[0] == b"IDAT")) == [k for k, _ in original].index(b"IDAT")
+    body = next(body for kind, body in chunks if kind == b"IDAT")
+    assert zlib.decompress(body) == zlib.decompress(b"".join(b for kind, b in original if kind == b"IDAT"))
+    blocks, position = [], 2
+    while position < len(body) - 4:  # every block stored, the last one final
+        final, length, complement = struct.unpack_from("<BHH", body, position)
+        assert complement == length ^ 0xFFFF and 0 < length <= 65535
+        blocks.append((final, length))
+        position += 5 + length
+    assert position == len(body) - 4 and [final for final, _ in blocks] == [0] * (len(blocks) - 1) + [1]
+    expected = _libspng_strict(data, size_, mode)
+    assert expected is not None
+    assert np.array_equal(_libspng_strict(rebuilt, size_, mode), expected)
+    library = harness.pipeline.png.LIBSPNG
+    assert library is not None and np.array_equal(library.load(rebuilt, size_, mode, checked=True), expected)
+    with Image.open(io.BytesIO(rebuilt)) as image:
+        assert np.array_equal(np.asarray(image), np.asarray(Image.open(path)))
+
+
+def _png_of(body: bytes, size: tuple[int, int] = (4, 3), *extra: bytes, split: bool = False) -> bytes:
+    width, height = size
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    idat = [chunk(b"IDAT", body[:3]), *extra, chunk(b"IDAT", body[3:])] if split else [chunk(b"IDAT", body), *extra]
+    return b"\x89PNG\r\n\x1a\n" + ihdr + b"".join(idat) + chunk(b"IEND", b"")
+
+
+ROWS = b"".join(b"\0" + bytes([row] * 4) for row in range(3))  # 3 rows of 4 grey pixels, filter None
+
+
+def _adler_broken(body: bytes) -> bytes:
+    return body[:-1] + bytes([body[-1] ^ 1])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _png_of(zlib.compress(ROWS) + b"junk"),  # data after the stream's end
+        _png_of(zlib.compress(ROWS + b"\0")),  # one byte more than the rows
+        _png_of(zlib.compress(ROWS[:-1])),  # one byte fewer
+        _png_of(zlib.compress(ROWS)[:-6]),  # the stream cut short
+        _png_of(_adler_broken(zlib.compress(ROWS))),
+        _png_of(zlib.compress(ROWS, wbits=-15)),  # raw deflate: no zlib header
+        _png_of(zlib.compress(ROWS), (4, 3), chunk(b"tEXt", b"a\0b"), split=True),  # image data in two runs
+        _png_of(zlib.compress(ROWS))[:-12],  # no IEND
+        _png_of(zlib.compress(ROWS))[:-12] + bytes(11),  # less than a chunk after the last
+        _png_of(zlib.compress(ROWS))[:-13],  # the last chunk cut short
+        _png_of(zlib.compress(ROWS))[:-1] + b"\1",  # IEND's CRC wrong
+        _png_of(zlib.compress(ROWS), (4, 3), _bad_crc(b"tEXt", b"a\0b")),  # another chunk's
+        _png_of(zlib.compress(ROWS)).replace(zlib.compress(ROWS)[:8], zlib.compress(ROWS)[:7] + b"\0", 1),
+        _png_of(zlib.compress(ROWS), (4, 3), struct.pack(">I4s", 2**32 - 16, b"tEXt")),  # a length past the end
+    ],
+    ids=[
+        "data-after",
+        "longer",
+        "shorter",
+        "cut-stream",
+        "adler",
+        "raw-deflate",
+        "two-runs",
+        "no-iend",
+        "eleven-bytes",
+        "cut-chunk",
+        "iend-crc",
+        "text-crc",
+        "idat-crc",
+        "length-past-the-end",
+    ],
+)
+def test_stored_leaves_every_file_it_is_not_sure_of_to_libspng(data: bytes) -> None:
+    """A file whose image data or chunks libspng or zlib could judge otherwise is not rebuilt: libspng decodes it
+    as it is, with its own checks (the same file made right is rebuilt, so each case tests its one change)."""
+    assert harness.pipeline.png.stored(_png_of(zlib.compress(ROWS)), (4, 3), 8, 0) is not None
+    assert harness.pipeline.png.stored(_png_of(zlib.compress(ROWS), (4, 3), chunk(b"tEXt", b"a\0b")), (4, 3), 8, 0)
+    assert harness.pipeline.png.stored(data, (4, 3), 8, 0) is None
+
+
+def test_stored_leaves_interlaced_large_and_every_file_without_zlib_ng_to_libspng(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Adam7's data has no one length; past STORED_LIMIT the copies cost more than they save; without zlib-ng
+    libspng inflates. Each one still decodes to Pillow's pixels."""
+    interlaced = _random_png(tmp_path / "i.png", 2, 8, (20, 10), True)
+    assert _stored_of(interlaced)[1] is None
+    path = _random_png(tmp_path / "x.png", 2, 8, (20, 10), False)
+    monkeypatch.setattr(harness.pipeline.png, "STORED_LIMIT", 20 * (1 + 30))
+    assert _stored_of(path)[1] is not None
+    monkeypatch.setattr(harness.pipeline.png, "STORED_LIMIT", 20 * (1 + 30) - 1)
+    assert _stored_of(path)[1] is None
+    monkeypatch.setattr(harness.pipeline.png, "STORED_LIMIT", 2**30)
+    monkeypatch.setattr(harness.pipeline.png, "zlib_ng", None)
+    assert _stored_of(path)[1] is None
+    for each in (interlaced, path):
+        assert np.array_equal(np.asarray(decode(str(each))), _pillow(each))
+
+
+def test_libspng_is_spared_the_checks_only_of_a_rebuilt_file(tmp_path: Path) -> None:
+    """`checked` turns off libspng's CRC and checksum, which `stored` did on the original: a rebuilt file with
+    either made wrong decodes with it and is refused without it. (libspng checks no CRC of the last IDAT, whose end
+    it need not read: `stored` checks every one.)"""
+    data, rebuilt, size, mode = _stored_of(_random_png(tmp_path / "x.png", 6, 8, (20, 10), False))
+    assert rebuilt is not None
+    start = rebuilt.index(b"IDAT")
+    length = struct.unpack_from(">I", rebuilt, start - 4)[0]
+    library = harness.pipeline.png.LIBSPNG
+    assert library is not None
+    expected = library.load(data, size, mode)
+    for at in (start + 4 + length - 1, 8 + 8 + 13):  # the Adler-32's last byte, IHDR's CRC's first
+        wrong = bytearray(rebuilt)
+        wrong[at] ^= 1
+        assert np.array_equal(library.load(bytes(wrong), size, mode, checked=True), expected)
+        assert library.load(bytes(wrong), size, mode) is None
+
+
+def test_a_png_is_decoded_from_its_rebuilt_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One libspng decode a file, of the rebuilt file, with the checks `stored` made spared."""
+    path = _random_png(tmp_path / "x.png", 6, 8, (20, 10), False)
+    library = harness.pipeline.png.LIBSPNG
+    assert library is not None
+    calls: list[tuple[bytes, bool]] = []
+    load = library.load
+
+    def counted(data: bytes, size: tuple[int, int], mode: str, checked: bool = False) -> np.ndarray | None:
+        calls.append((data, checked))
+        return load(data, size, mode, checked)
+
+    monkeypatch.setattr(library, "load", counted)
+    png = open_png(str(path), DEFAULT)
+    assert png is not None and np.array_equal(png.pixels(), np.asarray(Image.open(path)))
+    assert calls == [(_stored_of(path)[1], True)]
+
+
+def test_stored_holds_no_more_than_the_rows_of_a_deflate_bomb() -> None:
+    """Image data that inflates to 8 MB for 15 bytes of rows: refused with at most the rows' length inflated."""
+    import tracemalloc
+
+    bomb = _png_of(zlib.compress(bytes(8 * 2**20), 9))
+    tracemalloc.start()
+    try:
+        assert harness.pipeline.png.stored(bomb, (4, 3), 8, 0) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
+
+
+def test_a_rebuilt_file_libspng_refuses_is_decoded_as_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rebuilt file is a speed-up only: should libspng refuse it, the original is decoded with every check."""
+    path = _random_png(tmp_path / "x.png", 6, 8, (20, 10), False)
+    monkeypatch.setattr(harness.pipeline.png, "stored", lambda *args: b"\x89PNG\r\n\x1a\nnot a png")
+    assert np.array_equal(np.asarray(decode(str(path))), _pillow(path))
+
+
+def test_the_objectnet_samples_are_rebuilt() -> None:
+    """The speed-up reaches the challenge's own files (RGBA, text after the image data)."""
+    for path in sorted(SAMPLES.glob("*.png")):
+        data = path.read_bytes()
+        if data[25] == 6 and struct.unpack_from(">II", data, 16)[0] < 1000:
+            assert _stored_of(path)[1] is not None, path.name

@@ -11,6 +11,12 @@ fail on), anything libspng rejects, and every file when pyspng is not installed.
 Damage is refused as Pillow refuses it, by construction: libspng is called here directly (through ctypes, on the
 library pyspng ships) with its checks on, every chunk's CRC and the image data's zlib checksum, where pyspng's own
 `load` turns both off; a file that fails them goes back to Pillow, which says why.
+
+The image data is inflated by zlib-ng where it is installed: the zlib that pyspng builds into libspng (1.2.11)
+spends most of libspng's time, and zlib-ng's inflate, the same state machine rewritten for speed, is about three
+times faster (docs/speed.md). libspng cannot be handed another inflate, so `stored` hands it the same file with the
+image data inflated and stored uncompressed, after checking every chunk's CRC and the checksum itself; libspng then
+only unfilters, and gives the pixels it gives the original.
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ try:
     import pyspng._pyspng_c as _pyspng
 except ImportError:  # a speed-up only: Pillow decodes every file without it
     _pyspng = None
+try:
+    from zlib_ng import zlib_ng
+except ImportError:  # a speed-up only: libspng inflates with its own zlib without it
+    zlib_ng = None
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # (bit depth, colour type) -> the pixels pyspng is asked for: libspng scales low bit depths to 0..255 (as Pillow
@@ -59,7 +69,15 @@ ORIENTATION_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
 
 SPNG_FORMATS = {"L": (64, 1), "RGB": (4, 3), "RGBA": (1, 4)}  # libspng's spng_format and its channels
 SPNG_CRC_ERROR = 0  # spng_crc_action: a chunk whose CRC is wrong is an error (critical and ancillary alike)
+# spng_crc_action: no CRC computed and, for the image data, no checksum either (libspng ties the two), for a file
+# `stored` made from one whose CRCs and checksum it checked
+SPNG_CRC_USE = 2
 CHUNK_LIMIT = 64 * 2**20  # bytes of chunks libspng keeps, as pyspng limits them
+CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel of each colour type
+STORED_BLOCK = 65535  # the most bytes a stored deflate block holds
+# Filtered image data above this is left to libspng's own inflate: past it the copies `stored` makes cost more
+# than the faster inflate saves on this kind of machine (docs/benchmarks.md), and it bounds the memory they take.
+STORED_LIMIT = 8 * 2**20
 
 
 class Libspng:
@@ -81,16 +99,18 @@ class Libspng:
             function.restype, function.argtypes = ctypes.c_int, argtypes
             setattr(self, name, function)
 
-    def load(self, data: bytes, size: tuple[int, int], mode: str) -> np.ndarray | None:
-        """H x W (x C) uint8 pixels, or None when libspng refuses the file (a wrong CRC or checksum included)."""
+    def load(self, data: bytes, size: tuple[int, int], mode: str, checked: bool = False) -> np.ndarray | None:
+        """H x W (x C) uint8 pixels, or None when libspng refuses the file (a wrong CRC or checksum included).
+        `checked`: the file is one `stored` made, whose CRCs and checksum it checked on the original's data."""
         fmt, channels = SPNG_FORMATS[mode]
         ctx = self.new(0)
         if not ctx:
             return None
+        crc_action = SPNG_CRC_USE if checked else SPNG_CRC_ERROR
         try:
             length = ctypes.c_size_t()
             steps = (
-                lambda: self.spng_set_crc_action(ctx, SPNG_CRC_ERROR, SPNG_CRC_ERROR),
+                lambda: self.spng_set_crc_action(ctx, crc_action, crc_action),
                 lambda: self.spng_set_chunk_limits(ctx, CHUNK_LIMIT, CHUNK_LIMIT),
                 lambda: self.spng_set_png_buffer(ctx, data, len(data)),
                 lambda: self.spng_decoded_image_size(ctx, fmt, ctypes.byref(length)),
@@ -135,7 +155,59 @@ class FastPng:
         `decode.to_rgb` makes of Pillow's image; None when libspng cannot decode the file (Pillow then decodes it,
         or says why not)."""
         assert LIBSPNG is not None
-        return LIBSPNG.load(self.data, self.size, FORMATS[(self.depth, self.colour)])
+        mode = FORMATS[(self.depth, self.colour)]
+        inflated = stored(self.data, self.size, self.depth, self.colour)
+        pixels = None if inflated is None else LIBSPNG.load(inflated, self.size, mode, checked=True)
+        return LIBSPNG.load(self.data, self.size, mode) if pixels is None else pixels
+
+
+def stored(data: bytes, size: tuple[int, int], depth: int, colour: int) -> bytes | None:
+    """The PNG `data` with its image data inflated by zlib-ng and stored (deflate's uncompressed blocks) in one
+    IDAT, every other chunk as it was; or None, for libspng to decode `data` as it is: zlib-ng not installed, an
+    interlaced image (its data's length is not one product), more than STORED_LIMIT bytes, or anything libspng
+    could judge otherwise, a chunk cut short or whose CRC is wrong, no IEND, image data in two runs, a stream
+    zlib-ng refuses (its checksum included) or that does not end exactly where the image data and the chunks do.
+    The result carries a right CRC and checksum, so any decoder takes it as the same image."""
+    width, height = size
+    expected = height * (1 + (width * CHANNELS[colour] * depth + 7) // 8)  # a filter byte and the samples per row
+    if zlib_ng is None or data[28] != 0 or expected > STORED_LIMIT:
+        return None
+    view = memoryview(data)
+    position, first, last, parts = len(SIGNATURE), 0, 0, []
+    while True:
+        if position + 12 > len(data):
+            return None
+        length, kind = struct.unpack_from(">I4s", data, position)
+        end = position + 8 + length
+        if end + 4 > len(data) or zlib_ng.crc32(view[position + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
+            return None
+        if kind == b"IDAT":
+            if parts and last != position:
+                return None
+            first = first if parts else position
+            parts.append(view[position + 8 : end])
+            last = end + 4
+        position = end + 4
+        if kind == b"IEND":
+            break
+    stream = zlib_ng.decompressobj()
+    try:
+        raw = stream.decompress(b"".join(parts), expected + 1)
+    except zlib_ng.error:
+        return None
+    if not stream.eof or stream.unused_data or len(raw) != expected:
+        return None
+    inflated, body = memoryview(raw), [b"\x78\x01"]  # deflate, a 32 KB window, no dictionary
+    for start in range(0, expected, STORED_BLOCK):
+        block = inflated[start : start + STORED_BLOCK]
+        final = start + STORED_BLOCK >= expected
+        body += [struct.pack("<BHH", final, len(block), len(block) ^ 0xFFFF), block]
+    body.append(struct.pack(">I", zlib_ng.adler32(raw)))
+    crc = zlib_ng.crc32(b"IDAT")
+    for piece in body:
+        crc = zlib_ng.crc32(piece, crc)
+    header = struct.pack(">I4s", sum(len(piece) for piece in body), b"IDAT")
+    return b"".join([view[:first], header, *body, struct.pack(">I", crc), view[last:]])
 
 
 def open_png(path: str, options: DecodeOptions) -> FastPng | None:

@@ -29,6 +29,7 @@ RECORDED_PACKAGES = (
     "numpy",
     "pillow",
     "pyspng",
+    "zlib-ng",
     "safetensors",
     "pyyaml",
     "onnxruntime",
