@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.config import Config, path_settings
+from harness.config import Config
 from harness.console import say
 from harness.errors import DeviceError
 from harness.models.reads import software_places
 from harness.pipeline import sandbox
+from harness.pipeline.identity import setting_paths
 from harness.pipeline.sandbox import DEVICE, READ, RUN, WRITE, Rule
 from harness.results.gate import OutputFiles, Store, gated, start_gate
 
@@ -166,17 +167,6 @@ def current() -> Confinement:
     return _process.confinement
 
 
-def _setting_paths(config: Config, role: str) -> set[Path]:
-    """Every file or folder a setting with this role names (harness/config.py: path_settings), as the run will
-    look for it: as given, and inside the model folder."""
-    found = set()
-    for value in path_settings(config, role):
-        for candidate in (Path(value), config.model_dir / value):
-            if candidate.exists():
-                found.add(candidate.resolve())
-    return found
-
-
 def rules(config: Config, environ: Mapping[str, str], reads: Iterable[Path], scratch: Path) -> list[Rule]:
     """The whole allow-list of a confined run (this module's docstring says why each is there)."""
     granted: list[Rule] = [Rule(Path(place), RUN) for place in SYSTEM_RUN]
@@ -187,7 +177,7 @@ def rules(config: Config, environ: Mapping[str, str], reads: Iterable[Path], scr
     libraries = [entry for entry in environ.get("LD_LIBRARY_PATH", "").split(":") if os.path.isabs(entry)]
     granted += [Rule(Path(place), RUN) for place in libraries]
     granted += [
-        Rule(place, READ) for place in sorted(_setting_paths(config, "read") | {Path(p).resolve() for p in reads})
+        Rule(place, READ) for place in sorted({*setting_paths(config, "read"), *(Path(p).resolve() for p in reads)})
     ]
     granted += [Rule(Path(SHARED_MEMORY), WRITE), Rule(scratch, WRITE | sandbox.EXECUTE)]
     return _without_repeats(granted)

@@ -35,8 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from harness.config import RUN_FIELDS, Config
-from harness.pipeline.identity import digests_once, installed_digest, model_files, model_paths, recorded_settings
+from harness.config import Config
+from harness.pipeline.identity import (
+    digests_once,
+    installed_digest,
+    model_files,
+    model_paths,
+    recorded_settings,
+    setting_paths,
+)
 from harness.results import gate
 
 FORMAT = 1  # what an entry holds and how the key is made: a change makes every older entry another key
@@ -68,14 +75,9 @@ def cache_folder(config: Config, environ: Mapping[str, str]) -> Path | None:
 
 
 def named_files(config: Config) -> list[Path]:
-    """Every file a setting names for the run to read (as the run looks for each: as given, and inside the model
-    folder): the model's besides its folder; the images are a folder, never one of them."""
-    found = []
-    for name, spec in RUN_FIELDS.items():
-        value = getattr(config, name)
-        if spec.metadata["path"] == "read" and value is not None:
-            found += [path.resolve() for path in (Path(value), config.model_dir / value) if path.is_file()]
-    return found
+    """The files among what the settings name for the run to read: the model's besides its folder (the images are
+    a folder, never one of them)."""
+    return [path for path in setting_paths(config, "read") if path.is_file()]
 
 
 def held_by_key(config: Config, outputs: frozenset[Path] = frozenset()) -> set[Path]:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from harness.config import RUN_FIELDS, Config
+from harness.config import RUN_FIELDS, Config, path_settings
 from harness.results.gate import normal
 from harness.results.report import distributions
 
@@ -78,6 +78,14 @@ def model_paths(
         key = path.relative_to(resolved).as_posix() if path.is_relative_to(resolved) else str(name)
         chosen.setdefault(key, path)
     return dict(sorted(chosen.items()))
+
+
+def setting_paths(config: Config, role: str) -> list[Path]:
+    """Every file or folder a setting with this role names (harness/config.py: path_settings), as the run will
+    look for it: as given, and inside the model folder; by real path, once. The confinement lets a run read these,
+    and the export cache's key holds the files among them by content."""
+    places = (place for value in path_settings(config, role) for place in (Path(value), config.model_dir / value))
+    return sorted({place.resolve() for place in places if place.exists()})
 
 
 def model_files(
