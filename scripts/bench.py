@@ -626,11 +626,15 @@ def compare_row(result: dict) -> str:
     def cell(name: str, key: str, form: str) -> str:
         return format(systems[name][key], form) if name in systems else "-"
 
+    def seconds(name: str) -> str:  # a system that wrote fewer rows than there are images did less of the work
+        rows = systems.get(name, {}).get("rows", result["images"])
+        return cell(name, "median_s", ".1f") + (f" ({rows} rows)" if rows != result["images"] else "")
+
     mains = ", ".join(cell(name, "peak_rss_main_mb", ".0f") for name in ("harness", "template", "timm"))
     row = (
         f"| {time.strftime('%Y-%m-%d')} | {result['machine']} | {result['device']} | {result['model']} | "
-        f"{result['images']} | {result['runs']} | {cell('harness', 'median_s', '.1f')} | "
-        f"{cell('template', 'median_s', '.1f')} | {cell('timm', 'median_s', '.1f')} | "
+        f"{result['images']}, {result['png_share']:.0%} PNG | {result['runs']} | {seconds('harness')} | "
+        f"{seconds('template')} | {seconds('timm')} | "
         f"{cell('template', 'over_harness', '.2f')} | {cell('timm', 'over_harness', '.2f')} | {mains} |\n"
     )
     append_row(COMPARE_HEADING, COMPARE_HEADER, row)

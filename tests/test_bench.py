@@ -146,3 +146,20 @@ def test_against_markdown_adds_one_row_a_release_under_its_own_heading(tmp_path:
     cells = "| a124840 | resnet50 | 512 | 3 | 0.980 | 0.990 | 3.200 | 1.070 | 0.900 |"
     rows = [line for line in lines if cells in line]
     assert [row.rsplit("|", 2)[1].strip() for row in rows] == ["no regression", "model load 3.20x a124840's"]
+
+
+def test_a_compare_row_says_the_png_share_and_who_wrote_fewer_rows(tmp_path: Path, monkeypatch) -> None:
+    """The template reads PNGs only: on a mixed set it writes fewer rows, and its seconds are for less work."""
+    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench", bench)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "BENCHMARKS", tmp_path / "benchmarks.md")
+    systems = {
+        "harness": {"median_s": 8.81, "over_harness": 1.0, "rows": 512, "peak_rss_main_mb": 1138.9},
+        "template": {"median_s": 25.44, "over_harness": 2.886, "rows": 265, "peak_rss_main_mb": 837.0},
+    }
+    result = {"machine": "m", "device": "cpu", "model": "efficientnet_lite0", "images": 512, "png_share": 0.5}
+    row = bench.compare_row({**result, "runs": 3, "systems": systems})
+    assert "| efficientnet_lite0 | 512, 50% PNG | 3 | 8.8 | 25.4 (265 rows) | - | 2.89 | - | 1139, 837, - |" in row
+    assert row in (tmp_path / "benchmarks.md").read_text()
