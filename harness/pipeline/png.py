@@ -13,10 +13,10 @@ library pyspng ships) with its checks on, every chunk's CRC and the image data's
 `load` turns both off; a file that fails them goes back to Pillow, which says why.
 
 The image data is inflated by zlib-ng where it is installed: the zlib that pyspng builds into libspng (1.2.11)
-spends most of libspng's time, and zlib-ng's inflate, the same state machine rewritten for speed, is about three
-times faster (docs/speed.md). libspng cannot be handed another inflate, so `stored` hands it the same file with the
-image data inflated and stored uncompressed, after checking every chunk's CRC and the checksum itself; libspng then
-only unfilters, and gives the pixels it gives the original.
+spends most of libspng's time, and zlib-ng's inflate is the same state machine rewritten for speed (its figures:
+docs/benchmarks.md). libspng cannot be handed another inflate, so `stored` hands it the same file with the image
+data inflated and stored uncompressed, after checking every chunk's CRC and the checksum itself; libspng then only
+unfilters, and gives the pixels it gives the original.
 """
 
 from __future__ import annotations
