@@ -48,8 +48,8 @@ from harness.results import gate
 
 FORMAT = 1  # what an entry holds and how the key is made: a change makes every older entry another key
 SUFFIX = ".onnx"
-ENTRY = re.compile(r"[0-9a-f]{64}\.onnx")  # a key and SUFFIX: what prune may remove
-PARTIAL = re.compile(r"\.[0-9a-f]{64}\.onnx\..+\.partial")  # an entry being written (mkstemp's name, in write)
+ENTRY = re.compile(rf"[0-9a-f]{{64}}{re.escape(SUFFIX)}")  # a key and SUFFIX: what prune may remove
+PARTIAL = re.compile(rf"\.{ENTRY.pattern}\..+\.partial")  # an entry being written (mkstemp's name, in write)
 ENTRY_BYTES = 2**31 - 1  # an ONNX file holds at most a 2 GB protobuf
 CACHE_BYTES = 4 * 2**30
 ENTRY_MODE = 0o644
