@@ -5,9 +5,11 @@ engine is really faster is scripts/bench.py's to measure."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -15,12 +17,19 @@ import torch
 from torch import nn
 
 import harness.pipeline.engine
+import harness.pipeline.placement
 from harness.cli import main
 from harness.errors import ConfigError, ModelError
+from harness.models.load import LoadedModel
 from harness.models.onnx_export import NotExported, capture_failure, export, proven_export
 from harness.models.onnx_runtime import OnnxModule
+from harness.pipeline.decode_options import Decoding
 from harness.pipeline.devices import DevicePlan
 from harness.pipeline.engine import PAYBACK_IMAGES, EngineChoice, settle_engine
+from harness.pipeline.files import discover
+from harness.pipeline.layout import LayoutChoice
+from harness.pipeline.loader import ImageDataset
+from harness.pipeline.placement import place_model
 from harness.pipeline.resume import record_path
 from harness.results.writer import partial_path
 from harness.sources import build_config
@@ -161,6 +170,63 @@ def test_auto_measures_both_and_keeps_onnxruntime_only_where_it_was_faster(monke
     assert set(choice.ms_per_image) == {"torch", "onnxruntime"} and all(ms > 0 for ms in choice.ms_per_image.values())
     _settle(_config(engine="onnxruntime"), Convolutional())  # set: the check alone
     assert rounds == [2, 1]
+
+
+def test_pytorch_timed_by_the_layouts_trial_makes_one_pass_for_the_checks_scores() -> None:
+    """The layout's trial already timed PyTorch on these images: one pass of it gives the check its scores, and
+    its time counts beside the trial's; onnxruntime still makes its two."""
+    calls: list[str] = []
+
+    def engine(name: str):
+        def run(x: torch.Tensor) -> torch.Tensor:
+            calls.append(name)
+            time.sleep(0.003)  # a pass of at least a millisecond an image
+            return x.float().flatten(1)[:, :10] * (2 if name == "torch" else 1)
+
+        return run
+
+    engines = {name: (engine(name), lambda x: x) for name in ("torch", "onnxruntime")}
+    for timed, torch_ms in (({"torch": 0.001}, 0.001), ({"torch": 1e9}, None)):
+        calls.clear()
+        scores, ms = harness.pipeline.engine._passes(engines, CPU, SAMPLE, timed, 2)
+        assert calls == ["torch", "onnxruntime", "onnxruntime"]
+        assert torch.equal(scores["torch"], 2 * scores["onnxruntime"])  # each engine's own scores
+        assert ms["onnxruntime"] >= 1 and (ms["torch"] == torch_ms if torch_ms else 1 <= ms["torch"] < 1e9)
+    calls.clear()
+    harness.pipeline.engine._passes(engines, CPU, SAMPLE, {}, 2)
+    assert calls == ["torch", "onnxruntime"] * 2
+
+
+def test_auto_weighs_onnxruntime_against_the_layouts_time_for_pytorch() -> None:
+    """A PyTorch time from the layout's trial that no pass here beats keeps PyTorch: the trial's time is weighed."""
+    choice = settle_engine(_config(), Convolutional().eval(), CPU, SAMPLE, MANY, torch_ms=0.0)[2]
+    assert choice.engine == "torch" and choice.ms_per_image["torch"] == 0.0
+    assert choice.why == "onnxruntime was not 5% faster than PyTorch on 3 images"
+
+
+def test_placement_hands_the_layouts_time_for_the_layout_kept_to_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    handed: list[float | None] = []
+    settle = harness.pipeline.placement.settle_engine
+    monkeypatch.setattr(
+        harness.pipeline.placement,
+        "settle_engine",
+        lambda *args, **kwargs: handed.append(args[-1]) or settle(*args, **kwargs),
+    )
+    for channels_last, ms in ((True, 2.0), (False, 3.0)):
+        layout = LayoutChoice(channels_last, {"contiguous": 3.0, "channels_last": 2.0}, "timed")
+        monkeypatch.setattr(
+            harness.pipeline.placement,
+            "settle_layout",
+            lambda config, model, plan, *_, layout=layout: (
+                dataclasses.replace(plan, channels_last=layout.channels_last),
+                layout,
+            ),
+        )
+        config = build_config({**PRE, "input_dir": str(SAMPLES), "engine": "torch"}, {}, {})
+        loaded = LoadedModel(Convolutional().eval(), "Convolutional", "test", None, None)
+        dataset = ImageDataset(discover(SAMPLES), Decoding.of(config))
+        place_model(config, loaded, dataset, MANY)
+        assert handed[-1] == ms
 
 
 @pytest.mark.parametrize(

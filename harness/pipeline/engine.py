@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import time
 from collections.abc import Callable
@@ -46,7 +47,9 @@ PAYBACK_IMAGES = 256
 # `auto` keeps ONNX Runtime only where its fastest pass on the check images beat PyTorch's by this much; within
 # it the model runs as PyTorch runs it.
 MARGIN = 1.05
-TRIAL_ROUNDS = 2  # passes of each engine over the check images, alternating (the first is the check too)
+# passes of each engine over the check images, alternating (the first is the check too); one of PyTorch where the
+# layout's trial timed it on them already
+TRIAL_ROUNDS = 2
 PACKAGES = {"onnx": "onnx", "onnxruntime": "onnxruntime"}  # module -> what pip installs it as
 
 
@@ -71,18 +74,22 @@ def settle_engine(
     images: int,
     runtime: str | None = None,
     files_read: list[str] | None = None,
+    torch_ms: float | None = None,
 ) -> tuple[nn.Module, DevicePlan, EngineChoice]:
     """The module that runs a run of `images` images, the plan it runs on (onnxruntime takes contiguous float32)
     and why: as `engine` says, or for `auto` as the run a resumed one continues chose, or PyTorch where an export
     cannot be used or cannot pay, or else as measured now. `runtime`: the runtime a model not made of PyTorch
     layers comes with (its kind says: harness/models/kinds.py); `files_read`: what loading the model read (an
-    export of a model that read a file the cache's key does not hold is not kept)."""
+    export of a model that read a file the cache's key does not hold is not kept); `torch_ms`: PyTorch's fastest
+    pass on the check images in the layout the run settled on, ms an image, where the layout's trial timed it this
+    run (PyTorch then makes one pass here, for the check's scores, instead of TRIAL_ROUNDS)."""
     decided, forced = _before_export(config, plan, images, runtime)
     if decided is not None:
         return model, plan, decided
     started = time.perf_counter()
     rounds = 1 if forced else TRIAL_ROUNDS
-    trial = _exported(model, plan, config.preprocess, sample, rounds, _uncached(config, files_read or []))
+    timed = {"torch": torch_ms} if torch_ms is not None else {}
+    trial = _exported(model, plan, config.preprocess, sample, timed, rounds, _uncached(config, files_read or []))
     export_s = round(time.perf_counter() - started, 3)
     difference, ms = trial.difference, trial.ms
     if trial.module is None:
@@ -162,16 +169,22 @@ class _Trial:
 
 
 def _exported(
-    model: nn.Module, plan: DevicePlan, pre: Preprocess, sample: torch.Tensor, rounds: int, uncached: str | None
+    model: nn.Module,
+    plan: DevicePlan,
+    pre: Preprocess,
+    sample: torch.Tensor,
+    timed: dict[str, float],
+    rounds: int,
+    uncached: str | None,
 ) -> _Trial:
     """onnxruntime running an export of `model` that passed its check, the kept one where there is one (else one
     made now, then kept unless `uncached` says why not), with each engine's fastest of `rounds` passes over the
-    check images; or why there is none."""
+    check images (as `_passes`, with `timed`); or why there is none."""
     onnx_input = DeviceNormalizer(pre, plan.device, torch.float32, False)
     kept = load() if uncached is None else None
     failed = ""
     if kept is not None:
-        trial = _checked(kept, model, plan, pre, sample, rounds, onnx_input)
+        trial = _checked(kept, model, plan, pre, sample, timed, rounds, onnx_input)
         if trial.module is not None:
             return dataclasses.replace(trial, cache="read")
         failed = f" (the kept export failed its check: {trial.why})"
@@ -179,7 +192,7 @@ def _exported(
         data = proven_export(model, onnx_input(sample).repeat(2, 1, 1, 1)[:2], OPSET)  # one image fixes the batch
     except NotExported as refusal:
         return _Trial(None, str(refusal))
-    trial = _checked(data, model, plan, pre, sample, rounds, onnx_input)
+    trial = _checked(data, model, plan, pre, sample, timed, rounds, onnx_input)
     if trial.module is None:
         return trial
     cache = f"not kept: {uncached}" if uncached is not None else keep(data)
@@ -192,6 +205,7 @@ def _checked(
     plan: DevicePlan,
     pre: Preprocess,
     sample: torch.Tensor,
+    timed: dict[str, float],
     rounds: int,
     onnx_input: DeviceNormalizer,
 ) -> _Trial:
@@ -199,7 +213,7 @@ def _checked(
     try:
         module = open_onnx(data, want_cuda=False, threads=torch.get_num_threads())
         engines = {"torch": (model, plan.normalizer(pre)), "onnxruntime": (module, onnx_input)}
-        scores, ms = _passes(engines, plan, sample, rounds)
+        scores, ms = _passes(engines, plan, sample, timed, rounds)
         module.release_memory(onnx_input(sample[:1]))  # before the workers fork
     except (Exception, SystemExit) as error:  # onnxruntime's or the model's: PyTorch runs it then
         return _Trial(None, f"onnxruntime failed on the export ({describe_user_error(error)})")
@@ -217,18 +231,21 @@ def _passes(
     engines: dict[str, tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]],
     plan: DevicePlan,
     sample: torch.Tensor,
+    timed: dict[str, float],
     rounds: int,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Each engine over the check images, alternating, `rounds` times (PyTorch in the layout the run settled on, a
-    first pass of each warming it up as the layout trial's do): the scores of each one's first pass, and its
-    fastest pass in ms an image."""
+    first pass of each warming it up as the layout trial's do), but once only where `timed` already holds its
+    fastest pass on them (ms an image): the scores of each one's first pass, and its fastest pass in ms an image."""
     scores: dict[str, torch.Tensor] = {}
     times: dict[str, list[float]] = {name: [] for name in engines}
-    for _ in range(rounds):
+    for round_ in range(rounds):
         for name, (module, normalize) in engines.items():
+            if round_ and name in timed:
+                continue
             started = time.perf_counter()
             with inference_context(plan):
                 output = as_logits(module(normalize(sample)), len(sample)).float()
-            times[name].append(time.perf_counter() - started)
+            times[name].append(1000 * (time.perf_counter() - started) / len(sample))
             scores.setdefault(name, output)
-    return scores, {name: round(1000 * min(each) / len(sample), 3) for name, each in times.items()}
+    return scores, {name: round(min([*each, timed.get(name, math.inf)]), 3) for name, each in times.items()}

@@ -19,7 +19,7 @@ from harness.models.load import LoadedModel
 from harness.pipeline.devices import fold_sample, plan_devices, prepare_model
 from harness.pipeline.engine import EngineChoice, settle_engine
 from harness.pipeline.forward import Forward, first_piece, probe_classes
-from harness.pipeline.layout import LayoutChoice, settle_layout
+from harness.pipeline.layout import LAYOUTS, LayoutChoice, settle_layout
 from harness.pipeline.loader import ImageDataset, check_sample
 
 
@@ -58,7 +58,8 @@ def place_model(config: Config, loaded: LoadedModel, dataset: ImageDataset, imag
     graph = loaded.kind.torch_graph
     runtime = None if graph else loaded.class_name
     plan, layout = settle_layout(config, model, plan, sample, batch_size, images, runtime)
-    runs, plan, engine = settle_engine(config, model, plan, sample, images, runtime, loaded.files_read)
+    torch_ms = layout.ms_per_image.get(LAYOUTS[plan.channels_last])  # timed by the layout's trial, this run
+    runs, plan, engine = settle_engine(config, model, plan, sample, images, runtime, loaded.files_read, torch_ms)
     normalize = plan.normalizer(config.preprocess)
     graph = graph and engine.engine == "torch"
     forward = Forward(runs, normalize, plan, first_piece(plan, batch_size), classes, torch_graph=graph)
