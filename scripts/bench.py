@@ -12,7 +12,8 @@ settings only take effect when a process starts):
 - end_to_end_ips: `python entrypoint.py DIR OUT ...`, process start to CSV written;
 - limit_ips: min(model, decode) on a GPU; on the CPU both share the cores, so 1 / (1/model + 1/decode);
 - efficiency: end_to_end / limit; peak_rss_mb: the run's whole process tree (main + workers) and
-  peak_rss_main_mb: the main process alone (its VmHWM), both polled from /proc every 0.1 s.
+  peak_rss_main_mb: the main process alone (its VmHWM), both polled from /proc every 0.1 s (the tree's PSS, for
+  --against, less often: reading it costs the run CPU time, PSS_SPACING).
 
 Options after `--` go to the harness in every phase (e.g. `-- --batch-size 32 --workers 1`).
 
@@ -199,10 +200,10 @@ def phase_decode(model_dir: str, data: str, harness_args: list[str]) -> float:
 # ---- the parent: runs each phase as a child and watches the end-to-end run's memory ----
 
 
-def _tree_memory_bytes(root: int) -> tuple[int, int]:
+def _tree_memory_bytes(root: int, proportional: bool = True) -> tuple[int, int]:
     """Resident bytes of `root` and all its descendants (the DataLoader workers), from /proc: summed (a page the
-    workers share with the main process, as forked, counts once in each) and proportional (PSS: each shared page
-    split among the processes sharing it, what the run takes from the machine)."""
+    workers share with the main process, as forked, counts once in each) and, where `proportional`, PSS (each
+    shared page split among the processes sharing it, what the run takes from the machine; else 0)."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -216,13 +217,13 @@ def _tree_memory_bytes(root: int) -> tuple[int, int]:
             continue
         children.setdefault(parent, []).append(int(entry))
         rss[int(entry)] = pages * os.sysconf("SC_PAGE_SIZE")
-    total, proportional, stack = 0, 0, [root]
+    total, pss, stack = 0, 0, [root]
     while stack:
         pid = stack.pop()
         total += rss.get(pid, 0)
-        proportional += _proc_bytes(pid, "smaps_rollup", "Pss")
+        pss += _proc_bytes(pid, "smaps_rollup", "Pss") if proportional else 0
         stack.extend(children.get(pid, []))
-    return total, proportional
+    return total, pss
 
 
 def _proc_bytes(pid: int, file: str, field: str) -> int:
@@ -248,6 +249,12 @@ class Measured:
     load_s: float = 0.0  # the model load, from the run's run.json
 
 
+# The tree's PSS is read after this many times as long as its last read took: /proc/PID/smaps_rollup walks each
+# process's page tables, 60 ms of kernel time a read of a ResNet-50 run's four processes on the 2-core VM, and
+# read every 0.1 s it took a sixth of the two cores from the run it measured (docs/benchmarks.md).
+PSS_SPACING = 50
+
+
 def measured_run(command: list[str], cwd: Path) -> Measured:
     """Run `command` to its end, polling its memory every 0.1 s; a failure stops the benchmark."""
     start = time.perf_counter()
@@ -257,9 +264,13 @@ def measured_run(command: list[str], cwd: Path) -> Measured:
     finished = threading.Event()
 
     def watch() -> None:
+        next_pss = 0.0
         while not finished.is_set():
-            summed, proportional = _tree_memory_bytes(process.pid)
-            samples.append((time.perf_counter(), summed))
+            polled = time.perf_counter()
+            summed, proportional = _tree_memory_bytes(process.pid, proportional=polled >= next_pss)
+            if polled >= next_pss:  # PSS walks the page tables: tens of ms of kernel time a read
+                next_pss = polled + PSS_SPACING * (time.perf_counter() - polled)
+            samples.append((polled, summed))
             pss_peak[0] = max(pss_peak[0], proportional)
             main_peak[0] = max(main_peak[0], _proc_bytes(process.pid, "status", "VmHWM"))  # its own peak
             finished.wait(0.1)

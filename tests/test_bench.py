@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,25 @@ def test_a_compare_row_says_the_png_share_and_who_wrote_fewer_rows(tmp_path: Pat
     row = bench.compare_row({**result, "runs": 3, "systems": systems})
     assert "| efficientnet_lite0 | 512, 50% PNG | 3 | 8.8 | 25.4 (265 rows) | - | 2.89 | - | 1139, 837, - |" in row
     assert row in (tmp_path / "benchmarks.md").read_text()
+
+
+def test_the_memory_probe_reads_the_costly_pss_spaced_by_its_own_cost(tmp_path: Path, monkeypatch) -> None:
+    """Read every 0.1 s, smaps_rollup took a sixth of two cores from the run it measured: a read that takes 50 ms
+    waits 2.5 s for the next, while the cheap figures are polled every 0.1 s."""
+    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench", bench)
+    spec.loader.exec_module(bench)
+    reads: dict[str, int] = {}
+    real = bench._proc_bytes
+
+    def counted(pid: int, file: str, field: str) -> int:
+        reads[file] = reads.get(file, 0) + 1
+        if file == "smaps_rollup":
+            time.sleep(0.05)
+        return real(pid, file, field)
+
+    monkeypatch.setattr(bench, "_proc_bytes", counted)
+    measured = bench.measured_run([sys.executable, "-c", "import time; time.sleep(1.5)"], tmp_path)
+    assert reads["smaps_rollup"] == 1 and reads["status"] >= 8
+    assert measured.pss_mb > 0 and measured.peak_mb > 0
