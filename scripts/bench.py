@@ -250,7 +250,7 @@ class Measured:
 
 
 # The tree's PSS is read after this many times as long as its last read took: /proc/PID/smaps_rollup walks each
-# process's page tables, 60 ms of kernel time a read of a ResNet-50 run's four processes on the 2-core VM, and
+# process's page tables, 63 ms of CPU a read of a ResNet-50 run's four processes on the 2-core VM, and
 # read every 0.1 s it took a sixth of the two cores from the run it measured (docs/benchmarks.md).
 PSS_SPACING = 50
 

@@ -89,7 +89,9 @@ def settle_engine(
     started = time.perf_counter()
     rounds = 1 if forced else TRIAL_ROUNDS
     timed = {"torch": torch_ms} if torch_ms is not None else {}
-    trial = _exported(model, plan, config.preprocess, sample, timed, rounds, _uncached(config, files_read or []))
+    trial = _exported(
+        _TrialInputs(model, plan, config.preprocess, sample, timed, rounds), _uncached(config, files_read or [])
+    )
     export_s = round(time.perf_counter() - started, 3)
     difference, ms = trial.difference, trial.ms
     if trial.module is None:
@@ -168,53 +170,55 @@ class _Trial:
     cache: str = ""  # as EngineChoice.cache
 
 
-def _exported(
-    model: nn.Module,
-    plan: DevicePlan,
-    pre: Preprocess,
-    sample: torch.Tensor,
-    timed: dict[str, float],
-    rounds: int,
-    uncached: str | None,
-) -> _Trial:
-    """onnxruntime running an export of `model` that passed its check, the kept one where there is one (else one
-    made now, then kept unless `uncached` says why not), with each engine's fastest of `rounds` passes over the
-    check images (as `_passes`, with `timed`); or why there is none."""
-    onnx_input = DeviceNormalizer(pre, plan.device, torch.float32, False)
+@dataclass(frozen=True)
+class _TrialInputs:
+    """What the check and the timing run on: `model` in the layout the run settled on (`plan`), the check images
+    (`sample`, as the decoders make them), the engines' times already measured on them (`timed`, as `_passes`)
+    and the passes each engine makes."""
+
+    model: nn.Module
+    plan: DevicePlan
+    pre: Preprocess
+    sample: torch.Tensor
+    timed: dict[str, float]
+    rounds: int
+
+    def onnx_input(self) -> DeviceNormalizer:
+        """onnxruntime's input: contiguous float32, normalised as the model's."""
+        return DeviceNormalizer(self.pre, self.plan.device, torch.float32, False)
+
+
+def _exported(inputs: _TrialInputs, uncached: str | None) -> _Trial:
+    """onnxruntime running an export of the model that passed its check, the kept one where there is one (else one
+    made now, then kept unless `uncached` says why not), with each engine's fastest of its passes over the check
+    images; or why there is none."""
     kept = load() if uncached is None else None
     failed = ""
     if kept is not None:
-        trial = _checked(kept, model, plan, pre, sample, timed, rounds, onnx_input)
+        trial = _checked(kept, inputs)
         if trial.module is not None:
             return dataclasses.replace(trial, cache="read")
         failed = f" (the kept export failed its check: {trial.why})"
     try:
-        data = proven_export(model, onnx_input(sample).repeat(2, 1, 1, 1)[:2], OPSET)  # one image fixes the batch
+        two = inputs.onnx_input()(inputs.sample).repeat(2, 1, 1, 1)[:2]  # one image would fix the batch
+        data = proven_export(inputs.model, two, OPSET)
     except NotExported as refusal:
         return _Trial(None, str(refusal))
-    trial = _checked(data, model, plan, pre, sample, timed, rounds, onnx_input)
+    trial = _checked(data, inputs)
     if trial.module is None:
         return trial
     cache = f"not kept: {uncached}" if uncached is not None else keep(data)
     return dataclasses.replace(trial, cache=cache + failed)
 
 
-def _checked(
-    data: bytes,
-    model: nn.Module,
-    plan: DevicePlan,
-    pre: Preprocess,
-    sample: torch.Tensor,
-    timed: dict[str, float],
-    rounds: int,
-    onnx_input: DeviceNormalizer,
-) -> _Trial:
+def _checked(data: bytes, inputs: _TrialInputs) -> _Trial:
     """The export `data` in onnxruntime, where its scores on the check images agree with PyTorch's."""
+    onnx_input = inputs.onnx_input()
     try:
         module = open_onnx(data, want_cuda=False, threads=torch.get_num_threads())
-        engines = {"torch": (model, plan.normalizer(pre)), "onnxruntime": (module, onnx_input)}
-        scores, ms = _passes(engines, plan, sample, timed, rounds)
-        module.release_memory(onnx_input(sample[:1]))  # before the workers fork
+        engines = {"torch": (inputs.model, inputs.plan.normalizer(inputs.pre)), "onnxruntime": (module, onnx_input)}
+        scores, ms = _passes(engines, inputs.plan, inputs.sample, inputs.timed, inputs.rounds)
+        module.release_memory(onnx_input(inputs.sample[:1]))  # before the workers fork
     except (Exception, SystemExit) as error:  # onnxruntime's or the model's: PyTorch runs it then
         return _Trial(None, f"onnxruntime failed on the export ({describe_user_error(error)})")
     expected, got = scores["torch"], scores["onnxruntime"]
