@@ -20,6 +20,7 @@ checked on that run's check images as a new one is, and replaced where it fails.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -183,8 +184,10 @@ class _TrialInputs:
     timed: dict[str, float]
     rounds: int
 
+    @functools.cached_property
     def onnx_input(self) -> DeviceNormalizer:
-        """onnxruntime's input: contiguous float32, normalised as the model's."""
+        """onnxruntime's input: contiguous float32, normalised as the model's (made once: the export, and each
+        export's check, take the same)."""
         return DeviceNormalizer(self.pre, self.plan.device, torch.float32, False)
 
 
@@ -200,7 +203,7 @@ def _exported(inputs: _TrialInputs, uncached: str | None) -> _Trial:
             return dataclasses.replace(trial, cache="read")
         failed = f" (the kept export failed its check: {trial.why})"
     try:
-        two = inputs.onnx_input()(inputs.sample).repeat(2, 1, 1, 1)[:2]  # one image would fix the batch
+        two = inputs.onnx_input(inputs.sample).repeat(2, 1, 1, 1)[:2]  # one image would fix the batch
         data = proven_export(inputs.model, two, OPSET)
     except NotExported as refusal:
         return _Trial(None, str(refusal))
@@ -213,7 +216,7 @@ def _exported(inputs: _TrialInputs, uncached: str | None) -> _Trial:
 
 def _checked(data: bytes, inputs: _TrialInputs) -> _Trial:
     """The export `data` in onnxruntime, where its scores on the check images agree with PyTorch's."""
-    onnx_input = inputs.onnx_input()
+    onnx_input = inputs.onnx_input
     try:
         module = open_onnx(data, want_cuda=False, threads=torch.get_num_threads())
         engines = {"torch": (inputs.model, inputs.plan.normalizer(inputs.pre)), "onnxruntime": (module, onnx_input)}
