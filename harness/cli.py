@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -62,8 +62,29 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM (docker stop) handled like Ctrl-C, so the same clean-up runs."""
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated()
+class _Stops:
+    """Whether a stop (Ctrl-C, SIGTERM) stops something: only while a command runs, and not while one of the
+    harness's errors is on its way out. That error is the outcome, and its line must be the one told: a stop raised
+    in its clean-up, or once main is telling it, would put "terminated" or a traceback in its place and cut that
+    clean-up short (a torchrun rank whose peer died meets the agent's SIGTERM just then). The process is ending
+    anyway, so such a stop is let be; so is one after the command has returned (its outputs are committed)."""
+
+    running = False
+
+
+def _stop(signum: int, frame: Any) -> None:
+    if _Stops.running and not isinstance(sys.exc_info()[1], HarnessError):
+        raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def _stoppable() -> Iterator[None]:
+    """Inside main's try, so a stop raised on the way in or out is still one of main's outcomes."""
+    before, _Stops.running = _Stops.running, True
+    try:
+        yield
+    finally:
+        _Stops.running = before
 
 
 def run_command(argv: Sequence[str], environ: dict[str, str]) -> int:
@@ -195,9 +216,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     show_traceback = TRACEBACK_FLAG in argv
     argv = [arg for arg in argv if arg != TRACEBACK_FLAG]
     name = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    stops = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where it is ignored (`command &`)
+        stops.append(signal.SIGINT)
+    previous = {stop: signal.signal(stop, _stop) for stop in stops}
     try:
-        return load_command(name)(argv, dict(os.environ))
+        with _stoppable():
+            return load_command(name)(argv, dict(os.environ))
     except HarnessError as error:
         if show_traceback:
             print_traceback(error)
@@ -220,4 +245,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             return stop.code or 0
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)

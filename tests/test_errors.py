@@ -18,11 +18,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from harness import cli
 from harness.cli import main
 from harness.errors import (
     ERROR_TYPES,
     EXIT_CODES,
     HarnessError,
+    PipelineError,
     error_type,
     is_dataloader_failure,
     is_onnx_package_missing,
@@ -107,6 +109,70 @@ def test_traceback_shows_the_error_that_caused_it(tmp_path: Path, capsys: pytest
     shown = capsys.readouterr().err
     assert "UnpicklingError" in shown and "which caused:" in shown and "ModelError" in shown
     assert shown.strip().splitlines()[-1] == plain.strip()
+
+
+class _StoppedWhileTold(PipelineError):
+    """An error whose line is being printed as a stop arrives: torchrun's agent ends every rank when one dies, so
+    a rank telling its own error meets the SIGTERM there (a race in CI, made certain here)."""
+
+    def __init__(self, stop: signal.Signals) -> None:
+        super().__init__("another rank stopped answering")
+        self.stops = [stop]
+
+    def __str__(self) -> str:
+        stops, self.stops = self.stops, []  # once: a report of this test's failure reads it again
+        for stop in stops:
+            os.kill(os.getpid(), stop)
+        return super().__str__()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_while_an_outcome_is_told_leaves_that_outcome(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], stop: signal.Signals
+) -> None:
+    def failing(argv: list[str], environ: dict[str, str]) -> int:
+        raise _StoppedWhileTold(stop)
+
+    monkeypatch.setattr(cli, "load_command", lambda name: failing)
+    assert main(["validate"]) == PipelineError.exit_code
+    assert capsys.readouterr().err == "harness: error: another rank stopped answering\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_in_an_errors_clean_up_leaves_that_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], stop: signal.Signals
+) -> None:
+    """The clean-up finishes and the error is told: a stop raised there would have put its own line in place."""
+    cleaned = []
+
+    def failing(argv: list[str], environ: dict[str, str]) -> int:
+        try:
+            raise PipelineError("another rank stopped answering")
+        finally:
+            os.kill(os.getpid(), stop)
+            cleaned.append(True)
+
+    monkeypatch.setattr(cli, "load_command", lambda name: failing)
+    assert main(["validate"]) == PipelineError.exit_code
+    assert cleaned and capsys.readouterr().err == "harness: error: another rank stopped answering\n"
+
+
+@pytest.mark.parametrize(
+    ("stop", "said"), [(signal.SIGTERM, "terminated"), (signal.SIGINT, "interrupted")], ids=["SIGTERM", "SIGINT"]
+)
+def test_a_stop_while_a_command_runs_stops_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], stop: signal.Signals, said: str
+) -> None:
+    def stopped(argv: list[str], environ: dict[str, str]) -> int:
+        os.kill(os.getpid(), stop)
+        time.sleep(5)
+        return 0
+
+    monkeypatch.setattr(cli, "load_command", lambda name: stopped)
+    assert main(["validate"]) == 130
+    assert capsys.readouterr().err == f"harness: {said}\n"
 
 
 def test_a_file_a_tool_cannot_read_has_its_own_exit_code(tmp_path: Path) -> None:
