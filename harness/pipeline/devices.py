@@ -87,14 +87,19 @@ def plan_devices(config: Config) -> DevicePlan:
     return DevicePlan(torch.device("cuda", 0), list(range(count)), config.amp, config.channels_last is True)
 
 
+def on_device(model: nn.Module, plan: DevicePlan) -> nn.Module:
+    """The model on the plan's device, in its layout: moved once (a second call finds it there and moves nothing)."""
+    memory_format = torch.channels_last if plan.channels_last else torch.preserve_format
+    with model_code(f"to({plan.device})"):
+        return model.to(device=plan.device, memory_format=memory_format)
+
+
 def prepare_model(
     model: nn.Module, plan: DevicePlan, fold_sample: torch.Tensor | None = None
 ) -> tuple[nn.Module, FoldResult]:
     """Move the model once, fold its BatchNorms where `fold_sample` (model inputs on the device) is given to check
     the folds on (harness/models/fold.py), and wrap it in DataParallel once, outside the batch loop."""
-    memory_format = torch.channels_last if plan.channels_last else torch.preserve_format
-    with model_code(f"to({plan.device})"):
-        model = model.to(device=plan.device, memory_format=memory_format)
+    model = on_device(model, plan)
     if plan.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     folded = FoldResult(0, "off: fold_batchnorm false")

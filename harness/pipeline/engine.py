@@ -2,15 +2,18 @@
 the memory layout is (harness/pipeline/layout.py): measured on the run's own check images, before the first batch
 and while the head start decodes.
 
-ONNX Runtime ran EfficientNet-Lite0 several times and ResNet-50 about 1.6 times as fast as PyTorch on the 2-core
-VM (docs/speed.md), but an export is another program than the model, so it is used only where it is provably the
-same one: torch.export must capture the whole model with the batch size free (no branch on the input's values, no
-batch size fixed in the code: harness/models/onnx_export.py), the export is traced on two check images, and its
-scores on every check image (another batch size) must agree with PyTorch's within the tolerance the layouts and
---compile are held to (SAME_RTOL of each score plus SAME_ATOL of the largest). `auto` then keeps it only where it
-was the faster on the check images. The two engines' scores differ in the last digits, so a top-k id may differ
-only between classes whose scores lie that close (a tie); a resumed run takes the engine of the run it continues;
-`torch` runs the model exactly as PyTorch does.
+ONNX Runtime ran EfficientNet-Lite0 several times and ResNet-50 about 1.6 times as fast as PyTorch on the 2-core VM
+(docs/speed.md), but an export is another program than the model, so it is used only where it is provably the same
+one: torch.export must capture the whole model with the batch size free (no branch on the input's values, no batch
+size fixed in the code: harness/models/onnx_export.py), the export is traced on two check images, and its scores on
+every check image (another batch size) must agree with PyTorch's within the tolerance the layouts and --compile are
+held to (SAME_RTOL of each score plus SAME_ATOL of the largest). `auto` weighs it first against PyTorch running the
+model as written (no BatchNorm folded, the layout the settings give), before PyTorch's own speed-ups are made: where
+onnxruntime was far the faster (AS_WRITTEN_MARGIN), it runs the model, and the fold and the layout's trial, whose
+checks and passes would only speed up a PyTorch that does not run, are not made. Otherwise PyTorch gets them, and
+onnxruntime is kept only where it beat PyTorch at its fastest (MARGIN). The two engines' scores differ in the last
+digits, so a top-k id may differ only between classes whose scores lie that close (a tie); a resumed run takes the
+engine of the run it continues; `torch` runs the model exactly as PyTorch does.
 
 An export that passed its check is kept in the export cache (harness/pipeline/export_cache.py), and a later run of
 the same model with the same settings and software takes it from there instead of exporting again; a kept export is
@@ -45,13 +48,19 @@ ENGINES = ("torch", "onnxruntime")
 OPSET = 17
 # The proof, the export and the checks take seconds (docs/speed.md): `auto` keeps PyTorch for fewer images.
 PAYBACK_IMAGES = 256
-# `auto` keeps ONNX Runtime only where its fastest pass on the check images beat PyTorch's by this much; within
-# it the model runs as PyTorch runs it.
+# `auto` keeps ONNX Runtime only where its fastest pass on the check images beat PyTorch's fastest (BatchNorms
+# folded, in the layout kept) by this much; within it the model runs as PyTorch runs it.
 MARGIN = 1.05
-# passes of each engine over the check images, alternating (the first is the check too); one of PyTorch where the
-# layout's trial timed it on them already
+# ... and keeps it at once, neither folding nor timing layouts, where it beat PyTorch as written by this much. The
+# fold and channels_last together made PyTorch up to 2.1x as fast on the check images (EfficientNet-Lite0 20.1 ->
+# 9.7 ms an image; ResNet-50 59 -> 47), and PyTorch's one pass here, the check's, is its first, which took up to
+# 1.44x its second (docs/speed.md): 3 covers both.
+AS_WRITTEN_MARGIN = 3.0
+# passes of onnxruntime over the check images (the first is the check too); PyTorch makes one as written, which
+# gives the check its scores, and where it is weighed again at its fastest the layout's trial has timed it
 TRIAL_ROUNDS = 2
 PACKAGES = {"onnx": "onnx", "onnxruntime": "onnxruntime"}  # module -> what pip installs it as
+AS_WRITTEN = "torch_as_written"  # PyTorch's time before its speed-ups, in EngineChoice.ms_per_image
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,23 @@ class EngineChoice:
         return dataclasses.asdict(self)
 
 
-def settle_engine(
+@dataclass(frozen=True)
+class Weighed:
+    """The engines weighed on the model as written: `choice` where that settles it (`settled`), else onnxruntime's
+    trial, to weigh against PyTorch at its fastest (settle_engine); `module` is onnxruntime running the checked
+    export, where there is one."""
+
+    choice: EngineChoice
+    module: nn.Module | None = None
+    settled: bool = True
+
+    @property
+    def in_onnxruntime(self) -> bool:
+        """onnxruntime runs an export of the model, whatever PyTorch's speed-ups would make of PyTorch's time."""
+        return self.settled and self.module is not None
+
+
+def weigh_engine(
     config: Config,
     model: nn.Module,
     plan: DevicePlan,
@@ -75,38 +100,62 @@ def settle_engine(
     images: int,
     runtime: str | None = None,
     files_read: list[str] | None = None,
-    torch_ms: float | None = None,
-) -> tuple[nn.Module, DevicePlan, EngineChoice]:
-    """The module that runs a run of `images` images, the plan it runs on (onnxruntime takes contiguous float32)
-    and why: as `engine` says, or for `auto` as the run a resumed one continues chose, or PyTorch where an export
-    cannot be used or cannot pay, or else as measured now. `runtime`: the runtime a model not made of PyTorch
-    layers comes with (its kind says: harness/models/kinds.py); `files_read`: what loading the model read (an
-    export of a model that read a file the cache's key does not hold is not kept); `torch_ms`: PyTorch's fastest
-    pass on the check images in the layout the run settled on, ms an image, where the layout's trial timed it this
-    run (PyTorch then makes one pass here, for the check's scores, instead of TRIAL_ROUNDS)."""
+) -> Weighed:
+    """The engine for a run of `images` images, where it can be chosen before PyTorch's speed-ups: as `engine`
+    says, or for `auto` as the run a resumed one continues chose, or PyTorch where an export cannot be used or
+    cannot pay, or onnxruntime where its trial beat `model` as written (unfolded, in `plan`'s layout) by
+    AS_WRITTEN_MARGIN; else the trial, to weigh again. `runtime`: the runtime a model not made of PyTorch layers
+    comes with (its kind says: harness/models/kinds.py); `files_read`: what loading the model read (an export of a
+    model that read a file the cache's key does not hold is not kept)."""
     decided, forced = _before_export(config, plan, images, runtime)
     if decided is not None:
-        return model, plan, decided
+        return Weighed(decided)
     started = time.perf_counter()
-    rounds = 1 if forced else TRIAL_ROUNDS
-    timed = {"torch": torch_ms} if torch_ms is not None else {}
-    trial = _exported(
-        _TrialInputs(model, plan, config.preprocess, sample, timed, rounds), _uncached(config, files_read or [])
-    )
+    inputs = _TrialInputs(model, plan, config.preprocess, sample, 1 if forced else TRIAL_ROUNDS)
+    trial = _exported(inputs, _uncached(config, files_read or []))
     export_s = round(time.perf_counter() - started, 3)
-    difference, ms = trial.difference, trial.ms
+    difference, cache = trial.difference, trial.cache
     if trial.module is None:
         if forced:
             raise ModelError(f"--engine onnxruntime ({forced}): {trial.why}; use --engine torch")
-        return model, plan, EngineChoice("torch", trial.why, ms, export_s, difference, trial.cache)
-    contiguous = dataclasses.replace(plan, channels_last=False)
+        return Weighed(EngineChoice("torch", trial.why, {}, export_s, difference, cache))
     if forced:
-        return trial.module, contiguous, EngineChoice("onnxruntime", forced, {}, export_s, difference, trial.cache)
-    if ms["onnxruntime"] * MARGIN < ms["torch"]:
-        faster = f"onnxruntime was {ms['torch'] / ms['onnxruntime']:.2f}x as fast on {len(sample)} images"
-        return trial.module, contiguous, EngineChoice("onnxruntime", faster, ms, export_s, difference, trial.cache)
+        return Weighed(EngineChoice("onnxruntime", forced, {}, export_s, difference, cache), trial.module)
+    ms = {AS_WRITTEN: trial.ms["torch"], "onnxruntime": trial.ms["onnxruntime"]}
+    ratio = ms[AS_WRITTEN] / ms["onnxruntime"] if ms["onnxruntime"] else math.inf
+    if ratio > AS_WRITTEN_MARGIN:
+        why = f"onnxruntime was {ratio:.2f}x as fast as PyTorch as written on {len(sample)} images"
+        return Weighed(EngineChoice("onnxruntime", why, ms, export_s, difference, cache), trial.module)
+    return Weighed(EngineChoice("onnxruntime", "", ms, export_s, difference, cache), trial.module, settled=False)
+
+
+def settle_engine(
+    weighed: Weighed,
+    model: nn.Module,
+    plan: DevicePlan,
+    pre: Preprocess,
+    sample: torch.Tensor,
+    torch_ms: float | None = None,
+) -> tuple[nn.Module, DevicePlan, EngineChoice]:
+    """The module that runs the run, the plan it runs on (onnxruntime takes contiguous float32) and why: `weighed`'s
+    choice where it settled it, else onnxruntime where its trial beat `model` (PyTorch at its fastest: BatchNorms
+    folded, in the layout `plan` settled on) by MARGIN. `torch_ms`: that PyTorch's fastest pass on the check
+    images, ms an image, where the layout's trial timed it this run; else timed here."""
+    choice = weighed.choice
+    if weighed.module is None:
+        return model, plan, choice
+    contiguous = dataclasses.replace(plan, channels_last=False)
+    if weighed.settled:
+        return weighed.module, contiguous, choice
+    if torch_ms is None:
+        engines = {"torch": (model, plan.normalizer(pre))}
+        torch_ms = _passes(engines, plan, sample, {"torch": TRIAL_ROUNDS})[1]["torch"]
+    ms = {**choice.ms_per_image, "torch": torch_ms}
+    if ms["onnxruntime"] * MARGIN < torch_ms:
+        faster = f"onnxruntime was {torch_ms / ms['onnxruntime']:.2f}x as fast on {len(sample)} images"
+        return weighed.module, contiguous, dataclasses.replace(choice, why=faster, ms_per_image=ms)
     slower = f"onnxruntime was not {MARGIN - 1:.0%} faster than PyTorch on {len(sample)} images"
-    return model, plan, EngineChoice("torch", slower, ms, export_s, difference, trial.cache)
+    return model, plan, dataclasses.replace(choice, engine="torch", why=slower, ms_per_image=ms)
 
 
 def _before_export(
@@ -173,15 +222,13 @@ class _Trial:
 
 @dataclass(frozen=True)
 class _TrialInputs:
-    """What the check and the timing run on: `model` in the layout the run settled on (`plan`), the check images
-    (`sample`, as the decoders make them), the engines' times already measured on them (`timed`, as `_passes`)
-    and the passes each engine makes."""
+    """What the check and the timing run on: `model` as written, on `plan`'s device and in its layout, the check
+    images (`sample`, as the decoders make them) and the passes onnxruntime makes over them."""
 
     model: nn.Module
     plan: DevicePlan
     pre: Preprocess
     sample: torch.Tensor
-    timed: dict[str, float]
     rounds: int
 
     @functools.cached_property
@@ -220,7 +267,7 @@ def _checked(data: bytes, inputs: _TrialInputs) -> _Trial:
     try:
         module = open_onnx(data, want_cuda=False, threads=torch.get_num_threads())
         engines = {"torch": (inputs.model, inputs.plan.normalizer(inputs.pre)), "onnxruntime": (module, onnx_input)}
-        scores, ms = _passes(engines, inputs.plan, inputs.sample, inputs.timed, inputs.rounds)
+        scores, ms = _passes(engines, inputs.plan, inputs.sample, {"torch": 1, "onnxruntime": inputs.rounds})
         module.release_memory(onnx_input(inputs.sample[:1]))  # before the workers fork
     except (Exception, SystemExit) as error:  # onnxruntime's or the model's: PyTorch runs it then
         return _Trial(None, f"onnxruntime failed on the export ({describe_user_error(error)})")
@@ -238,21 +285,19 @@ def _passes(
     engines: dict[str, tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]],
     plan: DevicePlan,
     sample: torch.Tensor,
-    timed: dict[str, float],
-    rounds: int,
+    rounds: dict[str, int],
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Each engine over the check images, alternating, `rounds` times (PyTorch in the layout the run settled on, a
-    first pass of each warming it up as the layout trial's do), but once only where `timed` already holds its
-    fastest pass on them (ms an image): the scores of each one's first pass, and its fastest pass in ms an image."""
+    """Each engine over the check images `rounds[name]` times, alternating (a first pass warms an engine up, as the
+    layout trial's do): the scores of each one's first pass, and its fastest pass in ms an image."""
     scores: dict[str, torch.Tensor] = {}
     times: dict[str, list[float]] = {name: [] for name in engines}
-    for round_ in range(rounds):
+    for round_ in range(max(rounds.values())):
         for name, (module, normalize) in engines.items():
-            if round_ and name in timed:
+            if round_ >= rounds[name]:
                 continue
             started = time.perf_counter()
             with inference_context(plan):
                 output = as_logits(module(normalize(sample)), len(sample)).float()
             times[name].append(1000 * (time.perf_counter() - started) / len(sample))
             scores.setdefault(name, output)
-    return scores, {name: round(min([*each, timed.get(name, math.inf)]), 3) for name, each in times.items()}
+    return scores, {name: round(min(each), 3) for name, each in times.items()}
