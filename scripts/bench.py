@@ -41,7 +41,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -305,16 +304,10 @@ def child(phase: str, model_dir: Path, data: Path, harness_args: list[str], seco
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    from harness.pipeline.host import usable_cpus
+    from harness.pipeline.host import cpu_name, usable_cpus
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {usable_cpus()} usable cores, {memory:.0f} GiB"
+    return f"{cpu_name()}, {usable_cpus()} usable cores, {memory:.0f} GiB"
 
 
 BENCHMARKS = REPO / "docs" / "benchmarks.md"

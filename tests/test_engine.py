@@ -23,6 +23,7 @@ from harness.cli import main
 from harness.errors import ConfigError, ModelError
 from harness.models.load import LoadedModel
 from harness.models.onnx_export import NotExported, capture_failure, export, proven_export
+from harness.models.onnx_metadata import metadata, with_metadata
 from harness.models.onnx_runtime import OnnxModule
 from harness.pipeline.decode_options import Decoding
 from harness.pipeline.devices import DevicePlan
@@ -31,12 +32,15 @@ from harness.pipeline.engine import (
     AS_WRITTEN_MARGIN,
     PAYBACK_IMAGES,
     TRIAL_ROUNDS,
+    VERDICT_KEY,
     EngineChoice,
     Weighed,
+    keep_export,
     settle_engine,
     weigh_engine,
 )
 from harness.pipeline.files import discover
+from harness.pipeline.host import cpu_name
 from harness.pipeline.layout import LayoutChoice
 from harness.pipeline.loader import ImageDataset
 from harness.pipeline.placement import EXPORT_FOLD, EXPORT_LAYOUT, Placement, place_model
@@ -303,6 +307,78 @@ def test_a_run_in_onnxruntime_records_alike_whether_pytorchs_speed_ups_were_made
         assert each.folded == EXPORT_FOLD and each.layout.why == EXPORT_LAYOUT and not each.layout.channels_last
         assert each.describe_for_resume() == at_once.describe_for_resume()
     assert at_once.describe_for_resume()["engine"] == "onnxruntime"
+
+
+def test_the_verdict_is_kept_with_a_new_export_where_onnxruntime_won_by_measurement_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The export made this run is kept once the engine is settled: with the verdict where onnxruntime won by
+    measurement (at once, or weighed again), with none where PyTorch won or the setting chose onnxruntime."""
+    passes = harness.pipeline.engine._passes
+    kept: list[bytes] = []
+    monkeypatch.setattr(harness.pipeline.engine, "load", lambda: None)
+    monkeypatch.setattr(harness.pipeline.engine, "keep", lambda data: kept.append(data) or "written")
+    cases = (
+        ({"torch": AS_WRITTEN_MARGIN * 2, "onnxruntime": 1.0}, None, "onnxruntime"),
+        ({"torch": 2.0, "onnxruntime": 1.0}, 2.0, "onnxruntime"),
+        ({"torch": 2.0, "onnxruntime": 1.0}, 1.0, "torch"),
+    )
+    for first, fastest, engine in cases:
+        answers = [first, {"torch": fastest}]
+        monkeypatch.setattr(
+            harness.pipeline.engine, "_passes", lambda *args, answers=answers: (passes(*args)[0], answers.pop(0))
+        )
+        model = Convolutional().eval()
+        weighed = weigh_engine(_config(), model, CPU, SAMPLE, MANY)
+        choice = keep_export(weighed, settle_engine(weighed, model, CPU, _config().preprocess, SAMPLE)[2])
+        assert choice.engine == engine and choice.cache == "written"
+        verdict = metadata(kept[-1]).get(VERDICT_KEY)
+        if engine == "torch":
+            assert verdict is None
+        else:
+            assert json.loads(verdict) == {
+                "engine": "onnxruntime",
+                "cpu": cpu_name(),
+                "threads": torch.get_num_threads(),
+                "why": choice.why,
+            }
+    monkeypatch.setattr(harness.pipeline.engine, "_passes", passes)
+    weighed = weigh_engine(_config(engine="onnxruntime"), Convolutional().eval(), CPU, SAMPLE, MANY)
+    assert keep_export(weighed, weighed.choice).cache == "written" and VERDICT_KEY not in metadata(kept[-1])
+    assert keep_export(Weighed(weighed.choice, weighed.module), weighed.choice) == weighed.choice  # none made now
+
+
+def test_a_kept_verdict_settles_onnxruntime_only_on_the_same_cpu_and_threads_and_after_the_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A kept export's verdict spares a run the second weighing where it was measured on this CPU with this run's
+    threads; any other verdict (another CPU, thread count or engine, or not one at all) is weighed anew. The check
+    comes first whatever the entry says: an export whose scores differ is not run, verdict or none."""
+    passes = harness.pipeline.engine._passes
+    model = Convolutional().eval()
+    data = harness.pipeline.engine.proven_export(model, CPU.normalizer(_config().preprocess)(SAMPLE[:2]), 17)
+    here = {"engine": "onnxruntime", "cpu": cpu_name(), "threads": torch.get_num_threads(), "why": "measured"}
+    close = {"torch": 2.0, "onnxruntime": 1.0}  # neither at once nor beyond
+    monkeypatch.setattr(harness.pipeline.engine, "_passes", lambda *args: (passes(*args)[0], close))
+    for verdict, honoured in (
+        (here, True),
+        ({**here, "cpu": "another CPU"}, False),
+        ({**here, "threads": here["threads"] + 1}, False),
+        ({**here, "engine": "torch"}, False),
+        ("not JSON", False),
+    ):
+        text = verdict if isinstance(verdict, str) else json.dumps(verdict)
+        monkeypatch.setattr(harness.pipeline.engine, "load", lambda text=text: with_metadata(data, VERDICT_KEY, text))
+        weighed = weigh_engine(_config(), model, CPU, SAMPLE, MANY)
+        assert weighed.settled is honoured and weighed.module is not None and weighed.data is None
+        assert weighed.choice.cache == "read"
+        if honoured:
+            assert weighed.choice.why == "the verdict kept with the export, on this CPU: measured"
+    other = harness.pipeline.engine.proven_export(OtherWhenTraced().eval(), torch.randn(2, 3, 16, 16), 17)
+    monkeypatch.setattr(harness.pipeline.engine, "load", lambda: with_metadata(other, VERDICT_KEY, json.dumps(here)))
+    weighed = weigh_engine(_config(), model, CPU, SAMPLE, MANY)
+    assert weighed.choice.cache.startswith(" (the kept export failed its check: the export's scores differ")
+    assert not weighed.settled and weighed.data is not None  # a new export, weighed anew, to be kept
 
 
 @pytest.mark.parametrize(

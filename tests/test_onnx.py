@@ -16,6 +16,7 @@ from harness.errors import ModelError
 from harness.models.kinds import find_saved_file
 from harness.models.load import load_model
 from harness.models.onnx_export import export
+from harness.models.onnx_metadata import metadata, read_metadata, with_metadata
 from harness.models.onnx_runtime import CUDA_PROVIDER, OnnxModule, make_session
 from harness.sources import build_config
 from harness.tools.export_onnx import check_parity
@@ -55,6 +56,31 @@ def test_dynamic_batch_and_parity_with_torch(tiny_onnx: Path) -> None:
     images = torch.randn(7, 3, 64, 64)
     parity = check_parity(_tiny().eval(), OnnxModule(session), images, batch_size=3)  # batches of 3, 3, 1
     assert parity.top1_agree == 7 and parity.max_prob_diff < 1e-5
+
+
+def test_an_appended_metadata_entry_is_read_by_onnxruntime_and_here_and_leaves_the_model_as_it_was(
+    tiny_onnx: Path, tmp_path: Path
+) -> None:
+    """Protobuf reads a repeated field given in pieces as one: the entry appended to the bytes joins the ones the
+    exporter wrote, for onnxruntime and for the reader here, and the model runs as before. Lengths over 127 take
+    a varint of two bytes or more."""
+    import onnx
+
+    model = onnx.load(tiny_onnx / "tiny.onnx")
+    onnx.helper.set_model_props(model, {"written": "by the exporter"})
+    data = model.SerializeToString()
+    value = "v" * 300 + "é"
+    appended = with_metadata(data, "harness.engine", value)
+    assert appended.startswith(data) and metadata(data) == {"written": "by the exporter"}
+    assert metadata(appended) == {"written": "by the exporter", "harness.engine": value}
+    (tmp_path / "appended.onnx").write_bytes(appended)
+    assert read_metadata(tmp_path / "appended.onnx") == metadata(appended)
+    session = make_session(appended, want_cuda=False)
+    assert session.get_modelmeta().custom_metadata_map == metadata(appended)
+    images = torch.randn(3, 3, 64, 64)
+    before = OnnxModule(make_session(data, want_cuda=False))(images)
+    assert torch.equal(OnnxModule(session)(images), before)
+    assert metadata(b"\xff") == {} and metadata(b"") == {}  # not ONNX: no entries, no error
 
 
 def test_releasing_the_arena_leaves_the_session_as_it_was(tiny_onnx: Path) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 import math
 import os
 import time
@@ -38,9 +39,11 @@ from harness.config import Config, Preprocess
 from harness.errors import ConfigError, ModelError, describe_user_error
 from harness.models.load import open_onnx
 from harness.models.onnx_export import NotExported, proven_export
+from harness.models.onnx_metadata import metadata, with_metadata
 from harness.models.outputs import as_logits, same_scores
 from harness.pipeline.devices import DeviceNormalizer, DevicePlan, inference_context
 from harness.pipeline.export_cache import keep, load, not_held
+from harness.pipeline.host import cpu_name
 from harness.pipeline.resume import recorded_choice
 from harness.results.outputs import run_outputs
 
@@ -61,6 +64,7 @@ AS_WRITTEN_MARGIN = 3.0
 TRIAL_ROUNDS = 2
 PACKAGES = {"onnx": "onnx", "onnxruntime": "onnxruntime"}  # module -> what pip installs it as
 AS_WRITTEN = "torch_as_written"  # PyTorch's time before its speed-ups, in EngineChoice.ms_per_image
+VERDICT_KEY = "harness.engine"  # the metadata entry an export in the cache carries its verdict under
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class Weighed:
     choice: EngineChoice
     module: nn.Module | None = None
     settled: bool = True
+    data: bytes | None = None  # the export made now, to keep once the engine is settled (keep_export)
 
     @property
     def in_onnxruntime(self) -> bool:
@@ -120,13 +125,47 @@ def weigh_engine(
             raise ModelError(f"--engine onnxruntime ({forced}): {trial.why}; use --engine torch")
         return Weighed(EngineChoice("torch", trial.why, {}, export_s, difference, cache))
     if forced:
-        return Weighed(EngineChoice("onnxruntime", forced, {}, export_s, difference, cache), trial.module)
+        return Weighed(
+            EngineChoice("onnxruntime", forced, {}, export_s, difference, cache), trial.module, data=trial.data
+        )
     ms = {AS_WRITTEN: trial.ms["torch"], "onnxruntime": trial.ms["onnxruntime"]}
     ratio = ms[AS_WRITTEN] / ms["onnxruntime"] if ms["onnxruntime"] else math.inf
-    if ratio > AS_WRITTEN_MARGIN:
-        why = f"onnxruntime was {ratio:.2f}x as fast as PyTorch as written on {len(sample)} images"
-        return Weighed(EngineChoice("onnxruntime", why, ms, export_s, difference, cache), trial.module)
-    return Weighed(EngineChoice("onnxruntime", "", ms, export_s, difference, cache), trial.module, settled=False)
+    why = f"onnxruntime was {ratio:.2f}x as fast as PyTorch as written on {len(sample)} images"
+    earlier = _honoured(trial.verdict)
+    if earlier is not None:
+        why = f"the verdict kept with the export, on this CPU: {earlier}"
+    choice = EngineChoice("onnxruntime", why, ms, export_s, difference, cache)
+    settled = earlier is not None or ratio > AS_WRITTEN_MARGIN
+    return Weighed(choice if settled else dataclasses.replace(choice, why=""), trial.module, settled, trial.data)
+
+
+def keep_export(weighed: Weighed, choice: EngineChoice) -> EngineChoice:
+    """`choice` (the engine settled) with the export made this run kept in the export cache, carrying the verdict
+    where onnxruntime won by measurement: a later run of the same model, on the same CPU with as many threads,
+    then checks the export and runs it without weighing PyTorch's speed-ups again. A verdict only moves which
+    engine runs: the check against PyTorch's scores is made on every run, whatever an entry says."""
+    if weighed.data is None:
+        return choice
+    data = weighed.data
+    if choice.engine == "onnxruntime" and choice.ms_per_image:
+        verdict = {"engine": "onnxruntime", "cpu": cpu_name(), "threads": torch.get_num_threads(), "why": choice.why}
+        data = with_metadata(data, VERDICT_KEY, json.dumps(verdict, sort_keys=True))
+    return dataclasses.replace(choice, cache=keep(data) + choice.cache)
+
+
+def _honoured(verdict: str) -> str | None:
+    """The why of a kept export's verdict for onnxruntime, where it was measured on this CPU with this run's
+    threads; else None (another machine sharing the cache, or another thread count, weighs anew)."""
+    try:
+        record = json.loads(verdict) if verdict else None
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("engine") != "onnxruntime":
+        return None
+    if record.get("cpu") != cpu_name() or record.get("threads") != torch.get_num_threads():
+        return None
+    why = record.get("why")
+    return why if isinstance(why, str) else None
 
 
 def settle_engine(
@@ -217,7 +256,9 @@ class _Trial:
     why: str = ""  # why there is none
     difference: float | None = None  # the export's farthest score from PyTorch's, where measured
     ms: dict[str, float] = field(default_factory=dict)  # each engine's fastest pass, ms an image
-    cache: str = ""  # as EngineChoice.cache
+    cache: str = ""  # as EngineChoice.cache; with `data`, what follows "written" once it is kept
+    data: bytes | None = None  # an export made now, kept once the engine is settled (keep_export)
+    verdict: str = ""  # the kept export's verdict (VERDICT_KEY), where it was read from the cache
 
 
 @dataclass(frozen=True)
@@ -240,14 +281,14 @@ class _TrialInputs:
 
 def _exported(inputs: _TrialInputs, uncached: str | None) -> _Trial:
     """onnxruntime running an export of the model that passed its check, the kept one where there is one (else one
-    made now, then kept unless `uncached` says why not), with each engine's fastest of its passes over the check
+    made now, to keep unless `uncached` says why not), with each engine's fastest of its passes over the check
     images; or why there is none."""
     kept = load() if uncached is None else None
     failed = ""
     if kept is not None:
         trial = _checked(kept, inputs)
         if trial.module is not None:
-            return dataclasses.replace(trial, cache="read")
+            return dataclasses.replace(trial, cache="read", verdict=metadata(kept).get(VERDICT_KEY, ""))
         failed = f" (the kept export failed its check: {trial.why})"
     try:
         two = inputs.onnx_input(inputs.sample).repeat(2, 1, 1, 1)[:2]  # one image would fix the batch
@@ -257,8 +298,9 @@ def _exported(inputs: _TrialInputs, uncached: str | None) -> _Trial:
     trial = _checked(data, inputs)
     if trial.module is None:
         return trial
-    cache = f"not kept: {uncached}" if uncached is not None else keep(data)
-    return dataclasses.replace(trial, cache=cache + failed)
+    if uncached is not None:
+        return dataclasses.replace(trial, cache=f"not kept: {uncached}{failed}")
+    return dataclasses.replace(trial, cache=failed, data=data)
 
 
 def _checked(data: bytes, inputs: _TrialInputs) -> _Trial:

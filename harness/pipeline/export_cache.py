@@ -10,7 +10,8 @@ sha256 of what an export depends on (`ExportCache.parts`), made from its own cop
   (harness/pipeline/identity.py, as the resume record has them);
 - the harness's own code by content, Python, the machine and every installed package with its version.
 The run may ask for that entry's bytes or hand over new ones, nothing else; so a model can fill only its own entry,
-and what it fills passes the same check as an export made now (harness/pipeline/engine.py). A model whose loading
+and what it fills passes the same check as an export made now (harness/pipeline/engine.py), the engine's verdict
+an entry carries included (it moves only which engine runs, after that check). A model whose loading
 read a file the key does not hold (weights elsewhere) is never cached: the key would not see that file change.
 
 Bounds: an entry at most ENTRY_BYTES (ONNX's own protobuf limit), the cache at most CACHE_BYTES, the entries least
@@ -46,7 +47,7 @@ from harness.pipeline.identity import (
 )
 from harness.results import gate
 
-FORMAT = 1  # what an entry holds and how the key is made: a change makes every older entry another key
+FORMAT = 2  # what an entry holds and how the key is made: a change makes every older entry another key
 SUFFIX = ".onnx"
 ENTRY = re.compile(rf"[0-9a-f]{{64}}{re.escape(SUFFIX)}")  # a key and SUFFIX: what prune may remove
 PARTIAL = re.compile(rf"\.{ENTRY.pattern}\..+\.partial")  # an entry being written (mkstemp's name, in write)

@@ -18,7 +18,7 @@ from harness.config import Config
 from harness.models.fold import FoldResult
 from harness.models.load import LoadedModel
 from harness.pipeline.devices import DevicePlan, fold_sample, on_device, plan_devices, prepare_model
-from harness.pipeline.engine import EngineChoice, Weighed, settle_engine, weigh_engine
+from harness.pipeline.engine import EngineChoice, Weighed, keep_export, settle_engine, weigh_engine
 from harness.pipeline.forward import Forward, first_piece, probe_classes
 from harness.pipeline.layout import LAYOUTS, LayoutChoice, settle_layout
 from harness.pipeline.loader import ImageDataset, check_sample
@@ -70,6 +70,7 @@ def place_model(config: Config, loaded: LoadedModel, dataset: ImageDataset, imag
     else:
         settled = _speed_ups_then_engine(config, model, plan, sample, (batch_size, images), weighed, runtime)
         runs, plan, folded, layout, engine = settled
+    engine = keep_export(weighed, engine)
     normalize = plan.normalizer(config.preprocess)
     graph = graph and engine.engine == "torch"
     forward = Forward(runs, normalize, plan, first_piece(plan, batch_size), classes, torch_graph=graph)
