@@ -51,8 +51,8 @@ ENGINES = ("torch", "onnxruntime")
 OPSET = 17
 # The proof, the export and the checks take seconds (docs/speed.md): `auto` keeps PyTorch for fewer images.
 PAYBACK_IMAGES = 256
-# `auto` keeps ONNX Runtime only where its fastest pass on the check images beat PyTorch's fastest (BatchNorms
-# folded, in the layout kept) by this much; within it the model runs as PyTorch runs it.
+# `auto` keeps ONNX Runtime only where its fastest pass on the check images beat PyTorch's at its fastest (its
+# BatchNorms folded where the settings fold them, in the layout kept) by this much; within it PyTorch runs the model.
 MARGIN = 1.05
 # ... and keeps it at once, neither folding nor timing layouts, where it beat PyTorch as written by this much. The
 # fold and channels_last together made PyTorch up to 2.1x as fast on the check images (EfficientNet-Lite0 20.1 ->
