@@ -359,7 +359,10 @@ def test_a_kept_verdict_settles_onnxruntime_only_on_the_same_cpu_and_threads_and
     data = harness.pipeline.engine.proven_export(model, CPU.normalizer(_config().preprocess)(SAMPLE[:2]), 17)
     here = {"engine": "onnxruntime", "cpu": cpu_name(), "threads": torch.get_num_threads(), "why": "measured"}
     close = {"torch": 2.0, "onnxruntime": 1.0}  # neither at once nor beyond
-    monkeypatch.setattr(harness.pipeline.engine, "_passes", lambda *args: (passes(*args)[0], close))
+    rounds: list[dict[str, int]] = []
+    monkeypatch.setattr(
+        harness.pipeline.engine, "_passes", lambda *args: rounds.append(args[-1]) or (passes(*args)[0], close)
+    )
     for verdict, honoured in (
         (here, True),
         ({**here, "cpu": "another CPU"}, False),
@@ -372,6 +375,7 @@ def test_a_kept_verdict_settles_onnxruntime_only_on_the_same_cpu_and_threads_and
         weighed = weigh_engine(_config(), model, CPU, SAMPLE, MANY)
         assert weighed.settled is honoured and weighed.module is not None and weighed.data is None
         assert weighed.choice.cache == "read"
+        assert rounds[-1] == {"torch": 1, "onnxruntime": 1 if honoured else TRIAL_ROUNDS}  # no time owed, no pass
         if honoured:
             assert weighed.choice.why == "the verdict kept with the export, on this CPU: measured"
     other = harness.pipeline.engine.proven_export(OtherWhenTraced().eval(), torch.randn(2, 3, 16, 16), 17)

@@ -131,11 +131,10 @@ def weigh_engine(
     ms = {AS_WRITTEN: trial.ms["torch"], "onnxruntime": trial.ms["onnxruntime"]}
     ratio = ms[AS_WRITTEN] / ms["onnxruntime"] if ms["onnxruntime"] else math.inf
     why = f"onnxruntime was {ratio:.2f}x as fast as PyTorch as written on {len(sample)} images"
-    earlier = _honoured(trial.verdict)
-    if earlier is not None:
-        why = f"the verdict kept with the export, on this CPU: {earlier}"
+    if trial.earlier is not None:
+        why = f"the verdict kept with the export, on this CPU: {trial.earlier}"
     choice = EngineChoice("onnxruntime", why, ms, export_s, difference, cache)
-    settled = earlier is not None or ratio > AS_WRITTEN_MARGIN
+    settled = trial.earlier is not None or ratio > AS_WRITTEN_MARGIN
     return Weighed(choice if settled else dataclasses.replace(choice, why=""), trial.module, settled, trial.data)
 
 
@@ -258,7 +257,7 @@ class _Trial:
     ms: dict[str, float] = field(default_factory=dict)  # each engine's fastest pass, ms an image
     cache: str = ""  # as EngineChoice.cache; with `data`, what follows "written" once it is kept
     data: bytes | None = None  # an export made now, kept once the engine is settled (keep_export)
-    verdict: str = ""  # the kept export's verdict (VERDICT_KEY), where it was read from the cache
+    earlier: str | None = None  # the why of the kept export's verdict, where this run honours it (_honoured)
 
 
 @dataclass(frozen=True)
@@ -286,9 +285,11 @@ def _exported(inputs: _TrialInputs, uncached: str | None) -> _Trial:
     kept = load() if uncached is None else None
     failed = ""
     if kept is not None:
-        trial = _checked(kept, inputs)
+        earlier = _honoured(metadata(kept).get(VERDICT_KEY, ""))
+        # an honoured verdict needs no time of onnxruntime's: its one pass is the check
+        trial = _checked(kept, inputs if earlier is None else dataclasses.replace(inputs, rounds=1))
         if trial.module is not None:
-            return dataclasses.replace(trial, cache="read", verdict=metadata(kept).get(VERDICT_KEY, ""))
+            return dataclasses.replace(trial, cache="read", earlier=earlier)
         failed = f" (the kept export failed its check: {trial.why})"
     try:
         two = inputs.onnx_input(inputs.sample).repeat(2, 1, 1, 1)[:2]  # one image would fix the batch

@@ -94,6 +94,6 @@ def _speed_ups_then_engine(
     plan, layout = settle_layout(config, model, plan, sample, batch_size, images, runtime)
     torch_ms = layout.ms_per_image.get(LAYOUTS[plan.channels_last])  # timed by the layout's trial, this run
     runs, plan, engine = settle_engine(weighed, model, plan, config.preprocess, sample, torch_ms)
-    if runs is not model and engine.engine == "onnxruntime":
+    if runs is weighed.module:  # onnxruntime runs the export
         folded, layout = EXPORT_FOLD, LayoutChoice(False, layout.ms_per_image, EXPORT_LAYOUT, layout.trial_s)
     return runs, plan, folded, layout, engine
